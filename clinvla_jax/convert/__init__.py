@@ -1,0 +1,5 @@
+"""Loading peer checkpoints: HF BERT (text) and timm / MAE / MRM ViT (image)."""
+
+from clinvla_jax.convert.common import CheckpointError, read_state_dict
+from clinvla_jax.convert.hf_bert import load_text_weights
+from clinvla_jax.convert.timm_vit import load_image_weights

@@ -1,0 +1,129 @@
+"""The text tower: BERT with HuggingFace semantics plus MAD-X adapters.
+
+Post-LN layers, exact GELU, additive attention mask, word + position +
+token-type embeddings with LayerNorm (eps 1e-12): the same function as
+``transformers.BertModel`` (without its pooler), so HF checkpoints (BERT,
+BioBERT, CXR-BERT, MiniLM) load through ``clinvla_jax.convert.hf_bert``.
+
+Adapters (protocols.md §3): the invertible adapter acts on the embedding
+output; in every layer the language adapter LA and, stacked on it, the task
+adapter TA act on the feed-forward output r before the residual add and
+LayerNorm:  LA = U(ReLU(D(r))) + r,  TA = U'(ReLU(D'(LA))) + r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clinvla_jax.model import layers
+from clinvla_jax.model.adapters import InvertibleAdapter
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTowerConfig:
+  num_layers: int = 12
+  hidden_size: int = 768
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  vocab_size: int = 28996            # BioBERT v1.1 (cased BERT-base vocabulary)
+  max_len: int = 128
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+  use_adapters: bool = True          # language + task adapters ("Transformer-Adapt")
+  adapter_dim: int = 64
+  invertible_adapter: bool = True
+  adapter_init: str = "identity"
+  dtype: str = "float32"
+  remat: bool = False
+
+
+class Embeddings(nn.Module):
+  config: TextTowerConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, deterministic):
+    cfg = self.config
+    dtype = layers.as_dtype(cfg.dtype)
+
+    def embed(num, name):
+      return nn.Embed(num, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+                      embedding_init=layers.with_axes(layers.normal_02, ("vocab", "embed")), name=name)
+
+    positions = jnp.arange(input_ids.shape[1])[None, :]
+    x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
+         + embed(cfg.max_len, "position_embeddings")(positions)
+         + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")(x)
+    return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+  config: TextTowerConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic):
+    cfg = self.config
+    dtype = layers.as_dtype(cfg.dtype)
+    head_dim = cfg.hidden_size // cfg.num_heads
+    proj = lambda name: layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), name=name, dtype=dtype)
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+    q = layers.constrain(q, ("batch", "length", "heads", "kv"))
+    dropout_rng = None
+    if not deterministic and cfg.attention_dropout > 0:
+      dropout_rng = self.make_rng("dropout")
+    ctx = layers.dot_product_attention(q, k, v, bias, dtype=dtype, dropout_rng=dropout_rng,
+                                       dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+    return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", dtype=dtype, axis=(-2, -1))(ctx)
+
+
+class BertLayer(nn.Module):
+  config: TextTowerConfig
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic):
+    cfg = self.config
+    dtype = layers.as_dtype(cfg.dtype)
+    drop = nn.Dropout(cfg.dropout)
+    attn = SelfAttention(cfg, name="attention")(x, bias, deterministic)
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_norm")(
+        drop(attn, deterministic=deterministic) + x)
+    y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="intermediate", dtype=dtype)(x)
+    y = layers.gelu_exact(y)
+    y = layers.constrain(y, ("batch", "length", "mlp"))
+    y = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output", dtype=dtype)(y)
+    y = drop(y, deterministic=deterministic)
+    if cfg.use_adapters:
+      residual = y
+      lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="language_adapter")(y) + residual
+      y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="task_adapter")(lang) + residual
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_norm")(y + x)
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class TextTower(nn.Module):
+  """__call__(input_ids [B, T], attention_mask [B, T]) -> last hidden state [B, T, h]."""
+  config: TextTowerConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True):
+    cfg = self.config
+    dtype = layers.as_dtype(cfg.dtype)
+    if input_ids.shape[1] > cfg.max_len:
+      raise ValueError(f"sequence length {input_ids.shape[1]} exceeds model.text.max_len={cfg.max_len}")
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+    if cfg.invertible_adapter:
+      x = InvertibleAdapter(cfg.adapter_init, dtype, name="invertible_adapter")(x)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    bias = layers.mask_to_bias(attention_mask)
+    layer_cls = layers.maybe_remat(BertLayer, cfg.remat, static_argnums=(3,))
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f"layer_{i}")(x, bias, deterministic)
+    return x

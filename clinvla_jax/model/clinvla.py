@@ -1,0 +1,169 @@
+"""ClinVLA: both towers, their projection heads, and the loss parameters.
+
+The module exposes ``encode_image`` and ``encode_text`` (used for evaluation
+and embedding) and ``__call__`` (both, for training).  Outputs per tower:
+
+  global      [B, P]      L2-normalised global embedding
+  local       [B, N, P]   local features (image: kept patches of the used views;
+                          text: token features), not normalised
+  local_mask  [B, N]      True where a local feature is real
+  hidden      image [B, V, 1 + K, h] / text [B, T, h]: the backbone's last
+              hidden state before any head (for peer comparison)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clinvla_jax.model import layers
+from clinvla_jax.model.bert import TextTower, TextTowerConfig
+from clinvla_jax.model.vit import ImageTower, ImageTowerConfig
+
+NUM_VIEW_SLOTS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ClinVLAConfig:
+  image: ImageTowerConfig = ImageTowerConfig()
+  text: TextTowerConfig = TextTowerConfig()
+  proj_dim: int = 128
+  multiview: bool = True          # use lateral views
+  temporal: bool = True           # use prior-study views
+  logit_scale_init: float = math.log(1 / 0.07)
+  local_temperatures: Tuple[float, float, float] = (4.0, 5.0, 10.0)   # GLoRIA temp1, temp2, temp3
+  learn_local_temperatures: bool = False
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "ClinVLAConfig":
+    """Builds the frozen (hashable) config from the ``model`` ConfigDict."""
+    d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    image = ImageTowerConfig(**d.pop("image"))
+    text = TextTowerConfig(**d.pop("text"))
+    dtype = d.pop("dtype", None)
+    remat = d.pop("remat", None)
+    if dtype is not None:
+      image, text = dataclasses.replace(image, dtype=dtype), dataclasses.replace(text, dtype=dtype)
+    if remat is not None:
+      image, text = dataclasses.replace(image, remat=remat), dataclasses.replace(text, remat=remat)
+    if "local_temperatures" in d:
+      d["local_temperatures"] = tuple(d["local_temperatures"])
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"Unknown model config fields: {unknown}")
+    return cls(image=image, text=text, **d)
+
+  @property
+  def view_slots(self) -> Tuple[int, ...]:
+    """Record view slots the model uses (ablations drop laterals / priors)."""
+    slots = [0]
+    if self.multiview:
+      slots.append(1)
+    if self.temporal:
+      slots.append(2)
+      if self.multiview:
+        slots.append(3)
+    return tuple(slots)
+
+
+class ProjectionHead(nn.Module):
+  """h -> Dense(h) -> LayerNorm -> GELU -> Dense(P)."""
+  proj_dim: int
+  dtype: layers.Dtype
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    y = layers.dense(width, ("embed", "mlp"), name="dense1", dtype=self.dtype)(x)
+    y = layers.LayerNorm(self.eps, dtype=self.dtype, name="norm")(y)
+    y = layers.gelu_exact(y)
+    return layers.dense(self.proj_dim, ("mlp", "proj"), name="dense2", dtype=self.dtype)(y)
+
+
+def l2_normalize(x, eps=1e-6):
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def text_local_mask(attention_mask):
+  """Real word pieces only: padding, [CLS] (first) and [SEP] (last real) excluded."""
+  mask = attention_mask.astype(bool)
+  length = jnp.sum(mask, axis=1, keepdims=True)
+  positions = jnp.arange(mask.shape[1])[None, :]
+  return mask & (positions > 0) & (positions < length - 1)
+
+
+class ClinVLA(nn.Module):
+  config: ClinVLAConfig
+
+  def setup(self):
+    cfg = self.config
+    self.image_tower = ImageTower(cfg.image)
+    self.text_tower = TextTower(cfg.text)
+    self.image_global_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.image.dtype))
+    self.image_local_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.image.dtype))
+    self.text_global_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.text.dtype))
+    self.text_local_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.text.dtype))
+    self.logit_scale = self.param("logit_scale", layers.with_axes(
+        nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)
+    if cfg.learn_local_temperatures:
+      init = jnp.log(jnp.asarray(cfg.local_temperatures, jnp.float32))
+      self.local_log_temperatures = self.param(
+          "local_log_temperatures", layers.with_axes(lambda *_: init, (None,)), (3,), jnp.float32)
+
+  def local_temperatures(self):
+    if self.config.learn_local_temperatures:
+      return jnp.exp(self.local_log_temperatures)
+    return jnp.asarray(self.config.local_temperatures, jnp.float32)
+
+  def encode_image(self, patches, patch_idx, view_valid, view_slots: Optional[Tuple[int, ...]] = None):
+    """patches [B, V, K, p*p*C], patch_idx [B, V, K], view_valid [B, V].
+
+    With V = 4 (the record layout) the views the config disables are dropped
+    before the tower runs.  With fewer views, ``view_slots`` names their record
+    slots (default: the first V slots, e.g. (0,) = current frontal only).
+    """
+    num_views = patches.shape[1]
+    if view_slots is None:
+      if num_views == NUM_VIEW_SLOTS:
+        view_slots = self.config.view_slots
+        sel = jnp.asarray(view_slots)
+        patches, patch_idx, view_valid = patches[:, sel], patch_idx[:, sel], view_valid[:, sel]
+      else:
+        view_slots = tuple(range(num_views))
+    elif len(view_slots) != num_views:
+      raise ValueError(f"view_slots {view_slots} do not match {num_views} input views")
+    view_valid = view_valid.astype(bool)
+    hidden = self.image_tower(patches, patch_idx, view_valid, tuple(view_slots))
+    batch, used_views, seq, width = hidden.shape
+
+    weights = view_valid.astype(jnp.float32)
+    cls = hidden[:, :, 0, :].astype(jnp.float32)
+    pooled = jnp.sum(cls * weights[..., None], axis=1) / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)
+    global_emb = l2_normalize(self.image_global_head(pooled))
+
+    local = self.image_local_head(hidden[:, :, 1:, :]).reshape(batch, used_views * (seq - 1), -1)
+    local_mask = jnp.repeat(view_valid, seq - 1, axis=1)
+    return {"global": global_emb, "local": local, "local_mask": local_mask, "hidden": hidden}
+
+  def encode_text(self, input_ids, attention_mask, deterministic: bool = True):
+    hidden = self.text_tower(input_ids, attention_mask, deterministic=deterministic)
+    global_emb = l2_normalize(self.text_global_head(hidden[:, 0, :]))
+    local = self.text_local_head(hidden)
+    return {"global": global_emb, "local": local, "local_mask": text_local_mask(attention_mask),
+            "hidden": hidden}
+
+  def __call__(self, patches, patch_idx, view_valid, input_ids, attention_mask, deterministic: bool = True):
+    return {
+        "image": self.encode_image(patches, patch_idx, view_valid),
+        "text": self.encode_text(input_ids, attention_mask, deterministic),
+        "logit_scale": self.logit_scale,
+        "local_temperatures": self.local_temperatures(),
+    }

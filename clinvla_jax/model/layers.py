@@ -1,0 +1,147 @@
+"""Building blocks shared by the image and text towers.
+
+Every parameter is created through ``param_with_axes`` style initialisers
+(``nn.with_logical_partitioning``) so that the sharding rules in the config can
+place it on a mesh by name; activations are annotated with logical names too.
+Logical axis names used in this package:
+
+  batch, length, embed, mlp, heads, kv, vocab, patch, adapter, proj, views.
+"""
+
+from __future__ import annotations
+
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# Defaults of the peers whose weights we load: HF BERT uses N(0, 0.02) for
+# every dense and embedding matrix; timm ViT uses a truncated normal of the
+# same scale.
+normal_02 = nn.initializers.normal(stddev=0.02)
+trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def with_axes(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Logical sharding constraint; a no-op outside a mesh / rules context."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  # Both peers (HF BERT "gelu" and timm nn.GELU) use the erf form, not tanh.
+  return jax.nn.gelu(x, approximate=False)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with named parameters; statistics always in float32."""
+  eps: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", with_axes(nn.initializers.ones, ("embed",)), (features,), jnp.float32)
+    bias = self.param("bias", with_axes(nn.initializers.zeros, ("embed",)), (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(self.dtype)
+
+
+def dense(features, axes, *, name, dtype, kernel_init=normal_02, use_bias=True, axis=-1):
+  """DenseGeneral with logical axes on kernel and bias.
+
+  ``axes`` names the kernel dimensions (inputs then outputs); the bias takes the
+  output part.
+  """
+  features = (features,) if isinstance(features, int) else tuple(features)
+  num_out = len(features)
+  return nn.DenseGeneral(
+      features=features,
+      axis=axis,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=with_axes(kernel_init, axes),
+      bias_init=with_axes(nn.initializers.zeros, axes[-num_out:]),
+      name=name,
+  )
+
+
+def dot_product_attention(q, k, v, bias, *, dtype, dropout_rng=None, dropout_rate=0.0, deterministic=True):
+  """Multi-head attention core.
+
+  q: [B, Q, H, D]; k, v: [B, K, H, D]; bias: additive, broadcastable to
+  [B, H, Q, K] (0 for visible keys, a large negative number for hidden ones).
+  The softmax runs in float32 whatever the compute dtype.
+  """
+  depth = q.shape[-1]
+  q = q * jnp.asarray(depth ** -0.5, q.dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  weights = jax.nn.softmax(logits, axis=-1)
+  if not deterministic and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
+
+
+def mask_to_bias(mask: jax.Array) -> jax.Array:
+  """[B, K] 1/0 key mask -> additive bias [B, 1, 1, K] in float32."""
+  return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+class BottleneckAdapter(nn.Module):
+  """h -> down(d) -> ReLU -> up(h), without its own residual (callers add it).
+
+  init: "identity" zero-initialises the up-projection so that the adapted
+  network starts exactly as the pretrained one; "bert" draws every weight from
+  N(0, 0.02); "he" uses He-normal weights (the paper's Algorithm 1).
+  """
+  bottleneck: int
+  init: str = "identity"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    down_init, up_init = adapter_initializers(self.init)
+    y = dense(self.bottleneck, ("embed", "adapter"), name="down", dtype=self.dtype, kernel_init=down_init)(x)
+    y = nn.relu(y)
+    return dense(features, ("adapter", "embed"), name="up", dtype=self.dtype, kernel_init=up_init)(y)
+
+
+def adapter_initializers(init: str):
+  if init == "identity":
+    return normal_02, nn.initializers.zeros
+  if init == "bert":
+    return normal_02, normal_02
+  if init == "he":
+    he = nn.initializers.he_normal()
+    return he, he
+  raise ValueError(f"Unknown adapter init {init!r}; expected 'identity', 'bert' or 'he'.")
+
+
+def maybe_remat(module_cls, enabled: bool, static_argnums=()):
+  if not enabled:
+    return module_cls
+  # Saving nothing but the block inputs: recompute activations in the backward
+  # pass, trading about one extra forward for O(layers) activation memory.
+  return nn.remat(module_cls, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=static_argnums)
+
+
+def as_dtype(name: str) -> Dtype:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+

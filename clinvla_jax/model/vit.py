@@ -1,0 +1,209 @@
+"""The image tower: a ViT over pre-masked patches of several views.
+
+Semantics follow timm's ``VisionTransformer`` (pre-LN blocks, fused qkv with
+bias, exact GELU, final LayerNorm, LayerNorm eps 1e-6) so that timm / MAE / MRM
+weights load through ``clinvla_jax.convert.timm_vit``.  The patch embedding is
+a matmul on flattened patches, which equals timm's stride-16 convolution.
+
+Each view is its own sequence (views are folded into the batch); tokens get
+the fixed 2-D sin-cos position embedding of their patch index, plus a learned
+view (frontal / lateral) and time (current / prior) embedding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clinvla_jax.model import layers
+
+# View slot -> (view type, time) for the four record views:
+# current frontal, current lateral, prior frontal, prior lateral.
+VIEW_TYPE = (0, 1, 0, 1)   # 0 frontal, 1 lateral
+VIEW_TIME = (0, 0, 1, 1)   # 0 current, 1 prior
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTowerConfig:
+  num_layers: int = 12
+  hidden_size: int = 768
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  patch_size: int = 16
+  image_size: int = 224
+  channels: int = 3
+  pos_embed: str = "sincos"          # "sincos" (fixed, MAE) or "learned"
+  adapter_dim: int = 64              # 0 disables the per-block adapters
+  adapter_init: str = "identity"
+  layer_norm_eps: float = 1e-6
+  pixel_mean: float = 0.4785
+  pixel_std: float = 0.2834
+  dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+
+def sincos_2d_position_embedding(grid_size: int, dim: int) -> np.ndarray:
+  """Fixed 2-D sin-cos embedding, [1 + grid_size**2, dim], row 0 (CLS) zeros.
+
+  Same values as the MAE reference (and therefore as MAE / MRM checkpoints):
+  half the channels encode one grid coordinate and half the other, each as
+  [sin, cos] of position times frequencies 1 / 10000**(i / (dim / 4)); the
+  first half uses the column coordinate of a row-major patch index.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos position embedding needs hidden_size % 4 == 0, got {dim}")
+  rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
+                           indexing="ij")
+
+  def one_axis(pos):
+    omega = np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)
+    omega = 1.0 / 10000 ** omega
+    angles = pos.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  emb = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
+  return np.concatenate([np.zeros((1, dim)), emb], axis=0).astype(np.float32)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    head_dim = dim // self.num_heads
+    qkv = layers.dense((3, self.num_heads, head_dim), ("embed", None, "heads", "kv"),
+                       name="qkv", dtype=self.dtype)(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = layers.constrain(q, ("batch", "length", "heads", "kv"))
+    out = layers.dot_product_attention(q, k, v, None, dtype=self.dtype)
+    return layers.dense(dim, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, axis=(-2, -1))(out)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: layers.Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    y = layers.dense(self.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
+    y = layers.gelu_exact(y)
+    y = layers.constrain(y, ("batch", "length", "mlp"))
+    return layers.dense(x.shape[-1], ("mlp", "embed"), name="fc2", dtype=self.dtype)(y)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block; the adapter follows the MLP inside its residual."""
+  config: ImageTowerConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dtype = layers.as_dtype(cfg.dtype)
+    y = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm1")(x)
+    x = x + Attention(cfg.num_heads, dtype, name="attn")(y)
+    y = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm2")(x)
+    y = Mlp(cfg.mlp_dim, dtype, name="mlp")(y)
+    if cfg.adapter_dim:
+      y = y + layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="adapter")(y)
+    x = x + y
+    return layers.constrain(x, ("batch", "length", "embed"))
+
+
+class ImageTower(nn.Module):
+  """ViT over kept patches of several views.
+
+  __call__(patches [B, V, K, p*p*C'], patch_idx [B, V, K], view_valid [B, V],
+  view_slots: the record view slot (0..3) of each of the V inputs)
+  returns hidden [B, V, 1 + K, h]: the last hidden state (after the final
+  LayerNorm), CLS first.
+
+  Pixels: uint8 patches are normalised with (x / 255 - mean) / std; float
+  patches are taken as already normalised.  C' may be 1 (grayscale) for a
+  3-channel model: summing the kernel over channels is exactly the same as
+  feeding the gray value replicated to every channel.
+  """
+  config: ImageTowerConfig
+
+  @nn.compact
+  def __call__(self, patches, patch_idx, view_valid, view_slots: Tuple[int, ...]):
+    cfg = self.config
+    dtype = layers.as_dtype(cfg.dtype)
+    batch, num_views, num_kept, patch_dim = patches.shape
+    if num_views != len(view_slots):
+      raise ValueError(f"{num_views} views given but view_slots={view_slots}")
+    pixels_per_channel = cfg.patch_size * cfg.patch_size
+    if patch_dim not in (pixels_per_channel, pixels_per_channel * cfg.channels):
+      raise ValueError(f"patch vector length {patch_dim} fits neither 1 nor {cfg.channels} channels "
+                       f"of {cfg.patch_size}x{cfg.patch_size} patches")
+    width = cfg.hidden_size
+
+    if patches.dtype == jnp.uint8:
+      x = (patches.astype(jnp.float32) / 255.0 - cfg.pixel_mean) / cfg.pixel_std
+    else:
+      x = patches.astype(jnp.float32)
+    x = x.reshape(batch * num_views, num_kept, patch_dim)
+
+    kernel = self.param("patch_embed_kernel", layers.with_axes(layers.trunc_normal_02, ("patch", "embed")),
+                        (pixels_per_channel * cfg.channels, width), jnp.float32)
+    bias = self.param("patch_embed_bias", layers.with_axes(nn.initializers.zeros, ("embed",)), (width,),
+                      jnp.float32)
+    if patch_dim == pixels_per_channel and cfg.channels > 1:
+      kernel = kernel.reshape(pixels_per_channel, cfg.channels, width).sum(axis=1)
+    tokens = jnp.einsum("bkp,pd->bkd", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+
+    if cfg.pos_embed == "sincos":
+      pos_table = jnp.asarray(sincos_2d_position_embedding(cfg.grid_size, width))
+    elif cfg.pos_embed == "learned":
+      pos_table = self.param("pos_embedding", layers.with_axes(layers.trunc_normal_02, (None, "embed")),
+                             (1 + cfg.num_patches, width), jnp.float32)
+    else:
+      raise ValueError(f"Unknown pos_embed {cfg.pos_embed!r}")
+    flat_idx = patch_idx.reshape(batch * num_views, num_kept)
+    tokens = tokens + jnp.take(pos_table, flat_idx + 1, axis=0).astype(dtype)
+
+    cls = self.param("cls_token", layers.with_axes(nn.initializers.normal(1e-6), (None, "embed")),
+                     (1, width), jnp.float32)
+    cls = (cls + pos_table[:1]).astype(dtype)
+    tokens = jnp.concatenate([jnp.broadcast_to(cls[None], (batch * num_views, 1, width)), tokens], axis=1)
+    tokens = tokens.reshape(batch, num_views, 1 + num_kept, width)
+
+    # A missing view becomes a sequence of the learned missing token; it still
+    # gets position/view/time embeddings so that the sequence is well formed,
+    # and its outputs are masked out of pooling and local features downstream.
+    missing = self.param("missing_token", layers.with_axes(layers.normal_02, ("embed",)), (width,), jnp.float32)
+    missing_seq = missing.astype(dtype) + jnp.concatenate(
+        [jnp.broadcast_to(pos_table[:1], (batch, num_views, 1, width)),
+         jnp.take(pos_table, patch_idx + 1, axis=0)], axis=2).astype(dtype)
+    valid = view_valid.astype(bool)[:, :, None, None]
+    tokens = jnp.where(valid, tokens, missing_seq)
+
+    view_embed = self.param("view_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width),
+                            jnp.float32)
+    time_embed = self.param("time_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width),
+                            jnp.float32)
+    slot_type = jnp.asarray([VIEW_TYPE[s] for s in view_slots])
+    slot_time = jnp.asarray([VIEW_TIME[s] for s in view_slots])
+    tokens = tokens + (view_embed[slot_type] + time_embed[slot_time]).astype(dtype)[None, :, None, :]
+
+    x = tokens.reshape(batch * num_views, 1 + num_kept, width)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    block_cls = layers.maybe_remat(Block, cfg.remat)
+    for i in range(cfg.num_layers):
+      x = block_cls(cfg, name=f"blocks_{i}")(x)
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm")(x)
+    return x.reshape(batch, num_views, 1 + num_kept, width)

@@ -1,0 +1,28 @@
+"""clinvla_jax: ClinVLA chest X-ray / report alignment in JAX and Flax.
+
+Public API::
+
+    import clinvla_jax as cv
+    cfg = cv.load_config("configs/base.py", overrides={"model.text.num_layers": 6})
+    variables = cv.init_params(cfg, jax.random.key(0))
+    variables = cv.convert.load_text_weights(variables, "path/to/hf_bert")
+    variables = cv.convert.load_image_weights(variables, state_dict)
+    tok = cv.Tokenizer("path/to/vocab.txt", max_len=128)
+    out = cv.encode_text(cfg, variables, ids, mask)
+    out = cv.encode_images(cfg, variables, images, view_valid)
+"""
+
+from clinvla_jax import convert
+from clinvla_jax.api import abstract_params, build_model, encode_images, encode_text, init_params, patchify
+from clinvla_jax.config import load_config
+from clinvla_jax.losses import clinvla_loss
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # The tokenizer pulls in transformers (slow to import); load it on first use.
+  if name == "Tokenizer":
+    from clinvla_jax.data.tokenizer import Tokenizer
+    return Tokenizer
+  raise AttributeError(f"module 'clinvla_jax' has no attribute {name!r}")

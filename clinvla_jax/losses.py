@@ -57,8 +57,11 @@ def cosine_global_loss(image_emb, text_emb, valid=None):
 def _cosine(a, b, eps=1e-8):
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
-  num = jnp.sum(a * b, axis=-1)
-  return num / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1), eps)
+  # Norms through max(|x|^2, eps^2): a zero vector (e.g. the context of an
+  # image whose views are all missing) must give a zero, not NaN, gradient.
+  inv_a = jax.lax.rsqrt(jnp.maximum(jnp.sum(a * a, axis=-1), eps * eps))
+  inv_b = jax.lax.rsqrt(jnp.maximum(jnp.sum(b * b, axis=-1), eps * eps))
+  return jnp.sum(a * b, axis=-1) * inv_a * inv_b
 
 
 def _masked_softmax(logits, mask, axis):

@@ -16,13 +16,13 @@ from clinvla_jax.model import layers
 
 class _Coupling(nn.Module):
   """x (h/2) -> Linear(h/4) -> ReLU -> Linear(h/2)."""
-  init: str = "identity"
+  init_scheme: str = "identity"
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     half = x.shape[-1]
-    down_init, up_init = layers.adapter_initializers(self.init)
+    down_init, up_init = layers.adapter_initializers(self.init_scheme)
     y = layers.dense(half // 2, ("embed", "adapter"), name="down", dtype=self.dtype, kernel_init=down_init)(x)
     return layers.dense(half, ("adapter", "embed"), name="up", dtype=self.dtype,
                         kernel_init=up_init)(nn.relu(y))
@@ -35,12 +35,12 @@ class InvertibleAdapter(nn.Module):
   inverse are the identity; with "bert" (the adapters library default) or
   "he" the map is a non-trivial bijection from the start.
   """
-  init: str = "identity"
+  init_scheme: str = "identity"
   dtype: layers.Dtype = jnp.float32
 
   def setup(self):
-    self.F = _Coupling(self.init, self.dtype)
-    self.G = _Coupling(self.init, self.dtype)
+    self.F = _Coupling(self.init_scheme, self.dtype)
+    self.G = _Coupling(self.init_scheme, self.dtype)
 
   def _split(self, x):
     if x.shape[-1] % 4:

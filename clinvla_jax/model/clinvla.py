@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clinvla_jax.model import layers
 from clinvla_jax.model.bert import TextTower, TextTowerConfig
@@ -134,8 +135,9 @@ class ClinVLA(nn.Module):
     if view_slots is None:
       if num_views == NUM_VIEW_SLOTS:
         view_slots = self.config.view_slots
-        sel = jnp.asarray(view_slots)
-        patches, patch_idx, view_valid = patches[:, sel], patch_idx[:, sel], view_valid[:, sel]
+        if view_slots != tuple(range(NUM_VIEW_SLOTS)):
+          sel = np.asarray(view_slots)
+          patches, patch_idx, view_valid = patches[:, sel], patch_idx[:, sel], view_valid[:, sel]
       else:
         view_slots = tuple(range(num_views))
     elif len(view_slots) != num_views:

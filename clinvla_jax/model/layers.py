@@ -110,13 +110,13 @@ class BottleneckAdapter(nn.Module):
   N(0, 0.02); "he" uses He-normal weights (the paper's Algorithm 1).
   """
   bottleneck: int
-  init: str = "identity"
+  init_scheme: str = "identity"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
-    down_init, up_init = adapter_initializers(self.init)
+    down_init, up_init = adapter_initializers(self.init_scheme)
     y = dense(self.bottleneck, ("embed", "adapter"), name="down", dtype=self.dtype, kernel_init=down_init)(x)
     y = nn.relu(y)
     return dense(features, ("adapter", "embed"), name="up", dtype=self.dtype, kernel_init=up_init)(y)

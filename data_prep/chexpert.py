@@ -1,0 +1,222 @@
+r"""Converts CheXpert (v1.0 layout) to ClinVLA records, including the 5x200 / 8x200 sets.
+
+Input: the folder holding ``train.csv`` / ``valid.csv`` and the images; CSV paths
+such as ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`` are
+resolved against ``--input``, its parent, or with the first component dropped.
+CheXpert has no public report text, so records carry empty text (evaluation
+uses class prompts).
+
+Modes (``--mode``):
+
+* ``studies``: one record per study (train.csv -> train, valid.csv -> val),
+  current frontal + lateral; the patient's previous study number gives the prior
+  views.  Input rows are image rows of the CSVs.
+* ``5x200``: the CheXpert 5x200 zero-shot / retrieval set built by rule from
+  ``train.csv``: frontal images; for each of Atelectasis, Cardiomegaly,
+  Consolidation, Edema, Pleural Effusion, rows where that label is 1 and the 13
+  other labels are 0 (blank counts as 0, uncertain -1 excluded); ``--per_class``
+  (200) per class drawn with ``--seed``.  Input rows are the selected images.
+* ``list``: the images of a published list (``--list_csv``), e.g. the 8x200
+  ``candidate.csv`` / ``query.csv`` or a 5x200 CSV; one record per row, split
+  named by ``--split_name``.
+
+Labels: the 14 CheXpert columns (1, 0, -1 uncertain, NaN blank).  For list rows
+that only name a class (``Variable`` column), that class is 1, the rest NaN.
+
+Usage:
+  python -m data_prep.chexpert --input=DIR --output=OUT --mode=5x200
+"""
+
+import collections
+import math
+import os
+import re
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from data_prep import common
+
+LABELS = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+    "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
+    "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+)
+CLASSES_5X200 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+_STUDY_RE = re.compile(r"(patient\d+)/study(\d+)/")
+
+
+def label_value(raw: str) -> float:
+  raw = (raw or "").strip()
+  return math.nan if raw == "" else float(raw)
+
+
+def is_5x200_row(row: dict, cls: str) -> bool:
+  """The 5x200 rule for one class (blank counts as 0, any -1 excludes)."""
+  if (row.get("Frontal/Lateral") or "").strip() != "Frontal":
+    return False
+  for name in LABELS:
+    v = label_value(row.get(name, ""))
+    v = 0.0 if math.isnan(v) else v
+    if v != (1.0 if name == cls else 0.0):
+      return False
+  return True
+
+
+def select_5x200(rows: list[dict], seed: int = 0, per_class: int = 200,
+                 classes=CLASSES_5X200) -> list[tuple[str, dict]]:
+  """[(class, row)] sorted by class then path; deterministic given ``seed``."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for cls in classes:
+    pool = sorted((r for r in rows if is_5x200_row(r, cls)), key=lambda r: r["Path"])
+    if len(pool) < per_class:
+      raise common.ConversionError(f"5x200: only {len(pool)} rows qualify for {cls}")
+    pick = sorted(rng.choice(len(pool), per_class, replace=False).tolist())
+    out.extend((cls, pool[i]) for i in pick)
+  return out
+
+
+def resolve(input_dir: str, rel: str) -> str:
+  parts = rel.replace("\\", "/").split("/")
+  return common.find_first(os.path.join(input_dir, *parts),
+                           os.path.join(os.path.dirname(os.path.abspath(input_dir)), *parts),
+                           os.path.join(input_dir, *parts[1:]))
+
+
+def _labels(row: dict) -> tuple[float, ...]:
+  if any(name in row for name in LABELS):
+    return tuple(label_value(row.get(name, "")) for name in LABELS)
+  cls = (row.get("Variable") or "").strip()
+  return tuple(1.0 if name == cls else math.nan for name in LABELS)
+
+
+def _patient(path: str) -> str:
+  m = _STUDY_RE.search(path)
+  return m.group(1) if m else path
+
+
+def _single_image_plan(input_dir, items, split, row_unit, notes) -> common.Plan:
+  studies = []
+  for row_id, row in items:
+    path = row["Path"]
+    studies.append(common.Study(
+        study_id=path, patient_id=_patient(path), split=split, text="",
+        labels=_labels(row),
+        views=(common.ViewRef(resolve(input_dir, path), path, row_id), None, None, None),
+        rows=(row_id,)))
+  return common.Plan(dataset="chexpert", input_rows=len(items), row_unit=row_unit,
+                     studies=studies, rejects=[], label_names=list(LABELS), notes=notes)
+
+
+def plan_5x200(input_dir: str, labels_csv: str = "", seed: int = 0,
+               per_class: int = 200) -> common.Plan:
+  labels_csv = labels_csv or os.path.join(input_dir, "train.csv")
+  rows = common.read_table(labels_csv)
+  chosen = select_5x200(rows, seed, per_class)
+  items = [(f"{os.path.basename(labels_csv)}: {row['Path']}", row) for _, row in chosen]
+  notes = {"selection": f"5x200 rule, seed {seed}, {per_class} per class from {len(rows)} rows",
+           "classes": list(CLASSES_5X200), "views_decided_by": "Frontal/Lateral column"}
+  return _single_image_plan(input_dir, items, "5x200", "selected image", notes)
+
+
+def plan_list(input_dir: str, list_csv: str, split_name: str = "") -> common.Plan:
+  rows = common.read_table(list_csv)
+  if rows and "Path" not in rows[0]:
+    raise common.ConversionError(f"{list_csv}: no Path column (text queries need no conversion)")
+  split = split_name or os.path.splitext(os.path.basename(list_csv))[0]
+  items = [(f"{os.path.basename(list_csv)} row {i}: {r['Path']}", r)
+           for i, r in enumerate(rows, start=1)]
+  notes = {"selection": f"published list {list_csv}", "views_decided_by": "list (frontal images)"}
+  return _single_image_plan(input_dir, items, split, "list row", notes)
+
+
+def plan_studies(input_dir: str) -> common.Plan:
+  tables = [("train.csv", "train"), ("valid.csv", "val")]
+  rows, rejects = [], []
+  for name, split in tables:
+    path = os.path.join(input_dir, name)
+    if os.path.exists(path):
+      rows.extend((f"{name}: {r['Path']}", r, split) for r in common.read_table(path))
+  if not rows:
+    raise common.ConversionError(f"{input_dir}: neither train.csv nor valid.csv found")
+  groups = collections.defaultdict(list)
+  for row_id, row, split in rows:
+    m = _STUDY_RE.search(row["Path"])
+    if not m:
+      rejects.append(common.Reject(row_id, "missing_metadata", "path has no patient/study"))
+      continue
+    groups[(split, m.group(1), int(m.group(2)))].append((row_id, row))
+  by_patient = collections.defaultdict(list)
+  for split, pid, num in groups:
+    by_patient[(split, pid)].append(num)
+  studies = []
+  chosen_of = {}
+  for key in sorted(groups):
+    chosen, extras = {}, []
+    for row_id, row in sorted(groups[key], key=lambda it: it[1]["Path"]):
+      fl = (row.get("Frontal/Lateral") or "").strip().lower()
+      view = fl if fl in ("frontal", "lateral") else None
+      if view is None:
+        rejects.append(common.Reject(row_id, "unknown_view", f"Frontal/Lateral={fl!r}"))
+      elif view in chosen:
+        extras.append((row_id, view))
+      else:
+        chosen[view] = (row_id, row)
+    for row_id, view in extras:
+      rejects.append(common.Reject(row_id, "extra_view", f"study already has a {view} view"))
+    chosen_of[key] = chosen
+  for key in sorted(groups):
+    split, pid, num = key
+    chosen = chosen_of[key]
+    if not chosen:
+      continue
+    earlier = [n for n in by_patient[(split, pid)] if n < num and chosen_of[(split, pid, n)]]
+    prior = chosen_of[(split, pid, max(earlier))] if earlier else {}
+    ref = lambda it, own: None if it is None else common.ViewRef(
+        resolve(input_dir, it[1]["Path"]), it[1]["Path"], it[0] if own else None)
+    first = next(iter(chosen.values()))[1]
+    studies.append(common.Study(
+        study_id=f"{pid}/study{num}", patient_id=pid, split=split, text="",
+        labels=_labels(first),
+        views=(ref(chosen.get("frontal"), True), ref(chosen.get("lateral"), True),
+               ref(prior.get("frontal"), False), ref(prior.get("lateral"), False)),
+        rows=tuple(it[0] for it in chosen.values())))
+  notes = {"views_decided_by": "Frontal/Lateral column",
+           "prior_definition": "previous study number of the same patient (no dates)"}
+  return common.Plan(dataset="chexpert", input_rows=len(rows), row_unit="image row",
+                     studies=studies, rejects=rejects, label_names=list(LABELS), notes=notes)
+
+
+def build_plan(input_dir: str, mode: str = "studies", **kw) -> common.Plan:
+  if mode == "studies":
+    return plan_studies(input_dir)
+  if mode == "5x200":
+    return plan_5x200(input_dir, **kw)
+  if mode == "list":
+    return plan_list(input_dir, **kw)
+  raise common.ConversionError(f"unknown mode {mode!r}")
+
+
+def _main(argv):
+  f = flags.FLAGS
+  kw = {}
+  if f.mode == "5x200":
+    kw = dict(labels_csv=f.labels_csv, seed=f.seed, per_class=f.per_class)
+  elif f.mode == "list":
+    if not f.list_csv:
+      raise app.UsageError("--mode=list needs --list_csv")
+    kw = dict(list_csv=f.list_csv, split_name=f.split_name)
+  common.main_for(lambda d: build_plan(d, f.mode, **kw), require_text=False)(argv)
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  flags.DEFINE_enum("mode", "studies", ["studies", "5x200", "list"], "What to convert.")
+  flags.DEFINE_string("labels_csv", "", "Label table for 5x200 (default --input/train.csv).")
+  flags.DEFINE_integer("seed", 0, "Seed of the 5x200 draw.")
+  flags.DEFINE_integer("per_class", 200, "Images per class in 5x200.")
+  flags.DEFINE_string("list_csv", "", "Published list for --mode=list.")
+  flags.DEFINE_string("split_name", "", "Split name for --mode=list (default: list file stem).")
+  app.run(_main)

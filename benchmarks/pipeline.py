@@ -1,0 +1,280 @@
+r"""Throughput of the input pipeline: studies per second delivered as batches.
+
+Measures ``make_train_loader`` (shuffled, 75 % masked) and optionally
+``make_eval_loader`` (fixed order, unmasked) with 0, 1, 2 Grain workers, on
+
+  * a synthetic ArrayRecord file of ``--num_records`` studies (default 100k),
+    generated into a temporary folder and deleted afterwards, and
+  * a converter output folder given with ``--data=DIR`` (optional).
+
+The synthetic file cycles through a pool of ``--distinct`` encoded studies so it
+stays small: 100k studies of four distinct 224x224 views would be ~20 GB raw.
+Pool views are smooth synthetic images (about 5 KB each as PNG, decoding in about
+0.45 ms) or, with ``--pool_images=GLOB``, real images resized to 224 (chest
+X-ray PNGs are about 19 KB and decode in about 0.6-1 ms).  Every study has all
+four views, the worst case for decoding.  Reading, decoding and masking cost the
+same whether or not the bytes repeat; only the page cache benefits.
+
+It also compares raw random-access reads (records/s) of our ``ArrayRecordSource``
+(``reader.read(i, i + 1)``) with ``grain.sources.ArrayRecordDataSource``
+(``reader.read([i])``), whose cost grows with the file's record count.
+
+``--train_step_s`` (seconds per training step at --batch_size, when known) adds
+the rate at which training would consume studies, to see whether the pipeline
+keeps up.
+
+  python benchmarks/pipeline.py --out=/tmp/pipeline.json
+  python benchmarks/pipeline.py --data=/path/to/converted --num_records=0
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from array_record.python import array_record_module
+import numpy as np
+
+from clinvla_jax.data import masking
+from clinvla_jax.data import pipeline
+from clinvla_jax.data import records
+from clinvla_jax.data import source as source_lib
+
+_NUM_RECORDS = flags.DEFINE_integer(
+    "num_records", 100_000, "Studies in the synthetic file; 0 skips it.")
+_DISTINCT = flags.DEFINE_integer(
+    "distinct", 64, "Distinct encoded studies the synthetic file cycles through.")
+_POOL_IMAGES = flags.DEFINE_string(
+    "pool_images", None, "Glob of image files for the synthetic pool's views "
+    "(resized to 224); default: smooth synthetic images.")
+_CODEC = flags.DEFINE_enum("codec", "png", list(records.IMAGE_CODECS),
+                           "Image codec of the synthetic records.")
+_DATA = flags.DEFINE_string("data", None, "A converter output folder to measure.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size (one process).")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts.")
+_MODES = flags.DEFINE_list("modes", ["train"], "Loaders to measure: train, eval.")
+_BATCHES = flags.DEFINE_integer("num_batches", 40, "Timed batches per setting.")
+_WARMUP = flags.DEFINE_integer("warmup_batches", 3,
+                               "Untimed batches after the first one.")
+_READ_PROBE = flags.DEFINE_integer(
+    "read_probe", 2000, "Random reads per source in the raw read comparison.")
+_TRAIN_STEP_S = flags.DEFINE_float(
+    "train_step_s", None, "Seconds per training step at --batch_size (optional).")
+_TMP = flags.DEFINE_string("tmp_dir", None, "Where to write the synthetic file.")
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+
+
+def _synthetic_view(rng: np.random.Generator) -> np.ndarray:
+  """A smooth, X-ray-like 224x224 image (compresses well as PNG)."""
+  yy, xx = np.mgrid[0:records.IMAGE_SIZE, 0:records.IMAGE_SIZE] / records.IMAGE_SIZE
+  a, b, c = rng.uniform(1, 4, 3)
+  img = 128 + 60 * np.sin(a * xx + c) * np.cos(b * yy) - 40 * (xx - 0.5) ** 2
+  return img.clip(0, 255).astype(np.uint8)
+
+
+def _pool_views(count: int, pattern: str | None, seed: int) -> list[np.ndarray]:
+  rng = np.random.default_rng(seed)
+  if not pattern:
+    return [_synthetic_view(rng) for _ in range(count)]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  files = sorted(glob.glob(pattern))
+  if not files:
+    raise FileNotFoundError(f"--pool_images={pattern} matches nothing")
+  size = (records.IMAGE_SIZE, records.IMAGE_SIZE)
+  return [np.asarray(Image.open(f).convert("L").resize(size), np.uint8)
+          for f in files]
+
+
+def _pool_records(distinct: int, pattern: str | None, codec: str) -> list[bytes]:
+  """Encoded studies with four valid views each and random text and labels."""
+  views = _pool_views(distinct * records.NUM_VIEWS, pattern, seed=0)
+  rng = np.random.default_rng(1)
+  out = []
+  for i in range(distinct):
+    images = np.stack([views[(i * records.NUM_VIEWS + v) % len(views)]
+                       for v in range(records.NUM_VIEWS)])
+    length = int(rng.integers(20, records.MAX_TEXT_LEN))
+    ids = np.zeros(records.MAX_TEXT_LEN, np.int32)
+    ids[:length] = rng.integers(1000, 30000, length)
+    example = {
+        "images": images,
+        "view_valid": np.ones(records.NUM_VIEWS, bool),
+        "input_ids": ids,
+        "attention_mask": (ids > 0).astype(np.int32),
+        "text": "synthetic report " * 10,
+        "labels": rng.choice([0.0, 1.0, -1.0, np.nan], 14).astype(np.float32),
+        "patient_id": f"p{i}", "study_id": f"s{i}", "split": "train",
+    }
+    out.append(records.encode_record(example, image_codec=codec))
+  return out
+
+
+def write_synthetic(folder: str, num_records: int, distinct: int,
+                    pattern: str | None, codec: str) -> str:
+  """Writes one ArrayRecord file of ``num_records`` studies; returns its path."""
+  pool = _pool_records(distinct, pattern, codec)
+  path = os.path.join(folder, "synthetic-00000-of-00001.array_record")
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  for i in range(num_records):
+    writer.write(pool[i % len(pool)])
+  writer.close()
+  return path
+
+
+def _read_rate(src, num_records: int, probe: int) -> float:
+  indices = np.random.default_rng(0).integers(0, num_records, probe)
+  src[int(indices[0])]  # open the reader outside the timing
+  start = time.perf_counter()
+  for i in indices:
+    src[int(i)]
+  return probe / (time.perf_counter() - start)
+
+
+def compare_reads(path: str, probe: int) -> dict[str, float]:
+  """Random-access records/s: our range reads vs grain's list reads."""
+  import grain  # pylint: disable=g-import-not-at-top
+  ours = source_lib.ArrayRecordSource(path)
+  theirs = grain.sources.ArrayRecordDataSource([path])
+  return {
+      "num_records": len(ours),
+      "ArrayRecordSource read(i, i+1)": _read_rate(ours, len(ours), probe),
+      "grain ArrayRecordDataSource read([i])": _read_rate(
+          theirs, len(ours), max(probe // 4, 50)),
+  }
+
+
+def decode_cost_us(src: source_lib.ArrayRecordSource, count: int = 100
+                   ) -> dict[str, float]:
+  """Mean in-process cost per study of decoding and of masking, in µs."""
+  raw = [src[i] for i in range(min(count, len(src)))]
+  start = time.perf_counter()
+  decoded = [records.decode_record(r) for r in raw]
+  decode = (time.perf_counter() - start) / len(raw)
+  start = time.perf_counter()
+  for i, rec in enumerate(decoded):
+    masking.mask_views(rec["images"], records.num_kept_patches(0.75), seed=0,
+                       epoch=0, index=i)
+  mask = (time.perf_counter() - start) / len(raw)
+  return {"decode_us": decode * 1e6, "mask_us": mask * 1e6,
+          "bytes_per_study": float(np.mean([len(r) for r in raw]))}
+
+
+def measure(make_loader, *, batch_size: int, num_batches: int, warmup: int
+            ) -> dict[str, float]:
+  """Times the first batch (start-up) and then ``num_batches`` batches."""
+  start = time.perf_counter()
+  loader = make_loader()
+  it = iter(loader)
+  next(it)
+  startup = time.perf_counter() - start
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    next(it)
+  elapsed = time.perf_counter() - start
+  del it  # stops the workers before the next setting starts its own
+  return {"startup_s": startup,
+          "studies_per_s": num_batches * batch_size / elapsed,
+          "batches_per_s": num_batches / elapsed}
+
+
+def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
+  rows = []
+  batch = _BATCH.value
+  for mode in _MODES.value:
+    for workers in map(int, _WORKERS.value):
+      if mode == "train":
+        make = lambda w=workers: pipeline.make_train_loader(
+            src, global_batch_size=batch, seed=0, mask_ratio=0.75,
+            worker_count=w, shard_index=0, shard_count=1)
+      elif mode == "eval":
+        make = lambda w=workers: pipeline.make_eval_loader(
+            src, global_batch_size=batch, worker_count=w, shard_index=0,
+            shard_count=1)
+      else:
+        raise ValueError(f"unknown mode {mode!r}")
+      needed = (1 + _WARMUP.value + _BATCHES.value) * batch
+      num_batches = _BATCHES.value
+      if mode == "eval" and needed > len(src):
+        num_batches = max(1, len(src) // batch - 1 - _WARMUP.value)
+      result = measure(make, batch_size=batch, num_batches=num_batches,
+                       warmup=_WARMUP.value)
+      row = {"dataset": name, "num_records": len(src), "mode": mode,
+             "workers": workers, "batch_size": batch, **result}
+      if _TRAIN_STEP_S.value:
+        row["train_consumes_studies_per_s"] = batch / _TRAIN_STEP_S.value
+        row["keeps_up"] = row["studies_per_s"] >= row["train_consumes_studies_per_s"]
+      print(_format_row(row), flush=True)
+      rows.append(row)
+  return rows
+
+
+_COLUMNS = ("dataset", "num_records", "mode", "workers", "batch_size",
+            "startup_s", "studies_per_s", "train_consumes_studies_per_s",
+            "keeps_up")
+
+
+def _format_row(row: dict) -> str:
+  cells = []
+  for col in _COLUMNS:
+    value = row.get(col, "")
+    cells.append(f"{value:.1f}" if isinstance(value, float) else str(value))
+  return "| " + " | ".join(cells) + " |"
+
+
+def main(argv):
+  del argv
+  results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+             "flags": {f: flags.FLAGS[f].value for f in (
+                 "num_records", "distinct", "pool_images", "codec", "data",
+                 "batch_size", "workers", "modes", "num_batches",
+                 "train_step_s")},
+             "reads": [], "decode": {}, "pipeline": []}
+  print("| " + " | ".join(_COLUMNS) + " |")
+  print("|" + "---|" * len(_COLUMNS))
+  tmp = None
+  try:
+    if _NUM_RECORDS.value > 0:
+      tmp = tempfile.mkdtemp(prefix="clinvla_pipeline_bench_", dir=_TMP.value)
+      start = time.perf_counter()
+      path = write_synthetic(tmp, _NUM_RECORDS.value, _DISTINCT.value,
+                             _POOL_IMAGES.value, _CODEC.value)
+      results["synthetic"] = {"write_s": time.perf_counter() - start,
+                              "file_bytes": os.path.getsize(path)}
+      src = source_lib.ArrayRecordSource(path)
+      name = "synthetic" + ("-real-views" if _POOL_IMAGES.value else "")
+      results["decode"][name] = decode_cost_us(src)
+      results["pipeline"] += run_dataset(name, src)
+      results["reads"].append(compare_reads(path, _READ_PROBE.value))
+    if _DATA.value:
+      src = source_lib.ArrayRecordSource(_DATA.value)
+      name = os.path.basename(os.path.normpath(_DATA.value))
+      results["decode"][name] = decode_cost_us(src)
+      results["pipeline"] += run_dataset(name, src)
+  finally:
+    if tmp:
+      shutil.rmtree(tmp, ignore_errors=True)
+  print()
+  for name, cost in results["decode"].items():
+    print(f"{name}: decode {cost['decode_us']:.0f} µs/study, mask "
+          f"{cost['mask_us']:.0f} µs/study, {cost['bytes_per_study'] / 1024:.1f} "
+          "KiB/study")
+  for reads in results["reads"]:
+    print(f"random reads on {reads['num_records']} records: " + ", ".join(
+        f"{k} {v:,.0f}/s" for k, v in reads.items() if k != "num_records"))
+  if _OUT.value:
+    with open(_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, default=str)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,363 @@
+"""Model-independent evaluation metrics (numpy only).
+
+Conventions shared by every function here:
+
+* Scores are returned as fractions in [0, 1]; tables turn them into percents.
+* Retrieval ranks a gallery by descending similarity with a *stable* sort, so
+  equal scores keep gallery order: the lower gallery index is ranked first.
+  Any tie therefore has one reproducible answer, independent of platform.
+* P@K is (relevant items among the top K) / K, always divided by K, as in
+  ConVIRT and GLoRIA.  A query whose class has fewer than K members in the
+  gallery can therefore not reach 1.0; that is intended, because it is how the
+  published numbers were computed.  K larger than the number of rankable
+  gallery items is an error rather than a silently different metric.
+* Binary labels: 1 (or True) is the positive class.  A binary prediction is
+  positive when ``score >= threshold``.
+"""
+
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+
+# The RSNA protocol's threshold grid, 0:0.005:1 with both ends included.
+THRESHOLD_GRID = np.round(np.arange(201) * 0.005, 3)
+
+
+# ---------------------------------------------------------------------------
+# Retrieval.
+# ---------------------------------------------------------------------------
+
+
+def relevance_matrix(query_labels: np.ndarray,
+                     gallery_labels: np.ndarray) -> np.ndarray:
+  """Which gallery items are relevant to which queries.
+
+  Two label formats are accepted, and both sides must use the same one:
+
+  * 1-D class ids (ints or strings), shape [Q] and [G]: relevant when equal.
+  * 2-D multi-hot matrices over the same label columns, [Q, C] and [G, C]:
+    relevant when the two share at least one positive label.  A label is
+    positive when its value is > 0, so CheXpert's uncertain (-1), negative (0)
+    and not-mentioned (NaN) entries never make an item relevant.  A query with
+    a single positive column (e.g. a CheXpert 8x200 query class) thus matches
+    exactly the gallery items whose label for that class is 1.
+
+  Args:
+    query_labels: [Q] class ids or [Q, C] multi-hot labels.
+    gallery_labels: [G] class ids or [G, C] multi-hot labels.
+
+  Returns:
+    bool [Q, G].
+  """
+  q = np.asarray(query_labels)
+  g = np.asarray(gallery_labels)
+  if q.ndim != g.ndim or q.ndim not in (1, 2):
+    raise ValueError(
+        f"labels must both be 1-D or both 2-D, got {q.shape} and {g.shape}")
+  if q.ndim == 1:
+    return q[:, None] == g[None, :]
+  if q.shape[1] != g.shape[1]:
+    raise ValueError(f"label columns differ: {q.shape} vs {g.shape}")
+  q_pos = np.nan_to_num(q.astype(np.float64)) > 0
+  g_pos = np.nan_to_num(g.astype(np.float64)) > 0
+  return (q_pos.astype(np.int64) @ g_pos.T.astype(np.int64)) > 0
+
+
+def rank_gallery(similarity: np.ndarray,
+                 exclude_index: Optional[np.ndarray] = None) -> np.ndarray:
+  """Gallery indices of each query, best first.
+
+  Sorted by descending similarity; ties keep gallery order (stable sort).  An
+  excluded item is moved behind every other item, whatever its score, and is
+  then dropped by the callers that take ``exclude_index``.
+
+  Args:
+    similarity: float [Q, G].
+    exclude_index: optional int [Q]: the gallery index to drop for each query,
+      negative for none.
+
+  Returns:
+    int [Q, G] permutation of the gallery per query.
+  """
+  sim = np.asarray(similarity, dtype=np.float64)
+  if sim.ndim != 2:
+    raise ValueError(f"similarity must be [Q, G], got {sim.shape}")
+  if np.isnan(sim).any():
+    raise ValueError("similarity contains NaN")
+  order = np.argsort(-sim, axis=1, kind="stable")
+  if exclude_index is None:
+    return order
+  excluded = _exclusion_mask(sim.shape, exclude_index)
+  # A second stable sort on the excluded flag keeps the score order of the rest.
+  moved = np.argsort(np.take_along_axis(excluded, order, axis=1),
+                     axis=1, kind="stable")
+  return np.take_along_axis(order, moved, axis=1)
+
+
+def _exclusion_mask(shape: tuple[int, int],
+                    exclude_index: np.ndarray) -> np.ndarray:
+  """bool [Q, G], True at each query's excluded gallery item."""
+  idx = np.asarray(exclude_index, dtype=np.int64)
+  if idx.shape != (shape[0],):
+    raise ValueError(f"exclude_index must be [{shape[0]}], got {idx.shape}")
+  if (idx >= shape[1]).any():
+    raise ValueError("exclude_index points past the gallery")
+  mask = np.zeros(shape, dtype=bool)
+  rows = np.nonzero(idx >= 0)[0]
+  mask[rows, idx[rows]] = True
+  return mask
+
+
+def precision_at_k_per_query(
+    similarity: np.ndarray,
+    relevant: np.ndarray,
+    ks: Sequence[int],
+    exclude_index: Optional[np.ndarray] = None,
+) -> np.ndarray:
+  """P@K of every query.
+
+  Args:
+    similarity: float [Q, G] query-gallery scores.
+    relevant: bool [Q, G] relevance (see `relevance_matrix`).
+    ks: cut-offs.
+    exclude_index: optional int [Q]: a gallery item to leave out of each
+      query's ranking (negative for none), e.g. the query itself when the
+      query set is the gallery.
+
+  Returns:
+    float [Q, len(ks)].
+  """
+  relevant = np.asarray(relevant, dtype=bool)
+  if relevant.shape != np.shape(similarity):
+    raise ValueError(
+        f"relevance {relevant.shape} != similarity {np.shape(similarity)}")
+  num_gallery = relevant.shape[1]
+  rankable = num_gallery
+  if exclude_index is not None:
+    relevant = relevant & ~_exclusion_mask(relevant.shape, exclude_index)
+    rankable -= int((np.asarray(exclude_index) >= 0).any())
+  for k in ks:
+    if not 1 <= k <= rankable:
+      raise ValueError(f"K={k} outside [1, {rankable}] rankable gallery items")
+  order = rank_gallery(similarity, exclude_index)
+  hits = np.cumsum(np.take_along_axis(relevant, order, axis=1), axis=1)
+  return np.stack([hits[:, k - 1] / k for k in ks], axis=1)
+
+
+def precision_at_k(
+    similarity: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ks: Sequence[int] = (5, 10, 50),
+    exclude_self: bool = False,
+) -> dict[int, float]:
+  """Mean P@K over queries, with relevance by shared label.
+
+  Args:
+    similarity: float [Q, G].
+    query_labels: labels of the queries (see `relevance_matrix`).
+    gallery_labels: labels of the gallery.
+    ks: cut-offs.
+    exclude_self: the queries are the gallery (Q == G, same order) and each
+      query must not retrieve itself, as in image->image search within one set.
+
+  Returns:
+    {K: mean P@K}.
+  """
+  relevant = relevance_matrix(query_labels, gallery_labels)
+  exclude_index = None
+  if exclude_self:
+    q, g = relevant.shape
+    if q != g:
+      raise ValueError(f"exclude_self needs Q == G, got {q} and {g}")
+    exclude_index = np.arange(q)
+  per_query = precision_at_k_per_query(similarity, relevant, ks, exclude_index)
+  return {k: float(v) for k, v in zip(ks, per_query.mean(axis=0))}
+
+
+# ---------------------------------------------------------------------------
+# Classification.
+# ---------------------------------------------------------------------------
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+  """Fraction of exact matches (also the zero-shot multi-class accuracy)."""
+  y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+  _check_same_length(y_true, y_pred)
+  return float(np.mean(y_true == y_pred))
+
+
+def macro_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+  """Mean over the classes present in ``y_true`` of per-class accuracy.
+
+  This is balanced accuracy (mean per-class recall), the "macro accuracy" that
+  BioViL-T reports for MS-CXR-T temporal classification.
+  """
+  y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+  _check_same_length(y_true, y_pred)
+  classes = np.unique(y_true)
+  return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
+
+
+def f1_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+  """Binary F1 of the positive class; 0.0 when it is undefined (no positives
+  among either labels or predictions), like scikit-learn's default."""
+  t = _as_binary(y_true)
+  p = _as_binary(y_pred)
+  _check_same_length(t, p)
+  tp = np.sum(t & p)
+  denom = 2 * tp + np.sum(~t & p) + np.sum(t & ~p)
+  return float(2 * tp / denom) if denom else 0.0
+
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+  """Area under the ROC curve (binary).
+
+  Computed as the Mann-Whitney U statistic on ranks, with tied scores given
+  their average rank, so a tied positive-negative pair counts one half.  This
+  equals the trapezoidal ROC area that scikit-learn reports.
+  """
+  t = _as_binary(y_true)
+  s = np.asarray(scores, dtype=np.float64)
+  _check_same_length(t, s)
+  num_pos = int(t.sum())
+  num_neg = t.size - num_pos
+  if num_pos == 0 or num_neg == 0:
+    raise ValueError("ROC AUC needs both classes in y_true")
+  ranks = average_ranks(s)
+  u = ranks[t].sum() - num_pos * (num_pos + 1) / 2
+  return float(u / (num_pos * num_neg))
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+  """1-based ascending ranks; tied values share the mean of their ranks."""
+  v = np.asarray(values, dtype=np.float64)
+  order = np.argsort(v, kind="stable")
+  sorted_v = v[order]
+  # Start of each run of equal values, and the run each sorted item is in.
+  starts = np.r_[True, sorted_v[1:] != sorted_v[:-1]]
+  run_id = np.cumsum(starts) - 1
+  first = np.nonzero(starts)[0]
+  last = np.r_[first[1:], v.size] - 1
+  ranks = np.empty(v.size, dtype=np.float64)
+  ranks[order] = (first + last)[run_id] / 2 + 1
+  return ranks
+
+
+def _as_binary(y: np.ndarray) -> np.ndarray:
+  y = np.asarray(y)
+  if y.dtype != bool and not np.isin(y, (0, 1)).all():
+    raise ValueError("binary labels must be 0/1 or bool")
+  return y.astype(bool)
+
+
+def _check_same_length(a: np.ndarray, b: np.ndarray) -> None:
+  if a.ndim != 1 or a.shape != b.shape:
+    raise ValueError(f"expected two 1-D arrays of one length, got {a.shape} "
+                     f"and {b.shape}")
+
+
+# ---------------------------------------------------------------------------
+# RSNA threshold protocol.
+# ---------------------------------------------------------------------------
+
+
+def stratified_folds(y: np.ndarray, n_splits: int = 10,
+                     seed: int = 0) -> np.ndarray:
+  """Deterministic stratified assignment of samples to folds.
+
+  Each class's members are shuffled with ``np.random.default_rng(seed)``
+  (classes in sorted order, one generator for all), then dealt to folds
+  round-robin.  The dealing continues where the previous class stopped, so
+  fold sizes differ by at most one and every fold gets floor or ceil of
+  n_c / n_splits members of each class c.
+
+  Args:
+    y: [N] class labels.
+    n_splits: number of folds.
+    seed: shuffling seed.
+
+  Returns:
+    int [N] fold id of each sample, in [0, n_splits).
+  """
+  y = np.asarray(y)
+  if n_splits < 2:
+    raise ValueError("n_splits must be >= 2")
+  rng = np.random.default_rng(seed)
+  folds = np.empty(y.shape[0], dtype=np.int64)
+  dealt = 0
+  for c in np.unique(y):
+    members = rng.permutation(np.nonzero(y == c)[0])
+    folds[members] = (dealt + np.arange(members.size)) % n_splits
+    dealt += members.size
+  return folds
+
+
+def f1_per_threshold(y_true: np.ndarray, scores: np.ndarray,
+                     thresholds: np.ndarray) -> np.ndarray:
+  """F1 at each threshold (positive when ``score >= threshold``)."""
+  t = _as_binary(y_true)
+  s = np.asarray(scores, dtype=np.float64)
+  pred = s[None, :] >= np.asarray(thresholds, dtype=np.float64)[:, None]
+  tp = (pred & t).sum(axis=1)
+  fp = (pred & ~t).sum(axis=1)
+  fn = (~pred & t).sum(axis=1)
+  denom = 2 * tp + fp + fn
+  return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def best_f1_threshold(y_true: np.ndarray, scores: np.ndarray,
+                      thresholds: np.ndarray = THRESHOLD_GRID) -> float:
+  """The threshold with the highest F1; the smallest one among equals.
+
+  Taking the first maximum (a plain argmax over the grid) puts the threshold
+  at the low end of a plateau of equal F1, i.e. just above the largest
+  training score it must reject; held-out scores above that count as positive.
+  """
+  f1 = f1_per_threshold(y_true, scores, thresholds)
+  return float(np.asarray(thresholds)[int(np.argmax(f1))])
+
+
+def threshold_cv(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    n_splits: int = 10,
+    seed: int = 0,
+    thresholds: np.ndarray = THRESHOLD_GRID,
+) -> dict[str, float | list[float]]:
+  """ACC and F1 with a threshold tuned by stratified cross-validation.
+
+  For each fold: pick the threshold maximising F1 on the other folds, apply it
+  to this fold, score ACC and F1 there.  Results are the unweighted means over
+  folds (and their population standard deviations).
+
+  Args:
+    y_true: [N] binary labels.
+    scores: [N] probabilities of the positive class.
+    n_splits: number of folds.
+    seed: fold seed (see `stratified_folds`).
+    thresholds: candidate thresholds.
+
+  Returns:
+    {"ACC", "F1", "ACC_std", "F1_std": float, "thresholds": per-fold list}.
+  """
+  t = _as_binary(y_true)
+  s = np.asarray(scores, dtype=np.float64)
+  _check_same_length(t, s)
+  folds = stratified_folds(t, n_splits, seed)
+  accs, f1s, chosen = [], [], []
+  for fold in range(n_splits):
+    test = folds == fold
+    threshold = best_f1_threshold(t[~test], s[~test], thresholds)
+    pred = s[test] >= threshold
+    accs.append(accuracy(t[test], pred))
+    f1s.append(f1_score(t[test], pred))
+    chosen.append(threshold)
+  return {
+      "ACC": float(np.mean(accs)),
+      "F1": float(np.mean(f1s)),
+      "ACC_std": float(np.std(accs)),
+      "F1_std": float(np.std(f1s)),
+      "thresholds": chosen,
+  }

@@ -48,6 +48,10 @@ def parameter_table(config) -> Dict[str, Dict[str, int]]:
   return table
 
 
+def trainable_percent(table) -> float:
+  return 100.0 * table["total"]["trainable"] / table["total"]["total"]
+
+
 def summary_lines(config) -> List[str]:
   from clinvla_jax.model.clinvla import ClinVLAConfig
   mcfg = ClinVLAConfig.from_config(config.model)
@@ -59,8 +63,12 @@ def summary_lines(config) -> List[str]:
     if name == "total":
       lines.append("-" * 78)
     lines.append(f"{name:36s} {row['total']:14,d} {row['trainable']:14,d} {100 * row['total'] / total:10.2f}%")
-  lines.append(f"trainable: {trainable:,d} of {total:,d} = {100 * trainable / total:.2f} % "
+  lines.append(f"trainable: {trainable:,d} of {total:,d} = {trainable_percent(table):.2f} % "
                f"(paper: {PAPER_TRAINABLE_PCT:.0f} % of {PAPER_PARAMS_M} M)")
+  # AdamW keeps two fp32 moments per trainable value; the frozen backbone is not saved.
+  ckpt_mib = 3 * 4 * trainable / 2**20
+  lines.append(f"adapter-only checkpoint (trainable params + AdamW moments, fp32): {ckpt_mib:.1f} MiB; "
+               f"full fp32 parameters: {4 * total / 2**20:.1f} MiB ({100 * ckpt_mib / (4 * total / 2**20):.1f} %)")
   train = flops.train_forward_flops(mcfg, config.data.mask_ratio)
   evaluation = flops.eval_forward_flops(mcfg)
   kept = flops_kept(config)

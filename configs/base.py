@@ -58,6 +58,35 @@ def get_config():
   config.data = ml_collections.ConfigDict()
   config.data.mask_ratio = 0.75
   config.data.max_text_len = 128
+  config.data.train = ""        # a converter output folder (or shard files / glob); required to train
+  config.data.train_split = "train"
+  config.data.eval = ""         # a converter output folder for --mode=embed (and a default evaluation set)
+  config.data.eval_split = ""   # "" = every split of config.data.eval
+
+  # Evaluation (--mode=eval / --mode=embed, and periodically in training).
+  # Results are keyed "<dataset>/<task>/<metric>"; see clinvla_jax/evaluate/run.py.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 32           # global; rounded up to a multiple of the device count
+  config.eval.views = "frontal"         # "frontal": current frontal only (the protocols); "all": every view the model uses
+  config.eval.split = "val"             # split read from converted folders unless a dataset names its own
+  # Generic retrieval + label zero-shot: name -> ConfigDict(path=converted folder, split=...).
+  config.eval.datasets = ml_collections.ConfigDict()
+  config.eval.retrieval_ks = (5, 10, 50)  # P@K of the generic sets; K >= set size is skipped (noted in results.md)
+  config.eval.label_prompts = ""        # prompt file of the generic zero-shot; empty = assets/prompts/label_prompts.json
+  # The published protocols (protocols.md section 5); an empty path skips one.
+  config.eval.chexpert_5x200 = ""       # converted folder (data_prep.chexpert --mode=5x200)
+  config.eval.chexpert_5x200_split = "5x200"
+  config.eval.chexpert_8x200 = ""       # converted candidate list (data_prep.chexpert --mode=list)
+  config.eval.chexpert_8x200_queries = ""  # converted image query list; empty = text->image only
+  config.eval.chexpert_8x200_lists = ""    # folder of the published image-retrieval/ and text-retrieval/ CSVs
+  config.eval.rsna = ""                 # converted RSNA Pneumonia folder
+  config.eval.rsna_split = "test"
+  config.eval.ms_cxr_t = ""             # converted MIMIC-CXR studies with priors, embedded with every view
+  config.eval.ms_cxr_t_split = "test"
+  config.eval.ms_cxr_t_labels = ""      # CSV: study_id + a column per finding named as in Table 5 ("Pleural Effusion")
+  config.eval.zero_shot_max_prompts = 0  # CheXpert 5x200 prompts per class; 0 = every combination
+  config.eval.every_steps = 0           # training: evaluate every N steps; 0 = never during training
+  config.eval.figure = True             # write retrieval_examples.png
 
   config.optim = ml_collections.ConfigDict()
   config.optim.batch_size = 32
@@ -73,4 +102,34 @@ def get_config():
   )
   config.optim.learning_rates = ml_collections.ConfigDict(dict(
       language_adapters=5e-5, task_adapters=1e-4, other_trainable=1e-4))
+  config.optim.warmup_steps = 500
+  config.optim.min_lr_ratio = 0.01
+  config.optim.grad_clip_norm = 1.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 50_000
+  config.train.log_every_steps = 50
+  config.train.checkpoint_every_steps = 1000
+  config.train.keep_checkpoints = 3        # the last N; the best by best_metric is kept as well
+  config.train.best_metric = ""            # a results.json key, e.g. "chexpert_5x200/image_to_text/P@10"
+  config.train.best_mode = "max"
+  config.train.data_workers = 2            # Grain worker processes (0 = in-process)
+  config.train.peak_flops_per_device = 0.0 # for MFU; 0 = look up by device kind (CPU: measured matmul rate)
+
+  # Mesh ('data', 'fsdp', 'tensor'); one axis may be -1 (all remaining devices).
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding = ml_collections.ConfigDict()
+  # Logical axis -> mesh axes.  Parameter axes: embed, mlp, heads, kv, vocab,
+  # patch, adapter, proj; activation axes: batch, act_*.  With fsdp = tensor = 1
+  # (the default) every parameter is replicated: pure data parallelism.
+  config.sharding.rules = (
+      ("batch", ("data", "fsdp")),
+      ("act_length", None), ("act_embed", None), ("act_kv", None),
+      ("act_heads", "tensor"), ("act_mlp", "tensor"),
+      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
+      ("vocab", None), ("patch", None), ("adapter", None), ("proj", None),
+  )
   return config

@@ -1,4 +1,4 @@
-"""A tiny ClinVLA for unit tests: 2 + 2 layers, width 64, 32 tokens.
+"""A tiny ClinVLA for unit tests: 2 + 2 layers of width 64.
 
 What it is for: fast tests of every code path (towers, adapters, losses,
 conversion, sharding) on a CPU.  Same structure as `configs/base.py`, only
@@ -13,9 +13,8 @@ def get_config():
   config = base.get_config()
   m = config.model
   m.image.update(num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128, adapter_dim=16)
-  m.text.update(num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128, vocab_size=30522, max_len=32,
+  m.text.update(num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128, vocab_size=30522, max_len=128,
                 adapter_dim=16, dropout=0.0, attention_dropout=0.0)
   m.proj_dim = 32
-  config.data.max_text_len = 32
   config.optim.batch_size = 8
   return config

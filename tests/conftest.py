@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+# Eight simulated CPU devices for the sharding tests; must be set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real samples sit beside the checkout (../shared/data) here and in CI.
 SHARED_DATA = pathlib.Path(os.environ.get("CLINVLA_SHARED_DATA", REPO.parent / "shared" / "data"))

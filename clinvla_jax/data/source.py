@@ -54,8 +54,8 @@ def _shards_from_manifest(folder: str, manifest: dict[str, Any]) -> list[str]:
   return paths
 
 
-def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
-                ) -> list[str]:
+def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+                split: str | None = None) -> list[str]:
   """Expands a folder, a glob pattern, a shard file or a list of these to shards.
 
   A folder lists the shards named in its ``manifest.json`` (key ``shards`` or
@@ -64,6 +64,8 @@ def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
   Args:
     paths: one path-like or a sequence of them.
+    split: keep only a folder's shards of this split (the manifest's
+      ``splits``/``shards[].split``, else file names starting ``<split>-``).
 
   Returns:
     Shard file paths in reading order.
@@ -80,6 +82,8 @@ def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
       found = _shards_from_manifest(path, manifest) if manifest else []
       if not found:
         found = sorted(glob.glob(os.path.join(path, "*" + SHARD_SUFFIX)))
+      if split is not None:
+        found = _filter_split(path, manifest, found, split)
     elif os.path.exists(path):
       found = [path]
     else:
@@ -88,6 +92,21 @@ def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
       raise FileNotFoundError(f"no ArrayRecord shards at {path!r}")
     shards.extend(found)
   return shards
+
+
+def _filter_split(folder: str, manifest: dict[str, Any] | None, found: list[str], split: str) -> list[str]:
+  names = None
+  if manifest and isinstance(manifest.get("splits"), dict):
+    names = set(manifest["splits"].get(split, {}).get("shards", []))
+  elif manifest and isinstance(manifest.get("shards"), list):
+    names = {e.get("file") for e in manifest["shards"] if isinstance(e, dict) and e.get("split") == split}
+  if names is None:
+    return [p for p in found if os.path.basename(p).startswith(split + "-")]
+  kept = [p for p in found if os.path.basename(p) in names]
+  if not kept:
+    known = sorted(manifest.get("splits", {})) if manifest else []
+    raise FileNotFoundError(f"{folder}: no shards of split {split!r} (splits: {known})")
+  return kept
 
 
 def _open_reader(path: str, options: str):

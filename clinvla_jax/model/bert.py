@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
     head_dim = cfg.hidden_size // cfg.num_heads
     proj = lambda name: layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), name=name, dtype=dtype)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
-    q = layers.constrain(q, ("batch", "length", "heads", "kv"))
+    q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
     dropout_rng = None
     if not deterministic and cfg.attention_dropout > 0:
       dropout_rng = self.make_rng("dropout")
@@ -95,7 +95,7 @@ class BertLayer(nn.Module):
         drop(attn, deterministic=deterministic) + x)
     y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="intermediate", dtype=dtype)(x)
     y = layers.gelu_exact(y)
-    y = layers.constrain(y, ("batch", "length", "mlp"))
+    y = layers.constrain(y, ("batch", "act_length", "act_mlp"))
     y = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output", dtype=dtype)(y)
     y = drop(y, deterministic=deterministic)
     if cfg.use_adapters:
@@ -103,7 +103,7 @@ class BertLayer(nn.Module):
       lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="language_adapter")(y) + residual
       y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="task_adapter")(lang) + residual
     x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_norm")(y + x)
-    return layers.constrain(x, ("batch", "length", "embed"))
+    return layers.constrain(x, ("batch", "act_length", "act_embed"))
 
 
 class TextTower(nn.Module):
@@ -121,7 +121,7 @@ class TextTower(nn.Module):
     x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     if cfg.invertible_adapter:
       x = InvertibleAdapter(cfg.adapter_init, dtype, name="invertible_adapter")(x)
-    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = layers.constrain(x, ("batch", "act_length", "act_embed"))
     bias = layers.mask_to_bias(attention_mask)
     layer_cls = layers.maybe_remat(BertLayer, cfg.remat, static_argnums=(3,))
     for i in range(cfg.num_layers):

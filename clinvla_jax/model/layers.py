@@ -5,13 +5,17 @@ Every parameter is created through ``param_with_axes`` style initialisers
 place it on a mesh by name; activations are annotated with logical names too.
 Logical axis names used in this package:
 
-  batch, length, embed, mlp, heads, kv, vocab, patch, adapter, proj, views.
+  parameters:   embed, mlp, heads, kv, vocab, patch, adapter, proj
+  activations:  batch, act_length, act_embed, act_mlp, act_heads, act_kv
+
+Parameters and activations have separate names so that FSDP can shard a
+parameter's ``embed`` dimension over the same mesh axis that splits the batch.
 """
 
 from __future__ import annotations
 
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -58,24 +62,46 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+class DenseGeneral(nn.Module):
+  """A dense layer over the last ``len(in_axes)`` input dimensions.
+
+  Unlike ``nn.DenseGeneral`` the kernel is created in its final shape
+  ([*inputs, *features]), so its logical axis names always match its rank, also
+  when Flax re-evaluates initialisers to check shapes under sharding rules.
+  """
+  features: Tuple[int, ...]
+  axes: Tuple[Optional[str], ...]
+  num_in: int = 1
+  dtype: Dtype = jnp.float32
+  kernel_init: Initializer = normal_02
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.num_in:]
+    kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), tuple(in_shape) + tuple(self.features),
+                        jnp.float32)
+    in_letters = "abcdefgh"[:self.num_in]
+    out_letters = "stuvw"[:len(self.features)]
+    y = jnp.einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}", x.astype(self.dtype),
+                   kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", with_axes(nn.initializers.zeros, self.axes[-len(self.features):]),
+                        tuple(self.features), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 def dense(features, axes, *, name, dtype, kernel_init=normal_02, use_bias=True, axis=-1):
-  """DenseGeneral with logical axes on kernel and bias.
+  """Dense layer with logical axes on kernel and bias.
 
   ``axes`` names the kernel dimensions (inputs then outputs); the bias takes the
-  output part.
+  output part.  ``axis`` is -1 or a tuple of trailing input axes, e.g. (-2, -1).
   """
   features = (features,) if isinstance(features, int) else tuple(features)
-  num_out = len(features)
-  return nn.DenseGeneral(
-      features=features,
-      axis=axis,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=with_axes(kernel_init, axes),
-      bias_init=with_axes(nn.initializers.zeros, axes[-num_out:]),
-      name=name,
-  )
+  num_in = 1 if isinstance(axis, int) else len(axis)
+  return DenseGeneral(features=features, axes=tuple(axes), num_in=num_in, dtype=dtype, kernel_init=kernel_init,
+                      use_bias=use_bias, name=name)
 
 
 def dot_product_attention(q, k, v, bias, *, dtype, dropout_rng=None, dropout_rate=0.0, deterministic=True):

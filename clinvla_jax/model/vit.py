@@ -89,7 +89,7 @@ class Attention(nn.Module):
     qkv = layers.dense((3, self.num_heads, head_dim), ("embed", None, "heads", "kv"),
                        name="qkv", dtype=self.dtype)(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = layers.constrain(q, ("batch", "length", "heads", "kv"))
+    q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
     out = layers.dot_product_attention(q, k, v, None, dtype=self.dtype)
     return layers.dense(dim, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, axis=(-2, -1))(out)
 
@@ -102,7 +102,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     y = layers.dense(self.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
     y = layers.gelu_exact(y)
-    y = layers.constrain(y, ("batch", "length", "mlp"))
+    y = layers.constrain(y, ("batch", "act_length", "act_mlp"))
     return layers.dense(x.shape[-1], ("mlp", "embed"), name="fc2", dtype=self.dtype)(y)
 
 
@@ -121,7 +121,7 @@ class Block(nn.Module):
     if cfg.adapter_dim:
       y = y + layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="adapter")(y)
     x = x + y
-    return layers.constrain(x, ("batch", "length", "embed"))
+    return layers.constrain(x, ("batch", "act_length", "act_embed"))
 
 
 class ImageTower(nn.Module):
@@ -201,7 +201,7 @@ class ImageTower(nn.Module):
     tokens = tokens + (view_embed[slot_type] + time_embed[slot_time]).astype(dtype)[None, :, None, :]
 
     x = tokens.reshape(batch * num_views, 1 + num_kept, width)
-    x = layers.constrain(x, ("batch", "length", "embed"))
+    x = layers.constrain(x, ("batch", "act_length", "act_embed"))
     block_cls = layers.maybe_remat(Block, cfg.remat)
     for i in range(cfg.num_layers):
       x = block_cls(cfg, name=f"blocks_{i}")(x)

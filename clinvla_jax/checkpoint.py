@@ -1,0 +1,138 @@
+"""Orbax checkpoints of the trainable state only.
+
+A checkpoint holds the trainable parameters, their optimizer state and the
+step (item "state"), the Grain iterator state of every process (item
+"data_iter") and the config (item "config").  The frozen backbone is never
+saved: on restore it comes from its pretrained weights (or its deterministic
+initialisation) and the trainable tree is merged into it.
+
+Saves are asynchronous and atomic (Orbax writes to a temporary folder and
+renames it when complete), so a process killed at any moment leaves either the
+previous checkpoint or the new one, never a half-written one that looks
+complete.  The last ``keep`` checkpoints are kept, plus the best by an
+evaluation metric when one is configured.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers
+
+import grain
+
+STATE, DATA_ITER, CONFIG = "state", "data_iter", "config"
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint's trainable tree does not fit the current config."""
+
+
+def _preservation(keep: int, best_metric: str, best_mode: str):
+  policies = [checkpoint_managers.LatestN(n=keep)]
+  if best_metric:
+    sign = 1.0 if best_mode == "max" else -1.0
+    policies.append(checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: sign * float(metrics[best_metric]), reverse=False, n=1,
+        keep_checkpoints_without_metrics=False))
+  return checkpoint_managers.AnyPreservationPolicy(policies)
+
+
+class Checkpointer:
+  """CheckpointManager over ``workdir/checkpoints`` with the three items above."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, best_metric: str = "", best_mode: str = "max",
+               async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=_preservation(keep, best_metric, best_mode),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA_ITER: grain.checkpoint.CheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler()})
+    self.best_metric = best_metric
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Dict[str, Any], data_iter, config_dict: Dict[str, Any],
+           metrics: Optional[Dict[str, float]] = None) -> bool:
+    if metrics is not None and self.best_metric and self.best_metric not in metrics:
+      metrics = None
+    return self.manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
+        CONFIG: ocp.args.JsonSave(config_dict),
+    }), metrics=metrics)
+
+  def _check_compatible(self, step: int, abstract_state) -> None:
+    try:
+      meta = self.manager.item_metadata(step)[STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("could not read checkpoint metadata at step %d: %s", step, e)
+      return
+    saved = _shapes(meta)
+    wanted = _shapes(abstract_state)
+    if saved is None:
+      return
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    mismatched = sorted(f"{k}: checkpoint {saved[k]}, config {wanted[k]}" for k in set(saved) & set(wanted)
+                        if saved[k] != wanted[k])
+    if missing or unexpected or mismatched:
+      lines = [f"checkpoint {self.directory}/{step} does not fit this config:"]
+      if mismatched:
+        lines.append("  shape mismatches:\n    " + "\n    ".join(mismatched[:20]))
+      if missing:
+        lines.append(f"  missing from the checkpoint ({len(missing)}): {missing[:10]}")
+      if unexpected:
+        lines.append(f"  not in this config ({len(unexpected)}): {unexpected[:10]}")
+      lines.append("  Use the config it was trained with, or a fresh --workdir.")
+      raise IncompatibleCheckpointError("\n".join(lines))
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """Restores (state, data_iter) at ``step`` into the shardings of ``abstract_state``."""
+    self._check_compatible(step, abstract_state)
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[STATE], (restored[DATA_ITER] if data_iter is not None else None)
+
+  def restore_config(self, step: Optional[int] = None) -> Dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _shapes(tree) -> Optional[Dict[str, tuple]]:
+  flat = {}
+  try:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for path, leaf in leaves:
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+      continue
+    flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = tuple(shape)
+  return flat
+
+
+def checkpoint_bytes(state) -> int:
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state)
+                 if hasattr(x, "shape")))

@@ -1,0 +1,323 @@
+"""The training loop: sharded init, jitted step, logging, evaluation hook, checkpoints.
+
+    python -m clinvla_jax.main --config=configs/demo.py --workdir=runs/demo
+
+Rerunning the same command resumes from the latest checkpoint in the workdir:
+trainable parameters, optimizer state, step and the data iterator are
+restored, so the run continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from clinvla_jax import api, losses, optim, perf, sharding
+from clinvla_jax.checkpoint import Checkpointer, checkpoint_bytes
+from clinvla_jax.model import flops as flops_lib
+
+MODEL_INPUTS = ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+def make_train_step(config, model, tx):
+  """``train_step(state, frozen, batch) -> (state, metrics)``, pure and jittable.
+
+  state = {"step", "params" (trainable only), "opt_state"}.  Gradients are
+  taken with respect to ``state["params"]`` alone; the frozen backbone is an
+  ordinary input, so XLA computes no weight gradients for it.  Dropout keys
+  derive from (config.seed, step), so a resumed run draws the same masks.
+  """
+  loss_cfg = config.loss
+  seed = int(config.seed)
+
+  def train_step(state, frozen, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+
+    def loss_fn(trainable):
+      params = optim.merge_params(trainable, frozen)
+      out = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=False,
+                        rngs={"dropout": rng})
+      loss, metrics = losses.clinvla_loss(out, loss_cfg)
+      metrics["temperature_1"], metrics["temperature_2"], metrics["temperature_3"] = (
+          out["local_temperatures"][0], out["local_temperatures"][1], out["local_temperatures"][2])
+      return loss, metrics
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return train_step
+
+
+class TrainSetup:
+  """Everything a run needs, built once: mesh, model, sharded state, jitted step."""
+
+  def __init__(self, config, *, mesh: Optional[jax.sharding.Mesh] = None):
+    self.config = config
+    self.mesh = mesh or sharding.make_mesh(config.mesh)
+    self.rules = sharding.logical_rules(config)
+    self.model = api.build_model(config)
+    self.model_config = api.model_config(config)
+    rules = list(config.optim.param_groups)
+    self.group_rules = rules
+
+    boxed = api.abstract_params(config)["params"]
+    full_shardings = sharding.param_shardings(boxed, self.mesh, self.rules)
+    abstract = nn.meta.unbox(boxed)
+    optim.check_rules(abstract, rules, config.optim.learning_rates)
+    self.trainable_shardings, self.frozen_shardings = optim.split_params(full_shardings, rules)
+
+    params = self._initial_params(full_shardings)
+    self.trainable_init, self.frozen = optim.split_params(params, rules)
+    self.tx, self.schedules = optim.make_optimizer(config.optim, self.trainable_init, rules,
+                                                   int(config.train.num_steps))
+
+    abstract_trainable, _ = optim.split_params(abstract, rules)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_trainable)
+    replicated = sharding.replicated(self.mesh)
+    # The optimizer state follows its parameters' shardings: let XLA propagate
+    # them through tx.init and read back what it chose.
+    abstract_trainable_sharded = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_trainable,
+        self.trainable_shardings)
+    opt_shardings = jax.jit(self.tx.init).lower(abstract_trainable_sharded).compile().output_shardings
+    opt_shardings = jax.tree_util.tree_map(
+        lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated, opt_shardings)
+    self.state_shardings = {"step": replicated, "params": self.trainable_shardings, "opt_state": opt_shardings}
+    self.abstract_state = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_trainable, "opt_state": abstract_opt},
+        self.state_shardings)
+
+    batch_shardings = {k: sharding.batch_sharding(self.mesh, nd) for k, nd in
+                       (("patches", 4), ("patch_idx", 3), ("view_valid", 2), ("input_ids", 2),
+                        ("attention_mask", 2))}
+    self.batch_shardings = batch_shardings
+    step_fn = make_train_step(config, self.model, self.tx)
+    self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+                         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+  def _initial_params(self, full_shardings):
+    """Sharded random init (no full copy on one device), then pretrained weights if configured."""
+    init = api._init_fn(self.model_config, False)  # pylint: disable=protected-access
+    # Outside the logical-rules context: Flax's DenseGeneral initialises a flat
+    # kernel before reshaping it, which a rank-4 constraint would reject;
+    # out_shardings places the result anyway.
+    params = jax.jit(lambda key: init(key)["params"], out_shardings=full_shardings)(
+        jax.random.key(int(self.config.seed)))
+    text_weights, image_weights = self.config.init.text_weights, self.config.init.image_weights
+    if not (text_weights or image_weights):
+      return params
+    from clinvla_jax import convert  # pylint: disable=g-import-not-at-top
+    host = {"params": jax.tree_util.tree_map(np.asarray, jax.device_get(params))}
+    if text_weights:
+      host = convert.load_text_weights(host, text_weights)
+      logging.info("text backbone loaded from %s", text_weights)
+    if image_weights:
+      host = convert.load_image_weights(host, image_weights)
+      logging.info("image backbone loaded from %s", image_weights)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
+        host["params"], full_shardings)
+
+  def context(self):
+    mesh, rules = self.mesh, self.rules
+
+    class _Ctx:
+      def __enter__(self_inner):
+        self_inner._mesh = jax.set_mesh(mesh)
+        self_inner._mesh.__enter__()
+        self_inner._rules = nn.logical_axis_rules(rules)
+        self_inner._rules.__enter__()
+
+      def __exit__(self_inner, *exc):
+        self_inner._rules.__exit__(*exc)
+        self_inner._mesh.__exit__(*exc)
+    return _Ctx()
+
+  def init_state(self):
+    with self.context():
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.trainable_init)
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
+    return {"step": step, "params": self.trainable_init, "opt_state": opt_state}
+
+  def step(self, state, batch):
+    with self.context():
+      return self._step(state, self.frozen, batch)
+
+  def variables(self, state) -> Dict[str, Any]:
+    return {"params": optim.merge_params(state["params"], self.frozen)}
+
+  def learning_rates(self, step: int) -> Dict[str, float]:
+    return {f"lr_{g}": float(s(step)) for g, s in self.schedules.items()}
+
+
+def fit_text_length(batch, max_len: int):
+  """Cuts token columns to the text tower's length (records carry 128 tokens)."""
+  if batch["input_ids"].shape[1] <= max_len:
+    return batch
+  return dict(batch, input_ids=batch["input_ids"][:, :max_len], attention_mask=batch["attention_mask"][:, :max_len])
+
+
+def _json_safe(config) -> Dict[str, Any]:
+  return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
+
+
+def _param_counts(setup: TrainSetup) -> Tuple[int, int]:
+  trainable = api.count_params(setup.trainable_init)
+  frozen = api.count_params(setup.frozen)
+  return trainable + frozen, trainable
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard event files in the workdir (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.warning("tensorboardX not installed: no TensorBoard event files")
+
+  def write(self, step: int, metrics: Dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)) and math.isfinite(float(v)):
+          self.tb.add_scalar(k, float(v), int(step))
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _train_paths(config):
+  from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+  if not config.data.train:
+    raise ValueError("config.data.train is empty: set it to a converter output folder "
+                     "(e.g. --config.data.train=/data/mimic_cxr_converted)")
+  return source.list_shards(config.data.train, split=config.data.train_split or None)
+
+
+def train_and_evaluate(config, workdir: str, *, evaluate_fn=None) -> Dict[str, float]:
+  """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last logged metrics."""
+  from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  setup = TrainSetup(config)
+  total, trainable = _param_counts(setup)
+  logging.info("parameters: %s total, %s trainable (%.2f %%); mesh %s", f"{total:,}", f"{trainable:,}",
+               100 * trainable / total, dict(setup.mesh.shape))
+  if is_main:
+    print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f} %); "
+          f"mesh {dict(setup.mesh.shape)}; devices {jax.device_count()} ({jax.devices()[0].device_kind}); "
+          f"processes {jax.process_count()}", flush=True)
+
+  train = config.train
+  loader = pipeline.make_train_loader(
+      _train_paths(config), global_batch_size=int(config.optim.batch_size), seed=int(config.seed),
+      mask_ratio=float(config.data.mask_ratio), worker_count=int(train.data_workers))
+  data_iter = loader.iterator()
+  checkpointer = Checkpointer(workdir, keep=int(train.keep_checkpoints), best_metric=train.best_metric,
+                              best_mode=train.best_mode)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_iter = checkpointer.restore(latest, setup.abstract_state, data_iter)
+    logging.info("resumed from step %d", latest)
+    if is_main:
+      print(f"resumed from {checkpointer.directory}/{latest}", flush=True)
+  else:
+    state = setup.init_state()
+  if is_main:
+    print(f"adapter-only checkpoint: {checkpoint_bytes(state) / 2**20:.1f} MiB "
+          f"(trainable params + optimizer state; the full parameter set is "
+          f"{checkpoint_bytes(setup.variables(state)) / 2**20:.1f} MiB)", flush=True)
+
+  num_steps = int(train.num_steps)
+  start = int(jax.device_get(state["step"]))
+  writer = MetricWriter(workdir, is_main)
+  flops_per_step = (flops_lib.train_step_flops_per_study(setup.model_config, float(config.data.mask_ratio))
+                    * int(config.optim.batch_size))
+  peak = perf.peak_flops_per_device(float(train.peak_flops_per_device)) * jax.device_count()
+  config_json = _json_safe(config)
+  progress = None
+  if is_main:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+  last: Dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  eval_every = int(config.eval.every_steps) if "eval" in config else 0
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = fit_text_length(next(data_iter), setup.model_config.text.max_len)
+      global_batch = sharding.global_batch(batch, setup.mesh, MODEL_INPUTS)
+      state, metrics = setup.step(state, global_batch)
+      metrics = jax.device_get(metrics)
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss}) at step {step}; parts: "
+            + ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+            + f". Nothing was saved for this step; the last checkpoint is step {checkpointer.latest_step()}.")
+      window_steps += 1
+      if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+      if step % int(train.log_every_steps) == 0 or step == num_steps or step == start + 1:
+        elapsed = time.perf_counter() - window_start
+        step_time = elapsed / max(window_steps, 1)
+        last = {k: float(v) for k, v in metrics.items()}
+        last.update(setup.learning_rates(step - 1))
+        last["step_time_s"] = step_time
+        last["samples_per_s"] = int(config.optim.batch_size) / step_time
+        last["skipped_records"] = float(getattr(data_iter, "num_skipped", 0))
+        if peak:
+          last["mfu"] = flops_per_step / step_time / peak
+        writer.write(step, last)
+        window_start, window_steps = time.perf_counter(), 0
+      eval_metrics = None
+      if evaluate_fn is not None and eval_every and step % eval_every == 0:
+        eval_metrics = evaluate_fn(setup.variables(state), os.path.join(workdir, "eval", f"step_{step}"))
+        writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        window_start, window_steps = time.perf_counter(), 0
+      if step % int(train.checkpoint_every_steps) == 0 or step == num_steps:
+        checkpointer.save(step, state, data_iter, config_json, metrics=eval_metrics)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+  if start >= num_steps and is_main:
+    print(f"already trained to step {start} (config.train.num_steps={num_steps})", flush=True)
+  return last

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# ./run.sh        set up .venv and run the demo job on the bundled real data (CPU is fine)
+# ./run.sh test   set up .venv with the test extras and run the whole test suite
+# Extra arguments after `test` go to pytest (e.g. ./run.sh test -m "not slow").
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-}"
+if [[ -z "$PYTHON" ]]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
+  done
+fi
+
+setup() {
+  local extras="$1"
+  if [[ ! -x .venv/bin/python ]]; then
+    "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+  fi
+  # Reinstall only when the dependency list or the requested extras changed.
+  local stamp=".venv/.clinvla-installed-${extras:-core}"
+  local want
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    if [[ -n "$extras" ]]; then
+      .venv/bin/python -m pip install -q -e ".[${extras}]"
+    else
+      .venv/bin/python -m pip install -q -e .
+    fi
+    echo "$want" > "$stamp"
+  fi
+}
+
+case "${1:-demo}" in
+  test)
+    shift || true
+    setup test
+    exec .venv/bin/python -m pytest -q "$@"
+    ;;
+  demo)
+    setup ""
+    WORKDIR="${WORKDIR:-runs/demo}"
+    .venv/bin/python -m clinvla_jax.main --config=configs/demo.py --mode=summary
+    .venv/bin/python -m clinvla_jax.main --config=configs/demo.py --workdir="$WORKDIR"
+    echo "demo run: $WORKDIR (metrics.jsonl, tensorboard/, checkpoints/)"
+    ;;
+  *)
+    echo "usage: ./run.sh [test [pytest args...]]" >&2
+    exit 2
+    ;;
+esac

@@ -43,7 +43,9 @@ case "${1:-demo}" in
     WORKDIR="${WORKDIR:-runs/demo}"
     .venv/bin/python -m clinvla_jax.main --config=configs/demo.py --mode=summary
     .venv/bin/python -m clinvla_jax.main --config=configs/demo.py --workdir="$WORKDIR"
-    echo "demo run: $WORKDIR (metrics.jsonl, tensorboard/, checkpoints/)"
+    .venv/bin/python -m clinvla_jax.main --config=configs/demo.py --workdir="$WORKDIR" --mode=eval
+    echo "demo run in $WORKDIR: metrics.jsonl, tensorboard/, checkpoints/, results.json, results.md," \
+         "retrieval_examples.png"
     ;;
   *)
     echo "usage: ./run.sh [test [pytest args...]]" >&2

@@ -18,6 +18,7 @@ device needs, so every example sees every other as a negative.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -34,7 +35,7 @@ def _masked_cross_entropy(logits, valid):
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def infonce_loss(image_emb, text_emb, logit_scale, valid=None, max_logit_scale=jnp.log(100.0)):
+def infonce_loss(image_emb, text_emb, logit_scale, valid=None, max_logit_scale=math.log(100.0)):
   """Symmetric InfoNCE (mean of both directions) on L2-normalised embeddings.
 
   Returns (loss, scale) where scale = exp(min(logit_scale, max_logit_scale)).

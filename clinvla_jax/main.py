@@ -1,8 +1,9 @@
 """Command-line entry point.
 
-  python -m clinvla_jax.main --config=configs/demo.py --workdir=runs/demo          # train (resumes)
+  python -m clinvla_jax.main --config=configs/demo.py --workdir=runs/demo            # train (resumes)
+  python -m clinvla_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
+  python -m clinvla_jax.main --config=configs/demo.py --mode=embed --config.data.eval=DIR --output=emb.npz
   python -m clinvla_jax.main --config=configs/base.py --mode=summary
-  python -m clinvla_jax.main --config=configs/demo.py --config.train.num_steps=10 --workdir=...
 
 ``--config`` is an ml_collections config file; any field can be overridden
 with ``--config.<field>=value``.  Multi-process runs pass
@@ -12,14 +13,21 @@ cluster auto-detection).
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "summary")
+MODES = ("train", "eval", "embed", "summary")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics.jsonl, TensorBoard, results.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "eval/embed: a workdir, its checkpoints/ folder or one checkpoints/<step> folder "
+    "(default: --workdir's latest checkpoint).")
+_OUTPUT = flags.DEFINE_string("output", None, "embed: the .npz file to write.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
@@ -31,10 +39,58 @@ def run_summary(config) -> None:
 
 
 def run_train(config, workdir: str) -> None:
-  from clinvla_jax import sharding, train
-  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from clinvla_jax import train
   train.train_and_evaluate(config, workdir)
   print(f"training output in {workdir} (metrics.jsonl, tensorboard/, checkpoints/)", flush=True)
+
+
+def _variables_for_evaluation(config):
+  """From --checkpoint or --workdir's checkpoints; else the (pretrained or seeded) initial weights."""
+  import jax
+  from clinvla_jax import api, convert, train
+  source = _CHECKPOINT.value or (_WORKDIR.value if _WORKDIR.value and os.path.isdir(
+      os.path.join(_WORKDIR.value, "checkpoints")) else None)
+  if source:
+    variables, step = train.restore_variables(config, source)
+    print(f"evaluating checkpoint step {step} from {source}", flush=True)
+    return variables
+  print("no checkpoint given: evaluating the initial (pretrained or seeded) weights", flush=True)
+  variables = api.init_params(config, jax.random.key(int(config.seed)))
+  if config.init.text_weights:
+    variables = convert.load_text_weights(variables, config.init.text_weights)
+  if config.init.image_weights:
+    variables = convert.load_image_weights(variables, config.init.image_weights)
+  return variables
+
+
+def run_eval(config) -> None:
+  from clinvla_jax.evaluate import run as eval_run
+  workdir = _WORKDIR.value or (_CHECKPOINT.value and _checkpoint_workdir(_CHECKPOINT.value))
+  if not workdir:
+    raise app.UsageError("--mode=eval needs --workdir (or --checkpoint)")
+  variables = _variables_for_evaluation(config)
+  results = eval_run.run_evaluation(config, variables, workdir)
+  width = max((len(k) for k in results), default=0)
+  for key in sorted(results):
+    print(f"{key:{width}s}  {results[key]:.4f}")
+  print(f"results in {workdir}: results.json, results.md, retrieval_examples.png", flush=True)
+
+
+def _checkpoint_workdir(path: str) -> str:
+  from clinvla_jax import train
+  return train.checkpoint_location(path)[0]
+
+
+def run_embed(config) -> None:
+  from clinvla_jax.evaluate import run as eval_run
+  if not _OUTPUT.value:
+    raise app.UsageError("--mode=embed needs --output=FILE.npz")
+  if not config.data.eval:
+    raise app.UsageError("--mode=embed needs --config.data.eval=<converted dataset folder>")
+  variables = _variables_for_evaluation(config)
+  eval_run.write_embeddings(config, variables, config.data.eval, _OUTPUT.value,
+                            split=config.data.eval_split or None)
+  print(f"embeddings written to {_OUTPUT.value}", flush=True)
 
 
 def main(argv) -> None:
@@ -46,17 +102,22 @@ def main(argv) -> None:
   logging.info("mode=%s", _MODE.value)
   if _MODE.value == "summary":
     run_summary(config)
-  elif _MODE.value == "train":
+    return
+  from clinvla_jax import sharding
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _MODE.value == "train":
     if not _WORKDIR.value:
       raise app.UsageError("--workdir is required to train")
     run_train(config, _WORKDIR.value)
+  elif _MODE.value == "eval":
+    run_eval(config)
+  elif _MODE.value == "embed":
+    run_embed(config)
 
 
 def _make_config_siblings_importable(argv) -> None:
   # Config files import their siblings (`from configs import base`), so the
   # folder holding `configs/` must be importable wherever we are started from.
-  import os
-  import sys
   for i, arg in enumerate(argv):
     path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
         argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
@@ -67,7 +128,6 @@ def _make_config_siblings_importable(argv) -> None:
 
 
 def entry() -> None:
-  import sys
   _make_config_siblings_importable(sys.argv)
   flags.mark_flag_as_required("config")
   app.run(main)

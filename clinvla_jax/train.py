@@ -227,6 +227,45 @@ def _train_paths(config):
   return source.list_shards(config.data.train, split=config.data.train_split or None)
 
 
+def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
+  """(workdir, step) from a workdir, its checkpoints/ folder, or one checkpoints/<step> folder."""
+  path = os.path.abspath(path)
+  step = None
+  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+    step = int(os.path.basename(path))
+    path = os.path.dirname(path)
+  if os.path.basename(path) == "checkpoints":
+    path = os.path.dirname(path)
+  return path, step
+
+
+def restore_variables(config, checkpoint: str, step: Optional[int] = None) -> Tuple[Dict[str, Any], int]:
+  """Full variables for evaluation: the frozen backbone (pretrained or seeded init) + a checkpoint's trainable tree."""
+  workdir, path_step = checkpoint_location(checkpoint)
+  step = step if step is not None else path_step
+  setup = TrainSetup(config)
+  checkpointer = Checkpointer(workdir, async_save=False)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    state, _ = checkpointer.restore(step, setup.abstract_state)
+  finally:
+    checkpointer.close()
+  return setup.variables(state), int(step)
+
+
+def default_evaluate_fn(config):
+  """The periodic evaluation hook: the configured evaluators, or None if none are configured."""
+  if "eval" not in config:
+    return None
+  from clinvla_jax.evaluate import run as eval_run  # pylint: disable=g-import-not-at-top
+  if not eval_run.generic_datasets(config) and not any(
+      config.eval.get(k) for k in ("chexpert_5x200", "chexpert_8x200", "rsna", "ms_cxr_t")):
+    return None
+  return lambda variables, outdir: eval_run.run_evaluation(config, variables, outdir)
+
+
 def train_and_evaluate(config, workdir: str, *, evaluate_fn=None) -> Dict[str, float]:
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last logged metrics."""
   from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -277,6 +316,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate_fn=None) -> Dict[str, f
   last: Dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   eval_every = int(config.eval.every_steps) if "eval" in config else 0
+  if evaluate_fn is None and eval_every:
+    evaluate_fn = default_evaluate_fn(config)
   try:
     for step in range(start + 1, num_steps + 1):
       batch = fit_text_length(next(data_iter), setup.model_config.text.max_len)

@@ -7,6 +7,7 @@ holds.  How long it takes: init + one forward in about a second on 2 cores.
 """
 
 from configs import base
+from configs import demo
 
 
 def get_config():
@@ -17,4 +18,8 @@ def get_config():
                 adapter_dim=16, dropout=0.0, attention_dropout=0.0)
   m.proj_dim = 32
   config.optim.batch_size = 8
+  # The bundled demo set: training data and held-out evaluation studies.
+  config.data.train = demo.DEMO_DATA
+  config.eval.batch_size = 16
+  config.eval.datasets.covid_cxr = dict(path=demo.DEMO_DATA, split="val")
   return config

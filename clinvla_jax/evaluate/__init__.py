@@ -200,7 +200,26 @@ def run_evaluators(names: Sequence[str],
   return results
 
 
+# The model-running entry points load JAX and Grain, so they are imported on
+# first use: code that only scores saved embeddings stays numpy-only.
+_LAZY_EXPORTS = {
+    "embed_dataset": "embed",
+    "make_text_embed_fn": "embed",
+    "run_evaluation": "run",
+    "write_embeddings": "run",
+}
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY_EXPORTS:
+    import importlib  # pylint: disable=g-import-not-at-top
+    module = importlib.import_module(f"{__name__}.{_LAZY_EXPORTS[name]}")
+    return getattr(module, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "DEFAULT_CONFIG", "EVALUATORS", "EmbeddingSet", "metrics", "retrieval",
-    "run_evaluators", "zeroshot",
+    "DEFAULT_CONFIG", "EVALUATORS", "EmbeddingSet", "embed_dataset",
+    "make_text_embed_fn", "metrics", "retrieval", "run_evaluation",
+    "run_evaluators", "write_embeddings", "zeroshot",
 ]

@@ -41,6 +41,7 @@ class TextTowerConfig:
   adapter_init: str = "identity"
   dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
 
 class Embeddings(nn.Module):
@@ -78,7 +79,8 @@ class SelfAttention(nn.Module):
     if not deterministic and cfg.attention_dropout > 0:
       dropout_rng = self.make_rng("dropout")
     ctx = layers.dot_product_attention(q, k, v, bias, dtype=dtype, dropout_rng=dropout_rng,
-                                       dropout_rate=cfg.attention_dropout, deterministic=deterministic)
+                                       dropout_rate=cfg.attention_dropout, deterministic=deterministic,
+                                       implementation=cfg.attention_impl)
     return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", dtype=dtype, axis=(-2, -1))(ctx)
 
 

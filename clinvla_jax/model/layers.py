@@ -104,20 +104,46 @@ def dense(features, axes, *, name, dtype, kernel_init=normal_02, use_bias=True, 
                       use_bias=use_bias, name=name)
 
 
-def dot_product_attention(q, k, v, bias, *, dtype, dropout_rng=None, dropout_rate=0.0, deterministic=True):
+ATTENTION_IMPLS = ("xla", "cudnn", "jax")
+
+
+def dot_product_attention(q, k, v, bias, *, dtype, dropout_rng=None, dropout_rate=0.0, deterministic=True,
+                          implementation: str = "xla"):
   """Multi-head attention core.
 
   q: [B, Q, H, D]; k, v: [B, K, H, D]; bias: additive, broadcastable to
   [B, H, Q, K] (0 for visible keys, a large negative number for hidden ones).
   The softmax runs in float32 whatever the compute dtype.
+
+  implementation: "xla" (explicit einsums + softmax, every platform, supports
+  attention dropout); "cudnn" (``jax.nn.dot_product_attention``'s fused cuDNN
+  kernel, GPU with bf16/fp16 only; a bias must come from ``mask_to_bias`` of a
+  prefix mask, since it is passed to cuDNN as per-example key lengths);
+  "jax" (``jax.nn.dot_product_attention`` choosing for itself).  The fused
+  kernels have no dropout: with active attention dropout, and for "cudnn" with
+  fp32 inputs or off a GPU, the "xla" path runs instead.
   """
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}")
+  dropout_active = not deterministic and dropout_rate > 0.0
+  fused_ok = not dropout_active
+  if implementation == "cudnn" and (q.dtype == jnp.float32 or jax.default_backend() != "gpu"):
+    fused_ok = False   # cuDNN's kernel needs a GPU and 16-bit inputs
+  if implementation != "xla" and fused_ok:
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    if implementation == "cudnn":
+      lengths = None
+      if bias is not None:
+        lengths = jnp.sum(bias.reshape(bias.shape[0], -1) == 0, axis=-1).astype(jnp.int32)
+      return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)
   depth = q.shape[-1]
   q = q * jnp.asarray(depth ** -0.5, q.dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias
   weights = jax.nn.softmax(logits, axis=-1)
-  if not deterministic and dropout_rate > 0.0:
+  if dropout_active:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)

@@ -45,6 +45,7 @@ class ImageTowerConfig:
   pixel_std: float = 0.2834
   dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
   @property
   def grid_size(self) -> int:
@@ -81,6 +82,7 @@ def sincos_2d_position_embedding(grid_size: int, dim: int) -> np.ndarray:
 class Attention(nn.Module):
   num_heads: int
   dtype: layers.Dtype
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -90,7 +92,7 @@ class Attention(nn.Module):
                        name="qkv", dtype=self.dtype)(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
-    out = layers.dot_product_attention(q, k, v, None, dtype=self.dtype)
+    out = layers.dot_product_attention(q, k, v, None, dtype=self.dtype, implementation=self.implementation)
     return layers.dense(dim, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, axis=(-2, -1))(out)
 
 
@@ -115,7 +117,7 @@ class Block(nn.Module):
     cfg = self.config
     dtype = layers.as_dtype(cfg.dtype)
     y = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm1")(x)
-    x = x + Attention(cfg.num_heads, dtype, name="attn")(y)
+    x = x + Attention(cfg.num_heads, dtype, cfg.attention_impl, name="attn")(y)
     y = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm2")(x)
     y = Mlp(cfg.mlp_dim, dtype, name="mlp")(y)
     if cfg.adapter_dim:

@@ -1,0 +1,214 @@
+"""Evaluation of a tiny random model end to end on the bundled real demo set.
+
+A random model scores at chance; these tests check the machinery (embedding,
+padding, sharding, outputs), not the numbers.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from clinvla_jax import api
+from clinvla_jax.data import DEMO_DIR
+from clinvla_jax.data import records
+from clinvla_jax.data import source as source_lib
+from clinvla_jax.evaluate import embed as embed_lib
+from clinvla_jax.evaluate import run_evaluators
+from clinvla_jax.evaluate import run as run_lib
+from configs import tiny
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COVID = DEMO_DIR / "covid_cxr"
+NUM_VAL = 13  # studies in the demo's val split
+
+
+def _config():
+  cfg = tiny.get_config()
+  cfg.model.text.vocab_size = 30522  # the bundled vocabulary
+  cfg.eval.batch_size = 4
+  cfg.eval.datasets.covid_cxr = dict(path=str(COVID), split="val")
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = _config()
+  return cfg, api.init_params(cfg, jax.random.key(0))
+
+
+def _val_records():
+  with source_lib.ArrayRecordSource(embed_lib.split_paths(COVID, "val")) as src:
+    return [records.decode_record(src[i], with_images=False)
+            for i in range(len(src))]
+
+
+def test_run_evaluation_writes_results_table_and_figure(model, tmp_path):
+  cfg, variables = model
+  results = run_lib.run_evaluation(cfg, variables, tmp_path)
+
+  # P@50 does not fit 13 studies and must be skipped, not crash.
+  expected = {f"covid_cxr/{d}/P@{k}"
+              for d in ("image_to_text", "text_to_image", "image_to_image")
+              for k in (5, 10)}
+  expected |= {"covid_cxr/zero_shot/ACC", "covid_cxr/zero_shot/AUC"}
+  assert set(results) == expected
+  assert all(0.0 <= v <= 1.0 for v in results.values())
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk == pytest.approx(results)
+
+  md = (tmp_path / "results.md").read_text()
+  assert "ClinVLA (paper)" in md  # the paper's tables sit beside ours
+  assert "**covid_cxr**" in md and "P@50 skipped" in md
+  png = (tmp_path / "retrieval_examples.png").read_bytes()
+  assert png.startswith(b"\x89PNG") and len(png) > 20_000
+
+
+def test_embeddings_npz_round_trip(model, tmp_path):
+  cfg, variables = model
+  out = tmp_path / "emb.npz"
+  run_lib.write_embeddings(cfg, variables, COVID, out, split="val")
+  with np.load(out) as z:
+    data = {k: z[k] for k in z.files}
+  recs = _val_records()
+  proj = cfg.model.proj_dim
+  assert data["image_global"].shape == (NUM_VAL, proj)
+  assert data["text_global"].shape == (NUM_VAL, proj)
+  np.testing.assert_allclose(np.linalg.norm(data["image_global"], axis=1), 1,
+                             atol=1e-5)
+  assert list(data["study_id"]) == [r["study_id"] for r in recs]
+  np.testing.assert_array_equal(data["labels"],
+                                np.stack([r["labels"] for r in recs]))
+  manifest = source_lib.read_manifest(str(COVID))
+  assert list(data["label_names"]) == manifest["label_names"]
+  assert list(data["report_text"]) == [r["text"] for r in recs]
+
+
+def test_padded_last_batch_does_not_change_embeddings(model):
+  cfg, variables = model
+  # 13 studies: batch 4 pads 3 rows, batch 5 pads 2 (one device, so the
+  # batch sizes are not rounded up to the device count).
+  mesh = embed_lib.data_mesh(jax.devices()[:1])
+  a = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=4,
+                              mesh=mesh)
+  b = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=5,
+                              mesh=mesh)
+  assert len(a) == len(b) == NUM_VAL
+  assert a.ids == b.ids
+  np.testing.assert_allclose(a.image, b.image, atol=1e-5)
+  np.testing.assert_allclose(a.text, b.text, atol=1e-5)
+  assert a.frontal_image(0).shape == (records.IMAGE_SIZE, records.IMAGE_SIZE)
+
+
+def test_text_embed_fn_batches_any_count(model):
+  cfg, variables = model
+  fn = embed_lib.make_text_embed_fn(cfg, variables, batch_size=4)
+  texts = ["There is pneumonia", "There is no pneumonia", "Small effusion.",
+           "Clear lungs.", "Cardiomegaly.", "No acute process."]
+  together = fn(texts)
+  one_by_one = np.concatenate([fn([t]) for t in texts])
+  assert together.shape == (6, cfg.model.proj_dim)
+  np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_fit_token_length_keeps_the_separator():
+  ids = np.array([[101, 5, 6, 7, 8, 102, 0, 0], [101, 5, 102, 0, 0, 0, 0, 0]])
+  mask = (ids > 0).astype(np.int32)
+  short_ids, short_mask = embed_lib.fit_token_length(ids, mask, 4)
+  np.testing.assert_array_equal(short_ids, [[101, 5, 6, 102], [101, 5, 102, 0]])
+  np.testing.assert_array_equal(short_mask, [[1, 1, 1, 1], [1, 1, 1, 0]])
+
+
+def test_usable_ks_skips_cutoffs_beyond_the_set():
+  assert run_lib.usable_ks((5, 10, 50), 13) == ((5, 10), (50,))
+  assert run_lib.usable_ks((5,), 5) == ((), (5,))
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {repo!r})
+    import jax
+    from clinvla_jax import api
+    from clinvla_jax.evaluate import embed as embed_lib
+    from clinvla_jax.evaluate import run_evaluators
+    from configs import tiny
+
+    assert jax.device_count() == 2, jax.devices()
+    cfg = tiny.get_config()
+    cfg.model.text.vocab_size = 30522
+    variables = api.init_params(cfg, jax.random.key(0))
+    mesh = embed_lib.data_mesh()
+    assert embed_lib.padded_batch_size(5, mesh) == 6
+    emb = embed_lib.embed_dataset(cfg, variables, {covid!r}, split="val",
+                                  batch_size=5, mesh=mesh)
+    text_fn = embed_lib.make_text_embed_fn(cfg, variables, batch_size=5,
+                                           mesh=mesh)
+    scores = run_evaluators(["covid_cxr"], {{"covid_cxr": emb}}, text_fn,
+                            {{"retrieval_ks": (5, 10)}})
+    prompts = text_fn({prompts!r})
+    print(json.dumps(dict(image=emb.image.tolist(), text=emb.text.tolist(),
+                          prompts=prompts.tolist(), scores=scores)))
+""")
+PROMPTS = ["There is pneumonia", "There is no pneumonia", "Clear lungs."]
+
+
+def _evaluate(cfg, variables, mesh=None):
+  emb = embed_lib.embed_dataset(cfg, variables, COVID, split="val",
+                                batch_size=5, mesh=mesh)
+  text_fn = embed_lib.make_text_embed_fn(cfg, variables, batch_size=5,
+                                         mesh=mesh)
+  scores = run_evaluators(["covid_cxr"], {"covid_cxr": emb}, text_fn,
+                          {"retrieval_ks": (5, 10)})
+  return dict(image=emb.image, text=emb.text, prompts=text_fn(PROMPTS),
+              scores=scores)
+
+
+def _two_device_results_in_subprocess(tmp_path):
+  script = tmp_path / "sharded.py"
+  script.write_text(_SHARDED_SCRIPT.format(repo=str(REPO), covid=str(COVID),
+                                            prompts=PROMPTS))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, str(script)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_two_devices_match_one_device(model, tmp_path):
+  """A 2-device data mesh gives the 1-device embeddings and scores.
+
+  Uses the simulated devices of conftest.py when there are any, else a
+  subprocess that simulates two.
+  """
+  cfg, variables = model
+  if jax.device_count() >= 2:
+    two = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:2]))
+  else:
+    two = _two_device_results_in_subprocess(tmp_path)
+  one = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:1]))
+  for key in ("image", "text", "prompts"):
+    np.testing.assert_allclose(two[key], one[key], atol=1e-5)
+  assert two["scores"].keys() == one["scores"].keys()
+  for key, value in one["scores"].items():
+    assert two["scores"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_class_names_and_label_prompts():
+  names = ("No Finding", "Cardiomegaly", "Edema", "COVID-19")
+  labels = np.array([[np.nan, 1, 0, np.nan], [0, -1, 1, np.nan]])
+  got = run_lib.class_names_of(labels, names, ("Cardiomegaly", "Edema"))
+  assert list(got) == ["Cardiomegaly", "Edema"]
+  with pytest.raises(ValueError):
+    run_lib.class_names_of(labels, names, ("No Finding", "COVID-19"))
+  prompts = run_lib.label_prompts(names)
+  assert "Findings suggesting COVID-19 pneumonia." in prompts["COVID-19"]
+  assert "Findings suggesting Edema." in prompts["Edema"]
+  assert "The lungs are clear." in prompts["No Finding"]

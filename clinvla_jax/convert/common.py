@@ -33,10 +33,18 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
+def _unwrap(state):
+  # MAE / MRM training checkpoints wrap the weights: {"model": state_dict, "optimizer": ..., "epoch": ...}.
+  for wrapper in ("model", "state_dict", "module"):
+    if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+      return state[wrapper]
+  return state
+
+
 def read_state_dict(source) -> StateDict:
   """Returns {name: numpy array} from any supported source."""
   if isinstance(source, Mapping):
-    return {str(k): _to_numpy(v) for k, v in source.items()}
+    return {str(k): _to_numpy(v) for k, v in _unwrap(source).items() if hasattr(v, "shape")}
   path = os.fspath(source)
   if os.path.isdir(path):
     for name in _WEIGHT_FILES:
@@ -59,11 +67,7 @@ def read_state_dict(source) -> StateDict:
     except ImportError as e:
       raise ImportError(f"{path}: reading PyTorch checkpoints needs torch; install it or convert the file "
                         "to .safetensors") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    # MAE / MRM training checkpoints wrap the weights.
-    for wrapper in ("model", "state_dict", "module"):
-      if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
-        state = state[wrapper]
+    state = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     return {str(k): _to_numpy(v) for k, v in state.items() if hasattr(v, "shape")}
   raise ValueError(f"{path}: unsupported checkpoint format (use .safetensors, .bin/.pt/.pth or .npz)")
 
@@ -102,8 +106,12 @@ def apply_plan(params: dict, state: StateDict, plan: Plan, *, optional: Iterable
         missing.append(key)
       continue
     used.add(key)
-    value = transform(state[key])
     target = tuple(flat[ours].shape)
+    try:
+      value = transform(state[key])
+    except ValueError:   # e.g. a reshape to heads that cannot fit
+      mismatched.append(f"{key} {tuple(state[key].shape)} -> {'/'.join(ours)}: model expects {target}")
+      continue
     if tuple(value.shape) != target and key in shape_fixers:
       value = shape_fixers[key](value, target)
     if tuple(value.shape) != target:

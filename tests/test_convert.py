@@ -1,0 +1,97 @@
+"""Checkpoint conversion: formats, prefixes, and clear errors for checkpoints that do not fit."""
+
+import numpy as np
+import pytest
+
+import jax
+
+from clinvla_jax import api, convert
+from clinvla_jax.config import load_config
+
+MINILM = {"model.text.num_layers": 6, "model.text.hidden_size": 384, "model.text.num_heads": 12,
+          "model.text.mlp_dim": 1536, "model.text.max_len": 128}
+
+
+@pytest.fixture(scope="module")
+def minilm_state(minilm_dir):
+  return convert.read_state_dict(minilm_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def variables():
+  return api.init_params(load_config("configs/tiny.py", MINILM), jax.random.key(0))
+
+
+def test_positions_truncated_and_weights_placed(variables, minilm_state):
+  loaded = convert.load_text_weights(variables, minilm_state)
+  text = loaded["params"]["text_tower"]
+  assert minilm_state["embeddings.position_embeddings.weight"].shape == (512, 384)
+  np.testing.assert_array_equal(text["embeddings"]["position_embeddings"]["embedding"],
+                                minilm_state["embeddings.position_embeddings.weight"][:128])
+  np.testing.assert_array_equal(text["layer_5"]["intermediate"]["kernel"],
+                                minilm_state["encoder.layer.5.intermediate.dense.weight"].T)
+  # Adapters and heads are not in a BERT checkpoint: they keep their initial values.
+  np.testing.assert_array_equal(text["layer_0"]["language_adapter"]["down"]["kernel"],
+                                variables["params"]["text_tower"]["layer_0"]["language_adapter"]["down"]["kernel"])
+
+
+def test_prefixed_gamma_beta_bin_and_npz_load_alike(variables, minilm_state, tmp_path):
+  torch = pytest.importorskip("torch")
+  reference = convert.load_text_weights(variables, minilm_state)
+  renamed = {}
+  for key, value in minilm_state.items():
+    key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+    renamed["bert." + key] = value
+  renamed["cls.predictions.bias"] = np.zeros(3, np.float32)      # MLM head: ignored
+  torch.save({k: torch.from_numpy(np.array(v)) for k, v in renamed.items()}, tmp_path / "pytorch_model.bin")
+  np.savez(tmp_path / "w.npz", **renamed)
+  for source in (tmp_path, tmp_path / "w.npz"):
+    got = convert.load_text_weights(variables, source)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(reference)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_missing_unknown_and_misshapen_keys_are_listed(variables, minilm_state):
+  broken = dict(minilm_state)
+  del broken["encoder.layer.3.output.dense.weight"]
+  broken["encoder.layer.9.attention.self.query.weight"] = np.zeros((384, 384), np.float32)
+  broken["encoder.layer.2.intermediate.dense.weight"] = np.zeros((1000, 384), np.float32)
+  with pytest.raises(convert.CheckpointError) as err:
+    convert.load_text_weights(variables, broken)
+  message = str(err.value)
+  assert "encoder.layer.3.output.dense.weight" in message
+  assert "encoder.layer.9.attention.self.query.weight" in message
+  assert "encoder.layer.2.intermediate.dense.weight (1000, 384)" in message and "(384, 1536)" in message
+
+
+def test_wrong_tower_size_is_a_shape_error(minilm_state):
+  small = api.init_params(load_config("configs/tiny.py"), jax.random.key(0))
+  with pytest.raises(convert.CheckpointError, match="shape mismatches"):
+    convert.load_text_weights(small, minilm_state)
+
+
+def test_missing_file_and_unsupported_format(variables, tmp_path):
+  with pytest.raises(FileNotFoundError):
+    convert.load_text_weights(variables, tmp_path / "nope.safetensors")
+  (tmp_path / "weights.h5").write_bytes(b"x")
+  with pytest.raises(ValueError, match="unsupported checkpoint format"):
+    convert.load_text_weights(variables, tmp_path / "weights.h5")
+  with pytest.raises(FileNotFoundError, match="no weight file"):
+    convert.load_text_weights(variables, tmp_path)
+
+
+def test_vit_checkpoint_with_mae_extras_loads():
+  timm = pytest.importorskip("timm")
+  torch = pytest.importorskip("torch")
+  model = timm.models.vision_transformer.VisionTransformer(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
+                                                           num_classes=0)
+  state = {k: v for k, v in model.state_dict().items()}
+  state["decoder_embed.weight"] = torch.zeros(8, 64)     # MAE decoder: ignored
+  state["mask_token"] = torch.zeros(1, 1, 64)
+  cfg = load_config("configs/tiny.py")
+  variables = convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), {"model": state, "epoch": 3})
+  np.testing.assert_allclose(variables["params"]["image_tower"]["blocks_1"]["mlp"]["fc2"]["kernel"],
+                             state["blocks.1.mlp.fc2.weight"].numpy().T)
+  state["blocks.7.norm1.weight"] = torch.ones(64)
+  with pytest.raises(convert.CheckpointError, match="blocks.7.norm1.weight"):
+    convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), state)

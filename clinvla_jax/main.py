@@ -128,6 +128,10 @@ def _make_config_siblings_importable(argv) -> None:
 
 
 def entry() -> None:
+  # Before anything starts JAX's backend: tcmalloc preload (a one-time
+  # re-exec) and XLA flags; see clinvla_jax/runtime.py.
+  from clinvla_jax import runtime
+  runtime.configure_host_runtime()
   _make_config_siblings_importable(sys.argv)
   flags.mark_flag_as_required("config")
   app.run(main)

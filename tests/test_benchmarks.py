@@ -1,0 +1,120 @@
+"""The benchmark scripts run on the tiny config, and the PyTorch twin equals our model.
+
+No timing assertions: timings depend on the machine and its load.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+import jax
+
+from clinvla_jax import api, losses
+from clinvla_jax import optim as optim_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  from benchmarks import vs_pytorch
+  cfg = vs_pytorch.build_config("tiny")
+  mcfg = api.model_config(cfg)
+  params = jax.device_get(api.init_params(cfg, jax.random.key(0))["params"])
+  batch = vs_pytorch.synthetic_batch(mcfg, 4, 49)
+  return cfg, mcfg, params, batch
+
+
+def test_torch_twin_equals_jax_on_tiny(tiny):
+  from benchmarks import torch_clinvla
+  cfg, mcfg, params, batch = tiny
+  assert not batch["view_valid"].all()   # missing views are exercised
+  out_j = api.build_model(cfg).apply({"params": params}, *(batch[k] for k in
+                                                          ("patches", "patch_idx", "view_valid", "input_ids",
+                                                           "attention_mask")))
+  loss_j, _ = losses.clinvla_loss(out_j, cfg.loss)
+  model, _ = torch_clinvla.from_jax(mcfg, params, list(cfg.optim.param_groups))
+  model.eval()
+  tb = torch_clinvla.to_torch_batch(batch)
+  with torch.no_grad():
+    out_t = model(tb["patches"], tb["patch_idx"], tb["view_valid"], tb["input_ids"], tb["attention_mask"])
+    loss_t = torch_clinvla.clinvla_loss(out_t, cfg.loss)
+  for tower in ("image", "text"):
+    for key in ("global", "local", "hidden"):
+      diff = np.abs(np.asarray(out_j[tower][key]) - out_t[tower][key].numpy()).max()
+      assert diff <= 1e-4, (tower, key, diff)
+    np.testing.assert_array_equal(np.asarray(out_j[tower]["local_mask"]), out_t[tower]["local_mask"].numpy())
+  assert abs(float(loss_j) - float(loss_t)) <= 1e-4
+  # The comparison is not vacuous: adapters are non-zero ("bert" init) and outputs O(1).
+  assert np.abs(np.asarray(out_j["text"]["hidden"])).mean() > 0.1
+
+
+def test_torch_twin_freezes_what_the_path_rules_freeze(tiny):
+  from benchmarks import torch_clinvla
+  cfg, mcfg, params, _ = tiny
+  model, groups = torch_clinvla.from_jax(mcfg, params, list(cfg.optim.param_groups))
+  counts = optim_lib.check_rules(params, list(cfg.optim.param_groups), cfg.optim.learning_rates)
+  trainable_torch = sum(p.numel() for p in model.parameters() if p.requires_grad)
+  assert trainable_torch == sum(n for g, n in counts.items() if g != optim_lib.FROZEN)
+  assert groups["text_tower.bert.encoder.layer.0.output.dense.weight"] == optim_lib.FROZEN
+  assert groups["text_tower.bert.encoder.layer.0.output.language_adapter.down.weight"] == "language_adapters"
+  assert groups["image_tower.vit.blocks.0.norm1.weight"] == "other_trainable"
+
+
+def test_inverse_transform_undoes_converter_transforms():
+  from benchmarks.torch_clinvla import _inverse_transform
+  from clinvla_jax.convert import common, timm_vit
+  rng = np.random.RandomState(0)
+  for transform, shape in ((common.linear_kernel(3, 4, 2), (24, 5)), (common.linear_kernel_in(4, 2), (6, 8)),
+                           (timm_vit.patch_kernel, (8, 3, 4, 4)), (common.reshape_to(3, 4), (12,))):
+    theirs = rng.normal(size=shape).astype(np.float32)
+    np.testing.assert_array_equal(_inverse_transform(transform, transform(theirs), shape), theirs)
+
+
+def _run(args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.slow
+def test_vs_pytorch_runs_on_tiny(tmp_path):
+  out = tmp_path / "vs.json"
+  _run(["benchmarks/vs_pytorch.py", "--config=tiny", "--batch=2", "--steps=1", "--warmup=1", f"--out={out}"])
+  result = json.loads(out.read_text())
+  for key in ("max_abs_diff", "train_step_s_jax", "train_step_s_torch", "train_step_ratio", "embed_s_jax",
+              "embed_s_torch", "embed_ratio", "config", "batch", "machine"):
+    assert key in result, key
+  assert result["max_abs_diff"] <= 1e-4
+  assert result["xla_flops_train_step"] > 0 and result["analytic_flops_train_step"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_runs_on_tiny(tmp_path):
+  out = tmp_path / "scaling.json"
+  _run(["benchmarks/scaling.py", "--config=tiny", "--batches=2", "--devices=2", "--per_device_batch=1",
+        "--fsdp=2", "--fsdp_batch=2", "--steps=1", f"--out={out}"])
+  result = json.loads(out.read_text())
+  points = result["batch"] + result["devices"] + result["fsdp"]
+  assert points and not [p for p in points if "error" in p], points
+  data_parallel, fsdp = result["fsdp"]
+  # FSDP shards the parameters: smaller arguments per device than data parallel.
+  assert fsdp["argument_size_in_bytes"] < data_parallel["argument_size_in_bytes"]
+
+
+def test_runtime_configuration_is_idempotent():
+  from clinvla_jax import runtime
+  # Under pytest (no re-exec possible for a live backend) it only reports.
+  info = runtime.configure_host_runtime(preload_tcmalloc=False, xla_flags=())
+  assert set(info) == {"tcmalloc", "tcmalloc_loaded", "xla_flags"}
+  assert runtime._merged_xla_flags("--a=1", ["--a=2", "--b=3"]) == "--a=1 --b=3"

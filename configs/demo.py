@@ -8,7 +8,8 @@ Trained from random initialisation, so its retrieval numbers only show that
 the machinery works; point `init.text_weights` / `init.image_weights` at real
 pretrained weights for meaningful ones.
 
-How long it takes: the summary runs in seconds.
+How long it takes: `./run.sh` (summary, 60 training steps, evaluation) about 2 minutes
+on 2 idle CPU cores, about 5 minutes on a loaded one.
 """
 
 import os

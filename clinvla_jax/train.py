@@ -171,10 +171,16 @@ class TrainSetup:
 
 
 def fit_text_length(batch, max_len: int):
-  """Cuts token columns to the text tower's length (records carry 128 tokens)."""
+  """Cuts token columns to the text tower's length (records carry 128 tokens).
+
+  The same shortening as evaluation (``evaluate.embed.fit_token_length``: a cut
+  row still ends on its [SEP]), so training and evaluation see one layout.
+  """
   if batch["input_ids"].shape[1] <= max_len:
     return batch
-  return dict(batch, input_ids=batch["input_ids"][:, :max_len], attention_mask=batch["attention_mask"][:, :max_len])
+  from clinvla_jax.evaluate.embed import fit_token_length  # pylint: disable=g-import-not-at-top
+  ids, mask = fit_token_length(batch["input_ids"], batch["attention_mask"], max_len)
+  return dict(batch, input_ids=ids, attention_mask=mask)
 
 
 def _json_safe(config) -> Dict[str, Any]:

@@ -226,3 +226,16 @@ def test_two_processes_equal_one_process(tmp_path):
   assert sorted(two) == [1, 2, 3]
   for step in (1, 2, 3):
     assert abs(one[step] - two[step]) <= 1e-5, (step, one[step], two[step])
+
+
+def test_training_shortens_tokens_like_evaluation():
+  from clinvla_jax import train
+  from clinvla_jax.evaluate.embed import fit_token_length
+  ids = np.array([[101, 5, 6, 7, 8, 102, 0, 0], [101, 9, 102, 0, 0, 0, 0, 0]], np.int32)
+  mask = (ids > 0).astype(np.int32)
+  out = train.fit_text_length({"input_ids": ids, "attention_mask": mask, "labels": np.zeros((2, 1))}, 4)
+  want_ids, want_mask = fit_token_length(ids, mask, 4)
+  np.testing.assert_array_equal(out["input_ids"], want_ids)
+  np.testing.assert_array_equal(out["attention_mask"], want_mask)
+  assert out["input_ids"][0, -1] == 102 and out["input_ids"].shape == (2, 4)
+  assert train.fit_text_length({"input_ids": ids, "attention_mask": mask}, 8)["input_ids"] is ids

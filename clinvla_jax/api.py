@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clinvla_jax.data import masking
 from clinvla_jax.model.clinvla import ClinVLA, ClinVLAConfig
 
 
@@ -85,20 +86,14 @@ def encode_text(cfg, variables, input_ids, attention_mask) -> dict:
 
 
 def patchify(images, patch_size: int):
-  """[..., H, W] or [..., H, W, C] -> ([..., N, p*p*C], row-major patch index [N])."""
+  """[..., H, W] or [..., H, W, C] -> ([..., N, p*p*C], row-major patch index [N]).
+
+  A trailing axis of at most 4 that differs from the width is taken as channels.
+  """
   images = jnp.asarray(images)
-  if images.ndim >= 3 and images.shape[-1] not in (images.shape[-2],) and images.shape[-1] <= 4:
-    *lead, h, w, c = images.shape
-  else:
-    *lead, h, w = images.shape
-    c = 1
-    images = images[..., None]
-  if h % patch_size or w % patch_size:
-    raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}")
-  gh, gw = h // patch_size, w // patch_size
-  x = images.reshape(*lead, gh, patch_size, gw, patch_size, c)
-  x = jnp.moveaxis(x, -4, -3)   # [..., gh, gw, p, p, c]
-  return x.reshape(*lead, gh * gw, patch_size * patch_size * c), jnp.arange(gh * gw, dtype=jnp.int32)
+  channels_last = images.ndim >= 3 and images.shape[-1] != images.shape[-2] and images.shape[-1] <= 4
+  patches = masking.patchify(images, patch_size, channels_last=channels_last)
+  return patches, jnp.arange(patches.shape[-2], dtype=jnp.int32)
 
 
 def encode_images(cfg, variables, images, view_valid=None, patch_idx=None,

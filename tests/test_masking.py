@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from clinvla_jax import api
 from clinvla_jax.data import masking
 from clinvla_jax.data import records
 
@@ -104,3 +105,16 @@ def test_negative_seed_parts_rejected():
     masking.keep_indices(K75, seed=0, epoch=0, index=-1, view=0)
   with pytest.raises(ValueError):
     masking.keep_indices(0, seed=0, epoch=0, index=0, view=0)
+
+
+def test_model_and_pipeline_share_the_patch_layout():
+  rng = np.random.RandomState(0)
+  gray = rng.randint(0, 256, size=(2, 3, 32, 48)).astype(np.uint8)
+  patches, idx = api.patchify(gray, 16)
+  np.testing.assert_array_equal(np.asarray(patches), masking.patchify(gray, 16))
+  np.testing.assert_array_equal(np.asarray(idx), np.arange(6))
+  rgb = rng.rand(2, 32, 48, 3).astype(np.float32)
+  patches, _ = api.patchify(rgb, 16)
+  assert patches.shape == (2, 6, 16 * 16 * 3)
+  # Patch (row 1, col 2) of image 1: pixels [16:32, 32:48], (row, col, channel) order.
+  np.testing.assert_array_equal(np.asarray(patches)[1, 1 * 3 + 2], rgb[1, 16:32, 32:48, :].reshape(-1))

@@ -22,27 +22,33 @@ from clinvla_jax.data import records
 _MASK_STREAM = 0x6D61736B  # "mask"
 
 
-def patchify(images: np.ndarray, patch_size: int = records.PATCH_SIZE
-             ) -> np.ndarray:
-  """Cuts images into flattened patches.
+def patchify(images, patch_size: int = records.PATCH_SIZE, channels_last: bool = False):
+  """Cuts images into flattened patches: the one patch layout of the pipeline and the model.
 
   Args:
-    images: [..., H, W] grayscale pixels (any dtype); H and W multiples of
-      ``patch_size``.
+    images: [..., H, W] (or [..., H, W, C] with ``channels_last``) pixels of
+      any dtype, a numpy or a JAX array (the result is of the same kind); H and
+      W multiples of ``patch_size``.
     patch_size: side of a square patch.
+    channels_last: whether the last axis holds channels.
 
   Returns:
-    [..., (H // p) * (W // p), p * p] patches, row-major patch index, pixels in
-    (row, col, channel) order.  A copy, same dtype.
+    [..., (H // p) * (W // p), p * p * C] patches, row-major patch index, pixels
+    in (row, col, channel) order.  A copy, same dtype.
   """
-  images = np.asarray(images)
-  *lead, h, w = images.shape
+  if not hasattr(images, "swapaxes"):
+    images = np.asarray(images)
+  if channels_last:
+    *lead, h, w, c = images.shape
+  else:
+    *lead, h, w = images.shape
+    c = 1
   if h % patch_size or w % patch_size:
-    raise ValueError(f"image {h}x{w} is not a multiple of {patch_size}")
+    raise ValueError(f"image {h}x{w} is not a multiple of the patch size {patch_size}")
   gh, gw = h // patch_size, w // patch_size
-  x = images.reshape(*lead, gh, patch_size, gw, patch_size)
-  x = np.swapaxes(x, -3, -2)  # [..., gh, gw, p, p]
-  return x.reshape(*lead, gh * gw, patch_size * patch_size)
+  x = images.reshape(*lead, gh, patch_size, gw, patch_size, c)
+  x = x.swapaxes(-4, -3)  # [..., gh, gw, p, p, c]
+  return x.reshape(*lead, gh * gw, patch_size * patch_size * c)
 
 
 def unpatchify(patches: np.ndarray, image_size: int = records.IMAGE_SIZE,

@@ -153,8 +153,9 @@ def main(argv=None):
       show(r)
   results["load_average_end"] = list(os.getloadavg())
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1)
+    sys.path.insert(0, _ROOT)
+    from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
+    vs_pytorch.write_json(args.out, results)
     print(f"wrote {args.out}")
 
 

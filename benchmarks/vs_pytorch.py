@@ -63,6 +63,8 @@ _TORCH_DEVICE = flags.DEFINE_string("torch_device", "auto", "auto | cpu | cuda."
 _TOL = flags.DEFINE_float("tolerance", 1e-4, "Largest allowed |JAX - PyTorch| in the fp32 check.")
 _PARTS = flags.DEFINE_list("parts", ["train", "embed"], "What to time: train, embed.")
 _CHECK_BATCH = flags.DEFINE_integer("check_batch", 4, "Studies in the fp32 agreement check.")
+_EMBED_BATCH = flags.DEFINE_integer("embed_batch", 0, "Studies per embedding call (0: --batch); 1 gives the "
+                                    "latency of one study.")
 
 _T0 = time.perf_counter()
 
@@ -149,25 +151,15 @@ def _cost_flops(compiled) -> float:
 
 
 def make_jax_train(cfg, params, batch_np, num_steps: int = 1000):
-  """(step(state, batch) -> (state, loss), initial state, compiled, frozen)."""
+  """(step(state, batch) -> (state, loss), initial state, compiled, compile seconds)."""
+  from clinvla_jax.train import make_train_step  # pylint: disable=g-import-not-at-top
   model = api.build_model(cfg)
   rules = list(cfg.optim.param_groups)
   trainable, frozen = optim_lib.split_params(params, rules)
   # The step donates its state: train on a copy so that `params` stays usable.
   trainable = jax.tree_util.tree_map(jnp.copy, trainable)
-  try:
-    from clinvla_jax.train import make_train_step  # pylint: disable=g-import-not-at-top
-  except ImportError as e:   # e.g. a GPU image without Grain, which the training loop imports
-    print(f"clinvla_jax.train not importable ({e}); using the benchmark's own step of the same structure")
-    make_train_step = None
-  if hasattr(optim_lib, "make_optimizer"):
-    tx, _ = optim_lib.make_optimizer(cfg.optim, trainable, rules, num_steps)
-  else:
-    tx = _adamw_per_group(cfg, trainable, rules)
-  if make_train_step is not None:
-    step_fn = make_train_step(cfg, model, tx)
-  else:
-    step_fn = _own_train_step(cfg, model, tx)
+  tx, _ = optim_lib.make_optimizer(cfg.optim, trainable, rules, num_steps)
+  step_fn = make_train_step(cfg, model, tx)
   state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable)}
   jitted = jax.jit(step_fn, donate_argnums=(0,))
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
@@ -179,33 +171,6 @@ def make_jax_train(cfg, params, batch_np, num_steps: int = 1000):
     state, metrics = compiled(state, frozen, batch)
     return state, metrics["loss"]
   return step, state, compiled, compile_s
-
-
-def _adamw_per_group(cfg, trainable, rules):
-  import optax  # pylint: disable=g-import-not-at-top
-  labels = optim_lib.param_labels(trainable, rules)
-  return optax.multi_transform({g: optax.adamw(float(lr), weight_decay=float(cfg.optim.weight_decay))
-                                for g, lr in cfg.optim.learning_rates.items()}, labels)
-
-
-def _own_train_step(cfg, model, tx):
-  # The structure of clinvla_jax.train.make_train_step: frozen parameters are
-  # a separate, non-differentiated input, so no weight gradients exist for them.
-  import optax  # pylint: disable=g-import-not-at-top
-
-  def step_fn(state, frozen, batch):
-    rng = jax.random.fold_in(jax.random.key(int(cfg.seed)), state["step"])
-
-    def loss_fn(tr):
-      out = model.apply({"params": optim_lib.merge_params(tr, frozen)}, *(batch[k] for k in MODEL_INPUTS),
-                        deterministic=False, rngs={"dropout": rng})
-      return losses.clinvla_loss(out, cfg.loss)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state}, metrics
-  return step_fn
 
 
 def make_jax_embed(cfg, variables, batch_np):
@@ -312,22 +277,37 @@ def _time_alternating(fns: Dict[str, Callable[[], None]], warmup: int, steps: in
   return times
 
 
+def _time_and_record(result: Dict, part: str, fns: Dict[str, Callable[[], None]], warmup: int,
+                     steps: int) -> None:
+  """Times ``fns`` alternately; stores ``{part}_s_{name}`` (median), ``{part}_times_{name}`` and
+  ``{part}_ratio`` (JAX time / PyTorch time)."""
+  times = _time_alternating(fns, warmup, steps)
+  for name, ts in times.items():
+    result[f"{part}_s_{name}"] = _median(ts)
+    result[f"{part}_times_{name}"] = ts
+  if "torch" in times:
+    result[f"{part}_ratio"] = result[f"{part}_s_jax"] / result[f"{part}_s_torch"]
+
+
 def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "float32", attention_impl=None,
         dropout: bool = True, skip_torch: bool = False, torch_device: str = "auto", tolerance: float = 1e-4,
-        parts=("train", "embed"), check_batch: int = 4) -> Dict:
+        parts=("train", "embed"), check_batch: int = 4, embed_batch: int = 0,
+        on_progress: Callable[[Dict], None] = lambda result: None) -> Dict:
+  """Runs the comparison; ``on_progress(result)`` is called after each phase with what is known so far."""
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
   cfg = build_config(config, dtype=dtype, attention_impl=attention_impl, dropout=dropout)
   cfg32 = build_config(config, dtype="float32", attention_impl=None, dropout=dropout)
   mcfg = api.model_config(cfg)
   num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
   train_np = synthetic_batch(mcfg, batch, num_kept, seed=0)
-  embed_np = synthetic_batch(mcfg, batch, mcfg.image.num_patches, seed=1, views=1)
+  embed_batch = embed_batch or batch
+  embed_np = synthetic_batch(mcfg, embed_batch, mcfg.image.num_patches, seed=1, views=1)
   embed_np["view_valid"][:] = True
   log(f"{jax.devices()[0].device_kind}: initialising {config}")
   params = api.init_params(cfg32, jax.random.key(0))["params"]
   host_params = jax.device_get(params)
   dev = jax.devices()[0]
-  result = {"config": config, "batch": batch, "machine": machine_description(), "dtype": dtype,
+  result = {"config": config, "batch": batch, "embed_batch": embed_batch, "machine": machine_description(), "dtype": dtype,
             "device_kind": dev.device_kind, "steps": steps, "warmup": warmup, "dropout": dropout,
             "load_average_start": list(os.getloadavg())}
   try:
@@ -354,11 +334,12 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
       raise SystemExit(f"JAX and PyTorch disagree: {result['max_abs_diff']:.3g} > {tolerance}")
   else:
     result["max_abs_diff"] = None
+  on_progress(result)
 
   # FLOPs, both conventions.
   per_study_train = flops_lib.train_step_flops_per_study(mcfg, float(cfg.data.mask_ratio))
   analytic_train = per_study_train * batch
-  analytic_embed = flops_lib.eval_forward_flops(mcfg)["total"] * batch
+  analytic_embed = flops_lib.eval_forward_flops(mcfg)["total"] * embed_batch
   peak = _peak_flops(dev, dtype)
   result.update({"analytic_flops_train_step": analytic_train, "analytic_flops_embed": analytic_embed,
                  "peak_flops": peak["value"], "peak_source": peak["source"]})
@@ -385,17 +366,12 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
       tbatch = {k: v.to(device) for k, v in _torch_batch(train_np).items()}
       fns["torch"] = lambda: torch_train(tbatch)
     log("timing train steps")
-    times = _time_alternating(fns, warmup, steps)
-    result["train_step_s_jax"] = _median(times["jax"])
-    result["train_step_times_jax"] = times["jax"]
-    if "torch" in times:
-      result["train_step_s_torch"] = _median(times["torch"])
-      result["train_step_times_torch"] = times["torch"]
-      result["train_step_ratio"] = result["train_step_s_jax"] / result["train_step_s_torch"]
+    _time_and_record(result, "train_step", fns, warmup, steps)
     for name, fl in (("xla", xla_train), ("analytic", analytic_train)):
       result[f"train_flops_per_s_{name}"] = fl / result["train_step_s_jax"]
       result[f"train_mfu_{name}"] = fl / result["train_step_s_jax"] / peak["value"] if peak["value"] else None
     del holder
+    on_progress(result)
 
   if "embed" in parts:
     variables = {"params": params}   # fp32 parameters; the model casts at use
@@ -408,14 +384,10 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
       ebatch = {k: v.to(device) for k, v in _torch_batch(embed_np).items()}
       fns["torch"] = lambda: torch_embed(ebatch)
     log("timing embedding")
-    times = _time_alternating(fns, warmup, steps)
-    result["embed_s_jax"] = _median(times["jax"])
-    result["embed_times_jax"] = times["jax"]
-    if "torch" in times:
-      result["embed_s_torch"] = _median(times["torch"])
-      result["embed_times_torch"] = times["torch"]
-      result["embed_ratio"] = result["embed_s_jax"] / result["embed_s_torch"]
-    result["embed_ms_per_study_jax"] = 1e3 * result["embed_s_jax"] / batch
+    _time_and_record(result, "embed", fns, warmup, steps)
+    for name in ("jax", "torch"):
+      if f"embed_s_{name}" in result:
+        result[f"embed_ms_per_study_{name}"] = 1e3 * result[f"embed_s_{name}"] / embed_batch
     result["embed_mfu_analytic"] = (analytic_embed / result["embed_s_jax"] / peak["value"]
                                     if peak["value"] else None)
 
@@ -468,7 +440,8 @@ def print_summary(r: Dict) -> None:
           f"MFU {100 * (r['train_mfu_xla'] or 0):.1f} % (XLA count) / {100 * (r['train_mfu_analytic'] or 0):.1f} % "
           f"(analytic)")
   if "embed_s_jax" in r:
-    print(f"   embed        JAX {r['embed_s_jax']:.4f} s ({b / r['embed_s_jax']:.2f} samples/s, "
+    b = r.get("embed_batch") or b
+    print(f"   embed (batch {b}) JAX {r['embed_s_jax']:.4f} s ({b / r['embed_s_jax']:.2f} samples/s, "
           f"{r['embed_ms_per_study_jax']:.2f} ms/study)", end="")
     if "embed_s_torch" in r:
       print(f" | PyTorch {r['embed_s_torch']:.4f} s ({b / r['embed_s_torch']:.2f} samples/s) | "
@@ -476,16 +449,25 @@ def print_summary(r: Dict) -> None:
     print()
 
 
+def write_json(path: str, result: Dict) -> None:
+  """Writes ``result`` to ``path`` atomically (a reader never sees half a file)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, path)
+
+
 def main(argv):
   del argv
+  # Written after every phase: a run stopped by a time limit keeps what it measured.
+  on_progress = (lambda r: write_json(_OUT.value, dict(r, complete=False))) if _OUT.value else (lambda r: None)
   result = run(_CONFIG.value, _BATCH.value, _STEPS.value, _WARMUP.value, _DTYPE.value, _ATTENTION.value,
                _DROPOUT.value, _SKIP_TORCH.value, _TORCH_DEVICE.value, _TOL.value, tuple(_PARTS.value),
-               _CHECK_BATCH.value)
+               _CHECK_BATCH.value, _EMBED_BATCH.value, on_progress)
   print_summary(result)
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=1)
+    write_json(_OUT.value, dict(result, complete=True))
     print(f"wrote {_OUT.value}")
 
 

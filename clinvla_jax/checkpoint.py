@@ -24,9 +24,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-import grain
-
 STATE, DATA_ITER, CONFIG = "state", "data_iter", "config"
+
+
+def _grain_checkpoint():
+  # Imported on use: the training step and the benchmarks import this module,
+  # and must also run on accelerator images that have Orbax but no Grain.
+  import grain  # pylint: disable=g-import-not-at-top
+  return grain.checkpoint
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -57,7 +62,7 @@ class Checkpointer:
     )
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA_ITER: grain.checkpoint.CheckpointHandler(),
+        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA_ITER: _grain_checkpoint().CheckpointHandler(),
                        CONFIG: ocp.JsonCheckpointHandler()})
     self.best_metric = best_metric
 
@@ -70,7 +75,7 @@ class Checkpointer:
       metrics = None
     return self.manager.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
-        DATA_ITER: grain.checkpoint.CheckpointSave(data_iter),
+        DATA_ITER: _grain_checkpoint().CheckpointSave(data_iter),
         CONFIG: ocp.args.JsonSave(config_dict),
     }), metrics=metrics)
 
@@ -104,7 +109,7 @@ class Checkpointer:
     self._check_compatible(step, abstract_state)
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
-      items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
+      items[DATA_ITER] = _grain_checkpoint().CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], (restored[DATA_ITER] if data_iter is not None else None)
 

@@ -100,6 +100,77 @@ def test_vs_pytorch_runs_on_tiny(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_script_runs_its_sequence_on_cpu_with_tiny(tmp_path):
+  # The same script, flags and file names as on a GPU, on the CPU backend.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(CONFIG="tiny", BATCH="2", ATTENTION="xla", ALLOW_CPU="1", PYTHON=sys.executable)
+  proc = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for name in ("vs_pytorch_bf16", "embed_latency_bf16", "vs_pytorch_bf16_nodrop", "vs_pytorch_fp32"):
+    assert f"== {name}: exit 0" in proc.stdout, proc.stdout[-3000:]
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["complete"] and result["max_abs_diff"] <= 1e-4, name
+  latency = json.loads((tmp_path / "embed_latency_bf16.json").read_text())
+  assert latency["embed_batch"] == 1 and "train_step_s_jax" not in latency
+  assert latency["embed_ms_per_study_jax"] > 0 and latency["embed_ms_per_study_torch"] > 0
+  bf16 = json.loads((tmp_path / "vs_pytorch_bf16.json").read_text())
+  assert bf16["dtype"] == "bfloat16" and bf16["dropout"] is True
+  assert json.loads((tmp_path / "vs_pytorch_bf16_nodrop.json").read_text())["dropout"] is False
+  assert (tmp_path / "runs.log").read_text().count("== ClinVLA tiny") == 4
+
+
+def test_profile_breakdown_classifies_the_compiled_step(tmp_path):
+  from benchmarks import profile_step
+  result = profile_step.profile("tiny", batch=2, steps=1)
+  shares = result["op_share_by_kind"]
+  assert set(shares) == set(profile_step.KINDS)
+  assert abs(sum(shares.values()) - 1.0) < 1e-6
+  # A transformer step is mostly matmuls and fused elementwise work; both must be seen.
+  assert shares["matmul"] > 0 and shares["fused elementwise / reduction"] > 0
+  assert result["matched_instructions"] > 50
+
+
+def test_hlo_operation_kinds_reads_fusions():
+  from benchmarks import profile_step
+  hlo = """
+%fused_dot (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  %p1 = f32[4,4]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,4]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_add (p0: f32[4,4]) -> f32[4,4] {
+  %p0 = f32[4,4]{1,0} parameter(0)
+  ROOT %add.1 = f32[4,4]{1,0} add(%p0, %p0)
+}
+
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %ynn_fusion.3 = f32[4,4]{1,0} fusion(%a, %a), kind=kCustom, calls=%fused_dot
+  %add_fusion.2 = f32[4,4]{1,0} fusion(%ynn_fusion.3), kind=kLoop, calls=%fused_add
+  %copy_fusion.5 = f32[4,4]{0,1} fusion(%add_fusion.2), kind=kLoop, calls=%fused_add
+  ROOT %transpose.4 = f32[4,4]{1,0} transpose(%copy_fusion.5), dimensions={1,0}
+}
+"""
+  kinds = profile_step.hlo_operation_kinds(hlo)
+  assert kinds["ynn_fusion.3"] == "matmul"
+  assert kinds["add_fusion.2"] == "fused elementwise / reduction"
+  assert kinds["copy_fusion.5"] == "data movement"
+  assert kinds["transpose.4"] == "data movement"
+
+
+def test_training_step_and_benchmarks_import_without_grain():
+  # Accelerator images often carry JAX, Flax, Optax and Orbax but not Grain.
+  code = ("import sys; sys.modules['grain'] = None\n"
+          "from clinvla_jax.train import make_train_step\n"
+          "from benchmarks import vs_pytorch, torch_clinvla\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_scaling_runs_on_tiny(tmp_path):
   out = tmp_path / "scaling.json"
   _run(["benchmarks/scaling.py", "--config=tiny", "--batches=2", "--devices=2", "--per_device_batch=1",

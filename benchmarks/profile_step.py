@@ -1,0 +1,202 @@
+r"""Where the JAX train step's time goes: a profile of the compiled step, by operation kind.
+
+Runs the benchmark's train step (``benchmarks/vs_pytorch.py``: the same model,
+batch and optimizer) under ``jax.profiler.trace``, reads the trace's XLA
+operation events and sums their durations by kind, using the compiled HLO to
+tell what each operation is:
+
+* matmul: dots, and fusions or custom calls that contain one (oneDNN/Eigen
+  matmuls on CPU, cuBLAS/cuDNN on GPU);
+* fused elementwise / reduction: the remaining fusions (softmax, GELU, layer
+  norm, masking, the optimizer update);
+* data movement: copies, transposes, concatenations, slices, gathers,
+  scatters, dynamic slices/updates, pads, broadcasts;
+* other: everything else (control flow, constants, random bits, ...).
+
+Each kind's share is of the summed operation time.  Wall time of the profiled
+steps and the operations' summed time are both printed: their difference is
+time outside XLA operations (dispatch, Python) plus any parallel overlap.
+
+  python benchmarks/profile_step.py --config=tiny --batch=4
+  python benchmarks/profile_step.py --config=base --batch=8 --steps=2 --out=/tmp/profile_base.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.configure_host_runtime()
+
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+import time
+from typing import Dict, Iterable, List, Tuple
+
+import jax
+
+KINDS = ("matmul", "fused elementwise / reduction", "data movement", "other")
+_DATA_MOVEMENT = {"copy", "transpose", "concatenate", "slice", "dynamic-slice", "dynamic-update-slice",
+                  "gather", "scatter", "pad", "broadcast", "reshape", "bitcast", "copy-start", "copy-done",
+                  "reverse", "select-and-scatter"}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][a-z\-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+
+
+def hlo_operation_kinds(hlo_text: str) -> Dict[str, str]:
+  """Instruction name -> kind, for every instruction of the compiled module."""
+  computations: Dict[str, List[Tuple[str, str, str]]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    stripped = line.strip()
+    if stripped.endswith("{") and ("(" in stripped) and not stripped.startswith("ROOT") and "=" not in \
+        stripped.split("(")[0]:
+      # A computation header: "%name (params) -> shape {" or "ENTRY %name ...".
+      head = stripped.split("(")[0].replace("ENTRY", "").strip().lstrip("%")
+      current = computations.setdefault(head, [])
+      continue
+    match = _INSTRUCTION.match(line)
+    if match and current is not None:
+      current.append((match.group(1), match.group(2), line))
+
+  def contains_dot(computation: str, seen=()) -> bool:
+    for _, opcode, line in computations.get(computation, ()):
+      if opcode in ("dot", "convolution") or (opcode == "custom-call" and _is_matmul_call(line)):
+        return True
+      for callee in _CALLS.findall(line):
+        if callee not in seen and contains_dot(callee, seen + (computation,)):
+          return True
+    return False
+
+  kinds = {}
+  for instructions in computations.values():
+    for name, opcode, line in instructions:
+      if opcode in ("dot", "convolution"):
+        kind = "matmul"
+      elif opcode == "custom-call":
+        kind = "matmul" if _is_matmul_call(line) else "other"
+      elif opcode == "fusion":
+        callees = _CALLS.findall(line)
+        if any(contains_dot(c) for c in callees):
+          kind = "matmul"
+        elif re.match(r"(copy|transpose|bitcast|concatenate|slice|dynamic|gather|scatter|pad|broadcast)",
+                      name):
+          # XLA names a fusion after its root: these only move data.
+          kind = "data movement"
+        else:
+          kind = "fused elementwise / reduction"
+      elif opcode in _DATA_MOVEMENT:
+        kind = "data movement"
+      elif opcode in ("reduce", "reduce-window", "add", "multiply", "exponential", "divide", "subtract",
+                      "maximum", "select", "compare", "convert", "tanh", "rsqrt", "sqrt", "log"):
+        kind = "fused elementwise / reduction"
+      else:
+        kind = "other"
+      kinds[name] = kind
+  return kinds
+
+
+def _is_matmul_call(line: str) -> bool:
+  target = _CUSTOM_TARGET.search(line)
+  name = (target.group(1) if target else "").lower()
+  return any(word in name for word in ("matmul", "gemm", "conv", "dot", "cublas", "cudnn", "onednn"))
+
+
+def trace_events(log_dir: str) -> List[dict]:
+  paths = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+  if not paths:
+    raise FileNotFoundError(f"no *.trace.json.gz under {log_dir}/plugins/profile")
+  with gzip.open(paths[-1], "rb") as f:
+    return [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+
+
+def breakdown(events: Iterable[dict], kinds: Dict[str, str]) -> Dict:
+  """Sums the durations of events named after compiled-module instructions."""
+  by_name: Dict[str, float] = collections.defaultdict(float)
+  for event in events:
+    name = event.get("name", "")
+    if name in kinds:
+      by_name[name] += event["dur"] * 1e-6
+  by_kind = {k: 0.0 for k in KINDS}
+  for name, seconds in by_name.items():
+    by_kind[kinds[name]] += seconds
+  total = sum(by_kind.values())
+  return {"op_seconds_total": total, "op_seconds_by_kind": by_kind,
+          "op_share_by_kind": {k: (v / total if total else 0.0) for k, v in by_kind.items()},
+          "ops": sorted(({"name": n, "kind": kinds[n], "seconds": s} for n, s in by_name.items()),
+                        key=lambda o: -o["seconds"])}
+
+
+def profile(config: str, batch: int, steps: int, dtype: str = "float32") -> Dict:
+  from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
+  from clinvla_jax import api  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  cfg = vs_pytorch.build_config(config, dtype=dtype)
+  mcfg = api.model_config(cfg)
+  num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
+  batch_np = vs_pytorch.synthetic_batch(mcfg, batch, num_kept, seed=0)
+  params = api.init_params(cfg, jax.random.key(0))["params"]
+  step, state, compiled, _ = vs_pytorch.make_jax_train(cfg, params, batch_np)
+  kinds = hlo_operation_kinds(compiled.as_text())
+  jbatch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+  state, loss = step(state, jbatch)
+  loss.block_until_ready()
+  with tempfile.TemporaryDirectory() as log_dir:
+    t = time.perf_counter()
+    with jax.profiler.trace(log_dir):
+      for _ in range(steps):
+        state, loss = step(state, jbatch)
+        loss.block_until_ready()
+    wall = time.perf_counter() - t
+    events = trace_events(log_dir)
+  result = breakdown(events, kinds)
+  result.update({"config": config, "batch": batch, "steps": steps, "dtype": dtype, "wall_s": wall,
+                 "wall_s_per_step": wall / steps, "device_kind": jax.devices()[0].device_kind,
+                 "matched_instructions": len(result["ops"]), "hlo_instructions": len(kinds)})
+  return result
+
+
+def print_breakdown(r: Dict, top: int) -> None:
+  print(f"\n== profile: ClinVLA {r['config']}, batch {r['batch']}, {r['dtype']}, {r['device_kind']}, "
+        f"{r['steps']} steps")
+  print(f"   wall {r['wall_s_per_step']:.4f} s/step; XLA operations {r['op_seconds_total'] / r['steps']:.4f} s/step "
+        f"({r['matched_instructions']} of {r['hlo_instructions']} instructions seen in the trace)")
+  for kind in KINDS:
+    print(f"   {kind:32s} {r['op_seconds_by_kind'][kind] / r['steps']:9.4f} s/step  "
+          f"{100 * r['op_share_by_kind'][kind]:5.1f} %")
+  print(f"   top {top} operations (s/step):")
+  for op in r["ops"][:top]:
+    print(f"     {op['seconds'] / r['steps']:9.4f}  {op['kind']:32s} {op['name']}")
+
+
+def main():
+  # argparse, not absl flags: the benchmark module imported here defines its own.
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="tiny", help="tiny | base | a path to a config file.")
+  parser.add_argument("--batch", type=int, default=4, help="Studies per step.")
+  parser.add_argument("--steps", type=int, default=2, help="Profiled steps (after one untimed step).")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
+  parser.add_argument("--top", type=int, default=15, help="Operations listed individually.")
+  parser.add_argument("--out", default=None, help="Write the breakdown here as JSON.")
+  args = parser.parse_args()
+  result = profile(args.config, args.batch, args.steps, args.dtype)
+  print_breakdown(result, args.top)
+  if args.out:
+    from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
+    vs_pytorch.write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

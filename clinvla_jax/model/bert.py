@@ -105,7 +105,7 @@ class BertLayer(nn.Module):
       lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="language_adapter")(y) + residual
       y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="task_adapter")(lang) + residual
     x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_norm")(y + x)
-    return layers.constrain(x, ("batch", "act_length", "act_embed"))
+    return layers.residual_grad_barrier(layers.constrain(x, ("batch", "act_length", "act_embed")))
 
 
 class TextTower(nn.Module):

@@ -40,6 +40,42 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def residual_grad_barrier(x: jax.Array) -> jax.Array:
+  """The identity, whose gradient is materialised before it flows into the block below.
+
+  Called on the residual stream at the end of every transformer block.  On
+  CPU, XLA otherwise fuses the residual gradient's chain of elementwise terms
+  (one set per LayerNorm below) into each consumer and recomputes it there, so
+  the work grows with the square of the depth: in the base train step such
+  fusions took a quarter of the time (benchmarks/profile_step.py; 7.2 -> 5.4 s
+  per step with the barrier, benchmarks/RESULTS.md).  XLA:CPU drops
+  ``optimization_barrier`` before fusing, but does not fuse across a
+  conditional, hence the conditional.  Other backends keep their own fusion
+  decisions (a conditional there would cost a host round trip).
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  return _materialised_grad(x)
+
+
+@jax.custom_vjp
+def _materialised_grad(x):
+  return x
+
+
+def _materialised_grad_fwd(x):
+  return x, None
+
+
+def _materialised_grad_bwd(_, g):
+  # Both branches return g unchanged, so the predicate never matters; the
+  # barrier in one of them only keeps XLA from merging the two into nothing.
+  return (jax.lax.cond(g.reshape(-1)[0] > 0, lambda t: t, jax.lax.optimization_barrier, g),)
+
+
+_materialised_grad.defvjp(_materialised_grad_fwd, _materialised_grad_bwd)
+
+
 def gelu_exact(x: jax.Array) -> jax.Array:
   # Both peers (HF BERT "gelu" and timm nn.GELU) use the erf form, not tanh.
   return jax.nn.gelu(x, approximate=False)

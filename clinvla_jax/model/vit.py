@@ -123,7 +123,7 @@ class Block(nn.Module):
     if cfg.adapter_dim:
       y = y + layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="adapter")(y)
     x = x + y
-    return layers.constrain(x, ("batch", "act_length", "act_embed"))
+    return layers.residual_grad_barrier(layers.constrain(x, ("batch", "act_length", "act_embed")))
 
 
 class ImageTower(nn.Module):

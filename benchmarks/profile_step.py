@@ -135,7 +135,8 @@ def breakdown(events: Iterable[dict], kinds: Dict[str, str]) -> Dict:
                         key=lambda o: -o["seconds"])}
 
 
-def profile(config: str, batch: int, steps: int, dtype: str = "float32") -> Dict:
+def profile(config: str, batch: int, steps: int, dtype: str = "float32", part: str = "train") -> Dict:
+  """part: "train" (the train step) or "embed" (inference embedding of one frontal view + report)."""
   from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
   from clinvla_jax import api  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
@@ -144,30 +145,40 @@ def profile(config: str, batch: int, steps: int, dtype: str = "float32") -> Dict
   cfg = vs_pytorch.build_config(config, dtype=dtype)
   mcfg = api.model_config(cfg)
   num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
-  batch_np = vs_pytorch.synthetic_batch(mcfg, batch, num_kept, seed=0)
   params = api.init_params(cfg, jax.random.key(0))["params"]
-  step, state, compiled, _ = vs_pytorch.make_jax_train(cfg, params, batch_np)
+  if part == "train":
+    batch_np = vs_pytorch.synthetic_batch(mcfg, batch, num_kept, seed=0)
+    step, state, compiled, _ = vs_pytorch.make_jax_train(cfg, params, batch_np)
+    jbatch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+    holder = {"state": state}
+
+    def run_once():
+      holder["state"], loss = step(holder["state"], jbatch)
+      loss.block_until_ready()
+  elif part == "embed":
+    batch_np = vs_pytorch.synthetic_batch(mcfg, batch, mcfg.image.num_patches, seed=1, views=1)
+    batch_np["view_valid"][:] = True
+    run_once, compiled = vs_pytorch.make_jax_embed(cfg, {"params": params}, batch_np)
+  else:
+    raise ValueError(f"part must be train or embed, got {part!r}")
   kinds = hlo_operation_kinds(compiled.as_text())
-  jbatch = {k: jnp.asarray(v) for k, v in batch_np.items()}
-  state, loss = step(state, jbatch)
-  loss.block_until_ready()
+  run_once()
   with tempfile.TemporaryDirectory() as log_dir:
     t = time.perf_counter()
     with jax.profiler.trace(log_dir):
       for _ in range(steps):
-        state, loss = step(state, jbatch)
-        loss.block_until_ready()
+        run_once()
     wall = time.perf_counter() - t
     events = trace_events(log_dir)
   result = breakdown(events, kinds)
-  result.update({"config": config, "batch": batch, "steps": steps, "dtype": dtype, "wall_s": wall,
+  result.update({"part": part, "config": config, "batch": batch, "steps": steps, "dtype": dtype, "wall_s": wall,
                  "wall_s_per_step": wall / steps, "device_kind": jax.devices()[0].device_kind,
                  "matched_instructions": len(result["ops"]), "hlo_instructions": len(kinds)})
   return result
 
 
 def print_breakdown(r: Dict, top: int) -> None:
-  print(f"\n== profile: ClinVLA {r['config']}, batch {r['batch']}, {r['dtype']}, {r['device_kind']}, "
+  print(f"\n== profile of the {r['part']} step: ClinVLA {r['config']}, batch {r['batch']}, {r['dtype']}, {r['device_kind']}, "
         f"{r['steps']} steps")
   print(f"   wall {r['wall_s_per_step']:.4f} s/step; XLA operations {r['op_seconds_total'] / r['steps']:.4f} s/step "
         f"({r['matched_instructions']} of {r['hlo_instructions']} instructions seen in the trace)")
@@ -187,10 +198,11 @@ def main():
   parser.add_argument("--batch", type=int, default=4, help="Studies per step.")
   parser.add_argument("--steps", type=int, default=2, help="Profiled steps (after one untimed step).")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
+  parser.add_argument("--part", default="train", choices=["train", "embed"], help="What to profile.")
   parser.add_argument("--top", type=int, default=15, help="Operations listed individually.")
   parser.add_argument("--out", default=None, help="Write the breakdown here as JSON.")
   args = parser.parse_args()
-  result = profile(args.config, args.batch, args.steps, args.dtype)
+  result = profile(args.config, args.batch, args.steps, args.dtype, args.part)
   print_breakdown(result, args.top)
   if args.out:
     from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top

@@ -34,8 +34,10 @@ TCMALLOC_CANDIDATES = (
 )
 _REEXEC_MARK = "CLINVLA_RUNTIME_REEXEC"
 
-# Flags measured to help the CPU train step (benchmarks/RESULTS.md); none yet
-# beyond the allocator, so the default adds nothing.
+# Flags measured to help the CPU train step (benchmarks/RESULTS.md).  None did
+# beyond noise: disabling YNNPACK dots, oneDNN matmuls and the legacy fusion
+# emitters each moved the base step by less than the run-to-run spread, so the
+# default adds nothing.
 DEFAULT_CPU_XLA_FLAGS: Sequence[str] = ()
 
 

@@ -120,15 +120,27 @@ def test_gpu_script_runs_its_sequence_on_cpu_with_tiny(tmp_path):
   assert (tmp_path / "runs.log").read_text().count("== ClinVLA tiny") == 4
 
 
-def test_profile_breakdown_classifies_the_compiled_step(tmp_path):
+@pytest.mark.parametrize("part", ["train", "embed"])
+def test_profile_breakdown_classifies_the_compiled_step(part):
   from benchmarks import profile_step
-  result = profile_step.profile("tiny", batch=2, steps=1)
+  result = profile_step.profile("tiny", batch=2, steps=1, part=part)
+  assert result["part"] == part
   shares = result["op_share_by_kind"]
   assert set(shares) == set(profile_step.KINDS)
   assert abs(sum(shares.values()) - 1.0) < 1e-6
   # A transformer step is mostly matmuls and fused elementwise work; both must be seen.
   assert shares["matmul"] > 0 and shares["fused elementwise / reduction"] > 0
   assert result["matched_instructions"] > 50
+
+
+def test_matmul_rates_count_flops_and_time_both_frameworks():
+  from benchmarks import matmul_rates
+  assert matmul_rates._flops("mk,kn->mn", (3, 4), (4, 5)) == 2 * 3 * 4 * 5
+  assert matmul_rates._flops("bqd,bkd->bqk", (2, 3, 4), (2, 5, 4)) == 2 * 2 * 3 * 5 * 4
+  rows = matmul_rates.measure(scale=0.05, repeats=1)
+  assert [r["name"] for r in rows] == [name for name, *_ in matmul_rates.BASE_SHAPES]
+  for r in rows:
+    assert r["jax_s"] > 0 and r["torch_s"] > 0 and r["flops"] > 0
 
 
 def test_hlo_operation_kinds_reads_fusions():

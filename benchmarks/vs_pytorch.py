@@ -32,7 +32,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from absl import app
 from absl import flags
@@ -150,8 +150,12 @@ def _cost_flops(compiled) -> float:
 # ---------------------------------------------------------------- JAX side
 
 
-def make_jax_train(cfg, params, batch_np, num_steps: int = 1000):
-  """(step(state, batch) -> (state, loss), initial state, compiled, compile seconds)."""
+def make_jax_train(cfg, params, batch_np, num_steps: int = 1000, compiler_options: Optional[Dict] = None):
+  """(step(state, batch) -> (state, loss), initial state, compiled, compile seconds).
+
+  compiler_options: XLA debug options for this compilation only (e.g.
+  ``{"xla_cpu_use_xnnpack": True}``), so that variants can be compared in one process.
+  """
   from clinvla_jax.train import make_train_step  # pylint: disable=g-import-not-at-top
   model = api.build_model(cfg)
   rules = list(cfg.optim.param_groups)
@@ -164,7 +168,7 @@ def make_jax_train(cfg, params, batch_np, num_steps: int = 1000):
   jitted = jax.jit(step_fn, donate_argnums=(0,))
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
   t = time.perf_counter()
-  compiled = jitted.lower(state, frozen, batch).compile()
+  compiled = jitted.lower(state, frozen, batch).compile(compiler_options=compiler_options)
   compile_s = time.perf_counter() - t
 
   def step(state, batch):
@@ -173,7 +177,7 @@ def make_jax_train(cfg, params, batch_np, num_steps: int = 1000):
   return step, state, compiled, compile_s
 
 
-def make_jax_embed(cfg, variables, batch_np):
+def make_jax_embed(cfg, variables, batch_np, compiler_options: Optional[Dict] = None):
   model = api.build_model(cfg)
 
   def embed(variables, patches, patch_idx, view_valid, input_ids, attention_mask):
@@ -182,7 +186,7 @@ def make_jax_embed(cfg, variables, batch_np):
     return image["global"], text["global"]
 
   args = [jnp.asarray(batch_np[k]) for k in MODEL_INPUTS]
-  compiled = jax.jit(embed).lower(variables, *args).compile()
+  compiled = jax.jit(embed).lower(variables, *args).compile(compiler_options=compiler_options)
 
   def run():
     out = compiled(variables, *args)

@@ -34,10 +34,11 @@ TCMALLOC_CANDIDATES = (
 )
 _REEXEC_MARK = "CLINVLA_RUNTIME_REEXEC"
 
-# Flags measured to help the CPU train step (benchmarks/RESULTS.md).  None did
-# beyond noise: disabling YNNPACK dots, oneDNN matmuls and the legacy fusion
-# emitters each moved the base step by less than the run-to-run spread, so the
-# default adds nothing.
+# Flags measured on the CPU train step and embedding (benchmarks/RESULTS.md,
+# benchmarks/xla_options.py).  None helped beyond noise: disabling YNNPACK dots,
+# oneDNN matmuls, XNNPACK (with or without greedy graph fusion), 512-bit vectors,
+# the concurrency-optimised scheduler and the legacy fusion emitters each moved
+# the base step by less than the run-to-run spread, so the default adds nothing.
 DEFAULT_CPU_XLA_FLAGS: Sequence[str] = ()
 
 

@@ -143,6 +143,28 @@ def test_matmul_rates_count_flops_and_time_both_frameworks():
     assert r["jax_s"] > 0 and r["torch_s"] > 0 and r["flops"] > 0
 
 
+def test_xla_options_compares_variants_in_one_process(tmp_path):
+  from benchmarks import xla_options
+  out = tmp_path / "xo.json"
+  result = xla_options.main(["--config=tiny", "--batch=2", "--steps=1", "--warmup=1",
+                             '--variant=vec512={"xla_cpu_prefer_vector_width": 512}', f"--out={out}"])
+  assert json.loads(out.read_text())["train"].keys() == result["train"].keys() == {"default", "vec512", "torch"}
+  for part in ("train", "embed"):
+    rows = result[part]
+    assert rows["default"]["vs_default"] == 1.0 and rows["torch"]["vs_torch"] == 1.0
+    for row in rows.values():
+      assert row["median_s"] > 0 and len(row["times"]) == 1
+  assert result["variants"]["vec512"] == {"xla_cpu_prefer_vector_width": 512}
+
+
+@pytest.mark.parametrize("text, message", [("novalue", "NAME=JSON"), ("x={bad", "not JSON"),
+                                           ("x=[1]", "JSON object")])
+def test_xla_options_rejects_malformed_variants(text, message):
+  from benchmarks import xla_options
+  with pytest.raises(ValueError, match=message):
+    xla_options.parse_variant(text)
+
+
 def test_hlo_operation_kinds_reads_fusions():
   from benchmarks import profile_step
   hlo = """

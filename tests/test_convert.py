@@ -36,7 +36,7 @@ def test_positions_truncated_and_weights_placed(variables, minilm_state):
 
 
 def test_prefixed_gamma_beta_bin_and_npz_load_alike(variables, minilm_state, tmp_path):
-  torch = pytest.importorskip("torch")
+  import torch
   reference = convert.load_text_weights(variables, minilm_state)
   renamed = {}
   for key, value in minilm_state.items():
@@ -81,8 +81,8 @@ def test_missing_file_and_unsupported_format(variables, tmp_path):
 
 
 def test_vit_checkpoint_with_mae_extras_loads():
-  timm = pytest.importorskip("timm")
-  torch = pytest.importorskip("torch")
+  import timm
+  import torch
   model = timm.models.vision_transformer.VisionTransformer(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
                                                            num_classes=0)
   state = {k: v for k, v in model.state_dict().items()}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import jax
 
@@ -23,7 +23,7 @@ def _minilm_overrides(adapters: bool):
 
 @pytest.fixture(scope="module")
 def hf_minilm(minilm_dir):
-  transformers = pytest.importorskip("transformers")
+  import transformers
   model = transformers.BertModel.from_pretrained(str(minilm_dir), local_files_only=True,
                                                  attn_implementation="eager").eval()
   tokenizer = transformers.BertTokenizerFast.from_pretrained(str(minilm_dir), local_files_only=True)
@@ -89,7 +89,7 @@ VIT_OVERRIDES = {
 
 
 def _timm_vit(seed=0):
-  timm = pytest.importorskip("timm")
+  import timm
   torch.manual_seed(seed)
   model = timm.models.vision_transformer.VisionTransformer(
       img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=192, depth=2, num_heads=3,

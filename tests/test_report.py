@@ -1,7 +1,6 @@
 """Tests of clinvla_jax.evaluate.report and the run_evaluators entry point."""
 
 import json
-import pathlib
 
 import matplotlib.image
 import numpy as np
@@ -12,8 +11,9 @@ from clinvla_jax.evaluate import report
 from clinvla_jax.evaluate import retrieval
 from clinvla_jax.evaluate import zeroshot
 
-LISTS_DIR = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-             / "labels" / "chexpert_8x200")
+from conftest import SHARED_DATA
+
+LISTS_DIR = SHARED_DATA / "labels" / "chexpert_8x200"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -213,8 +213,7 @@ def synthetic_inputs(rng):
   }, text_embed_fn
 
 
-@pytest.mark.skipif(not LISTS_DIR.is_dir(), reason="8x200 lists not present")
-def test_run_evaluators_end_to_end(tmp_path):
+def test_run_evaluators_end_to_end(tmp_path, shared_data):
   embeddings, text_embed_fn = synthetic_inputs(np.random.default_rng(1))
   names = ["chexpert_8x200", "chexpert_5x200", "rsna", "ms_cxr_t", "covid_cxr"]
   config = {"chexpert_8x200_dir": str(LISTS_DIR), "retrieval_ks": (5, 9)}

@@ -1,16 +1,14 @@
 """Tests of clinvla_jax.evaluate.retrieval."""
 
-import pathlib
 
 import numpy as np
 import pytest
 
 from clinvla_jax.evaluate import retrieval
 
-LISTS_DIR = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-             / "labels" / "chexpert_8x200")
-needs_lists = pytest.mark.skipif(not LISTS_DIR.is_dir(),
-                                 reason="CheXpert 8x200 lists not present")
+from conftest import SHARED_DATA
+
+LISTS_DIR = SHARED_DATA / "labels" / "chexpert_8x200"
 
 
 def loop_precision(sim, rel, k, exclude_self=False):
@@ -129,8 +127,7 @@ def test_one_hot_classes():
   assert out[0, 2] == 1 and out[1, 0] == 1 and out.sum() == 2
 
 
-@needs_lists
-def test_load_chexpert_8x200_lists():
+def test_load_chexpert_8x200_lists(shared_data):
   lists = retrieval.load_chexpert_8x200(LISTS_DIR)
   assert len(lists.candidate_paths) == 1600
   assert len(lists.image_query_paths) == 80

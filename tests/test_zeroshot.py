@@ -1,7 +1,6 @@
 """Tests of clinvla_jax.evaluate.zeroshot on synthetic embeddings."""
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -10,8 +9,10 @@ from sklearn import metrics as skm
 
 from clinvla_jax.evaluate import zeroshot
 
-REFERENCE_PROMPTS = (pathlib.Path(__file__).resolve().parents[2] / "shared"
-                     / "reference" / "prompts")
+from conftest import SHARED_DATA
+
+# The published prompt files sit beside the sample data (../shared/reference/prompts).
+REFERENCE_PROMPTS = SHARED_DATA.parent / "reference" / "prompts"
 
 
 def normalized(x):
@@ -41,7 +42,7 @@ def prompt_lookup_embed_fn(prompts_by_class, protos, rng, noise=0.1):
 
 def test_bundled_prompts_are_the_published_copies():
   if not REFERENCE_PROMPTS.is_dir():
-    pytest.skip("reference prompts not present")
+    pytest.fail(f"reference prompts not found at {REFERENCE_PROMPTS}")
   for name in (zeroshot.CHEXPERT_5X200_PROMPTS, zeroshot.PNEUMONIA_PROMPTS):
     ours = zeroshot.load_prompt_file(name)
     ref = json.loads((REFERENCE_PROMPTS / name).read_text())

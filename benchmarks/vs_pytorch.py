@@ -136,7 +136,7 @@ def machine_description() -> str:
   return desc
 
 
-def _median(xs: List[float]) -> float:
+def median(xs: List[float]) -> float:
   return float(statistics.median(xs)) if xs else float("nan")
 
 
@@ -269,7 +269,7 @@ def agreement(cfg32, params, host_params, batch_np, device) -> Dict[str, float]:
 # ---------------------------------------------------------------- main
 
 
-def _time_alternating(fns: Dict[str, Callable[[], None]], warmup: int, steps: int) -> Dict[str, List[float]]:
+def time_alternating(fns: Dict[str, Callable[[], None]], warmup: int, steps: int) -> Dict[str, List[float]]:
   times = {k: [] for k in fns}
   for i in range(warmup + steps):
     for name, fn in fns.items():
@@ -285,9 +285,9 @@ def _time_and_record(result: Dict, part: str, fns: Dict[str, Callable[[], None]]
                      steps: int) -> None:
   """Times ``fns`` alternately; stores ``{part}_s_{name}`` (median), ``{part}_times_{name}`` and
   ``{part}_ratio`` (JAX time / PyTorch time)."""
-  times = _time_alternating(fns, warmup, steps)
+  times = time_alternating(fns, warmup, steps)
   for name, ts in times.items():
-    result[f"{part}_s_{name}"] = _median(ts)
+    result[f"{part}_s_{name}"] = median(ts)
     result[f"{part}_times_{name}"] = ts
   if "torch" in times:
     result[f"{part}_ratio"] = result[f"{part}_s_jax"] / result[f"{part}_s_torch"]
@@ -419,7 +419,7 @@ def _peak_flops(dev, dtype: str) -> Dict:
       t = time.perf_counter()
       f(a, a).block_until_ready()
       times.append(time.perf_counter() - t)
-    rate = 2 * size ** 3 / _median(times)
+    rate = 2 * size ** 3 / median(times)
     return {"value": rate, "source": f"measured fp32 {size}x{size} matmul in this run"}
   return {"value": 0.0, "source": "unknown device"}
 

@@ -64,6 +64,7 @@ def compare(config: str, batch: int, variants: Dict[str, Dict], steps: int = 5, 
   torch_fns = {}
   if with_torch:
     import torch  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_clinvla  # pylint: disable=g-import-not-at-top
     _, torch_train, torch_embed = vs_pytorch.make_torch(cfg, host_params, torch.device("cpu"), "float32")
   for part in parts:
     if part == "train":
@@ -88,13 +89,13 @@ def compare(config: str, batch: int, variants: Dict[str, Dict], steps: int = 5, 
       else:
         fns[name], _ = vs_pytorch.make_jax_embed(cfg, {"params": params}, data, compiler_options=options)
     if with_torch:
-      tbatch = vs_pytorch._torch_batch(data)  # pylint: disable=protected-access
+      tbatch = torch_clinvla.to_torch_batch(data)
       fns["torch"] = ((lambda: torch_train(tbatch)) if part == "train" else (lambda: torch_embed(tbatch)))
     vs_pytorch.log(f"timing {part}: {', '.join(fns)} in turn")
-    times = vs_pytorch._time_alternating(fns, warmup, steps)  # pylint: disable=protected-access
+    times = vs_pytorch.time_alternating(fns, warmup, steps)
     rows = {}
     for name, ts in times.items():
-      rows[name] = {"median_s": vs_pytorch._median(ts), "min_s": min(ts), "times": ts}  # pylint: disable=protected-access
+      rows[name] = {"median_s": vs_pytorch.median(ts), "min_s": min(ts), "times": ts}
     for row in rows.values():
       row["vs_default"] = row["median_s"] / rows["default"]["median_s"]
       if "torch" in rows:

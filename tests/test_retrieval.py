@@ -1,14 +1,9 @@
 """Tests of clinvla_jax.evaluate.retrieval."""
 
-
 import numpy as np
 import pytest
 
 from clinvla_jax.evaluate import retrieval
-
-from conftest import SHARED_DATA
-
-LISTS_DIR = SHARED_DATA / "labels" / "chexpert_8x200"
 
 
 def loop_precision(sim, rel, k, exclude_self=False):
@@ -127,8 +122,8 @@ def test_one_hot_classes():
   assert out[0, 2] == 1 and out[1, 0] == 1 and out.sum() == 2
 
 
-def test_load_chexpert_8x200_lists(shared_data):
-  lists = retrieval.load_chexpert_8x200(LISTS_DIR)
+def test_load_chexpert_8x200_lists(chexpert_8x200_dir):
+  lists = retrieval.load_chexpert_8x200(chexpert_8x200_dir)
   assert len(lists.candidate_paths) == 1600
   assert len(lists.image_query_paths) == 80
   assert len(lists.text_queries) == 40

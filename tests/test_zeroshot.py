@@ -9,11 +9,6 @@ from sklearn import metrics as skm
 
 from clinvla_jax.evaluate import zeroshot
 
-from conftest import SHARED_DATA
-
-# The published prompt files sit beside the sample data (../shared/reference/prompts).
-REFERENCE_PROMPTS = SHARED_DATA.parent / "reference" / "prompts"
-
 
 def normalized(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -40,12 +35,10 @@ def prompt_lookup_embed_fn(prompts_by_class, protos, rng, noise=0.1):
 # --------------------------------------------------------------------------
 
 
-def test_bundled_prompts_are_the_published_copies():
-  if not REFERENCE_PROMPTS.is_dir():
-    pytest.fail(f"reference prompts not found at {REFERENCE_PROMPTS}")
+def test_bundled_prompts_are_the_published_copies(reference_prompts_dir):
   for name in (zeroshot.CHEXPERT_5X200_PROMPTS, zeroshot.PNEUMONIA_PROMPTS):
     ours = zeroshot.load_prompt_file(name)
-    ref = json.loads((REFERENCE_PROMPTS / name).read_text())
+    ref = json.loads((reference_prompts_dir / name).read_text())
     assert ours == ref
 
 

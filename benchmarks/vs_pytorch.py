@@ -150,6 +150,17 @@ def _cost_flops(compiled) -> float:
 # ---------------------------------------------------------------- JAX side
 
 
+def jax_train_runner(step, state, batch_np) -> Callable[[], None]:
+  """A no-argument callable that runs one donated train step on a fixed batch and waits for it."""
+  jbatch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+  holder = {"state": state}  # the step donates its input state, so each call must use the newest one
+
+  def run():
+    holder["state"], loss = step(holder["state"], jbatch)
+    loss.block_until_ready()
+  return run
+
+
 def make_jax_train(cfg, params, batch_np, num_steps: int = 1000, compiler_options: Optional[Dict] = None):
   """(step(state, batch) -> (state, loss), initial state, compiled, compile seconds).
 
@@ -357,13 +368,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     step, state, compiled, compile_s = make_jax_train(cfg, params, train_np)
     xla_train = _cost_flops(compiled)
     result.update({"xla_flops_train_step": xla_train, "compile_s_jax": compile_s})
-    jbatch = {k: jnp.asarray(v) for k, v in train_np.items()}
-    holder = {"state": state}
-
-    def jax_train():
-      holder["state"], loss = step(holder["state"], jbatch)
-      loss.block_until_ready()
-    fns = {"jax": jax_train}
+    fns = {"jax": jax_train_runner(step, state, train_np)}
     if torch is not None:
       log("building the PyTorch model")
       _, torch_train, _ = make_torch(cfg, host_params, device, dtype)
@@ -374,7 +379,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     for name, fl in (("xla", xla_train), ("analytic", analytic_train)):
       result[f"train_flops_per_s_{name}"] = fl / result["train_step_s_jax"]
       result[f"train_mfu_{name}"] = fl / result["train_step_s_jax"] / peak["value"] if peak["value"] else None
-    del holder
+    del fns  # drops the train state held by the runner before the embedding phase
     on_progress(result)
 
   if "embed" in parts:

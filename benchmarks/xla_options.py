@@ -29,7 +29,6 @@ import json
 from typing import Dict, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import vs_pytorch
 from clinvla_jax import api
@@ -61,7 +60,6 @@ def compare(config: str, batch: int, variants: Dict[str, Dict], steps: int = 5, 
   result = {"config": config, "batch": batch, "steps": steps, "warmup": warmup, "variants": variants,
             "machine": vs_pytorch.machine_description(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "load_average_start": list(os.getloadavg())}
-  torch_fns = {}
   if with_torch:
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_clinvla  # pylint: disable=g-import-not-at-top
@@ -78,14 +76,8 @@ def compare(config: str, batch: int, variants: Dict[str, Dict], steps: int = 5, 
     for name, options in variants.items():
       vs_pytorch.log(f"compiling {part} [{name}] {options}")
       if part == "train":
-        step, state, _, compile_s = vs_pytorch.make_jax_train(cfg, params, data, compiler_options=options)
-        jbatch = {k: jnp.asarray(v) for k, v in data.items()}
-        holder = {"state": state}
-
-        def run_train(step=step, holder=holder, jbatch=jbatch):
-          holder["state"], loss = step(holder["state"], jbatch)
-          loss.block_until_ready()
-        fns[name] = run_train
+        step, state, _, _ = vs_pytorch.make_jax_train(cfg, params, data, compiler_options=options)
+        fns[name] = vs_pytorch.jax_train_runner(step, state, data)
       else:
         fns[name], _ = vs_pytorch.make_jax_embed(cfg, {"params": params}, data, compiler_options=options)
     if with_torch:

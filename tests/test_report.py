@@ -232,9 +232,29 @@ def test_run_evaluators_end_to_end(tmp_path, chexpert_8x200_dir):
       **{f"covid_cxr/{d}/P@{k}": 1.0 for d in retrieval.DIRECTIONS
          for k in (5, 9)},
   }
-  assert results == pytest.approx(expected)
+  assert {k: results[k] for k in expected} == pytest.approx(expected)
+  companions = ("_chance", "_ci_low", "_ci_high", "_majority",
+                "_all_positive")
+  added = set(results) - set(expected)
+  assert all(k.endswith(companions) or "/R@" in k for k in added)
+  assert {k for k in added if "/R@" in k and not k.endswith(companions)} == {
+      f"covid_cxr/{d}/R@{k}" for d in ("image_to_text", "text_to_image")
+      for k in (1, 5, 10)}
+  # Chance: 200 of the 1600 candidates per 8x200 class, 25 of 125 studies per
+  # 5x200 class; RSNA is balanced, so always-positive reaches 2/3 F1.
+  assert results["chexpert_8x200/text_to_image/P@50_chance"] == 0.125
+  assert results["chexpert_5x200/image_to_text/P@5_chance"] == 0.2
+  assert results["chexpert_5x200/zero_shot/ACC_majority"] == 0.2
+  assert results["rsna/zero_shot/AUC_chance"] == 0.5
+  assert results["rsna/zero_shot/ACC_majority"] == 0.5
+  assert results["rsna/zero_shot/F1_all_positive"] == pytest.approx(2 / 3)
+  assert results["covid_cxr/image_to_text/R@5_chance"] == pytest.approx(5 / 30)
+  for key in expected:
+    if f"{key}_ci_low" in results:
+      assert (results[f"{key}_ci_low"] <= results[key]
+              <= results[f"{key}_ci_high"])
   written = report.write_results_json(results, tmp_path / "results.json")
-  assert written == pytest.approx(expected)
+  assert written == pytest.approx(results)
   text = report.write_markdown(results, tmp_path / "results.md")
   assert "| 100.0 | 100.0 | 100.0 |" in text
 

@@ -15,6 +15,18 @@ def loop_precision(sim, rel, k, exclude_self=False):
   return float(np.mean(out))
 
 
+COMPANIONS = ("_chance", "_ci_low", "_ci_high")
+
+
+def scores_only(results):
+  """The base scores, without their chance and interval companions."""
+  return {k: v for k, v in results.items() if not k.endswith(COMPANIONS)}
+
+
+def with_companions(keys):
+  return set(keys) | {k + c for k in keys for c in COMPANIONS}
+
+
 def normalized(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -54,8 +66,10 @@ def test_image_to_image_excludes_query_itself():
   img = protos[labels] + 1e-3 * np.arange(18)[:, None]
   got = retrieval.evaluate_retrieval(labels, image_emb=img, ks=(5, 6),
                                      directions=("image_to_image",))
-  assert got == {"image_to_image/P@5": 1.0,
-                 "image_to_image/P@6": pytest.approx(5 / 6)}
+  assert scores_only(got) == {"image_to_image/P@5": 1.0,
+                              "image_to_image/P@6": pytest.approx(5 / 6)}
+  # Chance leaves the query out too: 5 classmates among 17 other images.
+  assert got["image_to_image/P@5_chance"] == pytest.approx(5 / 17)
 
 
 def test_multilabel_generic_retrieval():
@@ -75,7 +89,7 @@ def test_multilabel_generic_retrieval():
 def test_missing_modality_is_skipped_and_bad_direction_rejected():
   labels = np.arange(6) % 2
   got = retrieval.evaluate_retrieval(labels, image_emb=np.eye(6), ks=(1,))
-  assert set(got) == {"image_to_image/P@1"}
+  assert set(got) == with_companions({"image_to_image/P@1"})
   with pytest.raises(ValueError):
     retrieval.evaluate_retrieval(labels, image_emb=np.eye(6), ks=(1,),
                                  directions=("text_to_text",))
@@ -92,8 +106,9 @@ def test_chexpert_5x200_keeps_own_report():
   assert got["image_to_text/P@1"] == 1.0
   # P@100 covers the whole gallery: exactly each class's share, 20 %.
   assert got["image_to_text/P@100"] == pytest.approx(0.2)
-  assert set(got) == {"image_to_text/P@1", "image_to_text/P@5",
-                      "image_to_text/P@100"}
+  assert set(got) == with_companions({"image_to_text/P@1", "image_to_text/P@5",
+                                      "image_to_text/P@100"})
+  assert got["image_to_text/P@5_chance"] == pytest.approx(0.2)
 
 
 def test_chexpert_5x200_matches_loop_and_default_ks():
@@ -162,11 +177,13 @@ def synthetic_8x200(rng, noise):
 def test_chexpert_8x200_perfect_embeddings():
   lists, cand, queries, text_fn = synthetic_8x200(np.random.default_rng(3), 0.0)
   got = retrieval.chexpert_8x200(cand, queries, text_fn, lists, ks=(5, 10, 12))
-  assert all(v == 1.0 for v in got.values())
-  assert len(got) == 6
+  assert all(v == 1.0 for v in scores_only(got).values())
+  assert len(scores_only(got)) == 6
+  # 12 of the 96 candidates belong to each query's class.
+  assert got["text_to_image/P@5_chance"] == pytest.approx(1 / 8)
   # One more than the class size: 12 of 13 can be right.
   got = retrieval.chexpert_8x200(cand, queries, None, lists, ks=(13,))
-  assert got == {"image_to_image/P@13": pytest.approx(12 / 13)}
+  assert scores_only(got) == {"image_to_image/P@13": pytest.approx(12 / 13)}
 
 
 def test_chexpert_8x200_noisy_matches_loop():

@@ -129,7 +129,8 @@ def test_chexpert_5x200_zero_shot_known_answer():
   fn, calls = prompt_lookup_embed_fn(prompts, protos, rng)
   labels = np.repeat(np.arange(5), 8)
   images = normalized(protos[labels] + 0.2 * rng.normal(size=(40, 32)))
-  assert zeroshot.chexpert_5x200_zero_shot(images, labels, fn) == {"ACC": 1.0}
+  assert zeroshot.chexpert_5x200_zero_shot(images, labels, fn) == {
+      "ACC": 1.0, "ACC_majority": 0.2, "ACC_ci_low": 1.0, "ACC_ci_high": 1.0}
   assert calls == [sum(len(p) for p in prompts.values())]  # one batched call
   # Class names work as labels too; shifted labels are all wrong.
   names = np.array(zeroshot.CHEXPERT_5X200_CLASSES)[labels]
@@ -168,7 +169,13 @@ def test_rsna_zero_shot_separable_and_vs_sklearn():
   p = zeroshot.binary_probability(noisy, pos_dir, neg_dir)
   assert out["AUC"] == pytest.approx(skm.roc_auc_score(y, p))
   assert 0.5 < out["AUC"] < 1.0
-  assert set(out) == {"AUC", "ACC", "F1", "ACC_std", "F1_std"}
+  assert set(out) == {"AUC", "ACC", "F1", "ACC_std", "F1_std", "AUC_chance",
+                      "ACC_majority", "F1_all_positive"}
+  assert out["AUC_chance"] == 0.5
+  # The baselines do not look at the images, only at the labels' balance.
+  assert out["ACC_majority"] == pytest.approx(1 - y.mean(), abs=0.01)
+  assert out["F1_all_positive"] == pytest.approx(2 * y.mean() / (1 + y.mean()),
+                                                 abs=0.01)
 
 
 # --------------------------------------------------------------------------

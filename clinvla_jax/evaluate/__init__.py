@@ -24,9 +24,21 @@ text queries.  The entry point is `run_evaluators`:
   "ms_cxr_t": {finding: EmbeddingSet(image=features, labels=[N] classes)}
       cross-validated linear probe, macro accuracy mean and std per finding.
   any other name: EmbeddingSet(image and/or text, labels [N] or [N, C])
-      generic retrieval in all available directions.
+      generic retrieval in all available directions; R@K where paired.
 
 Results are a flat dict "<name>/<task>/<metric>" -> fraction in [0, 1].
+Beside each score sit keys that tell whether it beats a model that learned
+nothing, and by how much it could move on another draw of the queries:
+
+  .../P@K_chance, .../R@K_chance   score of a uniformly random ranking
+  .../P@K_ci_low, .../P@K_ci_high  95 % bootstrap interval over queries
+  (same for R@K and for zero-shot ACC)
+  .../zero_shot/ACC_majority       always predicting the majority class
+  rsna/zero_shot/F1_all_positive   always predicting pneumonia
+  .../zero_shot/AUC_chance         0.5
+
+e.g. "chexpert_8x200/image_to_image/P@5_chance",
+"chexpert_5x200/zero_shot/ACC_majority".
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +69,10 @@ DEFAULT_CONFIG = {
     "linear_probe_seed": 0,
     "linear_probe_l2": 1e-3,
     "retrieval_ks": (5, 10, 50),
+    "recall_ks": retrieval.RECALL_KS,
+    # Percentile bootstrap of every interval; 0 resamples: no interval keys.
+    "bootstrap_resamples": retrieval.BOOTSTRAP_RESAMPLES,
+    "bootstrap_seed": retrieval.BOOTSTRAP_SEED,
 }
 
 
@@ -89,6 +105,11 @@ def _prefixed(prefix: str, results: Mapping[str, float]) -> dict[str, float]:
   return {f"{prefix}/{k}": v for k, v in results.items()}
 
 
+def _bootstrap(config: Optional[Mapping[str, Any]]) -> dict[str, int]:
+  return {"num_resamples": int(_cfg(config, "bootstrap_resamples")),
+          "seed": int(_cfg(config, "bootstrap_seed"))}
+
+
 def _rows_in_order(emb: EmbeddingSet, wanted: Sequence[str]) -> np.ndarray:
   if emb.ids is None:
     if np.shape(emb.image)[0] != len(wanted):
@@ -111,7 +132,8 @@ def eval_chexpert_8x200(emb: Mapping[str, EmbeddingSet],
   if "image_queries" in emb:
     queries = _rows_in_order(emb["image_queries"], lists.image_query_paths)
   return retrieval.chexpert_8x200(candidates, queries, text_embed_fn, lists,
-                                  _cfg(config, "chexpert_8x200_ks"))
+                                  _cfg(config, "chexpert_8x200_ks"),
+                                  **_bootstrap(config))
 
 
 def eval_chexpert_5x200(emb: EmbeddingSet,
@@ -121,12 +143,15 @@ def eval_chexpert_5x200(emb: EmbeddingSet,
   results = {}
   if emb.text is not None:
     results.update(retrieval.chexpert_5x200_image_to_text(
-        emb.image, emb.text, emb.labels, _cfg(config, "chexpert_5x200_ks")))
+        emb.image, emb.text, emb.labels, _cfg(config, "chexpert_5x200_ks"),
+        **_bootstrap(config)))
   if text_embed_fn is not None:
+    boot = _bootstrap(config)
     results.update(_prefixed("zero_shot", zeroshot.chexpert_5x200_zero_shot(
         emb.image, emb.labels, text_embed_fn,
         max_per_class=_cfg(config, "zero_shot_max_prompts"),
-        seed=_cfg(config, "zero_shot_seed"))))
+        seed=_cfg(config, "zero_shot_seed"),
+        num_resamples=boot["num_resamples"], bootstrap_seed=boot["seed"])))
   return results
 
 
@@ -163,7 +188,9 @@ def eval_generic_retrieval(emb: EmbeddingSet,
                            ) -> dict[str, float]:
   del text_embed_fn  # Reports are already embedded.
   return retrieval.evaluate_retrieval(emb.labels, emb.image, emb.text,
-                                      _cfg(config, "retrieval_ks"))
+                                      _cfg(config, "retrieval_ks"),
+                                      recall_ks=_cfg(config, "recall_ks"),
+                                      **_bootstrap(config))
 
 
 EVALUATORS = {

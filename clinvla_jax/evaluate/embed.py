@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from clinvla_jax import api
+from clinvla_jax.convert import common as convert_common
 from clinvla_jax.data import pipeline
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
@@ -385,7 +386,10 @@ def tokenizer_from_config(config) -> tokenizer_lib.Tokenizer:
   init = config.get("init") if hasattr(config, "get") else None
   vocab = (init.get("vocab") if init is not None else "") or ""
   weights = (init.get("text_weights") if init is not None else "") or ""
+  if vocab:
+    vocab = convert_common.resolve_path(vocab)
   if not vocab and weights:
+    weights = convert_common.resolve_path(weights)
     folder = weights if os.path.isdir(weights) else os.path.dirname(weights)
     candidate = os.path.join(folder, "vocab.txt")
     vocab = candidate if os.path.isfile(candidate) else ""

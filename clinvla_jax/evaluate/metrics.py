@@ -13,6 +13,13 @@ Conventions shared by every function here:
   gallery items is an error rather than a silently different metric.
 * Binary labels: 1 (or True) is the positive class.  A binary prediction is
   positive when ``score >= threshold``.
+* Chance levels say what a model that learned nothing would score: for P@K
+  the expected P@K of a uniformly random ranking, (relevant rankable items) /
+  (rankable items) per query, whatever K; for R@K (own paired item in the top
+  K) K / G; for accuracy the majority label; for AUC 0.5.
+* Uncertainty is a percentile bootstrap over queries (or studies): resample
+  them with replacement, take the mean of each resample, report the 2.5 and
+  97.5 percentiles.  It is seeded, so one input gives one interval.
 """
 
 from collections.abc import Sequence
@@ -166,14 +173,204 @@ def precision_at_k(
     {K: mean P@K}.
   """
   relevant = relevance_matrix(query_labels, gallery_labels)
-  exclude_index = None
-  if exclude_self:
-    q, g = relevant.shape
-    if q != g:
-      raise ValueError(f"exclude_self needs Q == G, got {q} and {g}")
-    exclude_index = np.arange(q)
+  exclude_index = _self_exclusion(relevant.shape, exclude_self)
   per_query = precision_at_k_per_query(similarity, relevant, ks, exclude_index)
   return {k: float(v) for k, v in zip(ks, per_query.mean(axis=0))}
+
+
+def _self_exclusion(shape: tuple[int, int],
+                    exclude_self: bool) -> Optional[np.ndarray]:
+  """exclude_index that drops query i from its own gallery, or None."""
+  if not exclude_self:
+    return None
+  q, g = shape
+  if q != g:
+    raise ValueError(f"exclude_self needs Q == G, got {q} and {g}")
+  return np.arange(q)
+
+
+def chance_precision_per_query(
+    relevant: np.ndarray,
+    exclude_index: Optional[np.ndarray] = None) -> np.ndarray:
+  """Expected P@K of each query under a uniformly random gallery ranking.
+
+  A random ranking puts each rankable item in the top K with probability
+  K / n, so the expected number of relevant items there is K * r / n and the
+  expected P@K is r / n for every K (r relevant and n rankable items).  An
+  excluded item counts in neither r nor n.
+
+  Args:
+    relevant: bool [Q, G] relevance (see `relevance_matrix`).
+    exclude_index: optional int [Q], as in `precision_at_k_per_query`.
+
+  Returns:
+    float [Q].
+  """
+  relevant = np.asarray(relevant, dtype=bool)
+  if relevant.ndim != 2:
+    raise ValueError(f"relevance must be [Q, G], got {relevant.shape}")
+  rankable = np.full(relevant.shape[0], relevant.shape[1], dtype=np.float64)
+  if exclude_index is not None:
+    excluded = _exclusion_mask(relevant.shape, exclude_index)
+    relevant = relevant & ~excluded
+    rankable -= excluded.sum(axis=1)
+  if (rankable < 1).any():
+    raise ValueError("a query has no rankable gallery item")
+  return relevant.sum(axis=1) / rankable
+
+
+def bootstrap_ci(per_item: np.ndarray, num_resamples: int = 1000,
+                 seed: int = 0, level: float = 0.95
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Percentile bootstrap interval of a mean over items (e.g. queries).
+
+  Every resample draws Q items with replacement from
+  ``np.random.default_rng(seed)``; all columns share the same resamples, so
+  the intervals of P@5 and P@10 of one query set come from one set of draws.
+
+  Args:
+    per_item: float [Q] or [Q, M] per-item scores (e.g. per-query P@K).
+    num_resamples: bootstrap resamples (>= 1).
+    seed: resampling seed.
+    level: coverage of the interval.
+
+  Returns:
+    (low, high): floats for [Q] input, float [M] arrays for [Q, M].
+  """
+  x = np.asarray(per_item, dtype=np.float64)
+  if x.ndim not in (1, 2) or x.shape[0] < 1:
+    raise ValueError(f"expected [Q] or [Q, M] with Q >= 1, got {x.shape}")
+  if num_resamples < 1:
+    raise ValueError("num_resamples must be >= 1")
+  if not 0.0 < level < 1.0:
+    raise ValueError("level must lie in (0, 1)")
+  cols = x.reshape(x.shape[0], -1)
+  n = cols.shape[0]
+  rng = np.random.default_rng(seed)
+  means = np.empty((num_resamples, cols.shape[1]))
+  # Draws go in chunks so that memory stays bounded for large query sets; the
+  # chunk size depends on Q alone, so the interval stays a function of the
+  # inputs and the seed.
+  chunk = max(1, 2**21 // (n * cols.shape[1]))
+  for start in range(0, num_resamples, chunk):
+    stop = min(start + chunk, num_resamples)
+    idx = rng.integers(0, n, size=(stop - start, n))
+    means[start:stop] = cols[idx].mean(axis=1)
+  tail = 100.0 * (1.0 - level) / 2.0
+  low, high = np.percentile(means, [tail, 100.0 - tail], axis=0)
+  if x.ndim == 1:
+    return float(low[0]), float(high[0])
+  return low, high
+
+
+def summarize(name: str, per_item: np.ndarray, chance: Optional[float],
+              num_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+  """{name: mean, name_chance, name_ci_low, name_ci_high} of one score.
+
+  ``chance`` None leaves out the chance key; ``num_resamples`` 0 leaves out
+  the interval.
+  """
+  x = np.asarray(per_item, dtype=np.float64)
+  out = {name: float(x.mean())}
+  if chance is not None:
+    out[f"{name}_chance"] = float(chance)
+  if num_resamples:
+    low, high = bootstrap_ci(x, num_resamples, seed)
+    out[f"{name}_ci_low"] = float(low)
+    out[f"{name}_ci_high"] = float(high)
+  return out
+
+
+def precision_at_k_summary(
+    similarity: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ks: Sequence[int] = (5, 10, 50),
+    exclude_self: bool = False,
+    num_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+  """Mean P@K with its chance level and bootstrap interval over queries.
+
+  Args: as `precision_at_k`, plus the bootstrap's ``num_resamples`` (0: no
+    interval) and ``seed``.
+
+  Returns:
+    {"P@K": mean (as `precision_at_k`), "P@K_chance": mean of
+     `chance_precision_per_query`, "P@K_ci_low", "P@K_ci_high"} per K.
+  """
+  relevant = relevance_matrix(query_labels, gallery_labels)
+  exclude_index = _self_exclusion(relevant.shape, exclude_self)
+  per_query = precision_at_k_per_query(similarity, relevant, ks, exclude_index)
+  chance = float(chance_precision_per_query(relevant, exclude_index).mean())
+  low = high = None
+  if num_resamples:
+    low, high = bootstrap_ci(per_query, num_resamples, seed)
+  out = {}
+  for j, k in enumerate(ks):
+    out[f"P@{k}"] = float(per_query[:, j].mean())
+    out[f"P@{k}_chance"] = chance
+    if low is not None:
+      out[f"P@{k}_ci_low"] = float(low[j])
+      out[f"P@{k}_ci_high"] = float(high[j])
+  return out
+
+
+def rank_of(similarity: np.ndarray, target_index: np.ndarray) -> np.ndarray:
+  """1-based rank of one gallery item per query, as `rank_gallery` ranks.
+
+  An item is ahead of the target when its score is higher, or equal with a
+  lower gallery index (the stable tie rule), so no full sort is needed.
+
+  Args:
+    similarity: float [Q, G].
+    target_index: int [Q] gallery index of each query's target.
+
+  Returns:
+    int [Q] in [1, G].
+  """
+  sim = np.asarray(similarity, dtype=np.float64)
+  if sim.ndim != 2:
+    raise ValueError(f"similarity must be [Q, G], got {sim.shape}")
+  if np.isnan(sim).any():
+    raise ValueError("similarity contains NaN")
+  target = np.asarray(target_index, dtype=np.int64)
+  if target.shape != (sim.shape[0],):
+    raise ValueError(f"target_index must be [{sim.shape[0]}], got "
+                     f"{target.shape}")
+  if ((target < 0) | (target >= sim.shape[1])).any():
+    raise ValueError("target_index outside the gallery")
+  own = sim[np.arange(sim.shape[0]), target][:, None]
+  lower_index = np.arange(sim.shape[1])[None, :] < target[:, None]
+  ahead = (sim > own) | ((sim == own) & lower_index)
+  return ahead.sum(axis=1) + 1
+
+
+def recall_at_k_per_query(similarity: np.ndarray, ks: Sequence[int],
+                          target_index: Optional[np.ndarray] = None
+                          ) -> np.ndarray:
+  """Instance-level R@K: is each query's own item among its top K?
+
+  Args:
+    similarity: float [Q, G].
+    ks: cut-offs, each in [1, G].
+    target_index: int [Q] gallery index of each query's own item; by default
+      query i's item is gallery item i (paired sets, Q == G).
+
+  Returns:
+    float [Q, len(ks)] of 0/1.
+  """
+  sim = np.asarray(similarity)
+  if target_index is None:
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+      raise ValueError(f"paired recall needs a square similarity, got "
+                       f"{sim.shape}")
+    target_index = np.arange(sim.shape[0])
+  for k in ks:
+    if not 1 <= k <= sim.shape[1]:
+      raise ValueError(f"K={k} outside [1, {sim.shape[1]}] gallery items")
+  rank = rank_of(sim, target_index)
+  return np.stack([(rank <= k).astype(np.float64) for k in ks], axis=1)
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +383,34 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
   y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
   _check_same_length(y_true, y_pred)
   return float(np.mean(y_true == y_pred))
+
+
+def majority_accuracy(y_true: np.ndarray) -> float:
+  """Accuracy of always predicting the most frequent class of ``y_true``."""
+  y = np.asarray(y_true)
+  if y.ndim != 1 or y.size == 0:
+    raise ValueError(f"expected non-empty 1-D labels, got {y.shape}")
+  _, counts = np.unique(y, return_counts=True)
+  return float(counts.max() / y.size)
+
+
+def majority_label_hits(positive: np.ndarray) -> np.ndarray:
+  """Top-1 hits of always predicting the label most often positive.
+
+  The multi-label counterpart of `majority_accuracy`: a study is a hit when
+  the single label positive in the most studies (the lowest column among
+  equals) is one of its positive labels.
+
+  Args:
+    positive: bool [N, C].
+
+  Returns:
+    bool [N].
+  """
+  pos = np.asarray(positive, dtype=bool)
+  if pos.ndim != 2 or pos.shape[1] == 0:
+    raise ValueError(f"expected [N, C] positives, got {pos.shape}")
+  return pos[:, int(np.argmax(pos.sum(axis=0)))]
 
 
 def macro_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -361,3 +586,26 @@ def threshold_cv(
       "F1_std": float(np.std(f1s)),
       "thresholds": chosen,
   }
+
+
+def threshold_cv_baselines(y_true: np.ndarray, n_splits: int = 10,
+                           seed: int = 0) -> dict[str, float]:
+  """What `threshold_cv` reports for two predictors that ignore the image.
+
+  Scored on the same folds and averaged the same way as `threshold_cv`:
+
+  * "ACC_majority": always predicting the class more frequent among all
+    labels (positive on a tie);
+  * "F1_all_positive": always predicting positive, the F1 that a threshold
+    below every score reaches.
+  """
+  t = _as_binary(y_true)
+  folds = stratified_folds(t, n_splits, seed)
+  majority = bool(2 * t.sum() >= t.size)
+  accs, f1s = [], []
+  for fold in range(n_splits):
+    test = folds == fold
+    accs.append(accuracy(t[test], np.full(int(test.sum()), majority)))
+    f1s.append(f1_score(t[test], np.ones(int(test.sum()), dtype=bool)))
+  return {"ACC_majority": float(np.mean(accs)),
+          "F1_all_positive": float(np.mean(f1s))}

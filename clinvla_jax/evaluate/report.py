@@ -5,12 +5,26 @@ metrics return it); the Markdown tables print percents with one decimal, the
 unit of the paper's tables.  ``assets/paper_results.json`` keeps the paper's
 numbers in percent, as published, under the same keys as ``results.json``
 ("<dataset>/<task>/<metric>", e.g. "chexpert_8x200/image_to_image/P@5").
+
+Scores come with companion keys named by a suffix of the metric (see
+`split_metric`): "_chance" (a uniformly random ranking, or 0.5 AUC),
+"_majority" (always the most frequent label), "_all_positive" (always
+positive), "_ci_low" / "_ci_high" (95 % bootstrap interval) and "_std" (over
+folds).  The paper tables show the base scores, with a line of chance levels
+and intervals under each; the other tables put all of one score in one cell,
+"47.2 [40.1–54.0] · chance 34.0".
+
+Figures: `retrieval_figure` (paper Figures 3 and 4, with a caption of the
+numbers that tell a trained model from an untrained one) and
+`learning_curves_figure` (training loss and held-out scores against their
+chance level, from a training run's metrics.jsonl).
 """
 
 from collections.abc import Mapping, Sequence
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import textwrap
 from typing import Any, Optional
@@ -41,6 +55,14 @@ _TASK_LABELS = {
     "zero_shot": "ZS",
     "linear_probe": "",
 }
+
+# Metric-name suffixes of companion keys, and how a cell names the baseline
+# ones; "ci" joins the two interval ends.
+QUALIFIERS = ("_ci_low", "_ci_high", "_chance", "_majority", "_all_positive",
+              "_std")
+_BASELINE_WORDS = {"chance": "chance", "majority": "majority",
+                   "all_positive": "all-positive"}
+EN_DASH = "\u2013"
 
 
 # ---------------------------------------------------------------------------
@@ -112,6 +134,38 @@ def format_cell(value: Optional[float], std: Optional[float] = None) -> str:
   return text if std is None else f"{text} \u00b1 {_fmt(std)}"
 
 
+def split_metric(metric: str) -> tuple[str, str]:
+  """"P@5_ci_low" -> ("P@5", "ci_low"); a base metric -> (metric, "")."""
+  for suffix in QUALIFIERS:
+    if metric.endswith(suffix) and len(metric) > len(suffix):
+      return metric[:-len(suffix)], suffix[1:]
+  return metric, ""
+
+
+def score_cell(scores: Mapping[str, float], base: str) -> str:
+  """One score with its companions, in percent, for a Markdown cell.
+
+  Args:
+    scores: {metric: fraction} of one task, e.g. {"P@5": 0.472,
+      "P@5_ci_low": 0.401, "P@5_ci_high": 0.54, "P@5_chance": 0.34}.
+    base: the base metric, e.g. "P@5".
+
+  Returns:
+    e.g. "47.2 [40.1–54.0] · chance 34.0"; an em dash without the score.
+  """
+  if base not in scores:
+    return MISSING
+  pct = {k: 100.0 * float(v) for k, v in scores.items()}
+  text = format_cell(pct[base], pct.get(f"{base}_std"))
+  low, high = pct.get(f"{base}_ci_low"), pct.get(f"{base}_ci_high")
+  if low is not None and high is not None:
+    text += f" [{_fmt(low)}{EN_DASH}{_fmt(high)}]"
+  for suffix, word in _BASELINE_WORDS.items():
+    if f"{base}_{suffix}" in pct:
+      text += f" \u00b7 {word} {_fmt(pct[f'{base}_{suffix}'])}"
+  return text
+
+
 def _fmt(x: float) -> str:
   # Integers stay as published (e.g. CheXRelNet's "47"); the rest get 1 decimal.
   return str(x) if isinstance(x, (int, np.integer)) else f"{float(x):.1f}"
@@ -156,10 +210,35 @@ def markdown_table(table: Mapping[str, Any],
     cells += [format_cell(row["values"].get(c), stds.get(c)) + marks.get(c, "")
               for c in columns]
     lines.append(_markdown_row(cells))
+  lines += _our_context_lines(columns, ours)
   notes = table.get("notes", [])
   if notes:
     lines += [""] + [f"- {n}" for n in notes]
   return "\n".join(lines) + "\n"
+
+
+def _our_context_lines(columns: Sequence[str],
+                       ours: Mapping[str, float]) -> list[str]:
+  """Chance levels and intervals of our row, where the results hold them."""
+  chance, intervals = [], []
+  for c in columns:
+    label = column_label(c)
+    for suffix, word in _BASELINE_WORDS.items():
+      if f"{c}_{suffix}" in ours:
+        what = "" if suffix == "chance" else f" ({word})"
+        chance.append(f"{label} {_fmt(100.0 * ours[f'{c}_{suffix}'])}{what}")
+    if f"{c}_ci_low" in ours and f"{c}_ci_high" in ours:
+      intervals.append(f"{label} [{_fmt(100.0 * ours[f'{c}_ci_low'])}"
+                       f"{EN_DASH}{_fmt(100.0 * ours[f'{c}_ci_high'])}]")
+  lines = []
+  if chance:
+    lines += ["", "Chance level of our row on the same sets (random ranking; "
+              "majority: always the most frequent class; all-positive: "
+              "always positive): " + ", ".join(chance) + "."]
+  if intervals:
+    lines += ["", "95 % bootstrap intervals of our row: "
+              + ", ".join(intervals) + "."]
+  return lines
 
 
 def markdown_report(results: Mapping[str, float],
@@ -237,18 +316,58 @@ def _show_image(ax, image: Any) -> None:
   ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
 
 
+def retrieval_captions(text_scores: np.ndarray,
+                       report_scores: np.ndarray,
+                       own_report: int,
+                       paired: Optional[Mapping[str, float]] = None
+                       ) -> tuple[str, str]:
+  """Caption lines that tell informative retrieval scores from noise.
+
+  Top-k scores alone look alike for a trained and an untrained model; what
+  differs is where the query's own report lands among all reports, how far
+  paired image-report cosines sit above unpaired ones, and how much the
+  scores vary over the gallery at all.
+
+  Args:
+    text_scores: [G] scores of the text query against every gallery image.
+    report_scores: [N] scores of the query image against every report.
+    own_report: index of the query image's own report.
+    paired: optional {"paired", "unpaired"} mean cosines of the whole set
+      (see `retrieval.paired_cosine_summary`).
+
+  Returns:
+    (text->image caption, image->report caption).
+  """
+  t = np.asarray(text_scores, dtype=np.float64)
+  r = np.asarray(report_scores, dtype=np.float64)
+  t2i = (f"Text \u2192 image: scores over all {t.size} images span "
+         f"{t.max() - t.min():.4f} (max \u2212 min; near 0: the query does "
+         "not tell images apart).")
+  rank = int(metrics.rank_of(r[None, :], np.array([own_report]))[0])
+  i2t = (f"Image \u2192 report: own report ranked {rank} of {r.size} "
+         f"(random ranking: {(r.size + 1) / 2:.1f} on average)")
+  if paired is not None:
+    i2t += (f"; mean cosine paired {paired['paired']:.4f} vs. unpaired "
+            f"{paired['unpaired']:.4f}")
+  return t2i, i2t + "."
+
+
 def retrieval_figure(path: str | pathlib.Path,
                      text_query: Optional[str] = None,
                      image_hits: Sequence[Hit] = (),
                      image_query: Optional[np.ndarray] = None,
                      report_hits: Sequence[Hit] = (),
-                     dpi: int = 100) -> pathlib.Path:
+                     dpi: int = 100,
+                     *,
+                     t2i_caption: Optional[str] = None,
+                     i2t_caption: Optional[str] = None) -> pathlib.Path:
   """Saves a PNG with up to two rows, in the manner of the paper's figures.
 
   Row 1 (text->image): the query text, then the retrieved images with their
   similarity scores.  Row 2 (image->text): the query image, then the retrieved
   report snippets with their scores.  Hits with a known relevance get a green
-  (relevant) or red (not) frame, others a thin grey one.
+  (relevant) or red (not) frame, others a thin grey one.  The captions of the
+  rows shown (e.g. from `retrieval_captions`) form the figure title.
 
   Returns:
     The written path.
@@ -262,6 +381,10 @@ def retrieval_figure(path: str | pathlib.Path,
     raise ValueError("give a text query, an image query or both")
   cols = 1 + max(len(image_hits) if "t2i" in rows else 0,
                  len(report_hits) if "i2t" in rows else 0, 1)
+  captions = [c for kind, c in (("t2i", t2i_caption), ("i2t", i2t_caption))
+              if c and kind in rows]
+  width = int(2.6 * cols * 11)  # characters per line at the title's size
+  title = "\n".join(textwrap.fill(c, width) for c in captions)
   fig, axes = plt.subplots(len(rows), cols, squeeze=False,
                            figsize=(2.6 * cols, 3.0 * len(rows)))
   for r, kind in enumerate(rows):
@@ -287,8 +410,150 @@ def retrieval_figure(path: str | pathlib.Path,
         _frame(ax, hit.relevant)
         ax.set_title(f"#{c}  {hit.score:.4f}", fontsize=10)
   fig.tight_layout()
+  if title:
+    _add_title_strip(fig, title)
+  return _save(fig, path, dpi)
+
+
+def _add_title_strip(fig, title: str, fontsize: float = 10.0) -> None:
+  """Puts ``title`` in a strip added above the laid-out panels.
+
+  The figure grows by the strip's height and the panels keep their size in
+  inches, so a caption never squeezes the rows into each other.
+  """
+  width, height = fig.get_size_inches()
+  strip = (title.count("\n") + 1) * fontsize * 1.5 / 72 + 0.15
+  params = fig.subplotpars
+  top, bottom = params.top * height, params.bottom * height
+  fig.set_size_inches(width, height + strip)
+  fig.subplots_adjust(top=top / (height + strip),
+                      bottom=bottom / (height + strip))
+  fig.suptitle(title, fontsize=fontsize, y=1.0 - 0.075 / (height + strip),
+               va="top")
+
+
+def _save(fig, path: str | os.PathLike[str], dpi: int) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=dpi, format="png")
   plt.close(fig)
   return path
+
+
+# ---------------------------------------------------------------------------
+# Learning curves.
+# ---------------------------------------------------------------------------
+
+LOSS_KEYS = ("loss", "loss_global", "loss_local")
+EVAL_PREFIX = "eval/"
+
+
+def read_metrics_jsonl(path: str | os.PathLike[str]
+                       ) -> dict[str, dict[int, float]]:
+  """{key: {step: value}} of a training run's metrics.jsonl.
+
+  Training and evaluation write separate lines that may share a step, so
+  values are kept per key.  A resumed run logs some steps again; the later
+  line wins.  Lines that do not parse (a write cut short by a crash) and
+  values that are not finite numbers are skipped.
+  """
+  series: dict[str, dict[int, float]] = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        step = int(record["step"])
+      except (ValueError, KeyError, TypeError):
+        continue
+      for key, value in record.items():
+        if key == "step" or isinstance(value, bool):
+          continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+          series.setdefault(key, {})[step] = float(value)
+  return series
+
+
+def _curve(points: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
+  steps = np.array(sorted(points), dtype=np.int64)
+  return steps, np.array([points[s] for s in steps], dtype=np.float64)
+
+
+def learning_curves_figure(metrics_jsonl: str | os.PathLike[str],
+                           path: str | os.PathLike[str],
+                           metric_keys: Optional[Sequence[str]] = None,
+                           dpi: int = 100) -> pathlib.Path:
+  """Saves a PNG of training loss and held-out scores against steps.
+
+  (a) the training losses ("loss", "loss_global", "loss_local") per step;
+  (b) the held-out scores in percent, each with its chance level as a dashed
+  line of the same colour and its bootstrap interval as a band, where the log
+  holds "<key>_chance" and "<key>_ci_low" / "<key>_ci_high".  A score that
+  rises away from its chance line is a model that learned.
+
+  Args:
+    metrics_jsonl: the run's metrics.jsonl (see `read_metrics_jsonl`).
+    path: the PNG to write.
+    metric_keys: evaluation keys for panel (b), with or without the "eval/"
+      prefix; default every "eval/.../P@5" and "eval/.../R@5" key.
+    dpi: resolution.
+
+  Returns:
+    The written path.
+  """
+  series = read_metrics_jsonl(metrics_jsonl)
+  if metric_keys is None:
+    keys = sorted(k for k in series if k.startswith(EVAL_PREFIX)
+                  and k.endswith(("/P@5", "/R@5")))
+  else:
+    keys = [k if k.startswith(EVAL_PREFIX) else EVAL_PREFIX + k
+            for k in metric_keys]
+    keys = [k for k in keys if k in series]
+  fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(13.0, 4.8))
+
+  losses = [k for k in LOSS_KEYS if k in series]
+  for key in losses:
+    loss_ax.plot(*_curve(series[key]), label=key,
+                 linewidth=2.0 if key == "loss" else 1.2)
+  loss_ax.set_title("(a) training loss")
+  loss_ax.set_xlabel("step")
+  if losses:
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend(fontsize=8)
+  else:
+    _say(loss_ax, "no training loss yet")
+
+  for key in keys:
+    steps, values = _curve(series[key])
+    # Squares for instance recall, dots for class-level precision.
+    (line,) = eval_ax.plot(steps, 100.0 * values, markersize=3,
+                           marker="s" if "/R@" in key else "o",
+                           label=key[len(EVAL_PREFIX):])
+    colour = line.get_color()
+    low, high = series.get(f"{key}_ci_low"), series.get(f"{key}_ci_high")
+    if low and high:
+      both = sorted(set(low) & set(high))
+      eval_ax.fill_between(both, [100.0 * low[s] for s in both],
+                           [100.0 * high[s] for s in both], color=colour,
+                           alpha=0.15, linewidth=0)
+    chance = series.get(f"{key}_chance")
+    if chance:
+      # The chance level depends on the held-out set alone; the latest
+      # evaluation's value stands for the run.
+      eval_ax.axhline(100.0 * chance[max(chance)], color=colour,
+                      linestyle="--", linewidth=1.0)
+  eval_ax.set_title("(b) held-out score (dashed: chance; band: 95 % CI)")
+  eval_ax.set_xlabel("step")
+  if keys:
+    eval_ax.set_ylabel("%")
+    eval_ax.legend(fontsize=7)
+  else:
+    _say(eval_ax, "no evaluation yet")
+  fig.tight_layout()
+  return _save(fig, path, dpi)
+
+
+def _say(ax, text: str) -> None:
+  ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12,
+          color="0.4", transform=ax.transAxes)
+  ax.set_xticks([])
+  ax.set_yticks([])

@@ -5,8 +5,16 @@ no-op for the model's outputs).  Ranking, tie-breaking and the P@K definition
 are those of `clinvla_jax.evaluate.metrics` (stable sort by descending score,
 ties by gallery index; P@K always divides by K).
 
-Result dictionaries are keyed "<direction>/P@<K>", e.g. "image_to_text/P@5",
-with fractions in [0, 1].
+Result dictionaries hold fractions in [0, 1], keyed by direction and metric:
+
+  "<direction>/P@<K>"          mean P@K, e.g. "image_to_text/P@5"
+  "<direction>/P@<K>_chance"   expected P@K of a uniformly random ranking
+  "<direction>/P@<K>_ci_low"   95 % percentile bootstrap interval over
+  "<direction>/P@<K>_ci_high"  queries (1000 resamples, seed 0 by default)
+
+and, for the paired image<->report directions of `evaluate_retrieval`,
+"<direction>/R@<K>" (the query's own item in the top K) with the same
+"_chance" (K / gallery size), "_ci_low" and "_ci_high" companions.
 """
 
 from collections.abc import Callable, Sequence
@@ -27,15 +35,20 @@ CHEXPERT_8X200_CLASSES = ("No Finding", "Cardiomegaly", "Edema", "Pneumonia",
 CHEXPERT_8X200_KS = (5, 10, 50)
 CHEXPERT_5X200_KS = (5, 10, 100)
 DIRECTIONS = ("image_to_text", "text_to_image", "image_to_image")
+PAIRED_DIRECTIONS = ("image_to_text", "text_to_image")
+RECALL_KS = (1, 5, 10)
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
 
 
 def cosine_similarity(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
   """float [Q, G] cosine similarities."""
-  q = np.asarray(queries, dtype=np.float64)
-  g = np.asarray(gallery, dtype=np.float64)
-  q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-  g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-  return q @ g.T
+  return _unit_rows(queries) @ _unit_rows(gallery).T
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, dtype=np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def retrieval_precision(query_emb: np.ndarray,
@@ -44,12 +57,71 @@ def retrieval_precision(query_emb: np.ndarray,
                         gallery_labels: np.ndarray,
                         ks: Sequence[int],
                         exclude_self: bool = False,
-                        prefix: str = "") -> dict[str, float]:
-  """{"<prefix>P@K": mean precision} for one query set against one gallery."""
+                        prefix: str = "",
+                        *,
+                        num_resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+  """P@K of one query set against one gallery, with chance and interval.
+
+  Returns:
+    {"<prefix>P@K", "<prefix>P@K_chance", "<prefix>P@K_ci_low",
+     "<prefix>P@K_ci_high"} (see `metrics.precision_at_k_summary`;
+    ``num_resamples`` 0 leaves out the interval).
+  """
   sim = cosine_similarity(query_emb, gallery_emb)
-  p = metrics.precision_at_k(sim, query_labels, gallery_labels, ks,
-                             exclude_self)
-  return {f"{prefix}P@{k}": v for k, v in p.items()}
+  p = metrics.precision_at_k_summary(sim, query_labels, gallery_labels, ks,
+                                     exclude_self, num_resamples, seed)
+  return {f"{prefix}{k}": v for k, v in p.items()}
+
+
+def retrieval_recall(query_emb: np.ndarray,
+                     gallery_emb: np.ndarray,
+                     ks: Sequence[int] = RECALL_KS,
+                     prefix: str = "",
+                     *,
+                     num_resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+  """Instance-level R@K of paired sets: row i's own item is gallery row i.
+
+  Unlike P@K, which any item of the right class satisfies, R@K asks for the
+  one paired report (or image), so it separates a model that matches studies
+  from one that only sorts them into classes.
+
+  Returns:
+    {"<prefix>R@K": fraction of queries whose own item is in the top K,
+     "<prefix>R@K_chance": K / G, "<prefix>R@K_ci_low", "<prefix>R@K_ci_high"}.
+  """
+  sim = cosine_similarity(query_emb, gallery_emb)
+  hits = metrics.recall_at_k_per_query(sim, ks)
+  out = {}
+  for j, k in enumerate(ks):
+    out.update(metrics.summarize(f"{prefix}R@{k}", hits[:, j],
+                                 k / sim.shape[1], num_resamples, seed))
+  return out
+
+
+def paired_cosine_summary(image_emb: np.ndarray,
+                          text_emb: np.ndarray) -> dict[str, float]:
+  """Mean cosine of paired (row i, row i) and of all unpaired rows.
+
+  A model that learned the pairing scores its own pairs well above the rest;
+  an untrained one scores both alike.  The unpaired mean comes from the sums
+  of the unit vectors, without forming the [N, N] matrix.
+
+  Returns:
+    {"paired": mean over i of cos(image_i, text_i),
+     "unpaired": mean over i != j of cos(image_i, text_j)}; "unpaired" is
+    NaN for a single pair.
+  """
+  if np.shape(image_emb) != np.shape(text_emb) or np.ndim(image_emb) != 2:
+    raise ValueError(f"paired embeddings must share one [N, P] shape, got "
+                     f"{np.shape(image_emb)} and {np.shape(text_emb)}")
+  a, b = _unit_rows(image_emb), _unit_rows(text_emb)
+  n = a.shape[0]
+  paired = np.sum(a * b, axis=1)
+  total = float(a.sum(axis=0) @ b.sum(axis=0))
+  unpaired = (total - paired.sum()) / (n * (n - 1)) if n > 1 else float("nan")
+  return {"paired": float(paired.mean()), "unpaired": float(unpaired)}
 
 
 # ---------------------------------------------------------------------------
@@ -61,9 +133,12 @@ def evaluate_retrieval(labels: np.ndarray,
                        image_emb: Optional[np.ndarray] = None,
                        text_emb: Optional[np.ndarray] = None,
                        ks: Sequence[int] = (5, 10, 50),
-                       directions: Sequence[str] = DIRECTIONS
-                       ) -> dict[str, float]:
-  """Retrieval P@K within one labelled set of paired images and reports.
+                       directions: Sequence[str] = DIRECTIONS,
+                       *,
+                       recall_ks: Sequence[int] = RECALL_KS,
+                       num_resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+  """Retrieval P@K and R@K within one labelled set of paired images and reports.
 
   Row i of ``image_emb`` and ``text_emb`` belong to the same study, whose
   labels are row i of ``labels``.  Every item is a query once, and the gallery
@@ -79,10 +154,17 @@ def evaluate_retrieval(labels: np.ndarray,
   study without any positive label is relevant to nothing; give "No Finding"
   its own column to count normal studies.
 
-  Directions whose embeddings are missing are skipped.
+  The paired directions (image_to_text, text_to_image) also get the
+  instance-level R@K of `retrieval_recall` for each K of ``recall_ks``
+  smaller than the set; a query's own item is the one hit there.
+
+  Directions whose embeddings are missing are skipped.  Every score comes
+  with its chance level and a bootstrap interval over queries
+  (``num_resamples`` 0: none), see the module docstring.
 
   Returns:
-    {"<direction>/P@<K>": fraction}.
+    {"<direction>/P@<K>", "<direction>/R@<K>" and their "_chance", "_ci_low",
+     "_ci_high" companions: fraction}.
   """
   unknown = set(directions) - set(DIRECTIONS)
   if unknown:
@@ -97,8 +179,14 @@ def evaluate_retrieval(labels: np.ndarray,
     queries, gallery, exclude_self = pairs[direction]
     if queries is None or gallery is None:
       continue
-    results.update(retrieval_precision(queries, gallery, labels, labels, ks,
-                                       exclude_self, f"{direction}/"))
+    results.update(retrieval_precision(
+        queries, gallery, labels, labels, ks, exclude_self, f"{direction}/",
+        num_resamples=num_resamples, seed=seed))
+    r_ks = [k for k in recall_ks if k < np.shape(gallery)[0]]
+    if direction in PAIRED_DIRECTIONS and r_ks:
+      results.update(retrieval_recall(
+          queries, gallery, r_ks, f"{direction}/",
+          num_resamples=num_resamples, seed=seed))
   return results
 
 
@@ -110,7 +198,10 @@ def evaluate_retrieval(labels: np.ndarray,
 def chexpert_5x200_image_to_text(image_emb: np.ndarray,
                                  text_emb: np.ndarray,
                                  labels: np.ndarray,
-                                 ks: Sequence[int] = CHEXPERT_5X200_KS
+                                 ks: Sequence[int] = CHEXPERT_5X200_KS,
+                                 *,
+                                 num_resamples: int = BOOTSTRAP_RESAMPLES,
+                                 seed: int = BOOTSTRAP_SEED
                                  ) -> dict[str, float]:
   """CheXpert 5x200 image->report P@K.
 
@@ -122,14 +213,17 @@ def chexpert_5x200_image_to_text(image_emb: np.ndarray,
     text_emb: [N, P] their reports, same row order.
     labels: [N] class of each study (one of five).
     ks: cut-offs (protocol: 5, 10, 100).
+    num_resamples: bootstrap resamples of the interval (0: none).
+    seed: bootstrap seed.
 
   Returns:
-    {"image_to_text/P@K": fraction}.
+    {"image_to_text/P@K" and its "_chance", "_ci_low", "_ci_high": fraction}.
   """
   if np.shape(image_emb)[0] != np.shape(text_emb)[0]:
     raise ValueError("images and reports must be paired row by row")
   return retrieval_precision(image_emb, text_emb, labels, labels, ks,
-                             prefix="image_to_text/")
+                             prefix="image_to_text/",
+                             num_resamples=num_resamples, seed=seed)
 
 
 # ---------------------------------------------------------------------------
@@ -223,7 +317,10 @@ def chexpert_8x200(candidate_emb: np.ndarray,
                    image_query_emb: Optional[np.ndarray],
                    text_embed_fn: Optional[TextEmbedFn],
                    lists: Chexpert8x200Lists,
-                   ks: Sequence[int] = CHEXPERT_8X200_KS) -> dict[str, float]:
+                   ks: Sequence[int] = CHEXPERT_8X200_KS,
+                   *,
+                   num_resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
   """CheXpert 8x200 image->image and text->image P@K.
 
   The query images are not among the candidates, so nothing is excluded.  A
@@ -238,20 +335,23 @@ def chexpert_8x200(candidate_emb: np.ndarray,
       text->image.
     lists: the evaluation lists.
     ks: cut-offs (protocol: 5, 10, 50).
+    num_resamples: bootstrap resamples of the interval (0: none).
+    seed: bootstrap seed.
 
   Returns:
-    {"image_to_image/P@K", "text_to_image/P@K": fraction}.
+    {"image_to_image/P@K", "text_to_image/P@K" and their "_chance",
+     "_ci_low", "_ci_high": fraction}.
   """
   results = {}
   if image_query_emb is not None:
     results.update(retrieval_precision(
         image_query_emb, candidate_emb,
         one_hot_classes(lists.image_query_classes), lists.candidate_labels,
-        ks, prefix="image_to_image/"))
+        ks, prefix="image_to_image/", num_resamples=num_resamples, seed=seed))
   if text_embed_fn is not None:
     text_emb = np.asarray(text_embed_fn(list(lists.text_queries)))
     results.update(retrieval_precision(
         text_emb, candidate_emb,
         one_hot_classes(lists.text_query_classes), lists.candidate_labels,
-        ks, prefix="text_to_image/"))
+        ks, prefix="text_to_image/", num_resamples=num_resamples, seed=seed))
   return results

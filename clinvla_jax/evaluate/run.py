@@ -7,11 +7,17 @@ evaluators on the embeddings and writes to ``workdir``:
 
   results.json               every score under "<dataset>/<task>/<metric>"
                              (fractions in [0, 1], e.g.
-                             "covid_cxr/image_to_text/P@5")
+                             "covid_cxr/image_to_text/P@5"), each with its
+                             chance level and, where it is a mean over
+                             queries, a 95 % bootstrap interval (below)
   results.md                 the paper's tables with our row beside the
-                             published ones, then our other datasets
+                             published ones, then our other datasets as
+                             "score [interval] · chance" cells
   retrieval_examples.png     text query -> top-5 images, image query ->
-                             top-5 reports, on the first generic dataset
+                             top-5 reports, on the first generic dataset,
+                             with the numbers that tell a trained model
+                             from an untrained one (rank of the own report,
+                             paired vs. unpaired cosine, score spread)
 
 Datasets (see ``configs/base.py``, block ``eval``):
 
@@ -23,6 +29,21 @@ Datasets (see ``configs/base.py``, block ``eval``):
   predicted label is one of the study's positive labels, over studies with
   any) and the mean one-vs-rest AUC over labels with both positive and
   negative studies ("AUC").  K not smaller than the set is skipped and noted.
+  Paired image<->report directions also get instance-level recall "R@K"
+  (K = 1, 5, 10 below the set size): the query's own report / image is in
+  its top K.
+
+Keys added beside each score (same "<dataset>/<task>/" prefix):
+
+  P@K_chance, R@K_chance       a uniformly random ranking: mean over queries
+                               of relevant / rankable items; K / N for R@K
+  P@K_ci_low, P@K_ci_high      95 % percentile bootstrap over queries (1000
+  R@K_ci_low, R@K_ci_high      resamples, seed 0), e.g.
+  ACC_ci_low, ACC_ci_high      "covid_cxr/text_to_image/R@5_ci_high"
+  zero_shot/ACC_majority       always predicting the label most often
+                               positive (5x200, RSNA: the majority class)
+  zero_shot/AUC_chance         0.5
+  rsna/zero_shot/F1_all_positive  always predicting pneumonia
 * ``eval.chexpert_5x200``, ``eval.chexpert_8x200`` (+ ``_queries``,
   ``_lists``), ``eval.rsna``, ``eval.ms_cxr_t`` (+ ``_labels``): the
   published protocols of protocols.md section 5, when their paths are set.
@@ -100,14 +121,20 @@ def positive_labels(labels: np.ndarray) -> np.ndarray:
 
 def label_zero_shot(image_emb: np.ndarray, labels: np.ndarray,
                     label_names: Sequence[str], text_embed_fn: TextEmbedFn,
-                    prompt_file: Optional[Mapping[str, Any]] = None
-                    ) -> dict[str, float]:
+                    prompt_file: Optional[Mapping[str, Any]] = None,
+                    *, num_resamples: int = retrieval.BOOTSTRAP_RESAMPLES,
+                    seed: int = retrieval.BOOTSTRAP_SEED) -> dict[str, float]:
   """Zero-shot over a dataset's own label names.
 
   Returns:
     {"zero_shot/ACC": top-1 hit rate over studies with a positive label,
+     "zero_shot/ACC_majority": the same hit rate for always predicting the
+     label most often positive among those studies,
+     "zero_shot/ACC_ci_low", "zero_shot/ACC_ci_high": 95 % bootstrap interval
+     over those studies (``num_resamples`` 0: none),
      "zero_shot/AUC": mean one-vs-rest AUC over labels with both positive
-     and negative studies}; a metric without any eligible study is left out.
+     and negative studies, "zero_shot/AUC_chance": 0.5}; a metric without
+    any eligible study is left out.
   """
   pos = positive_labels(labels)
   if pos.shape[1] != len(label_names):
@@ -120,11 +147,15 @@ def label_zero_shot(image_emb: np.ndarray, labels: np.ndarray,
   labelled = pos.any(axis=1)
   if labelled.any():
     hit = pos[np.arange(len(pred)), pred]
-    results["zero_shot/ACC"] = float(hit[labelled].mean())
+    results.update({f"zero_shot/{k}": v for k, v in metrics.summarize(
+        "ACC", hit[labelled], None, num_resamples, seed).items()})
+    results["zero_shot/ACC_majority"] = float(
+        metrics.majority_label_hits(pos[labelled]).mean())
   aucs = [metrics.roc_auc(pos[:, c], cos[:, c]) for c in range(pos.shape[1])
           if 0 < pos[:, c].sum() < len(pos)]
   if aucs:
     results["zero_shot/AUC"] = float(np.mean(aucs))
+    results["zero_shot/AUC_chance"] = 0.5
   return results
 
 
@@ -205,6 +236,10 @@ def evaluator_config(config) -> dict[str, Any]:
   """`run_evaluators` overrides from ``config.eval``."""
   ev = config.eval
   out = {"retrieval_ks": tuple(ev.get("retrieval_ks", (5, 10, 50)))}
+  for key in ("recall_ks", "bootstrap_resamples", "bootstrap_seed"):
+    if ev.get(key) is not None:
+      value = ev.get(key)
+      out[key] = tuple(value) if key == "recall_ks" else int(value)
   if ev.get("chexpert_8x200_lists"):
     out["chexpert_8x200_dir"] = ev.chexpert_8x200_lists
   if ev.get("zero_shot_max_prompts"):
@@ -230,7 +265,10 @@ def _evaluate_generic(name: str, emb: embed_lib.DatasetEmbeddings,
                                   {**ev_cfg, "retrieval_ks": ks}))
   if emb.label_names:
     results.update(report.flatten_results({name: label_zero_shot(
-        emb.image, emb.labels, emb.label_names, text_fn, prompt_file)}))
+        emb.image, emb.labels, emb.label_names, text_fn, prompt_file,
+        num_resamples=int(ev_cfg.get("bootstrap_resamples",
+                                     retrieval.BOOTSTRAP_RESAMPLES)),
+        seed=int(ev_cfg.get("bootstrap_seed", retrieval.BOOTSTRAP_SEED)))}))
   else:
     notes.append(f"{name}: no label names in the manifest, no zero-shot.")
   return results
@@ -339,40 +377,56 @@ def run_evaluation(config, variables, workdir: str | os.PathLike[str], *,
 # ---------------------------------------------------------------------------
 
 
+OTHER_RESULTS_LEGEND = (
+    "Cells: score [95 % bootstrap interval over queries or studies] "
+    "\u00b7 chance: a uniformly random ranking (P@K: mean share of relevant "
+    "items in the gallery; R@K: K / N), 50.0 for AUC; majority: always the "
+    "most frequent label; all-positive: always positive.  A score whose "
+    "interval contains its chance level is no evidence that the model "
+    "learned.")
+
+
 def other_results_markdown(results: Mapping[str, float],
                            notes: Sequence[str] = ()) -> str:
-  """Tables of the datasets the paper does not report (task x metric, %)."""
+  """Tables of the datasets the paper does not report (task x metric, %).
+
+  One column per base metric (P@5, R@1, ACC, ...); its companion keys
+  (chance, interval, std) go into the same cell, see `report.score_cell`.
+  Companions of a score that a paper table shows stay with that table.
+  """
   tables = report.load_paper_results()["tables"]
   shown = {c for name in PAPER_TABLES for c in tables[name]["columns"]}
   by_dataset: dict[str, dict[str, dict[str, float]]] = {}
   for key, value in results.items():
-    if key in shown:
-      continue
     dataset, *task, metric = key.split("/")
+    base, _ = report.split_metric(metric)
+    if "/".join([dataset, *task, base]) in shown:
+      continue
     by_dataset.setdefault(dataset, {}).setdefault(
         "/".join(task), {})[metric] = value
   lines = []
   for dataset, tasks in by_dataset.items():
-    metric_names = sorted({m for t in tasks.values() for m in t},
-                          key=_metric_order)
+    bases = sorted({report.split_metric(m)[0] for t in tasks.values()
+                    for m in t}, key=_metric_order)
     lines += ["", f"**{dataset}** (this implementation; no published numbers)",
-              "", "| Task | " + " | ".join(metric_names) + " |",
-              "| --- |" + " --- |" * len(metric_names)]
+              "", "| Task | " + " | ".join(bases) + " |",
+              "| --- |" + " --- |" * len(bases)]
     for task, scores in tasks.items():
-      cells = [report.format_cell(None if m not in scores
-                                  else 100.0 * scores[m])
-               for m in metric_names]
+      cells = [report.score_cell(scores, b) for b in bases]
       lines.append(f"| {task} | " + " | ".join(cells) + " |")
+  if lines:
+    lines += ["", OTHER_RESULTS_LEGEND]
   if notes:
     lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
   return "\n".join(lines) + "\n" if lines else ""
 
 
-def _metric_order(name: str) -> tuple[int, str]:
-  # P@5 before P@10 before P@50, then the rest alphabetically.
-  if name.startswith("P@") and name[2:].isdigit():
-    return int(name[2:]), name
-  return 10**9, name
+def _metric_order(name: str) -> tuple[int, int, str]:
+  # P@5 before P@10 before P@50, then R@K likewise, then the rest by name.
+  for group, prefix in enumerate(("P@", "R@")):
+    if name.startswith(prefix) and name[2:].isdigit():
+      return group, int(name[2:]), name
+  return 2, 0, name
 
 
 class _LazyImages:
@@ -397,23 +451,30 @@ def retrieval_examples_figure(emb: embed_lib.DatasetEmbeddings,
 
   The text query is the first prompt of the dataset's most frequent label;
   the image query is the first study with that label.  Frames mark hits that
-  share the query's label (green) or not (red).
+  share the query's label (green) or not (red).  A caption says whether the
+  scores carry information (see `report.retrieval_captions`): the rank of
+  the query image's own report, the mean cosine of paired vs. unpaired
+  image-report pairs, and the spread of the text query's scores.
   """
   pos = positive_labels(emb.labels)
   label = int(np.argmax(pos.sum(axis=0)))
   name = emb.label_names[label]
   query = label_prompts([name], prompt_file)[name][0]
   k = min(k, len(emb))
-  scores = retrieval.cosine_similarity(text_fn([query]), emb.image)[0]
-  image_hits = report.top_hits(scores, _LazyImages(emb), k,
+  text_scores = retrieval.cosine_similarity(text_fn([query]), emb.image)[0]
+  image_hits = report.top_hits(text_scores, _LazyImages(emb), k,
                                relevant=pos[:, label])
   row = int(np.flatnonzero(pos[:, label])[0]) if pos[:, label].any() else 0
   scores = retrieval.cosine_similarity(emb.image[row:row + 1], emb.text)[0]
   shares = (pos & pos[row]).any(axis=1)
   report_hits = report.top_hits(scores, list(emb.texts), k, relevant=shares)
+  t2i_caption, i2t_caption = report.retrieval_captions(
+      text_scores, scores, row, retrieval.paired_cosine_summary(emb.image,
+                                                                emb.text))
   return report.retrieval_figure(
       path, text_query=query, image_hits=image_hits,
-      image_query=emb.frontal_image(row), report_hits=report_hits)
+      image_query=emb.frontal_image(row), report_hits=report_hits,
+      t2i_caption=t2i_caption, i2t_caption=i2t_caption)
 
 
 def write_embeddings(config, variables, data, output_npz: str | os.PathLike,

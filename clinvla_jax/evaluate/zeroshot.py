@@ -5,6 +5,11 @@ callable mapping a list of N strings to a float array [N, P] of global text
 embeddings; images enter as precomputed global embeddings [M, P].
 
 Prompt text lives in ``clinvla_jax/assets/prompts/`` (see its SOURCE.md).
+
+Each zero-shot score comes with what an image-blind predictor scores on the
+same labels ("ACC_majority": always the majority class; "F1_all_positive":
+always positive; "AUC_chance": 0.5), so a reader can tell whether the model
+beats the class balance.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -165,8 +170,11 @@ def chexpert_5x200_zero_shot(image_emb: np.ndarray,
                              class_names: Sequence[str] = (
                                  CHEXPERT_5X200_CLASSES),
                              max_per_class: Optional[int] = None,
-                             seed: int = 0) -> dict[str, float]:
-  """CheXpert 5x200 zero-shot accuracy.
+                             seed: int = 0,
+                             *,
+                             num_resamples: int = 1000,
+                             bootstrap_seed: int = 0) -> dict[str, float]:
+  """CheXpert 5x200 zero-shot accuracy, its majority baseline and interval.
 
   Args:
     image_emb: [M, P] image embeddings.
@@ -175,14 +183,24 @@ def chexpert_5x200_zero_shot(image_emb: np.ndarray,
     class_names: class order.
     max_per_class: optional prompt cap (see `combine_prompt_parts`).
     seed: prompt sampling seed.
+    num_resamples: bootstrap resamples of the interval (0: none).
+    bootstrap_seed: bootstrap seed.
 
   Returns:
-    {"ACC": accuracy}.
+    {"ACC": accuracy, "ACC_majority": accuracy of always predicting the most
+     frequent class (20 % on the balanced 5x200 set), "ACC_ci_low",
+     "ACC_ci_high": 95 % bootstrap interval over images}.
   """
   prompts = chexpert_5x200_prompts(max_per_class, seed)
   class_emb = class_embeddings(prompts, text_embed_fn, class_names)
   pred, _ = zero_shot_predict(image_emb, class_emb)
-  return {"ACC": metrics.accuracy(_class_indices(labels, class_names), pred)}
+  y = _class_indices(labels, class_names)
+  out = {"ACC": metrics.accuracy(y, pred),
+         "ACC_majority": metrics.majority_accuracy(y)}
+  if num_resamples:
+    low, high = metrics.bootstrap_ci(y == pred, num_resamples, bootstrap_seed)
+    out.update({"ACC_ci_low": float(low), "ACC_ci_high": float(high)})
+  return out
 
 
 def _class_indices(labels: np.ndarray,
@@ -231,14 +249,17 @@ def rsna_zero_shot(image_emb: np.ndarray,
     seed: fold seed.
 
   Returns:
-    {"AUC", "ACC", "F1", "ACC_std", "F1_std"}.
+    {"AUC", "ACC", "F1", "ACC_std", "F1_std"} and their image-blind
+    baselines on the same folds: "AUC_chance" (0.5), "ACC_majority",
+    "F1_all_positive" (see `metrics.threshold_cv_baselines`).
   """
   prompts = pneumonia_prompts(prompt_set)
   pos, neg = class_embeddings(prompts, text_embed_fn, ("positive", "negative"))
   p = binary_probability(image_emb, pos, neg, logit_scale)
   cv = metrics.threshold_cv(labels, p, n_splits, seed)
-  return {"AUC": metrics.roc_auc(labels, p),
-          **{k: cv[k] for k in ("ACC", "F1", "ACC_std", "F1_std")}}
+  return {"AUC": metrics.roc_auc(labels, p), "AUC_chance": 0.5,
+          **{k: cv[k] for k in ("ACC", "F1", "ACC_std", "F1_std")},
+          **metrics.threshold_cv_baselines(labels, n_splits, seed)}
 
 
 # ---------------------------------------------------------------------------

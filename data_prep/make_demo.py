@@ -2,7 +2,8 @@ r"""Regenerates the bundled demo set ``clinvla_jax/assets/demo/`` from real samp
 
 Runs the ``covid_cxr`` converter on the development samples
 (``shared/data`` beside the repository, or ``--data``) and writes, per dataset,
-ArrayRecord shards split into train/val plus ``manifest.json`` and
+ArrayRecord shards split by patient into train/val (35 % of patients held out;
+studies without a known finding train when their patient does) plus ``manifest.json`` and
 ``rejects.csv``, then ``ATTRIBUTION.md`` with the licence of every image used.
 
 The IU X-ray images are licensed CC BY-NC-ND 4.0 (no derivatives): a resized
@@ -26,6 +27,10 @@ from data_prep import common
 from data_prep import covid_cxr
 
 _REPO = Path(__file__).resolve().parents[1]
+# About a third of the patients are held out: the largest val split that still
+# leaves most of the few studies for training; both splits then hold COVID-19
+# and non-COVID findings (35 % gives 36 val studies from 22 patients, 6 findings).
+DEMO_VAL_PERCENT = 35.0
 DEFAULT_DATA = _REPO.parent / "shared" / "data"
 DEFAULT_OUT = _REPO / "clinvla_jax" / "assets" / "demo"
 
@@ -78,7 +83,8 @@ def make_demo(data: Path = DEFAULT_DATA, out: Path = DEFAULT_OUT, workers: int =
   """Rebuilds the demo set in ``out`` (replacing what is there)."""
   opts = common.Options(workers=workers, shard_size=64, progress=progress)
   jobs = {
-      "covid_cxr": (lambda: covid_cxr.build_plan(str(data / "covid_cxr_dev")), opts),
+      "covid_cxr": (lambda: covid_cxr.build_plan(str(data / "covid_cxr_dev"), val_percent=DEMO_VAL_PERCENT,
+                                                 unlabelled="train"), opts),
   }
   manifests = {}
   for name, (plan_fn, o) in jobs.items():

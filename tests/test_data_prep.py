@@ -426,3 +426,18 @@ def test_bundled_demo_set():
       assert len(rec["labels"]) == len(m["label_names"])
   attribution = (DEMO_DIR / "ATTRIBUTION.md").read_text()
   assert "CC BY" in attribution and "jkms-35-e79-g001-l-b.jpg" in attribution
+
+
+def test_covid_unlabelled_studies_train_only_and_patients_never_straddle(shared_data):
+  kept = covid_cxr.build_plan(str(shared_data / "covid_cxr_dev"), val_percent=35, unlabelled="train")
+  rejected = covid_cxr.build_plan(str(shared_data / "covid_cxr_dev"), val_percent=35)
+  unlabelled = [s for s in kept.studies if not any(s.labels)]
+  assert unlabelled and all(s.split == "train" for s in unlabelled)
+  assert not any(not any(s.labels) for s in rejected.studies)
+  assert len(kept.studies) == len(rejected.studies) + len(unlabelled)
+  splits_of = {}
+  for s in kept.studies:
+    splits_of.setdefault(s.patient_id, set()).add(s.split)
+  assert all(len(v) == 1 for v in splits_of.values())
+  with pytest.raises(ValueError, match="unlabelled"):
+    covid_cxr.build_plan(str(shared_data / "covid_cxr_dev"), unlabelled="keep")

@@ -45,6 +45,6 @@ def test_train_then_eval_and_embed_from_the_checkpoint(tmp_path):
                  "--config.data.eval_split=val", f"--output={npz}")
   assert "evaluating checkpoint step 1" in stdout
   with np.load(npz) as data:
-    assert data["image_global"].shape == (13, 32) and data["text_global"].shape == (13, 32)
-    assert len(data["study_id"]) == 13
+    assert data["image_global"].shape == (36, 32) and data["text_global"].shape == (36, 32)
+    assert len(data["study_id"]) == 36
     np.testing.assert_allclose(np.linalg.norm(data["image_global"], axis=1), 1.0, rtol=1e-5)

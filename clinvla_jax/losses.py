@@ -86,11 +86,12 @@ def word_region_context(words, word_mask, regions, region_mask, temp1):
   return jnp.einsum("ijrt,jrp->ijtp", over_regions, regions)
 
 
-def gloria_local_loss(words, word_mask, regions, region_mask, temperatures, valid=None):
-  """GLoRIA local loss: CE(scores) + CE(scores^T) with scores[image, text].
+def gloria_local_scores(words, word_mask, regions, region_mask, temperatures):
+  """GLoRIA's local image-text scores, ``[B_images, B_texts]`` (the logits of its local loss).
 
-  R(i, j) = log sum_k exp(temp2 * cos(w_k, c_k)) over the real words of text i,
-  attending over the regions of image j; scores = temp3 * R.
+  R(i, j) = log sum_k exp(temp2 * cos(w_k, c_k)) over the real words of text j,
+  each word attending over the regions of image i; score = temp3 * R.  Also a
+  retrieval score for models trained with the local loss alone.
   """
   temp1, temp2, temp3 = temperatures[0], temperatures[1], temperatures[2]
   word_mask = word_mask.astype(bool)
@@ -101,7 +102,12 @@ def gloria_local_loss(words, word_mask, regions, region_mask, temperatures, vali
   sim = jax.nn.logsumexp(jnp.where(mask, temp2 * cos, _NEG), axis=-1)
   # A text without real words has no local evidence: score 0 rather than -inf.
   sim = jnp.where(jnp.any(mask, axis=-1), sim, 0.0)
-  scores = temp3 * sim.T                                                          # [Bi, Bt]
+  return temp3 * sim.T
+
+
+def gloria_local_loss(words, word_mask, regions, region_mask, temperatures, valid=None):
+  """GLoRIA local loss: CE(scores) + CE(scores^T) over ``gloria_local_scores``."""
+  scores = gloria_local_scores(words, word_mask, regions, region_mask, temperatures)
   batch = scores.shape[0]
   valid = jnp.ones((batch,), bool) if valid is None else valid.astype(bool)
   return _masked_cross_entropy(scores, valid) + _masked_cross_entropy(scores.T, valid)

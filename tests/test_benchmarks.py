@@ -205,6 +205,29 @@ def test_training_step_and_benchmarks_import_without_grain():
 
 
 @pytest.mark.slow
+def test_ablations_train_and_evaluate_each_variant_on_tiny(tmp_path):
+  from benchmarks import ablations
+  out = tmp_path / "ablations.json"
+  proc = _run(["benchmarks/ablations.py", "--config=configs/tiny.py", "--variants=full,-global_loss",
+               "--steps=2", f"--workdir={tmp_path / 'runs'}", f"--out={out}"])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["full", "-global_loss"]
+  metric = "covid_cxr/image_to_text/P@5"
+  for r in rows:
+    assert 0.0 <= r[metric + "_ci_low"] <= r[metric] <= r[metric + "_ci_high"] <= 1.0, r
+    assert 0.0 < r[metric + "_chance"] < 1.0, r
+  # Each variant really ran with its switch: the saved config says so.
+  saved = json.loads((tmp_path / "runs" / "global_loss" / "results.json").read_text())
+  assert metric in saved
+  metrics_log = (tmp_path / "runs" / "global_loss" / "metrics.jsonl").read_text()
+  assert "loss_global" not in metrics_log and "loss_local" in metrics_log
+  assert "loss_global" in (tmp_path / "runs" / "full" / "metrics.jsonl").read_text()
+  assert "| -global_loss |" in proc.stdout
+  with pytest.raises(SystemExit):
+    ablations.main(["--variants=-nothing"])
+
+
+@pytest.mark.slow
 def test_scaling_runs_on_tiny(tmp_path):
   out = tmp_path / "scaling.json"
   _run(["benchmarks/scaling.py", "--config=tiny", "--batches=2", "--devices=2", "--per_device_batch=1",

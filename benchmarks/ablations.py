@@ -35,6 +35,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from clinvla_jax.evaluate import report  # pylint: disable=wrong-import-position
 
 VARIANTS = {
     "full": {},
@@ -86,12 +90,8 @@ def row(name: str, results: dict, metrics) -> dict:
 
 
 def format_cell(r: dict, m: str) -> str:
-  if m not in r:
-    return "n/a"
-  cell = f"{100 * r[m]:.1f}"
-  if m + "_ci_low" in r:
-    cell += f" [{100 * r[m + '_ci_low']:.1f}–{100 * r[m + '_ci_high']:.1f}]"
-  return cell
+  """"57.2 [42.2–71.1]": the score and its interval (the chance level is in the column header)."""
+  return report.score_cell({k: v for k, v in r.items() if k in (m, m + "_ci_low", m + "_ci_high")}, m)
 
 
 def markdown(rows, metrics) -> str:

@@ -82,16 +82,6 @@ def zone_name(zone: int) -> str:
   return f"{ROW_WORDS[row]} {COLUMN_WORDS[col]}"
 
 
-def zone_patches(zone: int) -> np.ndarray:
-  """Row-major indices (in the 14 x 14 grid) of the 3 x 3 patches of one zone."""
-  row, col = divmod(int(zone), GRID)
-  grid = records.IMAGE_SIZE // records.PATCH_SIZE
-  r0 = FIELD_OFFSET + row * ZONE_PATCHES
-  c0 = FIELD_OFFSET + col * ZONE_PATCHES
-  rows, cols = np.meshgrid(np.arange(r0, r0 + ZONE_PATCHES), np.arange(c0, c0 + ZONE_PATCHES), indexing="ij")
-  return (rows * grid + cols).reshape(-1).astype(np.int32)
-
-
 def zone_texture(zone: int) -> np.ndarray:
   """The fixed +-1 [16, 16] texture of one zone (the same in every study)."""
   p = records.PATCH_SIZE

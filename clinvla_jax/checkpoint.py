@@ -11,12 +11,19 @@ renames it when complete), so a process killed at any moment leaves either the
 previous checkpoint or the new one, never a half-written one that looks
 complete.  The last ``keep`` checkpoints are kept, plus the best by an
 evaluation metric when one is configured.
+
+A checkpoint can still be damaged after it was completed (a truncated copy,
+a failing disk).  ``restore_latest_intact`` then says which step failed and
+why, moves it to ``<workdir>/damaged_checkpoints/`` (nothing is deleted) and
+resumes from the newest step that restores.  It never falls back to step 0
+on its own: with no intact step left it raises.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -38,6 +45,10 @@ class IncompatibleCheckpointError(ValueError):
   """The checkpoint's trainable tree does not fit the current config."""
 
 
+class NoIntactCheckpointError(RuntimeError):
+  """Checkpoints exist, but none of them can be restored."""
+
+
 def _preservation(keep: int, best_metric: str, best_mode: str):
   policies = [checkpoint_managers.LatestN(n=keep)]
   if best_metric:
@@ -53,7 +64,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, best_metric: str = "", best_mode: str = "max",
                async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_preservation(keep, best_metric, best_mode),
         enable_async_checkpointing=async_save,
@@ -69,15 +81,18 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def all_steps(self) -> List[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state: Dict[str, Any], data_iter, config_dict: Dict[str, Any],
-           metrics: Optional[Dict[str, float]] = None) -> bool:
+           metrics: Optional[Dict[str, float]] = None, *, force: bool = False) -> bool:
+    """Starts an (asynchronous) save; ``data_iter=None`` saves no data position."""
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
-    return self.manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardSave(state),
-        DATA_ITER: _grain_checkpoint().CheckpointSave(data_iter),
-        CONFIG: ocp.args.JsonSave(config_dict),
-    }), metrics=metrics)
+    items = {STATE: ocp.args.StandardSave(state), CONFIG: ocp.args.JsonSave(config_dict)}
+    if data_iter is not None:
+      items[DATA_ITER] = _grain_checkpoint().CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def _check_compatible(self, step: int, abstract_state) -> None:
     try:
@@ -112,6 +127,51 @@ class Checkpointer:
       items[DATA_ITER] = _grain_checkpoint().CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], (restored[DATA_ITER] if data_iter is not None else None)
+
+  def restore_latest_intact(self, abstract_state, data_iter=None) -> Tuple[Any, Any, Optional[int]]:
+    """(state, data_iter, step) from the newest step that restores; (None, data_iter, None) if none exist.
+
+    A step that fails to restore is reported, set aside and skipped.  A
+    checkpoint that does not fit the config is not damage: that error stands.
+    """
+    failures = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, restored_iter = self.restore(step, abstract_state, data_iter)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        failures.append(f"step {step}: {reason}")
+        moved = self._set_aside(step)
+        logging.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying the step before it",
+                        step, self.directory, reason, moved)
+        print(f"WARNING: checkpoint step {step} cannot be restored ({reason}); moved to {moved}. "
+              f"Trying the step before it.", flush=True)
+        continue
+      if failures:
+        print(f"WARNING: resuming from step {step}, the newest intact checkpoint; "
+              f"{len(failures)} newer one(s) were damaged", flush=True)
+      return state, restored_iter, step
+    if failures:
+      raise NoIntactCheckpointError(
+          f"no checkpoint in {self.directory} can be restored:\n  " + "\n  ".join(failures)
+          + f"\nThe damaged steps are in {os.path.join(self.workdir, 'damaged_checkpoints')}. "
+          "Training does not start again from step 0 by itself: move them back or away, or use a fresh --workdir.")
+    return None, data_iter, None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves a damaged step out of Orbax's sight, so that a later save of the same step does not collide."""
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.workdir, "damaged_checkpoints", f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0 and os.path.isdir(source):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.rename(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"clinvla_checkpoint_set_aside_{step}")
+    self.manager.reload()
+    return target
 
   def restore_config(self, step: Optional[int] = None) -> Dict[str, Any]:
     step = self.latest_step() if step is None else step

@@ -6,7 +6,14 @@
   python -m clinvla_jax.main --config=configs/base.py --mode=summary
 
 ``--config`` is an ml_collections config file; any field can be overridden
-with ``--config.<field>=value``.  Multi-process runs pass
+with ``--config.<field>=value``.  The console shows warnings, progress and
+results; ``--verbosity=0`` (or ``-v 0``) adds absl/Orbax/Grain INFO lines,
+which training always writes to ``<workdir>/train.log``.
+
+Training holds ``<workdir>/train.lock`` (a second trainer exits with status 1
+and names the holder).  SIGTERM or SIGINT saves a checkpoint at the end of
+the current step and exits with status 128 + the signal number (143 for
+SIGTERM); rerunning the same command resumes.  Multi-process runs pass
 ``--coordinator_address/--num_processes/--process_id`` (or rely on JAX's
 cluster auto-detection).
 """
@@ -39,9 +46,16 @@ def run_summary(config) -> None:
 
 
 def run_train(config, workdir: str) -> None:
-  from clinvla_jax import train
-  train.train_and_evaluate(config, workdir)
-  print(f"training output in {workdir} (metrics.jsonl, tensorboard/, checkpoints/)", flush=True)
+  from clinvla_jax import preemption, train, workdir_lock
+  try:
+    train.train_and_evaluate(config, workdir)
+  except workdir_lock.WorkdirLockedError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  except train.TrainingPreempted as e:
+    # Already said on the console; the status tells a scheduler the job was stopped, not finished.
+    sys.exit(preemption.exit_code(e.signum))
+  print(f"training output in {workdir} (metrics.jsonl, train.log, tensorboard/, checkpoints/)", flush=True)
 
 
 def _variables_for_evaluation(config):
@@ -99,6 +113,8 @@ def main(argv) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/base.py")
+  from clinvla_jax import console
+  console.quiet_console(verbosity_given=flags.FLAGS["verbosity"].present)
   logging.info("mode=%s", _MODE.value)
   if _MODE.value == "summary":
     run_summary(config)

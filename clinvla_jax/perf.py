@@ -8,9 +8,25 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 tensor-core peaks, FLOP/s per device.
-PEAK_BF16 = {"a100": 312e12, "h100": 989e12, "h200": 989e12, "b200": 2250e12, "l4": 121e12,
-             "v5e": 197e12, "v5p": 459e12, "v4": 275e12}
+# Dense bf16 peaks, FLOP/s per device, keyed by a substring of the lower-cased
+# `device_kind` that jax reports.  Order matters: the first match wins, so the
+# more specific names come first ("tpu v5 lite" before "tpu v5").  jax calls
+# v5e "TPU v5 lite", v6e "TPU v6 lite" and v5p "TPU v5".
+PEAK_BF16 = (
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
+    ("h200", 989e12), ("h100", 989e12), ("b200", 2250e12), ("a100", 312e12),
+    ("l40s", 362e12), ("nvidia l4", 121e12),
+)
+
+
+def peak_flops_for_kind(device_kind: str) -> float:
+  """The bf16 peak for a jax ``device_kind`` string; 0.0 when unknown."""
+  kind = device_kind.lower()
+  for name, peak in PEAK_BF16:
+    if name in kind:
+      return peak
+  return 0.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -32,10 +48,9 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   if override:
     return float(override)
   device = jax.devices()[0]
-  kind = device.device_kind.lower()
-  for name, peak in PEAK_BF16.items():
-    if name in kind:
-      return peak
+  peak = peak_flops_for_kind(device.device_kind)
+  if peak:
+    return peak
   if device.platform == "cpu":
     return measured_matmul_flops()
   return 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -23,8 +24,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from clinvla_jax import api, losses, optim, perf, sharding
-from clinvla_jax.checkpoint import Checkpointer, checkpoint_bytes
+from clinvla_jax import api, console, losses, optim, perf, preemption, sharding, workdir_lock
+from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # pylint: disable=unused-import
 from clinvla_jax.model import flops as flops_lib
 
 MODEL_INPUTS = ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask")
@@ -34,8 +35,12 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or infinite loss."""
 
 
-def make_train_step(config, model, tx):
+def make_train_step(config, model, tx, schedules=None):
   """``train_step(state, frozen, batch) -> (state, metrics)``, pure and jittable.
+
+  With ``schedules`` ({group: optax schedule}) the metrics also hold each
+  group's learning rate at this step (``lr_<group>``), computed on the
+  device so that logging needs no host-side schedule evaluation.
 
   state = {"step", "params" (trainable only), "opt_state"}.  Gradients are
   taken with respect to ``state["params"]`` alone; the frozen backbone is an
@@ -62,6 +67,8 @@ def make_train_step(config, model, tx):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    for group, schedule in (schedules or {}).items():
+      metrics[f"lr_{group}"] = schedule(step)
     return {"step": step + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step
@@ -111,7 +118,7 @@ class TrainSetup:
                        (("patches", 4), ("patch_idx", 3), ("view_valid", 2), ("input_ids", 2),
                         ("attention_mask", 2))}
     self.batch_shardings = batch_shardings
-    step_fn = make_train_step(config, self.model, self.tx)
+    step_fn = make_train_step(config, self.model, self.tx, self.schedules)
     self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
                          out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
 
@@ -154,10 +161,24 @@ class TrainSetup:
     return _Ctx()
 
   def init_state(self):
+    """A fresh training state; every call returns new buffers.
+
+    The step donates its state, so handing out ``trainable_init`` itself would
+    leave it deleted after the first step (and a second call with dead arrays).
+    """
     with self.context():
-      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(self.trainable_init)
+      params = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
+                       out_shardings=self.state_shardings["params"])(self.trainable_init)
+      opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
-    return {"step": step, "params": self.trainable_init, "opt_state": opt_state}
+    return {"step": step, "params": params, "opt_state": opt_state}
+
+  def compile(self, state, batch) -> Tuple[Any, float]:
+    """(compiled step, seconds): compiled ahead of time, so no step's time includes compilation."""
+    with self.context():
+      start = time.perf_counter()
+      compiled = self._step.lower(state, self.frozen, batch).compile()
+    return compiled, time.perf_counter() - start
 
   def step(self, state, batch):
     with self.context():
@@ -283,103 +304,289 @@ def write_learning_curves(workdir: str) -> None:
     logging.warning("learning_curves.png not written: %s", e)
 
 
-def train_and_evaluate(config, workdir: str, *, evaluate_fn=None) -> Dict[str, float]:
-  """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last logged metrics."""
-  from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+class TrainingPreempted(Exception):
+  """SIGTERM/SIGINT stopped training after a checkpoint was saved; rerun the same command to resume."""
+
+  def __init__(self, signum: int, step: int, checkpoint: str):
+    self.signum, self.step, self.checkpoint = signum, step, checkpoint
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved to {checkpoint}; "
+                     "rerun the same command to resume")
+
+
+def memory_line(compiled) -> str:
+  """Per-device memory of a compiled step, from XLA's own accounting."""
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    mem = None
+  if mem is None:
+    return "memory analysis unavailable on this backend"
+  mib = lambda n: f"{n / 2**20:,.1f} MiB"  # pylint: disable=unnecessary-lambda-assignment
+  return (f"per device: arguments {mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)} "
+          f"(aliased {mib(mem.alias_size_in_bytes)}), temporaries {mib(mem.temp_size_in_bytes)}, "
+          f"code {mib(mem.generated_code_size_in_bytes)}")
+
+
+def _memory_metrics(compiled) -> Dict[str, float]:
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if mem is None:
+    return {}
+  return {f"memory/{k}": float(getattr(mem, f"{k}_size_in_bytes"))
+          for k in ("argument", "output", "alias", "temp", "generated_code")}
+
+
+class MetricWindow:
+  """Step metrics kept on the devices until a log step, then fetched in one transfer.
+
+  The host never waits for a step it has just dispatched: the window ending at
+  log step s is fetched after step s + 1 has been dispatched (``flush_due``),
+  or at once where the loop needs the values (checkpoint, evaluation, end).
+  Every step of a fetched window is checked for non-finite values.
+  """
+
+  def __init__(self, first_step: int):
+    self.pending: list = []
+    self.window_first = first_step
+    self.flush_due: Optional[int] = None
+    self.clock = time.perf_counter()
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def fetch(self, up_to: int, last_checkpoint: Optional[int]) -> Tuple[Dict[str, float], int, float]:
+    """(host metrics of step ``up_to``, steps in the window, seconds) after checking every step."""
+    taken = [(s, m) for s, m in self.pending if s <= up_to]
+    self.pending = [(s, m) for s, m in self.pending if s > up_to]
+    host = jax.device_get([m for _, m in taken])
+    now = time.perf_counter()
+    first = self.window_first
+    for (step, _), values in zip(taken, host):
+      bad = [k for k, v in values.items() if not np.all(np.isfinite(v))]
+      if bad:
+        raise NonFiniteLossError(
+            f"non-finite {', '.join(bad)} at step {step} (log window steps {first}-{up_to}); parts: "
+            + ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+            + f". Nothing after the last checkpoint (step {last_checkpoint}) was saved.")
+    seconds = now - self.clock
+    self.window_first, self.clock, self.flush_due = up_to + 1, now, None
+    return ({k: float(v) for k, v in host[-1].items()} if host else {}), len(taken), seconds
+
+  def restart_clock(self) -> None:
+    # Evaluation and the blocking part of a save are not step time.
+    self.clock = time.perf_counter()
+
+
+def _acquire_workdir_lock(workdir: str):
+  """Process 0 locks the workdir; every process learns whether it succeeded, and fails alike if not."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except workdir_lock.WorkdirLockedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not ok and error is None:
+      error = workdir_lock.WorkdirLockedError(f"{workdir} is in use by another trainer (process 0 could not lock it)")
+  if error is not None:
+    raise error
+  return lock
+
+
+def train_and_evaluate(config, workdir: str, *, evaluate_fn=None, host_batches=None) -> Dict[str, float]:
+  """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last logged metrics.
+
+  ``host_batches``: an iterator of host batches to use instead of the
+  configured training data (benchmarks); its position is not checkpointed
+  unless it has ``get_state``/``set_state``.
+
+  Raises ``TrainingPreempted`` after saving when SIGTERM or SIGINT arrived,
+  ``NonFiniteLossError`` on a non-finite loss, and
+  ``workdir_lock.WorkdirLockedError`` when another trainer holds the workdir.
+  """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  lock = _acquire_workdir_lock(workdir)
+  log_path = os.path.join(workdir, console.log_file_name(jax.process_index()))
+  console.add_log_file(log_path)
+  try:
+    return _train(config, workdir, evaluate_fn, host_batches)
+  finally:
+    console.remove_log_file(log_path)
+    if lock is not None:
+      lock.release()
+
+
+def _eval_line(step: int, eval_metrics: Dict[str, float], best_metric: str) -> str:
+  keys = [k for k in eval_metrics if k.endswith("/P@5") or k.endswith("/AUC") or k == best_metric]
+  keys = sorted(set(keys))[:6] or sorted(eval_metrics)[:6]
+  return f"eval step {step}: " + ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in keys)
+
+
+def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
+  from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.data.prefetch import DevicePrefetcher  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
+  say = print if is_main else (lambda *a, **k: None)
   setup = TrainSetup(config)
   total, trainable = _param_counts(setup)
   logging.info("parameters: %s total, %s trainable (%.2f %%); mesh %s", f"{total:,}", f"{trainable:,}",
                100 * trainable / total, dict(setup.mesh.shape))
-  if is_main:
-    print(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f} %); "
-          f"mesh {dict(setup.mesh.shape)}; devices {jax.device_count()} ({jax.devices()[0].device_kind}); "
-          f"processes {jax.process_count()}", flush=True)
+  say(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f} %); "
+      f"mesh {dict(setup.mesh.shape)}; devices {jax.device_count()} ({jax.devices()[0].device_kind}); "
+      f"processes {jax.process_count()}", flush=True)
 
   train = config.train
-  loader = pipeline.make_train_loader(
-      _train_paths(config), global_batch_size=int(config.optim.batch_size), seed=int(config.seed),
-      mask_ratio=float(config.data.mask_ratio), worker_count=int(train.data_workers))
-  data_iter = loader.iterator()
+  if host_batches is None:
+    loader = pipeline.make_train_loader(
+        _train_paths(config), global_batch_size=int(config.optim.batch_size), seed=int(config.seed),
+        mask_ratio=float(config.data.mask_ratio), worker_count=int(train.data_workers))
+    data_iter = loader.iterator()
+  else:
+    data_iter = host_batches
+  checkpointable = hasattr(data_iter, "get_state") and hasattr(data_iter, "set_state")
   checkpointer = Checkpointer(workdir, keep=int(train.keep_checkpoints), best_metric=train.best_metric,
                               best_mode=train.best_mode)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_iter = checkpointer.restore(latest, setup.abstract_state, data_iter)
-    logging.info("resumed from step %d", latest)
-    if is_main:
-      print(f"resumed from {checkpointer.directory}/{latest}", flush=True)
-  else:
-    state = setup.init_state()
-  if is_main:
-    print(f"adapter-only checkpoint: {checkpoint_bytes(state) / 2**20:.1f} MiB "
-          f"(trainable params + optimizer state; the full parameter set is "
-          f"{checkpoint_bytes(setup.variables(state)) / 2**20:.1f} MiB)", flush=True)
+  try:
+    state, data_iter, latest = checkpointer.restore_latest_intact(
+        setup.abstract_state, data_iter if checkpointable else None)
+    if not checkpointable:
+      data_iter = host_batches
+    if latest is not None:
+      logging.info("resumed from step %d", latest)
+      say(f"resumed from {checkpointer.directory}/{latest}", flush=True)
+    else:
+      state = setup.init_state()
+    say(f"adapter-only checkpoint: {checkpoint_bytes(state) / 2**20:.1f} MiB "
+        f"(trainable params + optimizer state; the full parameter set is "
+        f"{checkpoint_bytes(setup.variables(state)) / 2**20:.1f} MiB)", flush=True)
+    return _loop(config, workdir, setup, state, data_iter if checkpointable else None,
+                 DevicePrefetcher(data_iter, _placer(setup), depth=int(train.get("prefetch_to_device", 2))),
+                 checkpointer, latest, evaluate_fn, say)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
 
+
+def _placer(setup: TrainSetup):
+  max_len = setup.model_config.text.max_len
+  return lambda batch: sharding.global_batch(fit_text_length(batch, max_len), setup.mesh, MODEL_INPUTS)
+
+
+def _loop(config, workdir, setup, state, saveable_iter, batches, checkpointer, last_checkpoint, evaluate_fn,
+          say) -> Dict[str, float]:
+  is_main = jax.process_index() == 0
+  train = config.train
   num_steps = int(train.num_steps)
   start = int(jax.device_get(state["step"]))
-  writer = MetricWriter(workdir, is_main)
+  if start >= num_steps:
+    say(f"already trained to step {start} (config.train.num_steps={num_steps})", flush=True)
+    return {}
+  batch_size = int(config.optim.batch_size)
+  log_every, ckpt_every = int(train.log_every_steps), int(train.checkpoint_every_steps)
+  eval_every = int(config.eval.every_steps) if "eval" in config else 0
+  if evaluate_fn is None and eval_every:
+    evaluate_fn = default_evaluate_fn(config)
   flops_per_step = (flops_lib.train_step_flops_per_study(setup.model_config, float(config.data.mask_ratio))
-                    * int(config.optim.batch_size))
+                    * batch_size)
   peak = perf.peak_flops_per_device(float(train.peak_flops_per_device)) * jax.device_count()
   config_json = _json_safe(config)
+  guard = str(train.get("transfer_guard", "allow"))
+  # Saved with the checkpoint: the prefetcher reports the position after the
+  # last batch a step consumed, not after the batches read ahead.
+  data_for_checkpoint = batches if saveable_iter is not None else None
+
+  first_batch = next(batches)
+  compiled, compile_s = setup.compile(state, first_batch)
+  logging.info("train step compiled in %.1f s; %s", compile_s, memory_line(compiled))
+  say(f"train step compiled in {compile_s:.1f} s; {memory_line(compiled)}", flush=True)
+  first_record = {"compile_time_s": compile_s, **_memory_metrics(compiled)}
+
+  writer = MetricWriter(workdir, is_main)
   progress = None
   if is_main:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
+  write = progress.write if progress is not None else say
+  window = MetricWindow(start + 1)
   last: Dict[str, float] = {}
-  window_start, window_steps = time.perf_counter(), 0
-  eval_every = int(config.eval.every_steps) if "eval" in config else 0
-  if evaluate_fn is None and eval_every:
-    evaluate_fn = default_evaluate_fn(config)
+
+  def flush(up_to: int) -> None:
+    nonlocal last, first_record
+    values, steps, seconds = window.fetch(up_to, last_checkpoint)
+    if not steps:
+      return
+    step_time = seconds / steps
+    last = dict(values)
+    last["step_time_s"] = step_time
+    last["samples_per_s"] = batch_size / step_time
+    last["skipped_records"] = float(getattr(batches, "num_skipped", 0))
+    if peak:
+      last["mfu"] = flops_per_step / step_time / peak
+    if first_record:
+      last.update(first_record)
+      first_record = {}
+    writer.write(up_to, last)
+    if progress is not None:
+      progress.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}")
+
+  def save(step: int, eval_metrics=None, force=False) -> None:
+    nonlocal last_checkpoint
+    checkpointer.save(step, state, data_for_checkpoint, config_json, metrics=eval_metrics, force=force)
+    last_checkpoint = step
+    logging.info("checkpoint step %d saving to %s/%d", step, checkpointer.directory, step)
+    write(f"checkpoint step {step} -> {checkpointer.directory}/{step}")
+    window.restart_clock()
+
   try:
-    for step in range(start + 1, num_steps + 1):
-      batch = fit_text_length(next(data_iter), setup.model_config.text.max_len)
-      global_batch = sharding.global_batch(batch, setup.mesh, MODEL_INPUTS)
-      state, metrics = setup.step(state, global_batch)
-      metrics = jax.device_get(metrics)
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss}) at step {step}; parts: "
-            + ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
-            + f". Nothing was saved for this step; the last checkpoint is step {checkpointer.latest_step()}.")
-      window_steps += 1
-      if progress is not None:
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
-      if step % int(train.log_every_steps) == 0 or step == num_steps or step == start + 1:
-        elapsed = time.perf_counter() - window_start
-        step_time = elapsed / max(window_steps, 1)
-        last = {k: float(v) for k, v in metrics.items()}
-        last.update(setup.learning_rates(step - 1))
-        last["step_time_s"] = step_time
-        last["samples_per_s"] = int(config.optim.batch_size) / step_time
-        last["skipped_records"] = float(getattr(data_iter, "num_skipped", 0))
-        if peak:
-          last["mfu"] = flops_per_step / step_time / peak
-        writer.write(step, last)
-        window_start, window_steps = time.perf_counter(), 0
-      eval_metrics = None
-      if evaluate_fn is not None and eval_every and step % eval_every == 0:
-        eval_metrics = evaluate_fn(setup.variables(state), os.path.join(workdir, "eval", f"step_{step}"))
-        writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        if is_main:
-          write_learning_curves(workdir)
-        window_start, window_steps = time.perf_counter(), 0
-      if step % int(train.checkpoint_every_steps) == 0 or step == num_steps:
-        checkpointer.save(step, state, data_iter, config_json, metrics=eval_metrics)
+    with preemption.PreemptionWatcher() as watcher:
+      for step in range(start + 1, num_steps + 1):
+        # The hot path: with train.transfer_guard="disallow" any implicit
+        # transfer in it (a Python scalar argument, float() of a device
+        # value on an accelerator) is an error; explicit puts and gets pass.
+        with jax.transfer_guard(guard):
+          batch = first_batch if step == start + 1 else next(batches)
+          first_batch = None
+          state, metrics = compiled(state, setup.frozen, batch)
+          window.add(step, metrics)
+          # The window that ended at the previous step is fetched now, while this one runs.
+          if window.flush_due is not None:
+            flush(window.flush_due)
+        if progress is not None:
+          progress.update(1)
+        log_step = step % log_every == 0 or step == num_steps or step == start + 1
+        is_eval = bool(evaluate_fn is not None and eval_every and step % eval_every == 0)
+        is_ckpt = step % ckpt_every == 0 or step == num_steps or (is_eval and bool(train.best_metric))
+        # Every process asks at every step (multi-process agreement); the last step just ends.
+        stopping = watcher.should_stop(step) and step < num_steps
+        if is_eval or is_ckpt or stopping or step == num_steps:
+          flush(step)  # values are needed now, and nothing is saved after a non-finite step
+        elif log_step:
+          window.flush_due = step
+        eval_metrics = None
+        if is_eval:
+          eval_metrics = evaluate_fn(setup.variables(state), os.path.join(workdir, "eval", f"step_{step}"))
+          writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          write(_eval_line(step, eval_metrics, train.best_metric))
+          if is_main:
+            write_learning_curves(workdir)
+          window.restart_clock()
+        if is_ckpt or stopping:
+          save(step, eval_metrics, force=stopping)
+        if stopping:
+          checkpointer.wait()
+          error = TrainingPreempted(watcher.signum, step, f"{checkpointer.directory}/{step}")
+          logging.warning("%s", error)
+          write(str(error))
+          raise error
   finally:
-    checkpointer.wait()
-    checkpointer.close()
     writer.close()
     if is_main and os.path.isfile(writer.path):
       write_learning_curves(workdir)
     if progress is not None:
       progress.close()
-  if start >= num_steps and is_main:
-    print(f"already trained to step {start} (config.train.num_steps={num_steps})", flush=True)
   return last

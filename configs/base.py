@@ -8,8 +8,8 @@ decay 1e-4.
 
 How long it takes: `--mode=summary` runs in seconds anywhere (abstract shapes
 only).  A train step at batch 32 takes about 10 s on a 2-core CPU in fp32, so
-real training needs accelerators; point `model.text.pretrained` /
-`model.image.pretrained` at BioBERT and MAE/MRM ViT-B/16 weights first.
+real training needs accelerators; point `init.text_weights` /
+`init.image_weights` at BioBERT and MAE/MRM ViT-B/16 weights first.
 """
 
 import math
@@ -118,6 +118,8 @@ def get_config():
   config.train.best_metric = ""            # a results.json key, e.g. "chexpert_5x200/image_to_text/P@10"
   config.train.best_mode = "max"
   config.train.data_workers = 2            # Grain worker processes (0 = in-process)
+  config.train.prefetch_to_device = 2      # batches put on the devices ahead of the step (0 = on demand)
+  config.train.transfer_guard = "allow"    # "log" / "disallow": report / refuse implicit transfers in the step loop
   config.train.peak_flops_per_device = 0.0 # for MFU; 0 = look up by device kind (CPU: measured matmul rate)
 
   # Mesh ('data', 'fsdp', 'tensor'); one axis may be -1 (all remaining devices).

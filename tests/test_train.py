@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -122,14 +123,33 @@ def test_frozen_backbone_has_no_gradient_and_no_optimizer_state():
   assert int(out_state["step"]) == 1
 
 
-def _main(workdir, *extra, env=None, wait=True):
+def _main(workdir, *extra, env=None, wait=True, capture=False):
   cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}",
          f"--config.data.train={DEMO}", f"--workdir={workdir}", "--config.train.log_every_steps=1",
          "--config.optim.warmup_steps=2", "--config.train.data_workers=0", *extra]
   run_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {}))
   if wait:
     return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
+  if capture:
+    # Files, not pipes: a long run's progress bar would fill an unread pipe and stall it.
+    log = pathlib.Path(str(workdir) + f".{len(extra)}.{time.time_ns()}")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=open(f"{log}.out", "w"),
+                            stderr=open(f"{log}.err", "w"), text=True)
+    proc.stdout_path, proc.stderr_path = pathlib.Path(f"{log}.out"), pathlib.Path(f"{log}.err")
+    return proc
   return subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_step(workdir, step, procs, timeout=300):
+  """Until metrics.jsonl logs ``step`` (or a process ends first)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while True:
+    if path.exists() and any(json.loads(l).get("step", 0) >= step for l in path.read_text().splitlines() if l):
+      return
+    assert all(p.poll() is None for p in procs), "training ended before it could be signalled"
+    assert time.time() < deadline, f"step {step} not logged within {timeout} s"
+    time.sleep(0.05)
 
 
 def _losses_by_step(workdir):
@@ -140,14 +160,27 @@ def _losses_by_step(workdir):
   return by_step
 
 
-@pytest.mark.slow
-def test_kill_and_resume_gives_identical_losses(tmp_path):
-  steps = ["--config.train.num_steps=12", "--config.train.checkpoint_every_steps=2"]
-  ref = _main(tmp_path / "ref", *steps)
-  assert ref.returncode == 0, ref.stderr[-3000:]
-  ref_losses = _losses_by_step(tmp_path / "ref")
-  assert sorted(ref_losses) == list(range(1, 13))
+NUM_STEPS = 20
 
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory):
+  """Losses of one uninterrupted tiny run, against which interrupted runs are compared."""
+  workdir = tmp_path_factory.mktemp("reference")
+  ref = _main(workdir, f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every_steps=2")
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  losses = _losses_by_step(workdir)
+  assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+  return losses
+
+
+def _saved_steps(workdir):
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_losses(tmp_path, reference_losses):
+  steps = [f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every_steps=2"]
   work = tmp_path / "killed"
   proc = _main(work, *steps, wait=False)
   deadline = time.time() + 300
@@ -156,15 +189,97 @@ def test_kill_and_resume_gives_identical_losses(tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not (work / "checkpoints" / "12").exists(), "the run finished before it was killed"
+  assert not (work / "checkpoints" / str(NUM_STEPS)).exists(), "the run finished before it was killed"
 
   resumed = _main(work, *steps)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stdout
   losses = _losses_by_step(work)
-  assert sorted(losses) == list(range(1, 13))
-  for step in range(1, 13):
-    assert losses[step] == ref_losses[step], (step, losses[step], ref_losses[step])
+  assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+  for step in range(1, NUM_STEPS + 1):
+    assert losses[step] == reference_losses[step], (step, losses[step], reference_losses[step])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tmp_path, reference_losses):
+  # No periodic checkpoint before the end: whatever survives is the preemption save.
+  steps = [f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every_steps=1000"]
+  work = tmp_path / "terminated"
+  proc = _main(work, *steps, wait=False, capture=True)
+  _wait_for_step(work, 3, [proc])
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+  saved = _saved_steps(work)
+  assert len(saved) == 1 and 3 <= saved[0] < NUM_STEPS, saved
+  out, err = proc.stdout_path.read_text(), proc.stderr_path.read_text()
+  assert f"stopped by SIGTERM at step {saved[0]}: checkpoint saved to" in out, out[-2000:]
+  # Quiet console: no absl/Orbax INFO lines, yet the log file has them.
+  assert not re.search(r"^I\d{4} ", err, re.M), err[-2000:]
+  log = (work / "train.log").read_text()
+  assert re.search(r"^I\d{4} .*checkpoint", log, re.M | re.I)
+
+  resumed = _main(work, *steps)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from {work / 'checkpoints'}/{saved[0]}" in resumed.stdout
+  losses = _losses_by_step(work)
+  assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+  for step in range(1, NUM_STEPS + 1):
+    assert losses[step] == reference_losses[step], (step, losses[step], reference_losses[step])
+
+
+@pytest.mark.slow
+def test_second_trainer_on_a_workdir_exits_at_once_naming_the_holder(tmp_path):
+  work = tmp_path / "shared"
+  first = _main(work, "--config.train.num_steps=100000", "--config.train.checkpoint_every_steps=100000",
+                wait=False, capture=True)
+  try:
+    _wait_for_step(work, 2, [first])
+    started = time.time()
+    second = _main(work, "--config.train.num_steps=100000")
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert "is in use by another trainer" in second.stderr
+    assert f"host {socket.gethostname()}, pid {first.pid}, started " in second.stderr, second.stderr[-2000:]
+    # It stops before building a model: no compilation, no step.
+    assert "train step compiled" not in second.stdout and time.time() - started < 60
+    assert first.poll() is None
+  finally:
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=120)
+  steps = [json.loads(l)["step"] for l in (work / "metrics.jsonl").read_text().splitlines()]
+  assert steps == sorted(set(steps)), "metrics.jsonl holds one run's steps, each once"
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+  port = _free_port()
+  work = tmp_path / "two"
+  procs = [_main(work, "--config.train.num_steps=400", "--config.train.checkpoint_every_steps=1000",
+                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                 wait=False, capture=True) for i in range(2)]
+  try:
+    _wait_for_step(work, 3, procs)
+    # A scheduler may tell only one of them; JAX's preemption service tells the other.
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert codes == [128 + signal.SIGTERM] * 2, (codes, procs[0].stderr_path.read_text()[-2000:])
+  saved = _saved_steps(work)
+  assert len(saved) == 1 and saved[0] < 400, saved
+  data_iter = work / "checkpoints" / str(saved[0]) / "data_iter"
+  assert sorted(p.name for p in data_iter.glob("process_*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert f"stopped by SIGTERM at step {saved[0]}" in procs[0].stdout_path.read_text()
+
+
+def test_console_is_quiet_unless_verbosity_is_given():
+  cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}", "--mode=summary"]
+  quiet = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  verbose = subprocess.run(cmd + ["--verbosity=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr[-2000:]
+  assert "mode=summary" in verbose.stderr
+  assert "mode=summary" not in quiet.stderr and not re.search(r"^I\d{4} ", quiet.stderr, re.M)
 
 
 @pytest.mark.slow

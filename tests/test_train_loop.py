@@ -1,0 +1,243 @@
+"""The training loop: no implicit transfers, device prefetch, non-finite windows, damaged checkpoints,
+the workdir lock, best-checkpoint ranking, init_state, peak FLOP table.  Signal tests are in test_train.py."""
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from clinvla_jax import perf, sharding, train, workdir_lock
+from clinvla_jax.config import load_config
+from clinvla_jax.data import pipeline
+from clinvla_jax.data.prefetch import DevicePrefetcher
+from clinvla_jax.data.source import list_shards
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
+
+
+def _tiny(**overrides):
+  base = {"data.train": str(DEMO), "optim.warmup_steps": 1, "train.num_steps": 4, "train.log_every_steps": 1,
+          "train.data_workers": 0, "optim.batch_size": 8, "eval.every_steps": 0, "mesh.data": 1}
+  base.update(overrides)
+  return load_config(str(REPO / "configs" / "tiny.py"), base)
+
+
+def _single_device_setup(config):
+  return train.TrainSetup(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
+
+
+def _loader(config):
+  return pipeline.make_train_loader(list_shards(config.data.train, split="train"),
+                                    global_batch_size=config.optim.batch_size, seed=0, shard_index=0, shard_count=1)
+
+
+def _losses(workdir):
+  by_step = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    if "loss" in record:
+      by_step[record["step"]] = record["loss"]
+  return by_step
+
+
+@pytest.fixture(autouse=True)
+def _one_device(monkeypatch):
+  # The loop builds its mesh from the config; one device keeps these tests quick.
+  monkeypatch.setattr(sharding, "make_mesh", _first_device_mesh(sharding.make_mesh))
+
+
+def _first_device_mesh(make_mesh):
+  def wrapped(mesh_cfg, devices=None):
+    return make_mesh(mesh_cfg, devices if devices is not None else jax.devices()[:1])
+  return wrapped
+
+
+def test_train_step_makes_no_implicit_transfer():
+  config = _tiny()
+  setup = _single_device_setup(config)
+  state = setup.init_state()
+  host = next(iter(_loader(config)))
+  batch = sharding.global_batch(train.fit_text_length(host, setup.model_config.text.max_len), setup.mesh,
+                                train.MODEL_INPUTS)
+  compiled, _ = setup.compile(state, batch)
+  with jax.transfer_guard("disallow"):
+    state, metrics = setup.step(state, batch)
+    state, metrics = compiled(state, setup.frozen, batch)
+  assert int(jax.device_get(state["step"])) == 2
+  # A guard that cannot fail proves nothing: the same call with a host batch is refused.
+  host_batch = {k: np.asarray(v) for k, v in batch.items()}
+  with jax.transfer_guard("disallow"), pytest.raises(Exception, match="Disallowed host-to-device"):
+    compiled(state, setup.frozen, host_batch)
+
+
+def test_loop_runs_under_a_disallowing_transfer_guard(tmp_path):
+  # The step loop (batch placement, step, metric fetch) makes only explicit
+  # transfers.  On CPU a device->host read is no transfer, so this guard
+  # catches implicit host->device ones here, and both kinds on accelerators.
+  config = _tiny(**{"train.num_steps": 5, "train.log_every_steps": 2, "train.checkpoint_every_steps": 100,
+                    "train.transfer_guard": "disallow"})
+  last = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(last["loss"])
+  assert sorted(_losses(tmp_path)) == [1, 2, 4, 5]
+  first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  assert first["compile_time_s"] > 0 and first["memory/temp"] > 0
+  # Step time excludes compilation: the first logged step is no slower than compile time.
+  assert first["step_time_s"] < first["compile_time_s"]
+
+
+def test_init_state_can_be_called_twice():
+  config = _tiny()
+  setup = _single_device_setup(config)
+  host = next(iter(_loader(config)))
+  batch = sharding.global_batch(train.fit_text_length(host, setup.model_config.text.max_len), setup.mesh,
+                                train.MODEL_INPUTS)
+  first, m1 = setup.step(setup.init_state(), batch)
+  second, m2 = setup.step(setup.init_state(), batch)
+  assert float(m1["loss"]) == float(m2["loss"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(first["params"]),
+                         jax.device_get(second["params"]))
+
+
+class _CountingIterator:
+  """A host iterator with Grain-like get_state/set_state (the index of the next batch)."""
+
+  def __init__(self, n=100):
+    self.position, self.n = 0, n
+
+  def __next__(self):
+    if self.position >= self.n:
+      raise StopIteration
+    self.position += 1
+    return {"x": np.full((2,), self.position - 1)}
+
+  def get_state(self):
+    return json.dumps({"position": self.position}).encode()
+
+  def set_state(self, state):
+    self.position = json.loads(state)["position"]
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetcher_reports_the_position_after_the_consumed_batch(depth):
+  host = _CountingIterator()
+  placed = []
+  prefetcher = DevicePrefetcher(host, lambda b: placed.append(int(b["x"][0])) or b, depth=depth)
+  got = [int(next(prefetcher)["x"][0]) for _ in range(5)]
+  assert got == [0, 1, 2, 3, 4]
+  # It reads ahead by `depth` ...
+  assert host.position == 5 + depth and placed == list(range(5 + depth))
+  # ... but reports the position after batch 4, so a restore continues at 5.
+  state = prefetcher.get_state()
+  assert json.loads(state)["position"] == 5
+  resumed = DevicePrefetcher(_CountingIterator(), lambda b: b, depth=depth)
+  resumed.set_state(state)
+  assert [int(next(resumed)["x"][0]) for _ in range(3)] == [5, 6, 7]
+
+
+def test_prefetcher_over_the_grain_loader_resumes_exactly():
+  config = _tiny()
+  loader = _loader(config)
+  reference = [b["patches"] for b, _ in zip(loader.iterator(), range(5))]
+  prefetcher = DevicePrefetcher(loader.iterator(), lambda b: b, depth=2)
+  for _ in range(2):
+    next(prefetcher)
+  resumed = loader.iterator(prefetcher.get_state())
+  for k in range(2, 5):
+    np.testing.assert_array_equal(next(resumed)["patches"], reference[k])
+
+
+def test_nan_inside_a_log_window_names_the_step_and_the_window(tmp_path, monkeypatch):
+  # Records hold uint8 pixels, so the NaN is planted in step 3's metrics as
+  # they enter the window; the logit-scale test in test_train.py makes a real one.
+  add = train.MetricWindow.add
+
+  def add_with_nan_at_step_3(self, step, metrics):
+    if step == 3:
+      metrics = dict(metrics, loss=metrics["loss"] * jax.numpy.nan)
+    add(self, step, metrics)
+
+  monkeypatch.setattr(train.MetricWindow, "add", add_with_nan_at_step_3)
+  config = _tiny(**{"train.num_steps": 8, "train.log_every_steps": 4, "train.checkpoint_every_steps": 100})
+  with pytest.raises(train.NonFiniteLossError, match=r"loss at step 3 \(log window steps 2-4\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not any((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def _truncate_arrays(step_dir: pathlib.Path) -> int:
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+  for p in files:
+    with open(p, "r+b") as f:
+      f.truncate(max(1, p.stat().st_size // 3))
+  return len(files)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys):
+  ref = tmp_path / "ref"
+  train.train_and_evaluate(_tiny(**{"train.num_steps": 6, "train.checkpoint_every_steps": 2}), str(ref))
+  work = tmp_path / "damaged"
+  train.train_and_evaluate(_tiny(**{"train.num_steps": 4, "train.checkpoint_every_steps": 2}), str(work))
+  assert _truncate_arrays(work / "checkpoints" / "4") > 0
+  capsys.readouterr()
+  train.train_and_evaluate(_tiny(**{"train.num_steps": 6, "train.checkpoint_every_steps": 2}), str(work))
+  out = capsys.readouterr().out
+  assert "checkpoint step 4 cannot be restored" in out and "resuming from step 2" in out
+  assert len(list((work / "damaged_checkpoints").iterdir())) == 1
+  # Steps 3-6 rerun from step 2 and match the uninterrupted run.
+  losses, ref_losses = _losses(work), _losses(ref)
+  for step in (3, 4, 5, 6):
+    assert losses[step] == ref_losses[step], step
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+  config = _tiny(**{"train.num_steps": 2, "train.checkpoint_every_steps": 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  _truncate_arrays(tmp_path / "checkpoints" / "2")
+  with pytest.raises(train.NoIntactCheckpointError, match="step 2"):
+    train.train_and_evaluate(_tiny(**{"train.num_steps": 4}), str(tmp_path))
+
+
+def test_workdir_lock_names_its_holder_and_is_released(tmp_path):
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()}"):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lock.WorkdirLockedError, match="in use by another trainer"):
+      train.train_and_evaluate(_tiny(), str(tmp_path))
+  workdir_lock.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_evaluation_needs_no_lock(tmp_path):
+  train.train_and_evaluate(_tiny(**{"train.num_steps": 1, "train.checkpoint_every_steps": 1}), str(tmp_path))
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    _, step = train.restore_variables(_tiny(), str(tmp_path))
+  assert step == 1
+
+
+def test_best_checkpoint_ranks_every_evaluated_step(tmp_path):
+  # Evaluation every 2 steps, checkpoints only at the end: the best evaluated
+  # step (2) must still be kept, beside the latest.
+  scores = {2: 0.9, 4: 0.1, 6: 0.5}
+  calls = []
+
+  def evaluate(variables, outdir):
+    step = int(os.path.basename(outdir).split("_")[1])
+    calls.append(step)
+    return {"score": scores[step]}
+
+  config = _tiny(**{"train.num_steps": 6, "train.checkpoint_every_steps": 100, "train.keep_checkpoints": 1,
+                    "train.best_metric": "score", "eval.every_steps": 2})
+  train.train_and_evaluate(config, str(tmp_path), evaluate_fn=evaluate)
+  assert calls == [2, 4, 6]
+  kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == [2, 6]
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("TPU v5 lite", 197e12), ("TPU v6 lite", 918e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L4", 121e12), ("cpu", 0.0)])
+def test_peak_flops_know_the_device_kinds_jax_reports(kind, peak):
+  assert perf.peak_flops_for_kind(kind) == peak

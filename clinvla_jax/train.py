@@ -187,8 +187,6 @@ class TrainSetup:
   def variables(self, state) -> Dict[str, Any]:
     return {"params": optim.merge_params(state["params"], self.frozen)}
 
-  def learning_rates(self, step: int) -> Dict[str, float]:
-    return {f"lr_{g}": float(s(step)) for g, s in self.schedules.items()}
 
 
 def fit_text_length(batch, max_len: int):
@@ -559,10 +557,11 @@ def _loop(config, workdir, setup, state, saveable_iter, batches, checkpointer, l
         if progress is not None:
           progress.update(1)
         log_step = step % log_every == 0 or step == num_steps or step == start + 1
-        is_eval = bool(evaluate_fn is not None and eval_every and step % eval_every == 0)
-        is_ckpt = step % ckpt_every == 0 or step == num_steps or (is_eval and bool(train.best_metric))
         # Every process asks at every step (multi-process agreement); the last step just ends.
         stopping = watcher.should_stop(step) and step < num_steps
+        # A grace period is short: a preempted step saves and leaves, without its evaluation.
+        is_eval = bool(evaluate_fn is not None and eval_every and step % eval_every == 0 and not stopping)
+        is_ckpt = step % ckpt_every == 0 or step == num_steps or (is_eval and bool(train.best_metric))
         if is_eval or is_ckpt or stopping or step == num_steps:
           flush(step)  # values are needed now, and nothing is saved after a non-finite step
         elif log_step:

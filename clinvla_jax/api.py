@@ -23,11 +23,15 @@ from clinvla_jax.model.clinvla import ClinVLA, ClinVLAConfig
 
 
 def model_config(cfg) -> ClinVLAConfig:
-  """ClinVLAConfig from a full config, a ``model`` sub-config, or itself."""
+  """ClinVLAConfig from a full config, a ``model`` sub-config, or itself.
+
+  Only a full config carries the loss choice, and with it the sigmoid loss's
+  logit bias: build models that are trained or restored from the full config.
+  """
   if isinstance(cfg, ClinVLAConfig):
     return cfg
   if "model" in cfg:
-    cfg = cfg.model
+    return ClinVLAConfig.from_config(cfg.model, cfg.get("loss"))
   return ClinVLAConfig.from_config(cfg)
 
 

@@ -2,6 +2,8 @@
 
 Global:  "infonce" - symmetric InfoNCE over the batch with a learnable, clamped
          logit scale (default, as in ALTA / CLIP / ConVIRT);
+         "sigmoid" - SigLIP's pairwise sigmoid loss with a learnable scale and
+         bias (an extension, not in the paper);
          "cosine"  - the paper's literal 1 - cos(v_img, v_txt) of positive pairs.
 Local:   "gloria"  - GLoRIA word-region loss (attention of every word over the
          regions of every image, cross-entropy over the batch in both
@@ -12,20 +14,165 @@ Total:   L = L_global + lambda * L_local.
 
 All functions take masks instead of ragged slices; rows whose example is
 invalid (padding) take no part as queries or as negatives.  Inputs are the
-*global* batch: under ``jax.jit`` with sharded inputs XLA gathers what each
-device needs, so every example sees every other as a negative.
+*global* batch, and every example sees every other as a negative.
+
+Two forms of the contrastive losses give the same numbers:
+
+* dense - the whole [B, B] score matrix (for GLoRIA a [B, B, regions, words]
+  intermediate) in one expression; used on one device, and the reference;
+* sharded - under a mesh whose batch axes hold more than one device (the
+  ``jax.set_mesh`` context of the training step), a ``jax.shard_map`` over
+  those axes.  Each device keeps its own images and receives the other
+  devices' texts one block at a time round a ring (``ppermute``), so it only
+  ever holds its own rows of the score matrix.  GLoRIA's word-region tensor is
+  built ``chunk_size`` texts at a time and recomputed in the backward pass, so
+  per-device memory grows linearly with the global batch, not quadratically.
+
+``batch_axes`` on each contrastive loss overrides the choice: ``None`` reads
+the mesh, ``()`` forces the dense form, a tuple of mesh axis names forces the
+sharded form over them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from clinvla_jax.sharding import BATCH_AXES
 
 _NEG = -1e30
+DEFAULT_CHUNK_SIZE = 8
 
+
+# ---------------------------------------------------------------------------
+# Choosing the form from the mesh.
+
+def mesh_batch_axes(batch: int) -> Tuple[str, ...]:
+  """Batch axes of the current mesh context the sharded form should split over; () = dense.
+
+  Axes that are already manual (inside another ``shard_map``) are left out:
+  their data is per-device already.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and a not in mesh.manual_axes)
+  size = math.prod(mesh.shape[a] for a in axes)
+  # shard_map needs equal blocks; a batch that does not divide stays with XLA's partitioning.
+  if size <= 1 or batch % size:
+    return ()
+  return axes
+
+
+def _resolve_axes(batch_axes: Optional[Sequence[str]], batch: int) -> Tuple[str, ...]:
+  return mesh_batch_axes(batch) if batch_axes is None else tuple(batch_axes)
+
+
+def _over_batch(fn: Callable, axes: Tuple[str, ...], sharded_args, replicated_args):
+  """``fn(*sharded_args, *replicated_args)`` as a shard_map: leading axes split over ``axes``, scalar out."""
+  mapped = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), out_specs=P(),
+                         in_specs=(P(axes),) * len(sharded_args) + (P(),) * len(replicated_args))
+  return mapped(*sharded_args, *replicated_args)
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the sharded form (run inside the shard_map).
+
+def _axis_size(axes) -> int:
+  return lax.psum(1, axes)
+
+
+def _ring_blocks(block_fn: Callable, stationary, travelling, axes) -> jax.Array:
+  """This device's rows of a global score matrix as ``[num_devices, b, b']`` blocks, in arrival order.
+
+  ``block_fn(stationary, block) -> [b, b']`` scores the local rows against one
+  device's columns.  The column inputs move one device on per step, so a
+  device holds one foreign block at a time; each block's scoring is
+  rematerialised, keeping only its ``[b, b']`` scores for the backward pass.
+  Block s holds the columns of device ``_arrival_sources(axes)[s]``; block 0
+  is the device's own (positives on its diagonal).
+  """
+  num = _axis_size(axes)
+  score = jax.checkpoint(block_fn)
+  shift = [(i, (i + 1) % num) for i in range(num)]
+
+  # Every step, the device's own block included, runs in one loop body so XLA
+  # allocates its word-region buffers once; the price is a last transfer that
+  # only brings each block home.
+  def step(block, _):
+    return lax.ppermute(block, axes, shift), score(stationary, block)
+
+  return lax.scan(step, travelling, None, length=num)[1]
+
+
+def _arrival_sources(axes) -> jax.Array:
+  """Device whose block arrives at step s, for every s: (me - s) mod num.
+
+  The map is its own inverse, so taking with it also turns per-device values
+  in device order into arrival order.
+  """
+  num = _axis_size(axes)
+  return (lax.axis_index(axes) - jnp.arange(num)) % num
+
+
+def _in_arrival_order(per_example, axes) -> jax.Array:
+  """``[b]`` values of every device's examples, ``[num, b]`` in arrival order."""
+  everyone = lax.all_gather(per_example, axes)                          # [num, b], device order
+  return jnp.take(everyone, _arrival_sources(axes), axis=0)
+
+
+def _log_psum_exp(x, axes):
+  """log(sum over devices of exp(x)), elementwise, without overflow."""
+  # Any shift is exact; the max only keeps exp() in range, so it needs no gradient.
+  shift = lax.pmax(lax.stop_gradient(x), axes)
+  return shift + jnp.log(lax.psum(jnp.exp(x - shift), axes))
+
+
+def _sharded_cross_entropies(blocks, valid, axes) -> Tuple[jax.Array, jax.Array]:
+  """(CE(S), CE(S^T)) over the global batch from this device's ring blocks of S.
+
+  Each is the mean over valid examples of logsumexp over the valid examples of
+  the other side minus the positive score, as ``_masked_cross_entropy``.
+  """
+  col_valid = _in_arrival_order(valid, axes)[:, None, :]                # [num, 1, b']
+  positive = jnp.diagonal(blocks[0])
+  count = jnp.maximum(lax.psum(jnp.sum(valid), axes), 1)
+
+  row_lse = jax.nn.logsumexp(jnp.where(col_valid, blocks, _NEG), axis=(0, 2))
+  # Column log-sum-exps: each device contributes its rows, the devices' parts combine in log space.
+  col_lse_part = jax.nn.logsumexp(jnp.where(valid[None, :, None], blocks, _NEG), axis=1)   # [num, b']
+  col_lse_part = jnp.take(col_lse_part, _arrival_sources(axes), axis=0)                     # device order
+  own_col_lse = _log_psum_exp(col_lse_part, axes)[lax.axis_index(axes)]
+
+  def mean_over_valid(nll):
+    return lax.psum(jnp.sum(jnp.where(valid, nll, 0.0)), axes) / count
+
+  return mean_over_valid(row_lse - positive), mean_over_valid(own_col_lse - positive)
+
+
+def _chunked_columns(block_fn: Callable, stationary, columns, chunk_size: int) -> jax.Array:
+  """``block_fn(stationary, columns)`` ([b, b']) computed ``chunk`` columns at a time, each chunk rematerialised."""
+  total = jax.tree_util.tree_leaves(columns)[0].shape[0]
+  chunk = _largest_divisor_at_most(total, chunk_size)
+  if chunk == total:
+    return block_fn(stationary, columns)
+  chunks = jax.tree_util.tree_map(lambda x: x.reshape(total // chunk, chunk, *x.shape[1:]), columns)
+  score = jax.checkpoint(block_fn)
+  _, blocks = lax.scan(lambda carry, c: (carry, score(stationary, c)), None, chunks)   # [n, b, chunk]
+  return jnp.moveaxis(blocks, 0, 1).reshape(blocks.shape[1], total)
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  return next(d for d in range(max(min(n, int(limit)), 1), 0, -1) if n % d == 0)
+
+
+# ---------------------------------------------------------------------------
+# Global losses.
 
 def _masked_cross_entropy(logits, valid):
   """Mean over valid rows of CE(logits[i], i); invalid columns are excluded."""
@@ -35,17 +182,74 @@ def _masked_cross_entropy(logits, valid):
   return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
-def infonce_loss(image_emb, text_emb, logit_scale, valid=None, max_logit_scale=math.log(100.0)):
+def _as_valid(valid, batch):
+  return jnp.ones((batch,), bool) if valid is None else jnp.asarray(valid).astype(bool)
+
+
+def _clamped_scale(logit_scale, max_logit_scale):
+  return jnp.exp(jnp.minimum(jnp.asarray(logit_scale, jnp.float32), max_logit_scale))
+
+
+def _dot_rows(image_emb, text_block):
+  return jnp.einsum("ip,jp->ij", image_emb.astype(jnp.float32), text_block.astype(jnp.float32))
+
+
+def infonce_loss(image_emb, text_emb, logit_scale, valid=None, max_logit_scale=math.log(100.0),
+                 batch_axes: Optional[Sequence[str]] = None):
   """Symmetric InfoNCE (mean of both directions) on L2-normalised embeddings.
 
   Returns (loss, scale) where scale = exp(min(logit_scale, max_logit_scale)).
   """
   batch = image_emb.shape[0]
-  valid = jnp.ones((batch,), bool) if valid is None else valid.astype(bool)
-  scale = jnp.exp(jnp.minimum(logit_scale, max_logit_scale))
-  logits = scale * jnp.einsum("ip,jp->ij", image_emb.astype(jnp.float32), text_emb.astype(jnp.float32))
-  loss = 0.5 * (_masked_cross_entropy(logits, valid) + _masked_cross_entropy(logits.T, valid))
-  return loss, scale
+  valid = _as_valid(valid, batch)
+  scale = _clamped_scale(logit_scale, max_logit_scale)
+  axes = _resolve_axes(batch_axes, batch)
+  if not axes:
+    logits = scale * _dot_rows(image_emb, text_emb)
+    return 0.5 * (_masked_cross_entropy(logits, valid) + _masked_cross_entropy(logits.T, valid)), scale
+
+  def local(image, text, valid, scale):
+    blocks = scale * _ring_blocks(_dot_rows, image, text, axes)
+    image_to_text, text_to_image = _sharded_cross_entropies(blocks, valid, axes)
+    return 0.5 * (image_to_text + text_to_image)
+
+  return _over_batch(local, axes, (image_emb, text_emb, valid), (scale,)), scale
+
+
+def _sigmoid_log_likelihood(logits, positive, pair_valid):
+  """Sum of log sigmoid(+-logit) over valid pairs: + for positives, - for every other pair."""
+  signs = jnp.where(positive, 1.0, -1.0)
+  return jnp.sum(jnp.where(pair_valid, jax.nn.log_sigmoid(signs * logits), 0.0))
+
+
+def sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, valid=None, max_logit_scale=math.log(100.0),
+                 batch_axes: Optional[Sequence[str]] = None):
+  """SigLIP's pairwise sigmoid loss (Zhai et al., 2023) on L2-normalised embeddings.
+
+  -1/|B| sum_i sum_j log sigmoid(z_ij (t <x_i, y_j> + b)), z_ii = 1, z_ij = -1
+  otherwise, over valid examples; t = exp(min(logit_scale, max_logit_scale)).
+  Returns (loss, t).
+  """
+  batch = image_emb.shape[0]
+  valid = _as_valid(valid, batch)
+  scale = _clamped_scale(logit_scale, max_logit_scale)
+  bias = jnp.asarray(logit_bias, jnp.float32)
+  count = jnp.maximum(jnp.sum(valid), 1)
+  axes = _resolve_axes(batch_axes, batch)
+  if not axes:
+    logits = scale * _dot_rows(image_emb, text_emb) + bias
+    pair_valid = valid[:, None] & valid[None, :]
+    return -_sigmoid_log_likelihood(logits, jnp.eye(batch, dtype=bool), pair_valid) / count, scale
+
+  def local(image, text, valid, scale, bias, count):
+    blocks = scale * _ring_blocks(_dot_rows, image, text, axes) + bias               # [num, b, b]
+    own_block = (jnp.arange(blocks.shape[0]) == 0)[:, None, None]
+    positive = own_block & jnp.eye(blocks.shape[1], dtype=bool)[None]
+    pair_valid = valid[None, :, None] & _in_arrival_order(valid, axes)[:, None, :]
+    log_likelihood = _sigmoid_log_likelihood(blocks, positive, pair_valid)
+    return -lax.psum(log_likelihood, axes) / count
+
+  return _over_batch(local, axes, (image_emb, text_emb, valid), (scale, bias, count)), scale
 
 
 def cosine_global_loss(image_emb, text_emb, valid=None):
@@ -54,6 +258,9 @@ def cosine_global_loss(image_emb, text_emb, valid=None):
   valid = jnp.ones(cos.shape, bool) if valid is None else valid.astype(bool)
   return jnp.sum(jnp.where(valid, 1.0 - cos, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
+
+# ---------------------------------------------------------------------------
+# Local losses.
 
 def _cosine(a, b, eps=1e-8):
   a = a.astype(jnp.float32)
@@ -105,12 +312,31 @@ def gloria_local_scores(words, word_mask, regions, region_mask, temperatures):
   return temp3 * sim.T
 
 
-def gloria_local_loss(words, word_mask, regions, region_mask, temperatures, valid=None):
-  """GLoRIA local loss: CE(scores) + CE(scores^T) over ``gloria_local_scores``."""
-  scores = gloria_local_scores(words, word_mask, regions, region_mask, temperatures)
-  batch = scores.shape[0]
-  valid = jnp.ones((batch,), bool) if valid is None else valid.astype(bool)
-  return _masked_cross_entropy(scores, valid) + _masked_cross_entropy(scores.T, valid)
+def gloria_local_loss(words, word_mask, regions, region_mask, temperatures, valid=None,
+                      chunk_size: int = DEFAULT_CHUNK_SIZE, batch_axes: Optional[Sequence[str]] = None):
+  """GLoRIA local loss: CE(scores) + CE(scores^T) over ``gloria_local_scores``.
+
+  ``chunk_size``: texts per word-region block in the sharded form (per-device
+  memory about local batch x chunk_size x regions x words floats).
+  """
+  batch = regions.shape[0]
+  valid = _as_valid(valid, batch)
+  axes = _resolve_axes(batch_axes, batch)
+  if not axes:
+    scores = gloria_local_scores(words, word_mask, regions, region_mask, temperatures)
+    return _masked_cross_entropy(scores, valid) + _masked_cross_entropy(scores.T, valid)
+
+  def local(words, word_mask, regions, region_mask, valid, temperatures):
+    def block(images, texts):
+      return _chunked_columns(
+          lambda im, tx: gloria_local_scores(tx[0], tx[1], im[0], im[1], temperatures), images, texts, chunk_size)
+
+    blocks = _ring_blocks(block, (regions, region_mask), (words, word_mask), axes)
+    image_to_text, text_to_image = _sharded_cross_entropies(blocks, valid, axes)
+    return image_to_text + text_to_image
+
+  return _over_batch(local, axes, (words, word_mask, regions, region_mask, valid),
+                     (jnp.asarray(temperatures, jnp.float32),))
 
 
 def cosine_local_loss(words, word_mask, regions, region_mask, temperatures, valid=None):
@@ -129,32 +355,50 @@ def cosine_local_loss(words, word_mask, regions, region_mask, temperatures, vali
   return jnp.sum(jnp.where(valid, per_example, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
+# ---------------------------------------------------------------------------
+# Total.
+
+def _global_loss(outputs, loss_cfg, valid, metrics):
+  image, text = outputs["image"]["global"], outputs["text"]["global"]
+  if loss_cfg.global_type == "infonce":
+    loss, metrics["logit_scale"] = infonce_loss(image, text, outputs["logit_scale"], valid, loss_cfg.max_logit_scale)
+  elif loss_cfg.global_type == "sigmoid":
+    if "logit_bias" not in outputs:
+      raise ValueError("loss.global_type='sigmoid' needs the model's logit_bias: build the model from the "
+                       "full config (api.build_model(config)), which adds it for the sigmoid loss")
+    loss, metrics["logit_scale"] = sigmoid_loss(image, text, outputs["logit_scale"], outputs["logit_bias"], valid,
+                                                loss_cfg.max_logit_scale)
+    metrics["logit_bias"] = outputs["logit_bias"]
+  elif loss_cfg.global_type == "cosine":
+    loss = cosine_global_loss(image, text, valid)
+  else:
+    raise ValueError(f"Unknown loss.global_type {loss_cfg.global_type!r}")
+  return loss
+
+
+def _local_loss(outputs, loss_cfg, valid):
+  image, text = outputs["image"], outputs["text"]
+  args = (text["local"], text["local_mask"], image["local"], image["local_mask"], outputs["local_temperatures"],
+          valid)
+  if loss_cfg.local_type == "gloria":
+    return gloria_local_loss(*args, chunk_size=int(loss_cfg.get("chunk_size", DEFAULT_CHUNK_SIZE)))
+  if loss_cfg.local_type == "cosine":
+    return cosine_local_loss(*args)
+  raise ValueError(f"Unknown loss.local_type {loss_cfg.local_type!r}")
+
+
 def clinvla_loss(outputs: Dict, loss_cfg, example_valid: Optional[jax.Array] = None
                  ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Total loss and its parts from the model's outputs (``ClinVLA.__call__``)."""
-  image, text = outputs["image"], outputs["text"]
+  if not (loss_cfg.use_global or loss_cfg.use_local):
+    raise ValueError("loss.use_global and loss.use_local are both False: nothing to train")
   metrics = {}
   total = jnp.zeros((), jnp.float32)
   if loss_cfg.use_global:
-    if loss_cfg.global_type == "infonce":
-      loss_global, scale = infonce_loss(image["global"], text["global"], outputs["logit_scale"], example_valid,
-                                        loss_cfg.max_logit_scale)
-      metrics["logit_scale"] = scale
-    elif loss_cfg.global_type == "cosine":
-      loss_global = cosine_global_loss(image["global"], text["global"], example_valid)
-    else:
-      raise ValueError(f"Unknown loss.global_type {loss_cfg.global_type!r}")
-    metrics["loss_global"] = loss_global
-    total = total + loss_global
+    metrics["loss_global"] = _global_loss(outputs, loss_cfg, example_valid, metrics)
+    total = total + metrics["loss_global"]
   if loss_cfg.use_local:
-    local_fn = {"gloria": gloria_local_loss, "cosine": cosine_local_loss}.get(loss_cfg.local_type)
-    if local_fn is None:
-      raise ValueError(f"Unknown loss.local_type {loss_cfg.local_type!r}")
-    loss_local = local_fn(text["local"], text["local_mask"], image["local"], image["local_mask"],
-                          outputs["local_temperatures"], example_valid)
-    metrics["loss_local"] = loss_local
-    total = total + loss_cfg.local_weight * loss_local
-  if not (loss_cfg.use_global or loss_cfg.use_local):
-    raise ValueError("loss.use_global and loss.use_local are both False: nothing to train")
+    metrics["loss_local"] = _local_loss(outputs, loss_cfg, example_valid)
+    total = total + loss_cfg.local_weight * metrics["loss_local"]
   metrics["loss"] = total
   return total, metrics

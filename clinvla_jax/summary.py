@@ -25,7 +25,7 @@ PARTS: Tuple[Tuple[str, str], ...] = (
     ("invertible adapter", r"text_tower/invertible_adapter/.*"),
     ("image adapters", r"image_tower/blocks_\d+/adapter/.*"),
     ("view/time/CLS/missing embeddings", r"image_tower/(cls_token|view_embed|time_embed|missing_token|pos_embedding)"),
-    ("heads + loss scales", r"(image|text)_(global|local)_head/.*|logit_scale|local_log_temperatures"),
+    ("heads + loss scales", r"(image|text)_(global|local)_head/.*|logit_scale|logit_bias|local_log_temperatures"),
     ("image tower (ViT backbone)", r"image_tower/.*"),
     ("text tower (BERT backbone)", r"text_tower/.*"),
 )

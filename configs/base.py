@@ -49,12 +49,20 @@ def get_config():
   config.init.vocab = ""            # vocab.txt; empty = the text weights' folder, else the bundled one
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.global_type = "infonce"   # "infonce" (default, ALTA/CLIP) or "cosine" (the paper's literal 1 - cos)
+  # "infonce" (default, ALTA/CLIP), "sigmoid" (SigLIP, an extension) or "cosine" (the paper's literal 1 - cos)
+  config.loss.global_type = "infonce"
   config.loss.local_type = "gloria"     # "gloria" (default) or "cosine" (the paper's literal per-region 1 - cos)
   config.loss.use_global = True
   config.loss.use_local = True
   config.loss.local_weight = 0.8        # lambda
   config.loss.max_logit_scale = math.log(100.0)
+  # global_type="sigmoid" only: the model then starts its logit scale here (t = 10) and adds a
+  # learnable logit bias, SigLIP's initialisation.
+  config.loss.sigmoid_logit_scale_init = math.log(10.0)
+  config.loss.sigmoid_logit_bias_init = -10.0
+  # Texts per word-region block of the GLoRIA loss when the batch is sharded over devices:
+  # per-device memory is about (local batch) x chunk_size x regions x words floats.
+  config.loss.chunk_size = 8
 
   config.data = ml_collections.ConfigDict()
   config.data.mask_ratio = 0.75
@@ -98,7 +106,7 @@ def get_config():
       (r".*language_adapter/.*", "language_adapters"),
       (r".*task_adapter/.*", "task_adapters"),
       (r".*(adapter|norm|LayerNorm|_head|cls_token|view_embed|time_embed|missing_token|logit_scale"
-       r"|local_log_temperatures).*", "other_trainable"),
+       r"|logit_bias|local_log_temperatures).*", "other_trainable"),
       (r".*", "frozen"),
   )
   config.optim.learning_rates = ml_collections.ConfigDict(dict(

@@ -240,6 +240,23 @@ def test_scaling_runs_on_tiny(tmp_path):
   assert fsdp["argument_size_in_bytes"] < data_parallel["argument_size_in_bytes"]
 
 
+def test_loss_memory_writes_rows_and_sharded_temporaries_grow_slower(tmp_path):
+  from benchmarks import loss_memory
+  out = tmp_path / "loss_memory.json"
+  # Batches 16 -> 64 on 8 devices: 2 -> 8 examples per device, chunks of 2 texts.
+  result = loss_memory.main(["--devices=8", "--batches=16,64", "--parts=local,infonce", "--chunk_size=2",
+                             f"--out={out}"])
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == result["rows"] and len(saved["rows"]) == 2 * 2 * 2
+  for row in saved["rows"]:
+    assert {"impl", "devices", "global_batch", "temp_bytes_per_device", "arg_bytes_per_device"} <= set(row)
+    assert row["devices"] == 8 and row["impl"] in ("dense", "sharded") and row["temp_bytes_per_device"] > 0
+  assert saved["shapes"] == {"regions": 196, "words": 128, "dim": 128}   # configs/base.py
+  growth = saved["growth"]
+  # Dense word-region temporaries grow with the square of the batch (x16 here), sharded ones about linearly.
+  assert growth["local/sharded"] < 6 < 12 < growth["local/dense"], growth
+
+
 def test_runtime_configuration_is_idempotent():
   from clinvla_jax import runtime
   # Under pytest (no re-exec possible for a live backend) it only reports.

@@ -37,13 +37,21 @@ class ClinVLAConfig:
   multiview: bool = True          # use lateral views
   temporal: bool = True           # use prior-study views
   logit_scale_init: float = math.log(1 / 0.07)
+  # A learnable logit bias for the sigmoid global loss; None (every other loss) adds no parameter,
+  # so the parameter tree, and checkpoints, stay as they were.
+  logit_bias_init: Optional[float] = None
   local_temperatures: Tuple[float, float, float] = (4.0, 5.0, 10.0)   # GLoRIA temp1, temp2, temp3
   learn_local_temperatures: bool = False
 
   @classmethod
-  def from_config(cls, model_cfg) -> "ClinVLAConfig":
-    """Builds the frozen (hashable) config from the ``model`` ConfigDict."""
+  def from_config(cls, model_cfg, loss_cfg=None) -> "ClinVLAConfig":
+    """Builds the frozen (hashable) config from the ``model`` ConfigDict.
+
+    With ``loss_cfg.global_type == "sigmoid"`` the loss parameters follow
+    SigLIP: a logit bias, and the logit scale's start from the loss config.
+    """
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    d.update(_loss_parameter_fields(loss_cfg))
     image = ImageTowerConfig(**d.pop("image"))
     text = TextTowerConfig(**d.pop("text"))
     dtype = d.pop("dtype", None)
@@ -71,6 +79,13 @@ class ClinVLAConfig:
       if self.multiview:
         slots.append(3)
     return tuple(slots)
+
+
+def _loss_parameter_fields(loss_cfg) -> dict:
+  if loss_cfg is None or loss_cfg.get("global_type") != "sigmoid":
+    return {}
+  return {"logit_scale_init": float(loss_cfg.get("sigmoid_logit_scale_init", math.log(10.0))),
+          "logit_bias_init": float(loss_cfg.get("sigmoid_logit_bias_init", -10.0))}
 
 
 class ProjectionHead(nn.Module):
@@ -114,6 +129,9 @@ class ClinVLA(nn.Module):
     self.text_local_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.text.dtype))
     self.logit_scale = self.param("logit_scale", layers.with_axes(
         nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)
+    if cfg.logit_bias_init is not None:
+      self.logit_bias = self.param("logit_bias", layers.with_axes(
+          nn.initializers.constant(cfg.logit_bias_init), ()), (), jnp.float32)
     if cfg.learn_local_temperatures:
       init = jnp.log(jnp.asarray(cfg.local_temperatures, jnp.float32))
       self.local_log_temperatures = self.param(
@@ -163,9 +181,12 @@ class ClinVLA(nn.Module):
             "hidden": hidden}
 
   def __call__(self, patches, patch_idx, view_valid, input_ids, attention_mask, deterministic: bool = True):
-    return {
+    out = {
         "image": self.encode_image(patches, patch_idx, view_valid),
         "text": self.encode_text(input_ids, attention_mask, deterministic),
         "logit_scale": self.logit_scale,
         "local_temperatures": self.local_temperatures(),
     }
+    if self.config.logit_bias_init is not None:
+      out["logit_bias"] = self.logit_bias
+    return out

@@ -240,6 +240,16 @@ def test_scaling_runs_on_tiny(tmp_path):
   assert fsdp["argument_size_in_bytes"] < data_parallel["argument_size_in_bytes"]
 
 
+@pytest.mark.slow
+def test_loop_overhead_times_bare_and_loop_on_the_same_batches(tmp_path):
+  out = tmp_path / "loop.json"
+  _run(["benchmarks/loop_overhead.py", "--steps=12", "--log_every=3", "--repeats=1", f"--out={out}"])
+  result = json.loads(out.read_text())
+  assert set(result["step_s"]) == {"bare", "bare_put", "loop"}
+  assert all(t > 0 for t in result["step_s"].values())
+  assert result["loop_vs_bare"] == pytest.approx(result["step_s"]["loop"] / result["step_s"]["bare"])
+
+
 def test_loss_memory_writes_rows_and_sharded_temporaries_grow_slower(tmp_path):
   from benchmarks import loss_memory
   out = tmp_path / "loss_memory.json"

@@ -144,8 +144,9 @@ class Checkpointer:
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         failures.append(f"step {step}: {reason}")
         moved = self._set_aside(step)
-        logging.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying the step before it",
-                        step, self.directory, reason, moved)
+        # The console gets the printed warning; the log file gets the details once, not a second console line.
+        logging.info("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying the step before it",
+                     step, self.directory, reason, moved)
         print(f"WARNING: checkpoint step {step} cannot be restored ({reason}); moved to {moved}. "
               f"Trying the step before it.", flush=True)
         continue

@@ -188,7 +188,6 @@ class TrainSetup:
     return {"params": optim.merge_params(state["params"], self.frozen)}
 
 
-
 def fit_text_length(batch, max_len: int):
   """Cuts token columns to the text tower's length (records carry 128 tokens).
 
@@ -311,29 +310,25 @@ class TrainingPreempted(Exception):
                      "rerun the same command to resume")
 
 
-def memory_line(compiled) -> str:
-  """Per-device memory of a compiled step, from XLA's own accounting."""
+def memory_metrics(compiled) -> Dict[str, float]:
+  """XLA's per-device memory accounting of a compiled step as ``memory/<kind>`` bytes; {} where unavailable."""
   try:
     mem = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except
     mem = None
   if mem is None:
-    return "memory analysis unavailable on this backend"
-  mib = lambda n: f"{n / 2**20:,.1f} MiB"  # pylint: disable=unnecessary-lambda-assignment
-  return (f"per device: arguments {mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)} "
-          f"(aliased {mib(mem.alias_size_in_bytes)}), temporaries {mib(mem.temp_size_in_bytes)}, "
-          f"code {mib(mem.generated_code_size_in_bytes)}")
-
-
-def _memory_metrics(compiled) -> Dict[str, float]:
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  if mem is None:
     return {}
   return {f"memory/{k}": float(getattr(mem, f"{k}_size_in_bytes"))
           for k in ("argument", "output", "alias", "temp", "generated_code")}
+
+
+def memory_line(memory: Dict[str, float]) -> str:
+  """One console line from ``memory_metrics``."""
+  if not memory:
+    return "memory analysis unavailable on this backend"
+  mib = lambda kind: f"{memory[f'memory/{kind}'] / 2**20:,.1f} MiB"  # pylint: disable=unnecessary-lambda-assignment
+  return (f"per device: arguments {mib('argument')}, outputs {mib('output')} (aliased {mib('alias')}), "
+          f"temporaries {mib('temp')}, code {mib('generated_code')}")
 
 
 class MetricWindow:
@@ -446,14 +441,14 @@ def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
     data_iter = loader.iterator()
   else:
     data_iter = host_batches
-  checkpointable = hasattr(data_iter, "get_state") and hasattr(data_iter, "set_state")
+  # A data position is saved (and restored) only for iterators that have one.
+  checkpoint_data = hasattr(data_iter, "get_state") and hasattr(data_iter, "set_state")
   checkpointer = Checkpointer(workdir, keep=int(train.keep_checkpoints), best_metric=train.best_metric,
                               best_mode=train.best_mode)
   try:
-    state, data_iter, latest = checkpointer.restore_latest_intact(
-        setup.abstract_state, data_iter if checkpointable else None)
-    if not checkpointable:
-      data_iter = host_batches
+    state, restored_iter, latest = checkpointer.restore_latest_intact(
+        setup.abstract_state, data_iter if checkpoint_data else None)
+    data_iter = restored_iter if checkpoint_data else data_iter
     if latest is not None:
       logging.info("resumed from step %d", latest)
       say(f"resumed from {checkpointer.directory}/{latest}", flush=True)
@@ -462,8 +457,8 @@ def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
     say(f"adapter-only checkpoint: {checkpoint_bytes(state) / 2**20:.1f} MiB "
         f"(trainable params + optimizer state; the full parameter set is "
         f"{checkpoint_bytes(setup.variables(state)) / 2**20:.1f} MiB)", flush=True)
-    return _loop(config, workdir, setup, state, data_iter if checkpointable else None,
-                 DevicePrefetcher(data_iter, _placer(setup), depth=int(train.get("prefetch_to_device", 2))),
+    return _loop(config, workdir, setup, state, checkpoint_data,
+                 DevicePrefetcher(data_iter, _placer(setup), depth=int(train.prefetch_to_device)),
                  checkpointer, latest, evaluate_fn, say)
   finally:
     checkpointer.wait()
@@ -475,7 +470,7 @@ def _placer(setup: TrainSetup):
   return lambda batch: sharding.global_batch(fit_text_length(batch, max_len), setup.mesh, MODEL_INPUTS)
 
 
-def _loop(config, workdir, setup, state, saveable_iter, batches, checkpointer, last_checkpoint, evaluate_fn,
+def _loop(config, workdir, setup, state, checkpoint_data, batches, checkpointer, last_checkpoint, evaluate_fn,
           say) -> Dict[str, float]:
   is_main = jax.process_index() == 0
   train = config.train
@@ -493,16 +488,17 @@ def _loop(config, workdir, setup, state, saveable_iter, batches, checkpointer, l
                     * batch_size)
   peak = perf.peak_flops_per_device(float(train.peak_flops_per_device)) * jax.device_count()
   config_json = _json_safe(config)
-  guard = str(train.get("transfer_guard", "allow"))
+  guard = str(train.transfer_guard)
   # Saved with the checkpoint: the prefetcher reports the position after the
   # last batch a step consumed, not after the batches read ahead.
-  data_for_checkpoint = batches if saveable_iter is not None else None
+  data_for_checkpoint = batches if checkpoint_data else None
 
   first_batch = next(batches)
   compiled, compile_s = setup.compile(state, first_batch)
-  logging.info("train step compiled in %.1f s; %s", compile_s, memory_line(compiled))
-  say(f"train step compiled in {compile_s:.1f} s; {memory_line(compiled)}", flush=True)
-  first_record = {"compile_time_s": compile_s, **_memory_metrics(compiled)}
+  memory = memory_metrics(compiled)
+  logging.info("train step compiled in %.1f s; %s", compile_s, memory_line(memory))
+  say(f"train step compiled in {compile_s:.1f} s; {memory_line(memory)}", flush=True)
+  first_record = {"compile_time_s": compile_s, **memory}
 
   writer = MetricWriter(workdir, is_main)
   progress = None

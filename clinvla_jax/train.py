@@ -526,6 +526,9 @@ def _loop(config, workdir, setup, state, checkpoint_data, batches, checkpointer,
       first_record = {}
     writer.write(up_to, last)
     if progress is not None:
+      # The bar counts finished steps: counting dispatched ones would run ahead
+      # of the devices and then stall at every fetch, with an ETA to match.
+      progress.update(steps)
       progress.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}")
 
   def save(step: int, eval_metrics=None, force=False) -> None:
@@ -550,8 +553,6 @@ def _loop(config, workdir, setup, state, checkpoint_data, batches, checkpointer,
           # The window that ended at the previous step is fetched now, while this one runs.
           if window.flush_due is not None:
             flush(window.flush_due)
-        if progress is not None:
-          progress.update(1)
         log_step = step % log_every == 0 or step == num_steps or step == start + 1
         # Every process asks at every step (multi-process agreement); the last step just ends.
         stopping = watcher.should_stop(step) and step < num_steps

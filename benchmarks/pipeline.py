@@ -7,13 +7,18 @@ Measures ``make_train_loader`` (shuffled, 75 % masked) and optionally
     generated into a temporary folder and deleted afterwards, and
   * a converter output folder given with ``--data=DIR`` (optional).
 
-The synthetic file cycles through a pool of ``--distinct`` encoded studies so it
-stays small: 100k studies of four distinct 224x224 views would be ~20 GB raw.
-Pool views are smooth synthetic images (about 5 KB each as PNG, decoding in about
-0.45 ms) or, with ``--pool_images=GLOB``, real images resized to 224 (chest
-X-ray PNGs are about 19 KB and decode in about 0.6-1 ms).  Every study has all
-four views, the worst case for decoding.  Reading, decoding and masking cost the
-same whether or not the bytes repeat; only the page cache benefits.
+The synthetic file is written the way the converters write shards (the
+default codec ``records.DEFAULT_IMAGE_CODEC``, ``source.WRITER_OPTIONS``; other
+codecs with ``--codec``) and cycles through a pool of ``--distinct`` encoded
+studies.  Pool views are smooth synthetic images or, with
+``--pool_images=GLOB``, real images resized to 224.  Every study has all four
+views, the worst case.  Reading, decoding and masking cost the same whether or
+not the bytes repeat; only the page cache benefits (the file has to fit in it:
+20k studies of the default codec take 4 GB).
+
+Evaluation reads the view slots of ``--eval_views`` ("frontal", what
+``config.eval.views`` defaults to, or "all").  Each row carries the size on
+disk per study.
 
 It also compares raw random-access reads (records/s) of our ``ArrayRecordSource``
 (``reader.read(i, i + 1)``) with ``grain.sources.ArrayRecordDataSource``
@@ -54,8 +59,13 @@ _DISTINCT = flags.DEFINE_integer(
 _POOL_IMAGES = flags.DEFINE_string(
     "pool_images", None, "Glob of image files for the synthetic pool's views "
     "(resized to 224); default: smooth synthetic images.")
-_CODEC = flags.DEFINE_enum("codec", "png", list(records.IMAGE_CODECS),
+_CODEC = flags.DEFINE_enum("codec", records.DEFAULT_IMAGE_CODEC,
+                           list(records.IMAGE_CODECS),
                            "Image codec of the synthetic records.")
+_EVAL_VIEWS = flags.DEFINE_enum("eval_views", "frontal", ["frontal", "all"],
+                                "View slots the eval loader delivers.")
+_READ_THREADS = flags.DEFINE_integer("read_threads", 2,
+                                     "Reader threads per process.")
 _DATA = flags.DEFINE_string("data", None, "A converter output folder to measure.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size (one process).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts.")
@@ -68,6 +78,8 @@ _READ_PROBE = flags.DEFINE_integer(
 _TRAIN_STEP_S = flags.DEFINE_float(
     "train_step_s", None, "Seconds per training step at --batch_size (optional).")
 _TMP = flags.DEFINE_string("tmp_dir", None, "Where to write the synthetic file.")
+_TFDS = flags.DEFINE_bool("tfds", True, "Also time TFDS's data source on the synthetic "
+                          "studies (needs tensorflow-datasets).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
@@ -121,7 +133,7 @@ def write_synthetic(folder: str, num_records: int, distinct: int,
   """Writes one ArrayRecord file of ``num_records`` studies; returns its path."""
   pool = _pool_records(distinct, pattern, codec)
   path = os.path.join(folder, "synthetic-00000-of-00001.array_record")
-  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  writer = array_record_module.ArrayRecordWriter(path, source_lib.WRITER_OPTIONS)
   for i in range(num_records):
     writer.write(pool[i % len(pool)])
   writer.close()
@@ -150,20 +162,90 @@ def compare_reads(path: str, probe: int) -> dict[str, float]:
   }
 
 
-def decode_cost_us(src: source_lib.ArrayRecordSource, count: int = 100
-                   ) -> dict[str, float]:
-  """Mean in-process cost per study of decoding and of masking, in µs."""
-  raw = [src[i] for i in range(min(count, len(src)))]
+def decode_cost_us(src: source_lib.ArrayRecordSource, count: int = 256,
+                   batch: int = 32) -> dict[str, float]:
+  """Mean in-process cost per study of each stage, in µs.
+
+  read: one random read; parse: ``records.decode_for_batch`` (no pixel copy
+  for the "patches" codec, a full decode otherwise); decode_images: the full
+  ``records.decode_record``; mask: the masks of a batch, one vectorised draw;
+  gather: copying the kept patches of four views out of the record.
+  """
+  count = min(count, len(src))
+  order = np.random.default_rng(0).permutation(len(src))[:count]
   start = time.perf_counter()
-  decoded = [records.decode_record(r) for r in raw]
-  decode = (time.perf_counter() - start) / len(raw)
+  raw = [src[int(i)] for i in order]
+  read = (time.perf_counter() - start) / count
   start = time.perf_counter()
-  for i, rec in enumerate(decoded):
-    masking.mask_views(rec["images"], records.num_kept_patches(0.75), seed=0,
-                       epoch=0, index=i)
-  mask = (time.perf_counter() - start) / len(raw)
-  return {"decode_us": decode * 1e6, "mask_us": mask * 1e6,
+  parsed = [records.decode_for_batch(r) for r in raw]
+  parse = (time.perf_counter() - start) / count
+  start = time.perf_counter()
+  for r in raw:
+    records.decode_record(r)
+  decode = (time.perf_counter() - start) / count
+  num_kept = records.num_kept_patches(0.75)
+  start = time.perf_counter()
+  idx = [masking.keep_indices_batch(num_kept, seed=0, epoch=0,
+                                    index=order[k:k + batch])
+         for k in range(0, count, batch)]
+  mask = (time.perf_counter() - start) / count
+  idx = np.concatenate(idx)
+  out = np.empty((records.NUM_VIEWS, num_kept, records.PATCH_SIZE ** 2), np.uint8)
+  start = time.perf_counter()
+  for parts, rows in zip(parsed, idx):
+    flat = rows + np.asarray(parts.row_start, np.int32)[:, None]
+    np.take(parts.rows, flat.reshape(-1), axis=0, out=out.reshape(-1, out.shape[-1]))
+  gather = (time.perf_counter() - start) / count
+  return {"read_us": read * 1e6, "parse_us": parse * 1e6,
+          "decode_us": decode * 1e6, "mask_us": mask * 1e6,
+          "gather_us": gather * 1e6,
           "bytes_per_study": float(np.mean([len(r) for r in raw]))}
+
+
+def tfds_cost_us(src: source_lib.ArrayRecordSource, folder: str, count: int = 128
+                 ) -> dict[str, float] | None:
+  """Random access through TFDS's data source vs ours, per study, in µs.
+
+  Writes the first ``count`` studies as a TFDS builder directory (what the
+  converters write beside their shards) and reads them back with
+  ``tfds.builder_from_directory(...).as_data_source``; None without
+  tensorflow-datasets.
+  """
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  count = min(count, len(src))
+  os.makedirs(folder)
+  shard = os.path.join(folder, "ours.array_record")
+  writer = array_record_module.ArrayRecordWriter(shard, source_lib.WRITER_OPTIONS)
+  for i in range(count):
+    writer.write(src[i])
+  writer.close()
+  num_labels = records.decode_record(src[0], with_images=False)["labels"].shape[0]
+  tfds_format.write_builder_dir(folder, dataset="synthetic", splits={"train": [shard]},
+                                label_names=[f"l{k}" for k in range(num_labels)])
+  ds = tfds.builder_from_directory(folder).as_data_source("train")
+  ours = source_lib.ArrayRecordSource(shard)
+  order = np.random.default_rng(0).permutation(count).tolist()
+  ds[order[0]], ours[order[0]]  # pylint: disable=expression-not-assigned
+  start = time.perf_counter()
+  for i in order:
+    ds[i]  # pylint: disable=pointless-statement
+  theirs_us = (time.perf_counter() - start) / count * 1e6
+  start = time.perf_counter()
+  for i in order:
+    records.decode_for_batch(ours[i])
+  ours_us = (time.perf_counter() - start) / count * 1e6
+  files = tfds_format.split_files(folder, "train")
+  return {"tfds_read_decode_us": theirs_us, "ours_read_parse_us": ours_us,
+          "tfds_disk_kib_per_study": sum(map(os.path.getsize, files)) / count / 1024,
+          "ours_disk_kib_per_study": os.path.getsize(shard) / count / 1024}
+
+
+def disk_bytes_per_study(src: source_lib.ArrayRecordSource) -> float:
+  return sum(os.path.getsize(p) for p in src.paths) / max(len(src), 1)
 
 
 def measure(make_loader, *, batch_size: int, num_batches: int, warmup: int
@@ -176,29 +258,36 @@ def measure(make_loader, *, batch_size: int, num_batches: int, warmup: int
   startup = time.perf_counter() - start
   for _ in range(warmup):
     next(it)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(num_batches):
     next(it)
   elapsed = time.perf_counter() - start
+  # CPU seconds of this process (all its threads; not its workers'): with
+  # 0 workers, studies per CPU second is the rate of one fully used core.
+  cpu = time.process_time() - cpu
   del it  # stops the workers before the next setting starts its own
   return {"startup_s": startup,
           "studies_per_s": num_batches * batch_size / elapsed,
+          "studies_per_cpu_s": num_batches * batch_size / max(cpu, 1e-9),
           "batches_per_s": num_batches / elapsed}
 
 
 def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
   rows = []
   batch = _BATCH.value
+  threads = _READ_THREADS.value
+  eval_slots = (0,) if _EVAL_VIEWS.value == "frontal" else None
+  disk = disk_bytes_per_study(src)
   for mode in _MODES.value:
     for workers in map(int, _WORKERS.value):
       if mode == "train":
         make = lambda w=workers: pipeline.make_train_loader(
             src, global_batch_size=batch, seed=0, mask_ratio=0.75,
-            worker_count=w, shard_index=0, shard_count=1)
+            worker_count=w, shard_index=0, shard_count=1, read_threads=threads)
       elif mode == "eval":
         make = lambda w=workers: pipeline.make_eval_loader(
             src, global_batch_size=batch, worker_count=w, shard_index=0,
-            shard_count=1)
+            shard_count=1, read_threads=threads, view_slots=eval_slots)
       else:
         raise ValueError(f"unknown mode {mode!r}")
       needed = (1 + _WARMUP.value + _BATCHES.value) * batch
@@ -208,7 +297,9 @@ def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
       result = measure(make, batch_size=batch, num_batches=num_batches,
                        warmup=_WARMUP.value)
       row = {"dataset": name, "num_records": len(src), "mode": mode,
-             "workers": workers, "batch_size": batch, **result}
+             "workers": workers, "batch_size": batch,
+             "views": "all" if mode == "train" else _EVAL_VIEWS.value,
+             "disk_kib_per_study": disk / 1024, **result}
       if _TRAIN_STEP_S.value:
         row["train_consumes_studies_per_s"] = batch / _TRAIN_STEP_S.value
         row["keeps_up"] = row["studies_per_s"] >= row["train_consumes_studies_per_s"]
@@ -217,9 +308,9 @@ def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
   return rows
 
 
-_COLUMNS = ("dataset", "num_records", "mode", "workers", "batch_size",
-            "startup_s", "studies_per_s", "train_consumes_studies_per_s",
-            "keeps_up")
+_COLUMNS = ("dataset", "num_records", "mode", "views", "workers", "batch_size",
+            "disk_kib_per_study", "startup_s", "studies_per_s",
+            "studies_per_cpu_s", "train_consumes_studies_per_s", "keeps_up")
 
 
 def _format_row(row: dict) -> str:
@@ -236,7 +327,7 @@ def main(argv):
              "flags": {f: flags.FLAGS[f].value for f in (
                  "num_records", "distinct", "pool_images", "codec", "data",
                  "batch_size", "workers", "modes", "num_batches",
-                 "train_step_s")},
+                 "train_step_s", "eval_views", "read_threads")},
              "reads": [], "decode": {}, "pipeline": []}
   print("| " + " | ".join(_COLUMNS) + " |")
   print("|" + "---|" * len(_COLUMNS))
@@ -254,6 +345,8 @@ def main(argv):
       results["decode"][name] = decode_cost_us(src)
       results["pipeline"] += run_dataset(name, src)
       results["reads"].append(compare_reads(path, _READ_PROBE.value))
+      if _TFDS.value:
+        results["tfds"] = tfds_cost_us(src, os.path.join(tmp, "tfds"))
     if _DATA.value:
       src = source_lib.ArrayRecordSource(_DATA.value)
       name = os.path.basename(os.path.normpath(_DATA.value))
@@ -264,9 +357,15 @@ def main(argv):
       shutil.rmtree(tmp, ignore_errors=True)
   print()
   for name, cost in results["decode"].items():
-    print(f"{name}: decode {cost['decode_us']:.0f} µs/study, mask "
-          f"{cost['mask_us']:.0f} µs/study, {cost['bytes_per_study'] / 1024:.1f} "
-          "KiB/study")
+    print(f"{name}, µs/study: read {cost['read_us']:.0f}, parse "
+          f"{cost['parse_us']:.0f}, full decode {cost['decode_us']:.0f}, mask "
+          f"{cost['mask_us']:.0f}, gather {cost['gather_us']:.0f}; "
+          f"{cost['bytes_per_study'] / 1024:.1f} KiB/study")
+  if results.get("tfds"):
+    t = results["tfds"]
+    print(f"random access + decode, µs/study: TFDS data source {t['tfds_read_decode_us']:.0f} "
+          f"({t['tfds_disk_kib_per_study']:.1f} KiB/study), ours (read + parse) "
+          f"{t['ours_read_parse_us']:.0f} ({t['ours_disk_kib_per_study']:.1f} KiB/study)")
   for reads in results["reads"]:
     print(f"random reads on {reads['num_records']} records: " + ", ".join(
         f"{k} {v:,.0f}/s" for k, v in reads.items() if k != "num_records"))

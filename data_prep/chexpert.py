@@ -27,7 +27,6 @@ Usage:
   python -m data_prep.chexpert --input=DIR --output=OUT --mode=5x200
 """
 
-import collections
 import math
 import os
 import re
@@ -141,50 +140,30 @@ def plan_studies(input_dir: str) -> common.Plan:
       rows.extend((f"{name}: {r['Path']}", r, split) for r in common.read_table(path))
   if not rows:
     raise common.ConversionError(f"{input_dir}: neither train.csv nor valid.csv found")
-  groups = collections.defaultdict(list)
+  mapped: list[common.Row] = []
   for row_id, row, split in rows:
     m = _STUDY_RE.search(row["Path"])
     if not m:
       rejects.append(common.Reject(row_id, "missing_metadata", "path has no patient/study"))
       continue
-    groups[(split, m.group(1), int(m.group(2)))].append((row_id, row))
-  by_patient = collections.defaultdict(list)
-  for split, pid, num in groups:
-    by_patient[(split, pid)].append(num)
-  studies = []
-  chosen_of = {}
-  for key in sorted(groups):
-    chosen, extras = {}, []
-    for row_id, row in sorted(groups[key], key=lambda it: it[1]["Path"]):
-      fl = (row.get("Frontal/Lateral") or "").strip().lower()
-      view = fl if fl in ("frontal", "lateral") else None
-      if view is None:
-        rejects.append(common.Reject(row_id, "unknown_view", f"Frontal/Lateral={fl!r}"))
-      elif view in chosen:
-        extras.append((row_id, view))
-      else:
-        chosen[view] = (row_id, row)
-    for row_id, view in extras:
-      rejects.append(common.Reject(row_id, "extra_view", f"study already has a {view} view"))
-    chosen_of[key] = chosen
-  for key in sorted(groups):
-    split, pid, num = key
-    chosen = chosen_of[key]
-    if not chosen:
-      continue
-    earlier = [n for n in by_patient[(split, pid)] if n < num and chosen_of[(split, pid, n)]]
-    prior = chosen_of[(split, pid, max(earlier))] if earlier else {}
-    ref = lambda it, own: None if it is None else common.ViewRef(
-        resolve(input_dir, it[1]["Path"]), it[1]["Path"], it[0] if own else None)
-    first = next(iter(chosen.values()))[1]
-    studies.append(common.Study(
-        study_id=f"{pid}/study{num}", patient_id=pid, split=split, text="",
-        labels=_labels(first),
-        views=(ref(chosen.get("frontal"), True), ref(chosen.get("lateral"), True),
-               ref(prior.get("frontal"), False), ref(prior.get("lateral"), False)),
-        rows=tuple(it[0] for it in chosen.values())))
+    fl = (row.get("Frontal/Lateral") or "").strip().lower()
+    num = int(m.group(2))
+    mapped.append(common.Row(
+        row_id=row_id, patient_id=m.group(1), study_key=num,
+        view=fl if fl in ("frontal", "lateral") else None,
+        path=resolve(input_dir, row["Path"]), image_id=row["Path"], rank=row["Path"],
+        time=num, split=split, why_unknown=f"Frontal/Lateral={fl!r}", data=row))
+
+  def describe(study: common.StudyRows) -> common.Described:
+    used = tuple(study.views.values())
+    return common.Described(f"{study.patient_id}/study{study.study_key}", rows=used, text="",
+                            labels=_labels(used[0].data))
+
+  # Study numbers order a patient's studies but are not dates.
+  studies, assembly_rejects = common.assemble_studies(mapped, describe, time_in_days=False)
+  rejects.extend(assembly_rejects)
   notes = {"views_decided_by": "Frontal/Lateral column",
-           "prior_definition": "previous study number of the same patient (no dates)"}
+           "prior_definition": common.PRIOR_RULE + " (study numbers order the studies; no dates)"}
   return common.Plan(dataset="chexpert", input_rows=len(rows), row_unit="image row",
                      studies=studies, rejects=rejects, label_names=list(LABELS), notes=notes)
 

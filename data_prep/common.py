@@ -1,9 +1,11 @@
 """Machinery shared by the dataset converters.
 
-A converter only has to describe its dataset: it reads the source metadata and
-returns a ``Plan`` (the studies to write, each with its view image paths, raw
-report text and labels, plus the input rows it already rejected).  This module
-does the rest:
+A converter only has to describe its dataset: it reads the source metadata,
+maps each input image to a ``Row`` and lets ``assemble_studies`` group rows into
+studies, choose the views, assign splits and link prior studies (one rule for
+every dataset, ``PRIOR_RULE``), giving each study its text and labels through a
+small callback.  The result is a ``Plan`` (the studies to write plus the input
+rows already rejected).  This module does the rest:
 
 * splits the plan into ``--num_parts`` independent parts (study ``i`` goes to
   part ``i % num_parts``, so parts can run on different machines);
@@ -14,13 +16,17 @@ does the rest:
   the missing shards;
 * writes ``rejects.csv`` (every skipped input row with its reason) and
   ``manifest.json`` (counts, options, label names, versions, sha256 of shards),
-  combining all parts once the last one finishes (or via ``combine``).
+  combining all parts once the last one finishes (or via ``combine``), and,
+  unless ``--notfds``, the same records as a TFDS builder directory in the same
+  folder (``clinvla_jax.data.tfds_format``).
 
 Output layout::
 
   OUT/{split}-p{part:03d}-{chunk:05d}.array_record        (+ .json sidecar)
   OUT/part-{part:03d}-of-{num_parts:03d}.json             per-part summary
   OUT/manifest.json, OUT/rejects.csv                      when all parts are done
+  OUT/{dataset}-{split}.array_record-00000-of-00001,       the TFDS copy, one shard per
+  OUT/dataset_info.json, features.json, metadata.json, LICENSE        shard of ours
 """
 
 import collections
@@ -105,12 +111,13 @@ class Options:
   workers: int = 0             # 0: in this process; N: a pool of N processes
   shard_size: int = 1024
   pad: bool = False
-  image_codec: str = "png"
+  image_codec: str = records.DEFAULT_IMAGE_CODEC
   jpeg_quality: int = 95
   vocab: str = ""              # "" -> the bundled BERT uncased vocabulary
   max_text_len: int = records.MAX_TEXT_LEN
   require_view: str = "frontal"  # "any", "frontal" (current frontal) or "both"
   require_text: bool = True      # False for image-only evaluation sets (CheXpert, RSNA)
+  tfds: bool = True              # also write the folder as a TFDS builder directory
   progress: bool = True
 
   def check(self):
@@ -122,6 +129,10 @@ class Options:
       raise ConversionError(f"--require_view={self.require_view!r}: use any, frontal or both")
     if self.image_codec not in records.IMAGE_CODECS:
       raise ConversionError(f"--image_codec must be one of {records.IMAGE_CODECS}")
+    if not 8 <= self.max_text_len <= records.MAX_TEXT_LEN:
+      raise ConversionError(
+          f"--max_text_len={self.max_text_len}: records hold {records.MAX_TEXT_LEN} tokens; "
+          f"use 8..{records.MAX_TEXT_LEN} (shorter reports are padded to {records.MAX_TEXT_LEN})")
 
   def content_key(self) -> dict[str, Any]:
     """Options that change the bytes written; parts must agree on them."""
@@ -145,12 +156,17 @@ def define_flags():
                        "Worker processes (0 = run in this process).")
   flags.DEFINE_integer("shard_size", 1024, "Maximum records per ArrayRecord shard.")
   flags.DEFINE_bool("pad", False, "Keep the aspect ratio and pad instead of stretching.")
-  flags.DEFINE_enum("image_codec", "png", list(records.IMAGE_CODECS), "How views are stored.")
+  flags.DEFINE_enum("image_codec", records.DEFAULT_IMAGE_CODEC, list(records.IMAGE_CODECS),
+                    "How views are stored (see clinvla_jax.data.records).")
   flags.DEFINE_integer("jpeg_quality", 95, "Quality when --image_codec=jpeg.")
   flags.DEFINE_string("vocab", "", "WordPiece vocab.txt (default: bundled BERT uncased).")
-  flags.DEFINE_integer("max_text_len", records.MAX_TEXT_LEN, "Tokens per report.")
+  flags.DEFINE_integer("max_text_len", records.MAX_TEXT_LEN,
+                       f"Real tokens per report, at most {records.MAX_TEXT_LEN} (the record "
+                       "length; the rest is padding).")
   flags.DEFINE_enum("require_view", "frontal", ["any", "frontal", "both"],
                     "Which current views a study needs to be written.")
+  flags.DEFINE_bool("tfds", True, "Also write the output as a TFDS builder directory "
+                    "(needs tensorflow-datasets).")
 
 
 def options_from_flags(**overrides) -> Options:
@@ -158,7 +174,7 @@ def options_from_flags(**overrides) -> Options:
   opts = Options(part=f.part, num_parts=f.num_parts, resume=f.resume, workers=f.workers,
                  shard_size=f.shard_size, pad=f.pad,
                  image_codec=f.image_codec, jpeg_quality=f.jpeg_quality, vocab=f.vocab,
-                 max_text_len=f.max_text_len, require_view=f.require_view)
+                 max_text_len=f.max_text_len, require_view=f.require_view, tfds=f.tfds)
   return dataclasses.replace(opts, **overrides)
 
 
@@ -301,11 +317,14 @@ def build_record(study: Study, opts: Optional[Options] = None) -> tuple[Optional
     return None, rejects, {}
   text = text_lib.fit_text(study.text, tok)
   enc = tok(text)
+  # The record always holds MAX_TEXT_LEN tokens; a shorter --max_text_len
+  # only caps the real ones, the rest is [PAD] (id 0, mask 0).
+  pad = records.MAX_TEXT_LEN - enc["input_ids"].shape[1]
   example = {
       "images": pixels,
       "view_valid": np.array(valid),
-      "input_ids": enc["input_ids"][0],
-      "attention_mask": enc["attention_mask"][0],
+      "input_ids": np.pad(enc["input_ids"][0], (0, pad), constant_values=tok.pad_id),
+      "attention_mask": np.pad(enc["attention_mask"][0], (0, pad)),
       "text": text,
       "labels": np.asarray(study.labels, np.float32),
       "patient_id": study.patient_id,
@@ -349,10 +368,9 @@ def part_summary_name(part: int, num_parts: int) -> str:
 def write_shard(path: str, payloads: Sequence[bytes]):
   """Writes one ArrayRecord file atomically (temp name, fsync, rename)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
   tmp = f"{path}.tmp-{os.getpid()}"
-  # group_size:1 makes every record its own chunk, so random access reads one
-  # record instead of decompressing a group.
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+  writer = array_record_module.ArrayRecordWriter(tmp, source.WRITER_OPTIONS)
   for p in payloads:
     writer.write(p)
   writer.close()
@@ -364,12 +382,8 @@ def write_shard(path: str, payloads: Sequence[bytes]):
 
 def read_shard(path: str) -> list[bytes]:
   """All records of one shard, in order (small shards; for tests and tools)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  reader = array_record_module.ArrayRecordReader(path)
-  try:
-    return list(reader.read_all())
-  finally:
-    reader.close()
+  from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+  return source.read_all(path)
 
 
 def _chunks(studies: list[Study], size: int) -> list[tuple[str, int, list[Study]]]:
@@ -587,9 +601,76 @@ def combine(output: str, num_parts: Optional[int] = None) -> dict[str, Any]:
       "versions": versions(),
       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
+  if first["options"].get("tfds", False):
+    manifest["tfds"] = write_tfds(output, manifest)
   atomic_write_bytes(os.path.join(output, "rejects.csv"), rejects_to_csv(rejects))
+  # Written last: a manifest means every file it describes is complete.
   atomic_write_json(os.path.join(output, "manifest.json"), manifest)
   return manifest
+
+
+# Source, citation and licence per dataset, for the TFDS dataset info.
+SOURCES = {
+    "covid_cxr": dict(
+        homepage="https://github.com/ieee8023/covid-chestxray-dataset",
+        citation=("@article{cohen2020covidProspective, title={COVID-19 Image Data Collection: "
+                  "Prospective Predictions Are the Future}, author={Cohen, Joseph Paul and "
+                  "Morrison, Paul and Dao, Lan and Roth, Karsten and Duong, Tim Q and Ghassemi, "
+                  "Marzyeh}, journal={arXiv 2006.11988}, year={2020}}"),
+        licence="Per image, see the source metadata.csv (licence column); metadata CC BY-NC-SA 4.0."),
+    "mimic_cxr": dict(
+        homepage="https://physionet.org/content/mimic-cxr-jpg/",
+        citation=("@article{johnson2019mimicjpg, title={MIMIC-CXR-JPG, a large publicly available "
+                  "database of labeled chest radiographs}, author={Johnson, Alistair E W and "
+                  "others}, journal={arXiv 1901.07042}, year={2019}}"),
+        licence="PhysioNet Credentialed Health Data License 1.5.0 (credentialed access only)."),
+    "chexpert": dict(
+        homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
+        citation=("@inproceedings{irvin2019chexpert, title={CheXpert: A Large Chest Radiograph "
+                  "Dataset with Uncertainty Labels and Expert Comparison}, author={Irvin, Jeremy "
+                  "and others}, booktitle={AAAI}, year={2019}}"),
+        licence="Stanford University School of Medicine CheXpert Dataset Research Use Agreement."),
+    "iu_xray": dict(
+        homepage="https://openi.nlm.nih.gov/",
+        citation=("@article{demner2016preparing, title={Preparing a collection of radiology "
+                  "examinations for distribution and retrieval}, author={Demner-Fushman, Dina "
+                  "and others}, journal={JAMIA}, volume={23}, number={2}, year={2016}}"),
+        licence="CC BY-NC-ND 4.0 (Indiana University / NLM Open-I)."),
+    "rsna_pneumonia": dict(
+        homepage="https://www.kaggle.com/c/rsna-pneumonia-detection-challenge",
+        citation=("@article{shih2019augmenting, title={Augmenting the National Institutes of "
+                  "Health Chest Radiograph Dataset with Expert Annotations of Possible "
+                  "Pneumonia}, author={Shih, George and others}, journal={Radiology: "
+                  "Artificial Intelligence}, year={2019}}"),
+        licence="RSNA Pneumonia Detection Challenge data terms (non-commercial research)."),
+}
+
+
+def write_tfds(output: str, manifest: dict[str, Any]) -> dict[str, Any]:
+  """Writes the converted records again as a TFDS builder directory in ``output``."""
+  try:
+    from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ConversionError("writing the TFDS copy needs tensorflow-datasets "
+                          "(pip install -e '.[tfds]'), or pass --notfds") from e
+  dataset = manifest["dataset"]
+  splits = {s: [os.path.join(output, f) for f in info["shards"]]
+            for s, info in manifest["splits"].items()}
+  if not any(splits.values()):
+    return {"name": dataset, "records_by_split": {}, "files": [],
+            "note": "no records were written, so there is no TFDS dataset"}
+  source = SOURCES.get(dataset, {})
+  counts = tfds_format.write_builder_dir(
+      output, dataset=dataset, splits=splits, label_names=manifest["label_names"],
+      description=(f"{dataset} converted by data_prep.{dataset} for ClinVLA: one example per "
+                   f"study, views {', '.join(records.VIEW_NAMES)}; labels "
+                   f"{', '.join(manifest['label_names'])}."),
+      homepage=source.get("homepage", ""), citation=source.get("citation", ""),
+      licence=source.get("licence", ""))
+  return {"name": dataset, "records_by_split": counts,
+          "files": sorted(os.path.basename(p) for s in counts
+                          for p in tfds_format.split_files(output, s))}
 
 
 def load_manifest(output: str) -> dict[str, Any]:
@@ -618,6 +699,155 @@ def main_for(build_plan: Callable[[str], Plan], **extra_options) -> Callable[[li
                                                "rows_used")}
                      | {"rejected": len(summary["rejects"])}))
   return main
+
+
+# --- the shared study assembly ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One input image as a converter maps it; ``assemble_studies`` does the rest.
+
+  Attributes:
+    row_id: the input row as the user finds it (rejects.csv names it).
+    patient_id: the patient.
+    study_key: the study within the patient (any hashable; rows sharing it form
+      one study).
+    view: "frontal" or "lateral"; None is rejected as ``unknown_view``.
+    path: the image file.
+    image_id: the source's id of the image.
+    rank: sort key among the rows of one view of one study; the lowest is used,
+      the others are rejected as ``extra_view``.
+    time: when the study was taken (any number that orders studies; None:
+      undated, which neither has nor is a prior).
+    split: the source's split of this row; None lets ``split_of`` decide.
+    why_unknown: detail for an ``unknown_view`` reject.
+    data: the converter's own fields (CSV row, ...), untouched.
+  """
+  row_id: str
+  patient_id: str
+  study_key: Any
+  view: Optional[str]
+  path: str
+  image_id: str
+  rank: Any = ()
+  time: Optional[float] = None
+  split: Optional[str] = None
+  why_unknown: str = ""
+  data: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRows:
+  """One study after view choice: what ``describe`` sees."""
+  patient_id: str
+  study_key: Any
+  split: str
+  views: dict[str, Row]          # "frontal" / "lateral" -> the chosen row
+  time: Optional[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Described:
+  """``describe``'s answer: the study to write, or why its rows are rejected.
+
+  ``rows`` are the chosen rows kept as current views (the others must be in
+  ``rejects``); an empty ``rows`` writes nothing.
+  """
+  study_id: str
+  rows: tuple[Row, ...] = ()
+  text: str = ""
+  labels: tuple[float, ...] = ()
+  rejects: tuple[Reject, ...] = ()
+
+
+PRIOR_RULE = ("the prior is the latest earlier dated study of the same patient in the same split that has "
+              "at least one usable frontal or lateral view, whether or not that study is written itself")
+
+
+def assemble_studies(rows: Sequence[Row], describe: Callable[[StudyRows], Described], *,
+                     split_of: Optional[Callable[[str], str]] = None,
+                     time_in_days: bool = True) -> tuple[list[Study], list[Reject]]:
+  """Groups rows into studies, chooses views, assigns splits and links priors.
+
+  Rules, the same for every converter:
+
+  * a study is the rows sharing (patient_id, study_key); per view the row of
+    lowest ``rank`` is used, the others are rejected as ``extra_view``, rows
+    without a view as ``unknown_view``;
+  * split: ``split_of(patient_id)`` when given (every study of a patient in one
+    split), else the rows' own split, which the chosen rows must agree on
+    (otherwise they are rejected as ``missing_metadata``);
+  * prior: see ``PRIOR_RULE``; ``prior_days`` is the time difference when
+    ``time_in_days``, else NaN;
+  * ``describe`` gives each study its id, text and labels and may reject rows.
+
+  Returns:
+    (studies sorted by patient and study key, rejects); every row is in
+    exactly one of them.
+  """
+  rejects: list[Reject] = []
+  groups: dict[tuple[str, Any], list[Row]] = collections.defaultdict(list)
+  for row in rows:
+    if row.view not in ("frontal", "lateral"):
+      rejects.append(Reject(row.row_id, "unknown_view", row.why_unknown or f"view {row.view!r}"))
+      continue
+    groups[(row.patient_id, row.study_key)].append(row)
+  order = sorted(groups, key=lambda k: (k[0], str(k[1])))
+  chosen: dict[tuple[str, Any], StudyRows] = {}
+  for key in order:
+    views: dict[str, Row] = {}
+    for row in sorted(groups[key], key=lambda r: r.rank):
+      if row.view in views:
+        rejects.append(Reject(row.row_id, "extra_view",
+                              f"study {key[1]} already has a {row.view} view ({views[row.view].image_id})"))
+      else:
+        views[row.view] = row
+    used = list(views.values())
+    if split_of is not None:
+      split = split_of(key[0])
+    else:
+      splits = {r.split for r in used} - {None, ""}
+      if len(splits) != 1:
+        rejects.extend(Reject(r.row_id, "missing_metadata",
+                              f"study {key[1]}: split {sorted(splits) or 'missing'}") for r in used)
+        continue
+      split = splits.pop()
+    times = {r.time for r in used}
+    chosen[key] = StudyRows(key[0], key[1], split, views, times.pop() if len(times) == 1 else None)
+
+  timeline: dict[tuple[str, str], list[StudyRows]] = collections.defaultdict(list)
+  for s in chosen.values():
+    if s.time is not None:
+      timeline[(s.patient_id, s.split)].append(s)
+  for studies_of in timeline.values():
+    studies_of.sort(key=lambda s: s.time)
+
+  out: list[Study] = []
+  for key in order:
+    s = chosen.get(key)
+    if s is None:
+      continue
+    d = describe(s)
+    rejects.extend(d.rejects)
+    if not d.rows:
+      continue
+    prior, prior_days = None, math.nan
+    if s.time is not None:
+      earlier = [p for p in timeline[(s.patient_id, s.split)] if p.time < s.time]
+      if earlier:
+        prior = earlier[-1]
+        if time_in_days:
+          prior_days = float(s.time - prior.time)
+    current = {r.view: r for r in d.rows}
+    ref = lambda r, own: None if r is None else ViewRef(r.path, r.image_id, r.row_id if own else None)
+    pv = prior.views if prior is not None else {}
+    out.append(Study(
+        study_id=d.study_id, patient_id=s.patient_id, split=s.split, text=d.text, labels=d.labels,
+        views=(ref(current.get("frontal"), True), ref(current.get("lateral"), True),
+               ref(pv.get("frontal"), False), ref(pv.get("lateral"), False)),
+        rows=tuple(r.row_id for r in d.rows), prior_days=prior_days))
+  return out, rejects
 
 
 # --- helpers for converters ------------------------------------------------------------

@@ -5,8 +5,9 @@ clinical_notes, ...) and ``DIR/images/``.
 
 * One record per study = (patient, ``offset``); rows of a patient with a blank
   offset form one undated study.
-* The patient's previous dated study (largest smaller offset) supplies the prior
-  frontal/lateral views; ``prior_days`` is the offset difference.
+* The patient's previous dated study (largest smaller offset) with a usable view
+  supplies the prior frontal/lateral views (``common.PRIOR_RULE``, shared by the
+  converters); ``prior_days`` is the offset difference.
 * Text: the study's ``clinical_notes`` (deduplicated), cleaned like a report.
 * Labels: ``finding``, split on "," and "/" (multi-label); ``todo`` and blank
   findings are rejected as unknown labels, unless ``--unlabelled=train``: then a
@@ -86,7 +87,7 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
   rejects: list[common.Reject] = []
   view_method = collections.Counter()
   seen_files: dict[str, str] = {}
-  usable = []  # (row_id, row, view) for rows that may serve as current or prior views
+  usable: list[common.Row] = []
 
   for i, row in enumerate(rows, start=1):
     fn = row["filename"].strip()
@@ -118,95 +119,52 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
                                      f"(frontal score {score:+.3f})"))
         continue
     view_method[method] += 1
-    usable.append((row_id, row, view))
+    off = _offset(row["offset"])
+    # Rows of a patient with a blank offset form one undated study.
+    usable.append(common.Row(
+        row_id=row_id, patient_id=pid, study_key="undated" if off is None else off, view=view,
+        path=path, image_id=fn, rank=fn, time=off, data=row))
 
-  label_names = sorted({p for _, r, _ in usable for p in _label_parts(r["finding"])
+  label_names = sorted({p for r in usable for p in _label_parts(r.data["finding"])
                         if p.lower() not in _UNKNOWN_FINDINGS})
 
-  # Group into studies: (patient, offset); undated rows form one study per patient.
-  groups: dict[tuple[str, object], list] = collections.defaultdict(list)
-  for item in usable:
-    _, row, _ = item
-    off = _offset(row["offset"])
-    groups[(row["patientid"].strip(), "undated" if off is None else off)].append(item)
-
-  def views_of(items):
-    """First frontal and first lateral (by file name) of a study, and the extras."""
-    chosen, extras = {}, []
-    for item in sorted(items, key=lambda it: it[1]["filename"]):
-      if item[2] in chosen:
-        extras.append(item)
-      else:
-        chosen[item[2]] = item
-    return chosen, extras
-
-  timeline = collections.defaultdict(list)
-  for (pid, off), items in groups.items():
-    if off != "undated":
-      timeline[pid].append((off, items))
-  for pid in timeline:
-    timeline[pid].sort(key=lambda t: t[0])
-
-  studies = []
-  for (pid, off), items in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-    chosen, extras = views_of(items)
-    study_id = f"{pid}_{'undated' if off == 'undated' else f'{off:g}'}"
-    for row_id, row, view in extras:
-      rejects.append(common.Reject(row_id, "extra_view",
-                                   f"study {study_id} already has a {view} view "
-                                   f"({chosen[view][1]['filename']})"))
-    rows_here = [it for it in chosen.values()]
-    unknown = [it for it in rows_here
-               if not _label_parts(it[1]["finding"]) or
-               any(p.lower() in _UNKNOWN_FINDINGS for p in _label_parts(it[1]["finding"]))]
-    split = common.hash_split(pid, val_percent)
+  def describe(study: common.StudyRows) -> common.Described:
+    off = study.study_key
+    study_id = f"{study.patient_id}_{'undated' if off == 'undated' else f'{off:g}'}"
+    rows_here = list(study.views.values())
+    unknown = [r for r in rows_here
+               if not _label_parts(r.data["finding"]) or
+               any(p.lower() in _UNKNOWN_FINDINGS for p in _label_parts(r.data["finding"]))]
+    out_rejects = []
     # An unlabelled study of a val patient cannot be evaluated and must not
-    # train (the patient is held out), so it is rejected as before.
-    keep_unlabelled = unlabelled == "train" and split == "train" and len(unknown) == len(rows_here)
+    # train (the patient is held out), so it is rejected.
+    keep_unlabelled = (unlabelled == "train" and study.split == "train"
+                       and len(unknown) == len(rows_here))
     if not keep_unlabelled:
-      for row_id, row, _ in unknown:
-        rejects.append(common.Reject(row_id, "unknown_label", f"finding {row['finding']!r}"))
-      rows_here = [it for it in rows_here if it not in unknown]
+      out_rejects += [common.Reject(r.row_id, "unknown_label", f"finding {r.data['finding']!r}")
+                      for r in unknown]
+      rows_here = [r for r in rows_here if r not in unknown]
     if not rows_here:
-      continue
+      return common.Described(study_id, rejects=tuple(out_rejects))
     notes = []
-    for _, row, _ in rows_here:
-      note = " ".join((row.get("clinical_notes") or "").split())
+    for r in rows_here:
+      note = " ".join((r.data.get("clinical_notes") or "").split())
       if note and note not in notes:
         notes.append(note)
     cleaned = text_lib.report_text(full_report="\n".join(notes)).text if notes else ""
     if not cleaned:
-      for row_id, _, _ in rows_here:
-        rejects.append(common.Reject(row_id, "empty_report",
-                                     f"study {study_id}: no clinical notes"))
-      continue
-    found = {p for _, row, _ in rows_here for p in _label_parts(row["finding"])
+      out_rejects += [common.Reject(r.row_id, "empty_report", f"study {study_id}: no clinical notes")
+                      for r in rows_here]
+      return common.Described(study_id, rejects=tuple(out_rejects))
+    found = {p for r in rows_here for p in _label_parts(r.data["finding"])
              if p.lower() not in _UNKNOWN_FINDINGS}
+    return common.Described(study_id, rows=tuple(rows_here), text=cleaned,
+                            labels=common.multi_hot(found, label_names),
+                            rejects=tuple(out_rejects))
 
-    # The prior study: the latest dated study of this patient before this one.
-    prior_views, prior_days = {}, math.nan
-    if off != "undated":
-      earlier = [(o, it) for o, it in timeline[pid] if o < off]
-      if earlier:
-        p_off, p_items = earlier[-1]
-        prior_views, _ = views_of(p_items)
-        prior_days = float(off - p_off)
-
-    def ref(item, owned):
-      if item is None:
-        return None
-      row_id, row, _ = item
-      return common.ViewRef(os.path.join(img_root, row["filename"].strip()),
-                            row["filename"].strip(), row_id if owned else None)
-
-    cur = {v: it for v, it in chosen.items() if it in rows_here}
-    studies.append(common.Study(
-        study_id=study_id, patient_id=pid,
-        split=split, text=cleaned,
-        labels=common.multi_hot(found, label_names),
-        views=(ref(cur.get("frontal"), True), ref(cur.get("lateral"), True),
-               ref(prior_views.get("frontal"), False), ref(prior_views.get("lateral"), False)),
-        rows=tuple(it[0] for it in rows_here), prior_days=prior_days))
+  studies, assembly_rejects = common.assemble_studies(
+      usable, describe, split_of=lambda pid: common.hash_split(pid, val_percent))
+  rejects.extend(assembly_rejects)
 
   notes = {
       "views_decided_by": (
@@ -215,7 +173,7 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
           "central spine/mediastinum column between dark lung fields = frontal), else rejected"),
       "view_decisions": dict(view_method),
       "study_definition": "(patientid, offset); undated rows of a patient form one study",
-      "prior_definition": "latest earlier dated study of the same patient",
+      "prior_definition": common.PRIOR_RULE,
       "text_source": "clinical_notes",
       "label_source": "finding, split on ',' and '/'",
       "split_rule": f"sha256(patientid) -> val {val_percent}%, rest train"

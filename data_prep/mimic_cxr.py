@@ -11,8 +11,9 @@ Input (``--input`` = the MIMIC-CXR-JPG root):
   root can be given with ``--reports``).
 
 Per study: current frontal (PA preferred, then AP) and lateral (LATERAL, then
-LL); the patient's previous study by (StudyDate, StudyTime) supplies the prior
-frontal and lateral; ``prior_days`` is the time between them.  Text: FINDINGS +
+LL); the patient's previous study by (StudyDate, StudyTime) with a usable view
+supplies the prior frontal and lateral (``common.PRIOR_RULE``); ``prior_days``
+is the time between them.  Text: FINDINGS +
 IMPRESSION of the report, cleaned.  Splits: official ("validate" -> "val").
 Input rows are the metadata rows (images); images not used as a current view
 are rejected as ``extra_view`` / ``unknown_view``.
@@ -21,7 +22,6 @@ Usage:
   python -m data_prep.mimic_cxr --input=/data/mimic-cxr-jpg/2.0.0 --output=OUT
 """
 
-import collections
 import datetime
 import math
 import os
@@ -80,8 +80,9 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
   labels = {(r["subject_id"], r["study_id"]): tuple(_label(r.get(n, "")) for n in LABELS)
             for r in common.read_table(_table(input_dir, "mimic-cxr-2.0.0-chexpert"))}
   rejects = []
-  studies_rows = collections.defaultdict(list)
+  rows: list[common.Row] = []
   seen = set()
+  epoch = datetime.datetime(1970, 1, 1)
   for r in meta:
     did, subj, stud = r["dicom_id"].strip(), r["subject_id"].strip(), r["study_id"].strip()
     row_id = f"dicom_id {did}"
@@ -89,53 +90,23 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
       rejects.append(common.Reject(row_id, "duplicate_row", "dicom_id listed twice"))
       continue
     seen.add(did)
-    studies_rows[(subj, stud)].append((row_id, r))
+    vp = r["ViewPosition"].strip()
+    view = "frontal" if vp in _FRONTAL_RANK else "lateral" if vp in _LATERAL_RANK else None
+    t = _time(r)
+    rows.append(common.Row(
+        row_id=row_id, patient_id=f"p{subj}", study_key=f"s{stud}", view=view,
+        path=os.path.join(_study_dir(input_dir, subj, stud), f"{did}.jpg"), image_id=did,
+        # A PA film is the better frontal when both exist, LATERAL the better lateral.
+        rank=({**_FRONTAL_RANK, **_LATERAL_RANK}.get(vp, 9), did),
+        time=None if t is None else (t - epoch).total_seconds() / 86400.0,
+        split=_SPLITS.get(splits.get(did, ""), ""),
+        why_unknown=f"study s{stud}: ViewPosition {vp or '(blank)'} is not PA/AP/LATERAL/LL",
+        data=r))
 
-  def pick_views(items):
-    frontal = sorted((it for it in items if it[1]["ViewPosition"].strip() in _FRONTAL_RANK),
-                     key=lambda it: (_FRONTAL_RANK[it[1]["ViewPosition"].strip()], it[1]["dicom_id"]))
-    lateral = sorted((it for it in items if it[1]["ViewPosition"].strip() in _LATERAL_RANK),
-                     key=lambda it: (_LATERAL_RANK[it[1]["ViewPosition"].strip()], it[1]["dicom_id"]))
-    return (frontal[0] if frontal else None), (lateral[0] if lateral else None)
-
-  chosen = {k: pick_views(v) for k, v in studies_rows.items()}
-  timeline = collections.defaultdict(list)
-  for (subj, stud), items in studies_rows.items():
-    t = _time(items[0][1])
-    if t is not None:
-      timeline[subj].append((t, stud))
-  for subj in timeline:
-    timeline[subj].sort()
-
-  def ref(it, own):
-    if it is None:
-      return None
-    row_id, r = it
-    path = os.path.join(_study_dir(input_dir, r["subject_id"].strip(), r["study_id"].strip()),
-                        f"{r['dicom_id'].strip()}.jpg")
-    return common.ViewRef(path, r["dicom_id"].strip(), row_id if own else None)
-
-  studies = []
-  for (subj, stud) in sorted(studies_rows):
-    items = studies_rows[(subj, stud)]
-    frontal, lateral = chosen[(subj, stud)]
-    used = [it for it in (frontal, lateral) if it is not None]
-    for it in items:
-      if it in used:
-        continue
-      vp = it[1]["ViewPosition"].strip()
-      known = vp in _FRONTAL_RANK or vp in _LATERAL_RANK
-      rejects.append(common.Reject(it[0], "extra_view" if known else "unknown_view",
-                                   f"study s{stud}: ViewPosition {vp or '(blank)'}"
-                                   + (" already covered" if known else " is not PA/AP/LATERAL/LL")))
-    if not used:
-      continue
-    split = {_SPLITS.get(splits.get(it[1]["dicom_id"].strip(), ""), "") for it in used} - {""}
-    if len(split) != 1:
-      for it in used:
-        rejects.append(common.Reject(it[0], "missing_metadata",
-                                     f"study s{stud}: official split {sorted(split) or 'missing'}"))
-      continue
+  def describe(study: common.StudyRows) -> common.Described:
+    first = next(iter(study.views.values())).data
+    subj, stud = first["subject_id"].strip(), first["study_id"].strip()
+    used = tuple(study.views.values())
     report_path = _study_dir(reports_dir, subj, stud) + ".txt"
     text = ""
     if os.path.isfile(report_path):
@@ -143,26 +114,16 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
         text = text_lib.report_text(full_report=f.read()).text
     if not text:
       why = "report file missing" if not os.path.isfile(report_path) else "no usable text"
-      for it in used:
-        rejects.append(common.Reject(it[0], "empty_report", f"{report_path}: {why}"))
-      continue
-    prior_f = prior_l = None
-    prior_days = math.nan
-    t = _time(items[0][1])
-    if t is not None:
-      earlier = [(pt, ps) for pt, ps in timeline[subj] if pt < t]
-      if earlier:
-        pt, ps = earlier[-1]
-        prior_f, prior_l = chosen[(subj, ps)]
-        prior_days = (t - pt).total_seconds() / 86400.0
-    studies.append(common.Study(
-        study_id=f"s{stud}", patient_id=f"p{subj}", split=split.pop(), text=text,
-        labels=labels.get((subj, stud), (math.nan,) * len(LABELS)),
-        views=(ref(frontal, True), ref(lateral, True), ref(prior_f, False), ref(prior_l, False)),
-        rows=tuple(it[0] for it in used), prior_days=prior_days))
+      return common.Described(study.study_key, rejects=tuple(
+          common.Reject(r.row_id, "empty_report", f"{report_path}: {why}") for r in used))
+    return common.Described(study.study_key, rows=used, text=text,
+                            labels=labels.get((subj, stud), (math.nan,) * len(LABELS)))
+
+  studies, assembly_rejects = common.assemble_studies(rows, describe)
+  rejects.extend(assembly_rejects)
   notes = {
       "views_decided_by": "metadata ViewPosition (PA preferred over AP; LATERAL over LL)",
-      "prior_definition": "previous study of the subject by StudyDate/StudyTime",
+      "prior_definition": common.PRIOR_RULE + " (dates: StudyDate/StudyTime)",
       "text_source": "FINDINGS + IMPRESSION of files/pXX/pSUBJECT/sSTUDY.txt",
       "split_rule": "official mimic-cxr-2.0.0-split (validate -> val)",
   }

@@ -38,7 +38,7 @@ def _example(rng, num_labels=3):
   }
 
 
-@pytest.mark.parametrize("codec", ["png", "raw"])
+@pytest.mark.parametrize("codec", ["patches", "png", "raw"])
 def test_record_round_trip(codec):
   ex = _example(np.random.default_rng(0))
   out = records.decode_record(records.encode_record(ex, image_codec=codec))
@@ -54,6 +54,22 @@ def test_record_round_trip(codec):
   assert out["image_ids"] == ("",) * records.NUM_VIEWS
   assert math.isnan(out["prior_days"])
   out["input_ids"][0] = 0  # decoded arrays are writable
+
+
+@pytest.mark.parametrize("codec", ["patches", "png", "raw"])
+def test_batch_parts_hold_patch_major_views(codec):
+  from clinvla_jax.data import masking  # pylint: disable=g-import-not-at-top
+  ex = _example(np.random.default_rng(3))
+  data = records.encode_record(ex, image_codec=codec)
+  fields, rows, row_start = records.decode_for_batch(data, (2, 1, 0))
+  assert row_start[1] == -1
+  expected = masking.patchify(ex["images"])
+  for slot, start in zip((2, 0), (row_start[0], row_start[2])):
+    np.testing.assert_array_equal(rows[start:start + records.NUM_PATCHES], expected[slot])
+  for k in ("view_valid", "input_ids", "attention_mask", "labels"):
+    np.testing.assert_array_equal(fields[k], ex[k])
+  if codec == "patches":
+    assert len(data) < records.NUM_VIEWS * 224 * 224  # missing views take no space
 
 
 def test_record_optional_fields_and_text_only_decode():
@@ -81,7 +97,13 @@ def test_record_rejects_bad_fields():
 # --- converters on the real samples ------------------------------------------------
 
 
-_FAST = common.Options(workers=0, progress=False, shard_size=64)
+try:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+except ImportError:
+  tfds = None
+
+_FAST = common.Options(workers=0, progress=False, shard_size=64, tfds=tfds is not None)
+needs_tfds = pytest.mark.skipif(tfds is None, reason="tensorflow-datasets not installed")
 
 
 def _decode_all(out_dir, with_images=False):
@@ -137,6 +159,57 @@ def test_covid_records_have_priors_and_text(covid_out):
   assert r["labels"][m["label_names"].index("COVID-19")] == 1.0
   for r in recs:
     assert r["attention_mask"].sum() > 2 and r["input_ids"][0] == 101
+
+
+@needs_tfds
+def test_covid_output_is_a_tfds_dataset(covid_out):
+  m = common.load_manifest(str(covid_out))
+  builder = tfds.builder_from_directory(str(covid_out))
+  info = builder.info
+  assert "Cohen" in info.citation and "ieee8023" in info.homepage
+  assert "CC BY-NC-SA" in (covid_out / "LICENSE").read_text()
+  assert list(info.metadata["label_names"]) == m["label_names"]
+  ours = {r["study_id"]: r for r in _decode_all(str(covid_out), with_images=True)}
+  for split, count in m["counts"]["records_by_split"].items():
+    assert info.splits[split].num_examples == count
+    ds = builder.as_data_source(split)
+    assert len(ds) == count
+    for k in range(count):
+      ex = ds[k]
+      rec = ours[ex["study_id"].decode()]
+      assert ex["images"].shape == (4, 224, 224) and ex["images"].dtype == np.uint8
+      np.testing.assert_array_equal(ex["images"], rec["images"])
+      for key in ("view_valid", "input_ids", "attention_mask", "labels"):
+        np.testing.assert_array_equal(ex[key], rec[key], err_msg=key)
+      for key in ("text", "patient_id", "split", "dataset"):
+        assert ex[key].decode() == rec[key], key
+      assert tuple(x.decode() for x in ex["image_ids"]) == rec["image_ids"]
+      np.testing.assert_array_equal(ex["prior_days"], rec["prior_days"])
+
+
+@needs_tfds
+def test_pipeline_reads_a_tfds_only_folder(covid_out, tmp_path):
+  from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+  only = tmp_path / "tfds_only"
+  only.mkdir()
+  tfds_files = {"dataset_info.json", "features.json", "metadata.json"}
+  for p in covid_out.iterdir():
+    if ".array_record-" in p.name or p.name in tfds_files:
+      shutil.copy(p, only / p.name)
+  tfds_val = source.list_shards(str(only), split="val")
+  assert tfds_val and all("-val.array_record-" in p for p in tfds_val)
+  from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
+  assert embed.split_paths(str(only), "val") == tfds_val
+  assert list(embed.label_names_of(tfds_val)) == common.load_manifest(str(covid_out))["label_names"]
+  ours = list(pipeline.make_eval_loader(common.split_shards(str(covid_out), "val"),
+                                        global_batch_size=8, shard_index=0, shard_count=1))
+  theirs = list(pipeline.make_eval_loader(tfds_val, global_batch_size=8, shard_index=0,
+                                          shard_count=1))
+  assert len(ours) == len(theirs)
+  for a, b in zip(ours, theirs):
+    for key in records.BATCH_KEYS:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_covid_images_decode(covid_out):
@@ -242,6 +315,64 @@ def test_corrupt_inputs_are_reported(shared_data, tmp_path):
   assert why["todo.jpg"][0] == "unknown_label"
   assert any(r == "duplicate_row" for r, _ in why.values())
   assert m["counts"]["records"] >= 4
+
+
+def test_short_max_text_len_converts_and_trains(shared_data, tmp_path):
+  from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  _corrupt_covid_tree(shared_data / "covid_cxr_dev", tmp_path / "in")
+  plan = covid_cxr.build_plan(str(tmp_path / "in"))
+  common.run(plan, str(tmp_path / "out"), dataclasses.replace(_FAST, max_text_len=16, tfds=False))
+  recs = _decode_all(str(tmp_path / "out"))
+  assert recs and max(int(r["attention_mask"].sum()) for r in recs) <= 16
+  assert max(int(r["attention_mask"].sum()) for r in recs) > 8
+  for r in recs:
+    assert r["input_ids"].shape == (records.MAX_TEXT_LEN,)
+    n = int(r["attention_mask"].sum())
+    assert r["input_ids"][n - 1] == 102 and not r["input_ids"][n:].any()  # [SEP], then [PAD]
+  batch = next(iter(pipeline.make_train_loader(str(tmp_path / "out"), global_batch_size=2, seed=0,
+                                               shard_index=0, shard_count=1)))
+  assert batch["attention_mask"].sum(axis=1).max() <= 16
+  with pytest.raises(common.ConversionError, match="max_text_len"):
+    common.run(plan, str(tmp_path / "out2"), dataclasses.replace(_FAST, max_text_len=200))
+
+
+def test_shared_assembly_rules():
+  R = common.Row
+  rows = [
+      R("a1", "p1", 1, "frontal", "a1.png", "a1", rank=1, time=1.0, split="train"),
+      R("a2", "p1", 1, "frontal", "a2.png", "a2", rank=0, time=1.0, split="train"),   # wins
+      R("a3", "p1", 1, None, "a3.png", "a3", time=1.0, split="train", why_unknown="tag ?"),
+      R("b1", "p1", 2, "lateral", "b1.png", "b1", time=5.0, split="train"),         # not written
+      R("c1", "p1", 3, "frontal", "c1.png", "c1", time=9.0, split="train"),
+      R("d1", "p1", 4, "frontal", "d1.png", "d1", time=None, split="train"),        # undated
+      R("e1", "p2", 1, "frontal", "e1.png", "e1", time=2.0, split="train"),
+      R("e2", "p2", 1, "lateral", "e2.png", "e2", time=2.0, split="val"),           # disagrees
+  ]
+
+  def describe(study):
+    rows = tuple(study.views.values())
+    if study.study_key == 2:
+      return common.Described("s2", rejects=tuple(common.Reject(r.row_id, "empty_report") for r in rows))
+    return common.Described(f"{study.patient_id}-{study.study_key}", rows=rows, text="t", labels=(1.0,))
+
+  studies, rejects = common.assemble_studies(rows, describe)
+  why = {r.row: r.reason for r in rejects}
+  assert why == {"a1": "extra_view", "a3": "unknown_view", "b1": "empty_report",
+                 "e1": "missing_metadata", "e2": "missing_metadata"}
+  by_id = {s.study_id: s for s in studies}
+  assert sorted(by_id) == ["p1-1", "p1-3", "p1-4"]
+  assert sum(len(s.rows) for s in studies) + len(rejects) == len(rows)
+  assert by_id["p1-1"].views[0].image_id == "a2" and by_id["p1-1"].views[2] is None
+  # Study 2 was not written, but its lateral view is still study 3's prior.
+  s3 = by_id["p1-3"]
+  assert s3.views[2] is None and s3.views[3].image_id == "b1" and s3.views[3].row is None
+  assert s3.prior_days == 4.0
+  assert by_id["p1-4"].views[2:] == (None, None) and math.isnan(by_id["p1-4"].prior_days)
+  # A given split_of wins over the rows' own splits.
+  studies, rejects = common.assemble_studies(rows, describe, split_of=lambda pid: "train",
+                                             time_in_days=False)
+  assert {s.study_id for s in studies} == {"p1-1", "p1-3", "p1-4", "p2-1"}
+  assert all(math.isnan(s.prior_days) for s in studies)
 
 
 # --- CheXpert, RSNA, MIMIC on small fake trees built from real images ------------------

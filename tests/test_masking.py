@@ -118,3 +118,17 @@ def test_model_and_pipeline_share_the_patch_layout():
   assert patches.shape == (2, 6, 16 * 16 * 3)
   # Patch (row 1, col 2) of image 1: pixels [16:32, 32:48], (row, col, channel) order.
   np.testing.assert_array_equal(np.asarray(patches)[1, 1 * 3 + 2], rgb[1, 16:32, 32:48, :].reshape(-1))
+
+
+def test_batch_masks_equal_per_view_masks():
+  epochs = np.array([0, 0, 3, 7])
+  indices = np.array([0, 5, 5, 123456])
+  batch = masking.keep_indices_batch(K75, seed=9, epoch=epochs, index=indices)
+  assert batch.shape == (4, records.NUM_VIEWS, K75) and batch.dtype == np.int32
+  for row, (e, i) in enumerate(zip(epochs, indices)):
+    for view in range(records.NUM_VIEWS):
+      np.testing.assert_array_equal(
+          batch[row, view], masking.keep_indices(K75, seed=9, epoch=e, index=i, view=view))
+  # Fixed numbers: a change of the mask derivation shows up here.
+  np.testing.assert_array_equal(masking.keep_indices(4, seed=0, epoch=0, index=0, view=0,
+                                                     num_patches=16), [0, 3, 4, 7])

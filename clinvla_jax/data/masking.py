@@ -6,10 +6,13 @@ patches.  Patch ``r * 14 + c`` (row-major) covers rows ``16r..16r+15`` and colum
 grayscale is plain row-major order.  This is the order a 16x16 stride-16
 convolution kernel of shape (16, 16, 1, D) sees when reshaped to (256, D).
 
-Masking keeps ``K`` patches per view, chosen uniformly without replacement by a
-generator seeded from (seed, epoch, record index, view) alone, so any masked
-batch can be rebuilt later from its record indices.  Kept indices are sorted
-ascending, so keeping all 196 patches is the identity.
+Masking keeps ``K`` patches per view, chosen uniformly without replacement:
+each patch gets a 64-bit key, a hash of (seed, epoch, record index, view, patch),
+and the ``K`` patches with the smallest keys are kept.  The keys depend on
+nothing else, so any masked batch can be rebuilt later from its record indices,
+and a whole batch is masked by one vectorised hash, partition and sort (one
+seeded generator per view cost about 40 µs, more than reading the study).
+Kept indices are sorted ascending, so keeping all 196 patches is the identity.
 """
 
 from __future__ import annotations
@@ -65,15 +68,73 @@ def unpatchify(patches: np.ndarray, image_size: int = records.IMAGE_SIZE,
   return x.reshape(*lead, image_size, image_size)
 
 
-def mask_rng(*, seed: int, epoch: int, index: int, view: int
-             ) -> np.random.Generator:
-  """The generator that draws the mask of one view of one record in one epoch."""
-  for name, value in (("seed", seed), ("epoch", epoch), ("index", index),
-                      ("view", view)):
-    if int(value) < 0:
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a bijection of uint64 that scrambles every bit."""
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def _check_non_negative(**values):
+  for name, value in values.items():
+    if np.any(np.asarray(value) < 0):
       raise ValueError(f"{name} must be non-negative, got {value}")
-  entropy = [_MASK_STREAM, int(seed), int(epoch), int(index), int(view)]
-  return np.random.Generator(np.random.Philox(np.random.SeedSequence(entropy)))
+
+
+def patch_keys(*, seed: int, epoch, index, num_views: int = records.NUM_VIEWS,
+               num_patches: int = records.NUM_PATCHES) -> np.ndarray:
+  """uint64 [..., num_views, num_patches] masking keys of records.
+
+  Args:
+    seed: experiment seed.
+    epoch: int or int array (broadcast with ``index``).
+    index: int or int array of global record indices.
+    num_views: views per record.
+    num_patches: patches per view.
+
+  Returns:
+    One key per (record, view, patch); shape ``broadcast(epoch, index).shape +
+    (num_views, num_patches)``.
+  """
+  _check_non_negative(seed=seed, epoch=epoch, index=index)
+  epoch = np.asarray(epoch, np.int64).astype(np.uint64)
+  index = np.asarray(index, np.int64).astype(np.uint64)
+  with np.errstate(over="ignore"):
+    h = _mix(np.full((), _MASK_STREAM, np.uint64) ^ np.uint64(seed))
+    h = _mix((h + epoch * _GOLDEN) ^ np.uint64(1))
+    h = _mix(h ^ (index * _GOLDEN))[..., None, None]
+    view = np.arange(1, num_views + 1, dtype=np.uint64)[:, None]
+    patch = np.arange(1, num_patches + 1, dtype=np.uint64)
+    return _mix(_mix(h ^ (view * _GOLDEN)) + patch * _GOLDEN)
+
+
+def keep_indices_batch(num_kept: int, *, seed: int, epoch, index,
+                       num_views: int = records.NUM_VIEWS,
+                       num_patches: int = records.NUM_PATCHES) -> np.ndarray:
+  """Sorted kept patch indices, int32 [..., num_views, num_kept], of records.
+
+  ``epoch`` and ``index`` are ints or arrays (broadcast together); row ``r``,
+  view ``v`` equals ``keep_indices(num_kept, seed=seed, epoch=epoch[r],
+  index=index[r], view=v)``.
+  """
+  if not 0 < num_kept <= num_patches:
+    raise ValueError(f"num_kept must be in [1, {num_patches}], got {num_kept}")
+  shape = np.broadcast(np.asarray(epoch), np.asarray(index)).shape
+  if num_kept == num_patches:
+    _check_non_negative(seed=seed, epoch=epoch, index=index)
+    return np.broadcast_to(np.arange(num_patches, dtype=np.int32),
+                           shape + (num_views, num_patches)).copy()
+  keys = patch_keys(seed=seed, epoch=epoch, index=index, num_views=num_views,
+                    num_patches=num_patches)
+  # The top 32 bits partition about 1.7x faster than all 64; a tie (odds about
+  # 1e-5 per view) still resolves the same way every time.
+  keys = (keys >> np.uint64(32)).astype(np.uint32)
+  kept = np.argpartition(keys, num_kept - 1, axis=-1)[..., :num_kept]
+  kept.sort(axis=-1)
+  return kept.astype(np.int32)
 
 
 def keep_indices(num_kept: int, *, seed: int, epoch: int, index: int,
@@ -91,15 +152,28 @@ def keep_indices(num_kept: int, *, seed: int, epoch: int, index: int,
 
   Returns:
     int32 [num_kept], strictly increasing; ``arange(num_patches)`` when every
-    patch is kept (no random draw then).
+    patch is kept.
   """
-  if not 0 < num_kept <= num_patches:
-    raise ValueError(f"num_kept must be in [1, {num_patches}], got {num_kept}")
-  if num_kept == num_patches:
-    return np.arange(num_patches, dtype=np.int32)
-  rng = mask_rng(seed=seed, epoch=epoch, index=index, view=view)
-  kept = rng.permutation(num_patches)[:num_kept]
-  return np.sort(kept).astype(np.int32)
+  _check_non_negative(view=view)
+  return keep_indices_batch(num_kept, seed=seed, epoch=int(epoch),
+                            index=int(index), num_views=int(view) + 1,
+                            num_patches=num_patches)[int(view)]
+
+
+def gather_patches(views: np.ndarray, idx: np.ndarray) -> np.ndarray:
+  """Kept patches of row-major images: [V, H, W] and [V, K] -> [V, K, p*p]."""
+  num_views, h, w = views.shape
+  p = records.PATCH_SIZE
+  gh, gw = h // p, w // p
+  num_kept = idx.shape[-1]
+  if num_kept == gh * gw:
+    return patchify(views)
+  # Gathering the kept patches straight from the image grid copies a quarter
+  # of the pixels; patchifying everything first would copy all of them.
+  grid = views.reshape(num_views, gh, p, gw, p)
+  rows, cols = np.divmod(idx, gw)
+  kept = grid[np.arange(num_views)[:, None], rows, :, cols, :]  # [V, K, p, p]
+  return kept.reshape(num_views, num_kept, p * p)
 
 
 def mask_views(images: np.ndarray, num_kept: int, *, seed: int, epoch: int,
@@ -123,18 +197,6 @@ def mask_views(images: np.ndarray, num_kept: int, *, seed: int, epoch: int,
   images = np.asarray(images)
   num_views, h, w = images.shape
   p = records.PATCH_SIZE
-  gh, gw = h // p, w // p
-  if num_kept == gh * gw:
-    return patchify(images), np.broadcast_to(
-        np.arange(gh * gw, dtype=np.int32), (num_views, gh * gw)).copy()
-  idx = np.stack([
-      keep_indices(num_kept, seed=seed, epoch=epoch, index=index, view=v,
-                   num_patches=gh * gw)
-      for v in range(num_views)
-  ])
-  # Gathering the kept patches straight from the image grid copies a quarter
-  # of the pixels; patchifying everything first would copy all of them.
-  grid = images.reshape(num_views, gh, p, gw, p)
-  rows, cols = np.divmod(idx, gw)
-  kept = grid[np.arange(num_views)[:, None], rows, :, cols, :]  # [V, K, p, p]
-  return kept.reshape(num_views, num_kept, p * p), idx
+  idx = keep_indices_batch(num_kept, seed=seed, epoch=epoch, index=index,
+                           num_views=num_views, num_patches=(h // p) * (w // p))
+  return gather_patches(images, idx), idx

@@ -30,6 +30,11 @@ MANIFEST_NAME = "manifest.json"
 
 # Readahead only helps sequential scans; random access wants none.
 DEFAULT_READER_OPTIONS = "readahead_buffer_size:0"
+# How the converters (and the benchmarks) write shards.  group_size:1 makes every
+# record its own chunk, so a random read touches one record; records hold PNG
+# or uncompressed pixels, which ArrayRecord's default compression could only
+# slow down (brotli inflates nothing here but costs time on every read).
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
 def read_manifest(folder: str) -> dict[str, Any] | None:
@@ -60,7 +65,8 @@ def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
   A folder lists the shards named in its ``manifest.json`` (key ``shards`` or
   ``files``: file names or dicts with a ``path``/``file``/``name``) if it names
-  any, else every ``*.array_record`` file in it, sorted by name.
+  any, else every ``*.array_record`` file in it, sorted by name.  A TFDS builder
+  directory without a manifest lists its TFDS shards (``dataset_info.json``).
 
   Args:
     paths: one path-like or a sequence of them.
@@ -77,7 +83,14 @@ def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     paths = [paths]
   shards: list[str] = []
   for path in map(os.fspath, paths):
-    if os.path.isdir(path):
+    if os.path.isdir(path) and read_manifest(path) is None and _is_tfds_dir(path):
+      # A TFDS builder directory alone (no converter manifest): its own shards.
+      from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
+      found = tfds_format.split_files(path, split)
+      if not found:
+        raise FileNotFoundError(f"{path}: TFDS dataset has no shards"
+                                + (f" of split {split!r}" if split else ""))
+    elif os.path.isdir(path):
       manifest = read_manifest(path)
       found = _shards_from_manifest(path, manifest) if manifest else []
       if not found:
@@ -92,6 +105,10 @@ def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
       raise FileNotFoundError(f"no ArrayRecord shards at {path!r}")
     shards.extend(found)
   return shards
+
+
+def _is_tfds_dir(folder: str) -> bool:
+  return os.path.isfile(os.path.join(folder, "dataset_info.json"))
 
 
 def _filter_split(folder: str, manifest: dict[str, Any] | None, found: list[str], split: str) -> list[str]:
@@ -111,6 +128,15 @@ def _filter_split(folder: str, manifest: dict[str, Any] | None, found: list[str]
 
 def _open_reader(path: str, options: str):
   return array_record_module.ArrayRecordReader(path, options)
+
+
+def read_all(path: str | os.PathLike[str]) -> list[bytes]:
+  """Every record of one shard, in order (a whole-file scan: converters, tools)."""
+  reader = array_record_module.ArrayRecordReader(os.fspath(path))
+  try:
+    return list(reader.read_all())
+  finally:
+    reader.close()
 
 
 class ArrayRecordSource:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Optional
@@ -89,6 +90,8 @@ def split_paths(folder: str | os.PathLike[str], split: str) -> list[str]:
   """
   folder = os.fspath(folder)
   manifest = source_lib.read_manifest(folder)
+  if manifest is None and os.path.isfile(os.path.join(folder, "dataset_info.json")):
+    return source_lib.list_shards(folder, split=split)  # a TFDS builder directory
   if manifest is None:
     raise FileNotFoundError(f"{folder} has no manifest.json, so no splits")
   splits = manifest.get("splits", {})
@@ -117,6 +120,13 @@ def label_names_of(paths: Sequence[str]) -> tuple[str, ...]:
     manifest = source_lib.read_manifest(os.path.dirname(path))
     if manifest and "label_names" in manifest:
       return tuple(manifest["label_names"])
+    # A TFDS builder directory keeps them in metadata.json.
+    metadata = os.path.join(os.path.dirname(path), "metadata.json")
+    if os.path.isfile(metadata):
+      with open(metadata, encoding="utf-8") as f:
+        names = json.load(f).get("label_names")
+      if names:
+        return tuple(names)
   return ()
 
 
@@ -294,12 +304,15 @@ def iterate_embeddings(config, variables, data: DataLike, *,
   paths = resolve_paths(data, split)
   global_batch = padded_batch_size(
       batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
+  # The loader reads only the slots the encoder uses (frontal-only evaluation
+  # skips three quarters of the pixels).
   loader = pipeline.make_eval_loader(list(paths),
-                                     global_batch_size=global_batch)
+                                     global_batch_size=global_batch,
+                                     view_slots=slots)
   image_fn, text_fn = _encoders(mcfg, slots, mesh)
   variables = replicate(variables, mesh)
   for batch in loader:
-    patches, idx, valid = _select_views(batch, slots)
+    patches, idx, valid = _select_views(batch, None)
     image = image_fn(variables, _global_rows(patches, mesh),
                      _global_rows(idx, mesh), _global_rows(valid, mesh))
     out = {"image": image}

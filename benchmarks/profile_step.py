@@ -38,7 +38,7 @@ import json
 import re
 import tempfile
 import time
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import jax
 
@@ -51,8 +51,8 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
-def hlo_operation_kinds(hlo_text: str) -> Dict[str, str]:
-  """Instruction name -> kind, for every instruction of the compiled module."""
+def _computations(hlo_text: str) -> Dict[str, List[Tuple[str, str, str]]]:
+  """Computation name -> its (instruction name, opcode, line)s."""
   computations: Dict[str, List[Tuple[str, str, str]]] = {}
   current = None
   for line in hlo_text.splitlines():
@@ -66,6 +66,60 @@ def hlo_operation_kinds(hlo_text: str) -> Dict[str, str]:
     match = _INSTRUCTION.match(line)
     if match and current is not None:
       current.append((match.group(1), match.group(2), line))
+  return computations
+
+
+# What a non-matmul operation is for, told by the opcodes it contains; the
+# first match wins (a softmax fusion also reduces).  XLA:CPU expands erf into
+# polynomials and hoists LayerNorm's rsqrt into tiny fusions before this
+# point, so GELU and LayerNorm work lands in "other elementwise".
+PARTS = ("matmul", "random bits (dropout)", "softmax (exp)", "dtype converts", "transposes / copies",
+         "bias / residual adds", "other elementwise")
+
+
+def hlo_operation_parts(hlo_text: str, kinds: Dict[str, str]) -> Dict[str, str]:
+  """Instruction name -> one of ``PARTS``: a finer split of the non-matmul time."""
+  computations = _computations(hlo_text)
+
+  def opcodes(computation: str, seen=()) -> set:
+    found = set()
+    for _, opcode, line in computations.get(computation, ()):
+      found.add(opcode)
+      for callee in _CALLS.findall(line):
+        if callee not in seen:
+          found |= opcodes(callee, seen + (computation,))
+    return found
+
+  parts = {}
+  for instructions in computations.values():
+    for name, opcode, line in instructions:
+      if kinds.get(name) == "matmul":
+        parts[name] = "matmul"
+        continue
+      ops = {opcode}
+      for callee in _CALLS.findall(line):
+        ops |= opcodes(callee)
+      moves = ops <= _DATA_MOVEMENT | {"parameter", "tuple", "get-tuple-element", "fusion", "constant"}
+      if "rng-bit-generator" in ops or {"shift-right-logical", "xor"} <= ops:
+        part = "random bits (dropout)"
+      elif "exponential" in ops:
+        part = "softmax (exp)"
+      elif "convert" in ops and ops <= _DATA_MOVEMENT | {"convert", "parameter", "tuple", "get-tuple-element",
+                                                         "fusion", "constant"}:
+        part = "dtype converts"
+      elif moves and ops & {"transpose", "copy"}:
+        part = "transposes / copies"
+      elif "add" in ops and ops <= _DATA_MOVEMENT | {"add", "convert", "parameter", "fusion", "constant"}:
+        part = "bias / residual adds"
+      else:
+        part = "other elementwise"
+      parts[name] = part
+  return parts
+
+
+def hlo_operation_kinds(hlo_text: str) -> Dict[str, str]:
+  """Instruction name -> kind, for every instruction of the compiled module."""
+  computations = _computations(hlo_text)
 
   def contains_dot(computation: str, seen=()) -> bool:
     for _, opcode, line in computations.get(computation, ()):
@@ -118,8 +172,8 @@ def trace_events(log_dir: str) -> List[dict]:
     return [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
 
 
-def breakdown(events: Iterable[dict], kinds: Dict[str, str]) -> Dict:
-  """Sums the durations of events named after compiled-module instructions."""
+def breakdown(events: Iterable[dict], kinds: Dict[str, str], parts: Optional[Dict[str, str]] = None) -> Dict:
+  """Sums the durations of events named after compiled-module instructions (by kind, and by part)."""
   by_name: Dict[str, float] = collections.defaultdict(float)
   for event in events:
     name = event.get("name", "")
@@ -129,20 +183,24 @@ def breakdown(events: Iterable[dict], kinds: Dict[str, str]) -> Dict:
   for name, seconds in by_name.items():
     by_kind[kinds[name]] += seconds
   total = sum(by_kind.values())
-  return {"op_seconds_total": total, "op_seconds_by_kind": by_kind,
+  by_part = {p: 0.0 for p in PARTS}
+  for name, seconds in by_name.items():
+    by_part[(parts or {}).get(name, "other elementwise")] += seconds
+  return {"op_seconds_total": total, "op_seconds_by_kind": by_kind, "op_seconds_by_part": by_part,
           "op_share_by_kind": {k: (v / total if total else 0.0) for k, v in by_kind.items()},
           "ops": sorted(({"name": n, "kind": kinds[n], "seconds": s} for n, s in by_name.items()),
                         key=lambda o: -o["seconds"])}
 
 
-def profile(config: str, batch: int, steps: int, dtype: str = "float32", part: str = "train") -> Dict:
+def profile(config: str, batch: int, steps: int, dtype: str = "float32", part: str = "train",
+            precision: str = "auto", hlo_out: Optional[str] = None) -> Dict:
   """part: "train" (the train step) or "embed" (inference embedding of one frontal view + report)."""
   from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
   from clinvla_jax import api  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  cfg = vs_pytorch.build_config(config, dtype=dtype)
+  cfg = vs_pytorch.build_config(config, dtype=dtype, precision=precision)
   mcfg = api.model_config(cfg)
   num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
   params = api.init_params(cfg, jax.random.key(0))["params"]
@@ -161,7 +219,12 @@ def profile(config: str, batch: int, steps: int, dtype: str = "float32", part: s
     run_once, compiled = vs_pytorch.make_jax_embed(cfg, {"params": params}, batch_np)
   else:
     raise ValueError(f"part must be train or embed, got {part!r}")
-  kinds = hlo_operation_kinds(compiled.as_text())
+  hlo_text = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(hlo_text)
+  kinds = hlo_operation_kinds(hlo_text)
+  parts = hlo_operation_parts(hlo_text, kinds)
   run_once()
   with tempfile.TemporaryDirectory() as log_dir:
     t = time.perf_counter()
@@ -170,7 +233,7 @@ def profile(config: str, batch: int, steps: int, dtype: str = "float32", part: s
         run_once()
     wall = time.perf_counter() - t
     events = trace_events(log_dir)
-  result = breakdown(events, kinds)
+  result = breakdown(events, kinds, parts)
   result.update({"part": part, "config": config, "batch": batch, "steps": steps, "dtype": dtype, "wall_s": wall,
                  "wall_s_per_step": wall / steps, "device_kind": jax.devices()[0].device_kind,
                  "matched_instructions": len(result["ops"]), "hlo_instructions": len(kinds)})
@@ -185,6 +248,10 @@ def print_breakdown(r: Dict, top: int) -> None:
   for kind in KINDS:
     print(f"   {kind:32s} {r['op_seconds_by_kind'][kind] / r['steps']:9.4f} s/step  "
           f"{100 * r['op_share_by_kind'][kind]:5.1f} %")
+  total = r["op_seconds_total"] or 1.0
+  print("   by part (what the operations compute):")
+  for part, seconds in sorted(r.get("op_seconds_by_part", {}).items(), key=lambda kv: -kv[1]):
+    print(f"   {part:32s} {seconds / r['steps']:9.4f} s/step  {100 * seconds / total:5.1f} %")
   print(f"   top {top} operations (s/step):")
   for op in r["ops"][:top]:
     print(f"     {op['seconds'] / r['steps']:9.4f}  {op['kind']:32s} {op['name']}")
@@ -197,12 +264,15 @@ def main():
   parser.add_argument("--config", default="tiny", help="tiny | base | a path to a config file.")
   parser.add_argument("--batch", type=int, default=4, help="Studies per step.")
   parser.add_argument("--steps", type=int, default=2, help="Profiled steps (after one untimed step).")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="Compute dtype.")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="float32, or bfloat16: the precision policy --precision.")
+  parser.add_argument("--precision", default="auto", help="Policy with --dtype=bfloat16 (model.precision).")
   parser.add_argument("--part", default="train", choices=["train", "embed"], help="What to profile.")
   parser.add_argument("--top", type=int, default=15, help="Operations listed individually.")
   parser.add_argument("--out", default=None, help="Write the breakdown here as JSON.")
+  parser.add_argument("--hlo_out", default=None, help="Write the compiled HLO text here (op names match --out).")
   args = parser.parse_args()
-  result = profile(args.config, args.batch, args.steps, args.dtype, args.part)
+  result = profile(args.config, args.batch, args.steps, args.dtype, args.part, args.precision, args.hlo_out)
   print_breakdown(result, args.top)
   if args.out:
     from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top

@@ -11,11 +11,19 @@ alternating JAX and PyTorch so that both see the same machine load:
 * inference embedding: one frontal view with all 196 patches + the report,
   global embeddings of both towers.
 
+With ``--dtype=bfloat16`` JAX runs under the precision policy ``--precision``
+(default "auto": bf16 operands with float32 products on a CPU with bf16
+hardware, bf16 on GPU/TPU; ``clinvla_jax.model.layers.POLICIES``) and is timed
+against PyTorch bf16 autocast *and* PyTorch fp32 eager in the same alternating
+loop; the JSON then also holds how far the policy's embeddings and loss are
+from fp32 JAX (``bf16_vs_fp32_*``).
+
 Medians after warm-up.  FLOPs per step come from XLA's cost analysis of the
 compiled step and from ``clinvla_jax.model.flops`` (convention printed).
 
   python benchmarks/vs_pytorch.py --config=tiny --batch=8 --steps=5
   python benchmarks/vs_pytorch.py --config=base --batch=8 --steps=7 --out=/tmp/vs_pytorch_base.json
+  python benchmarks/vs_pytorch.py --config=base --batch=8 --steps=5 --dtype=bfloat16 --out=/tmp/vs_pytorch_bf16.json
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from clinvla_jax import losses
 from clinvla_jax import optim as optim_lib
 from clinvla_jax.config import load_config
 from clinvla_jax.model import flops as flops_lib
-from clinvla_jax.model.clinvla import ClinVLA
+from clinvla_jax.model.clinvla import ClinVLA, matmul_ready_params
 
 _CONFIG = flags.DEFINE_string("config", "tiny", "tiny | base | a path to a config file.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Studies per step.")
@@ -54,7 +62,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per framework and pas
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype for the timed runs (the agreement check is always fp32). "
-                           "PyTorch uses autocast to it.")
+                           "bfloat16: JAX under --precision, PyTorch under bf16 autocast and in fp32.")
+_PRECISION = flags.DEFINE_string("precision", "auto",
+                                 "JAX precision policy with --dtype=bfloat16 (model.precision).")
 _ATTENTION = flags.DEFINE_string("attention_impl", None,
                                  "model.{image,text}.attention_impl for the timed runs (default: config).")
 _DROPOUT = flags.DEFINE_boolean("dropout", True, "Train with the config's dropout rates (False: none).")
@@ -83,11 +93,13 @@ def _config_path(name: str) -> str:
   return os.path.join(root, "configs", f"{name}.py")
 
 
-def build_config(name: str, *, dtype: str = "float32", attention_impl=None, dropout: bool = True):
+def build_config(name: str, *, dtype: str = "float32", attention_impl=None, dropout: bool = True,
+                 precision: str = "auto"):
+  """The benchmark's config: fp32 exactly, or ``precision`` (a policy) when dtype is bfloat16."""
   overrides = {
       # Non-zero adapters, so that the agreement check exercises them.
       "model.image.adapter_init": "bert", "model.text.adapter_init": "bert",
-      "model.image.dtype": dtype, "model.text.dtype": dtype,
+      "model.precision": precision if dtype == "bfloat16" else "float32",
   }
   if not dropout:
     overrides.update({"model.text.dropout": 0.0, "model.text.attention_dropout": 0.0})
@@ -171,6 +183,7 @@ def make_jax_train(cfg, params, batch_np, num_steps: int = 1000, compiler_option
   model = api.build_model(cfg)
   rules = list(cfg.optim.param_groups)
   trainable, frozen = optim_lib.split_params(params, rules)
+  frozen = matmul_ready_params(frozen, api.model_config(cfg))   # as train.TrainSetup does
   # The step donates its state: train on a copy so that `params` stays usable.
   trainable = jax.tree_util.tree_map(jnp.copy, trainable)
   tx, _ = optim_lib.make_optimizer(cfg.optim, trainable, rules, num_steps)
@@ -190,6 +203,7 @@ def make_jax_train(cfg, params, batch_np, num_steps: int = 1000, compiler_option
 
 def make_jax_embed(cfg, variables, batch_np, compiler_options: Optional[Dict] = None):
   model = api.build_model(cfg)
+  variables = matmul_ready_params(variables, api.model_config(cfg))   # as evaluate.embed does
 
   def embed(variables, patches, patch_idx, view_valid, input_ids, attention_mask):
     image = model.apply(variables, patches, patch_idx, view_valid, (0,), method=ClinVLA.encode_image)
@@ -247,6 +261,31 @@ def make_torch(cfg, host_params, device, dtype):
   return model, train_step, embed
 
 
+def precision_agreement(cfg, cfg32, params, batch_np) -> Dict[str, float]:
+  """How far JAX under ``cfg``'s precision policy is from JAX in fp32 (global embeddings and loss)."""
+  from clinvla_jax.model import layers  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name, c in (("policy", cfg), ("fp32", cfg32)):
+    model = api.build_model(c)
+    # The fp32 reference at full precision (GPUs would otherwise use TF32); the policy as it runs.
+    with jax.default_matmul_precision("highest" if name == "fp32" else None):
+      o = jax.jit(lambda v, *a, m=model: m.apply(v, *a))({"params": params},
+                                                         *(batch_np[k] for k in MODEL_INPUTS))
+      loss, _ = losses.clinvla_loss(o, c.loss)
+    out[name] = ({t: np.asarray(o[t]["global"], np.float32) for t in ("image", "text")}, float(loss))
+  (emb, loss), (emb32, loss32) = out["policy"], out["fp32"]
+  diffs = [float(np.max(np.abs(emb[t] - emb32[t]))) for t in emb] + [abs(loss - loss32)]
+  cosines = [np.sum(emb[t] * emb32[t], -1) / (np.linalg.norm(emb[t], axis=-1) * np.linalg.norm(emb32[t], axis=-1))
+             for t in emb]
+  mcfg = api.model_config(cfg)
+  return {"bf16_vs_fp32_max_abs_diff": max(diffs),
+          "bf16_vs_fp32_min_cosine": float(min(c.min() for c in cosines)),
+          "bf16_vs_fp32_min_cosine_image": float(cosines[0].min()),
+          "bf16_vs_fp32_min_cosine_text": float(cosines[1].min()),
+          "bf16_vs_fp32_loss_abs_diff": abs(loss - loss32),
+          "precision": layers.tower_precision(mcfg.image).describe()}
+
+
 def agreement(cfg32, params, host_params, batch_np, device) -> Dict[str, float]:
   """Max |JAX - PyTorch| of embeddings and loss, fp32, no dropout."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -302,15 +341,20 @@ def _time_and_record(result: Dict, part: str, fns: Dict[str, Callable[[], None]]
     result[f"{part}_times_{name}"] = ts
   if "torch" in times:
     result[f"{part}_ratio"] = result[f"{part}_s_jax"] / result[f"{part}_s_torch"]
+  if "torch_fp32" in times:
+    # A 16-bit run: "torch" is PyTorch under bf16 autocast; fp32 eager is the baseline.
+    result[f"{part}_s_torch_bf16"] = result[f"{part}_s_torch"]
+    result[f"{part}_ratio_vs_torch_fp32"] = result[f"{part}_s_jax"] / result[f"{part}_s_torch_fp32"]
+    result[f"{part}_ratio_vs_torch_bf16"] = result[f"{part}_ratio"]
 
 
 def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "float32", attention_impl=None,
         dropout: bool = True, skip_torch: bool = False, torch_device: str = "auto", tolerance: float = 1e-4,
         parts=("train", "embed"), check_batch: int = 4, embed_batch: int = 0,
-        on_progress: Callable[[Dict], None] = lambda result: None) -> Dict:
+        on_progress: Callable[[Dict], None] = lambda result: None, precision: str = "auto") -> Dict:
   """Runs the comparison; ``on_progress(result)`` is called after each phase with what is known so far."""
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
-  cfg = build_config(config, dtype=dtype, attention_impl=attention_impl, dropout=dropout)
+  cfg = build_config(config, dtype=dtype, attention_impl=attention_impl, dropout=dropout, precision=precision)
   cfg32 = build_config(config, dtype="float32", attention_impl=None, dropout=dropout)
   mcfg = api.model_config(cfg)
   num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
@@ -349,6 +393,14 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
       raise SystemExit(f"JAX and PyTorch disagree: {result['max_abs_diff']:.3g} > {tolerance}")
   else:
     result["max_abs_diff"] = None
+  if dtype == "bfloat16":
+    log("policy vs fp32 check")
+    result.update(precision_agreement(cfg, cfg32, params, synthetic_batch(mcfg, check_batch, num_kept, seed=2)))
+    embed_check = precision_agreement(cfg, cfg32, params, embed_np)
+    result["bf16_vs_fp32_min_cosine_embed_batch"] = embed_check["bf16_vs_fp32_min_cosine"]
+    print(f"{result['precision']} vs fp32: max |diff| {result['bf16_vs_fp32_max_abs_diff']:.3g}, min cosine "
+          f"{result['bf16_vs_fp32_min_cosine']:.6f} (embedding batch {embed_check['bf16_vs_fp32_min_cosine']:.6f})",
+          flush=True)
   on_progress(result)
 
   # FLOPs, both conventions.
@@ -371,9 +423,12 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     fns = {"jax": jax_train_runner(step, state, train_np)}
     if torch is not None:
       log("building the PyTorch model")
-      _, torch_train, _ = make_torch(cfg, host_params, device, dtype)
       tbatch = {k: v.to(device) for k, v in _torch_batch(train_np).items()}
+      _, torch_train, _ = make_torch(cfg, host_params, device, dtype)
       fns["torch"] = lambda: torch_train(tbatch)
+      if dtype != "float32":
+        _, torch_train32, _ = make_torch(cfg32, host_params, device, "float32")
+        fns["torch_fp32"] = lambda: torch_train32(tbatch)
     log("timing train steps")
     _time_and_record(result, "train_step", fns, warmup, steps)
     for name, fl in (("xla", xla_train), ("analytic", analytic_train)):
@@ -392,6 +447,9 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
       _, _, torch_embed = make_torch(cfg, host_params, device, dtype)
       ebatch = {k: v.to(device) for k, v in _torch_batch(embed_np).items()}
       fns["torch"] = lambda: torch_embed(ebatch)
+      if dtype != "float32":
+        _, _, torch_embed32 = make_torch(cfg32, host_params, device, "float32")
+        fns["torch_fp32"] = lambda: torch_embed32(ebatch)
     log("timing embedding")
     _time_and_record(result, "embed", fns, warmup, steps)
     for name in ("jax", "torch"):
@@ -416,8 +474,10 @@ def _peak_flops(dev, dtype: str) -> Dict:
       return {"value": value, "source": f"{name.upper()} dense bf16 spec"}
   if dev.platform == "cpu":
     size = 2048
-    a = jnp.asarray(np.random.RandomState(0).rand(size, size), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+    # The fastest product of the dtype: bf16 operands with float32 results on bf16 hardware.
+    operand = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    a = jnp.asarray(np.random.RandomState(0).rand(size, size), operand)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)).lower(a, a).compile()
     f(a, a).block_until_ready()
     times = []
     for _ in range(7):
@@ -425,13 +485,14 @@ def _peak_flops(dev, dtype: str) -> Dict:
       f(a, a).block_until_ready()
       times.append(time.perf_counter() - t)
     rate = 2 * size ** 3 / median(times)
-    return {"value": rate, "source": f"measured fp32 {size}x{size} matmul in this run"}
+    kind_name = "bf16 x bf16 -> fp32" if operand == jnp.bfloat16 else "fp32"
+    return {"value": rate, "source": f"measured {kind_name} {size}x{size} matmul in this run"}
   return {"value": 0.0, "source": "unknown device"}
 
 
 def print_summary(r: Dict) -> None:
   b = r["batch"]
-  print(f"\n== ClinVLA {r['config']}, batch {b}, {r['dtype']}, {r['machine']}")
+  print(f"\n== ClinVLA {r['config']}, batch {b}, {r.get('precision', r['dtype'])}, {r['machine']}")
   print(f"   load average start {r['load_average_start']}, end {r.get('load_average_end')}; "
         f"tcmalloc {r.get('tcmalloc')}; XLA_FLAGS '{r.get('xla_flags', '')}'")
   if r.get("max_abs_diff") is not None:
@@ -442,6 +503,9 @@ def print_summary(r: Dict) -> None:
     if "train_step_s_torch" in r:
       print(f" | PyTorch {r['train_step_s_torch']:.4f} s ({b / r['train_step_s_torch']:.2f} samples/s) | "
             f"JAX/PyTorch time {r['train_step_ratio']:.3f}", end="")
+    if "train_step_s_torch_fp32" in r:
+      print(f" | PyTorch fp32 {r['train_step_s_torch_fp32']:.4f} s | JAX/PyTorch-fp32 time "
+            f"{r['train_step_ratio_vs_torch_fp32']:.3f}", end="")
     print()
     print(f"   train FLOPs/step: XLA {r['xla_flops_train_step'] / 1e9:.2f} GFLOP, analytic "
           f"{r['analytic_flops_train_step'] / 1e9:.2f} GFLOP; achieved "
@@ -455,6 +519,9 @@ def print_summary(r: Dict) -> None:
     if "embed_s_torch" in r:
       print(f" | PyTorch {r['embed_s_torch']:.4f} s ({b / r['embed_s_torch']:.2f} samples/s) | "
             f"JAX/PyTorch time {r['embed_ratio']:.3f}", end="")
+    if "embed_s_torch_fp32" in r:
+      print(f" | PyTorch fp32 {r['embed_s_torch_fp32']:.4f} s | JAX/PyTorch-fp32 time "
+            f"{r['embed_ratio_vs_torch_fp32']:.3f}", end="")
     print()
 
 
@@ -473,7 +540,7 @@ def main(argv):
   on_progress = (lambda r: write_json(_OUT.value, dict(r, complete=False))) if _OUT.value else (lambda r: None)
   result = run(_CONFIG.value, _BATCH.value, _STEPS.value, _WARMUP.value, _DTYPE.value, _ATTENTION.value,
                _DROPOUT.value, _SKIP_TORCH.value, _TORCH_DEVICE.value, _TOL.value, tuple(_PARTS.value),
-               _CHECK_BATCH.value, _EMBED_BATCH.value, on_progress)
+               _CHECK_BATCH.value, _EMBED_BATCH.value, on_progress, _PRECISION.value)
   print_summary(result)
   if _OUT.value:
     write_json(_OUT.value, dict(result, complete=True))

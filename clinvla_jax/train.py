@@ -27,6 +27,8 @@ from absl import logging
 from clinvla_jax import api, console, losses, optim, perf, preemption, sharding, workdir_lock
 from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # pylint: disable=unused-import
 from clinvla_jax.model import flops as flops_lib
+from clinvla_jax.model import layers
+from clinvla_jax.model.clinvla import matmul_ready_params
 
 MODEL_INPUTS = ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask")
 
@@ -93,7 +95,11 @@ class TrainSetup:
     self.trainable_shardings, self.frozen_shardings = optim.split_params(full_shardings, rules)
 
     params = self._initial_params(full_shardings)
-    self.trainable_init, self.frozen = optim.split_params(params, rules)
+    self.trainable_init, self.frozen_params = optim.split_params(params, rules)
+    # What the step reads: frozen matmul kernels already in their matmul dtype,
+    # cast once here rather than at every step (the float32 originals stay in
+    # frozen_params for evaluation and export).
+    self.frozen = matmul_ready_params(self.frozen_params, self.model_config)
     self.tx, self.schedules = optim.make_optimizer(config.optim, self.trainable_init, rules,
                                                    int(config.train.num_steps))
 
@@ -185,7 +191,7 @@ class TrainSetup:
       return self._step(state, self.frozen, batch)
 
   def variables(self, state) -> Dict[str, Any]:
-    return {"params": optim.merge_params(state["params"], self.frozen)}
+    return {"params": optim.merge_params(state["params"], self.frozen_params)}
 
 
 def fit_text_length(batch, max_len: int):
@@ -203,6 +209,14 @@ def fit_text_length(batch, max_len: int):
 
 def _json_safe(config) -> Dict[str, Any]:
   return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
+
+
+def precision_description(mcfg) -> str:
+  """The precision policy of each tower, in words (one policy named once)."""
+  image, text = (layers.tower_precision(t) for t in (mcfg.image, mcfg.text))
+  if image == text:
+    return image.describe()
+  return f"image tower {image.describe()}; text tower {text.describe()}"
 
 
 def _param_counts(setup: TrainSetup) -> Tuple[int, int]:
@@ -432,6 +446,9 @@ def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
   say(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f} %); "
       f"mesh {dict(setup.mesh.shape)}; devices {jax.device_count()} ({jax.devices()[0].device_kind}); "
       f"processes {jax.process_count()}", flush=True)
+  precision_line = precision_description(setup.model_config)
+  logging.info("precision: %s", precision_line)
+  say(f"precision: {precision_line}", flush=True)
 
   train = config.train
   if host_batches is None:

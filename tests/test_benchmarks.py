@@ -116,6 +116,13 @@ def test_gpu_script_runs_its_sequence_on_cpu_with_tiny(tmp_path):
   assert latency["embed_ms_per_study_jax"] > 0 and latency["embed_ms_per_study_torch"] > 0
   bf16 = json.loads((tmp_path / "vs_pytorch_bf16.json").read_text())
   assert bf16["dtype"] == "bfloat16" and bf16["dropout"] is True
+  # A 16-bit run times PyTorch in fp32 too and measures the policy against fp32 JAX.
+  for key in ("train_step_s_torch_fp32", "train_step_ratio_vs_torch_fp32", "embed_s_torch_fp32",
+              "embed_ratio_vs_torch_fp32", "train_step_s_torch_bf16", "embed_s_torch_bf16"):
+    assert bf16[key] > 0, key
+  assert bf16["train_step_ratio_vs_torch_fp32"] == pytest.approx(
+      bf16["train_step_s_jax"] / bf16["train_step_s_torch_fp32"])
+  assert 0 <= bf16["bf16_vs_fp32_max_abs_diff"] < 0.1 and bf16["bf16_vs_fp32_min_cosine"] > 0.99
   assert json.loads((tmp_path / "vs_pytorch_bf16_nodrop.json").read_text())["dropout"] is False
   assert (tmp_path / "runs.log").read_text().count("== ClinVLA tiny") == 4
 
@@ -131,6 +138,9 @@ def test_profile_breakdown_classifies_the_compiled_step(part):
   # A transformer step is mostly matmuls and fused elementwise work; both must be seen.
   assert shares["matmul"] > 0 and shares["fused elementwise / reduction"] > 0
   assert result["matched_instructions"] > 50
+  by_part = result["op_seconds_by_part"]
+  assert set(by_part) == set(profile_step.PARTS)
+  assert sum(by_part.values()) == pytest.approx(result["op_seconds_total"])
 
 
 def test_matmul_rates_count_flops_and_time_both_frameworks():
@@ -192,6 +202,51 @@ ENTRY %main (a: f32[4,4]) -> f32[4,4] {
   assert kinds["add_fusion.2"] == "fused elementwise / reduction"
   assert kinds["copy_fusion.5"] == "data movement"
   assert kinds["transpose.4"] == "data movement"
+
+
+def test_hlo_operation_parts_tell_what_fusions_compute():
+  from benchmarks import profile_step
+  hlo = """
+%rng (p0: u32[8]) -> u32[8] {
+  %p0 = u32[8]{0} parameter(0)
+  %c = u32[8]{0} constant({...})
+  %x = u32[8]{0} xor(%p0, %c)
+  ROOT %s = u32[8]{0} shift-right-logical(%x, %c)
+}
+
+%to_bf16 (p0: f32[8]) -> bf16[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %c.1 = bf16[8]{0} convert(%p0)
+}
+
+%soft (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  ROOT %e = f32[8]{0} exponential(%p0)
+}
+
+%gelu (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  %m = f32[8]{0} multiply(%p0, %p0)
+  ROOT %d = f32[8]{0} divide(%m, %p0)
+}
+
+ENTRY %main (a: f32[8], b: u32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %b = u32[8]{0} parameter(1)
+  %xor_fusion.1 = u32[8]{0} fusion(%b), kind=kLoop, calls=%rng
+  %convert_fusion.2 = bf16[8]{0} fusion(%a), kind=kLoop, calls=%to_bf16
+  %exp_fusion.3 = f32[8]{0} fusion(%a), kind=kLoop, calls=%soft
+  %div_fusion.4 = f32[8]{0} fusion(%a), kind=kLoop, calls=%gelu
+  ROOT %transpose.5 = f32[8]{0} transpose(%div_fusion.4), dimensions={0}
+}
+"""
+  parts = profile_step.hlo_operation_parts(hlo, profile_step.hlo_operation_kinds(hlo))
+  assert parts["xor_fusion.1"] == "random bits (dropout)"
+  assert parts["convert_fusion.2"] == "dtype converts"
+  assert parts["exp_fusion.3"] == "softmax (exp)"
+  assert parts["div_fusion.4"] == "other elementwise"
+  assert parts["transpose.5"] == "transposes / copies"
+  assert set(parts.values()) <= set(profile_step.PARTS)
 
 
 def test_training_step_and_benchmarks_import_without_grain():

@@ -10,6 +10,7 @@ import pytest
 
 from clinvla_jax import api
 from clinvla_jax.config import load_config
+from clinvla_jax.model import layers
 from clinvla_jax.model.adapters import InvertibleAdapter
 from clinvla_jax.model.clinvla import ClinVLA
 
@@ -178,3 +179,20 @@ def test_parameters_carry_logical_axes():
   qkv = boxed["image_tower"]["blocks_0"]["attn"]["qkv"]["kernel"]
   assert qkv.names == ("embed", None, "heads", "kv")
   assert boxed["text_tower"]["layer_0"]["intermediate"]["kernel"].names == ("embed", "mlp")
+
+
+def test_dropout_from_16_bit_draws_keeps_the_expectation():
+  x = jnp.ones((64, 128, 96), jnp.float32)
+  drop = layers.Dropout(0.1)
+  y = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  kept = np.asarray(y) != 0
+  # 786k draws: the kept share is 0.9 within a few standard errors (3.4e-4 each).
+  assert abs(kept.mean() - 0.9) < 2e-3
+  threshold = round(0.9 * 65536)
+  np.testing.assert_allclose(np.asarray(y)[kept], 65536 / threshold, rtol=1e-6)
+  assert abs(float(jnp.mean(y)) - 1.0) < 3e-3
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+  again = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_array_equal(again, y)
+  other = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
+  assert np.mean((np.asarray(other) != 0) != kept) > 0.1

@@ -45,7 +45,7 @@ from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 from clinvla_jax.data import tokenizer as tokenizer_lib
 from clinvla_jax.evaluate import EmbeddingSet
-from clinvla_jax.model.clinvla import ClinVLA, ClinVLAConfig
+from clinvla_jax.model.clinvla import ClinVLA, ClinVLAConfig, matmul_ready_params
 
 DATA_AXIS = "data"
 VIEW_MODES = ("frontal", "all")
@@ -247,8 +247,14 @@ def _encoders(mcfg: ClinVLAConfig, view_slots: Optional[tuple[int, ...]],
   return image_fn, text_fn
 
 
-def replicate(variables, mesh: Mesh):
-  """Places the variables on every device of the mesh (once per evaluation)."""
+def replicate(variables, mesh: Mesh, mcfg: Optional[ClinVLAConfig] = None):
+  """Places the variables on every device of the mesh (once per evaluation).
+
+  With ``mcfg`` the kernels are cast to the matmul dtype of its precision
+  policy first, once, instead of inside every embedding call.
+  """
+  if mcfg is not None:
+    variables = matmul_ready_params(variables, mcfg)
   return jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
 
 
@@ -310,7 +316,7 @@ def iterate_embeddings(config, variables, data: DataLike, *,
                                      global_batch_size=global_batch,
                                      view_slots=slots)
   image_fn, text_fn = _encoders(mcfg, slots, mesh)
-  variables = replicate(variables, mesh)
+  variables = replicate(variables, mesh, mcfg)
   for batch in loader:
     patches, idx, valid = _select_views(batch, None)
     image = image_fn(variables, _global_rows(patches, mesh),
@@ -425,7 +431,7 @@ def make_text_embed_fn(config, variables, tokenizer=None, *,
   size = padded_batch_size(
       batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
   _, text_fn = _encoders(mcfg, eval_view_slots(config), mesh)
-  placed = replicate(variables, mesh)
+  placed = replicate(variables, mesh, mcfg)
 
   def embed(texts: Sequence[str]) -> np.ndarray:
     texts = list(texts)

@@ -17,14 +17,15 @@ from clinvla_jax.model import layers
 class _Coupling(nn.Module):
   """x (h/2) -> Linear(h/4) -> ReLU -> Linear(h/2)."""
   init_scheme: str = "identity"
-  dtype: layers.Dtype = jnp.float32
+  precision: layers.Precision = layers.Precision()
 
   @nn.compact
   def __call__(self, x):
     half = x.shape[-1]
     down_init, up_init = layers.adapter_initializers(self.init_scheme)
-    y = layers.dense(half // 2, ("embed", "adapter"), name="down", dtype=self.dtype, kernel_init=down_init)(x)
-    return layers.dense(half, ("adapter", "embed"), name="up", dtype=self.dtype,
+    y = layers.dense(half // 2, ("embed", "adapter"), name="down", precision=self.precision,
+                     kernel_init=down_init)(x)
+    return layers.dense(half, ("adapter", "embed"), name="up", precision=self.precision,
                         kernel_init=up_init)(nn.relu(y))
 
 
@@ -36,11 +37,11 @@ class InvertibleAdapter(nn.Module):
   "he" the map is a non-trivial bijection from the start.
   """
   init_scheme: str = "identity"
-  dtype: layers.Dtype = jnp.float32
+  precision: layers.Precision = layers.Precision()
 
   def setup(self):
-    self.F = _Coupling(self.init_scheme, self.dtype)
-    self.G = _Coupling(self.init_scheme, self.dtype)
+    self.F = _Coupling(self.init_scheme, self.precision)
+    self.G = _Coupling(self.init_scheme, self.precision)
 
   def _split(self, x):
     if x.shape[-1] % 4:

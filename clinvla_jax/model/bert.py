@@ -39,7 +39,8 @@ class TextTowerConfig:
   adapter_dim: int = 64
   invertible_adapter: bool = True
   adapter_init: str = "identity"
-  dtype: str = "float32"
+  dtype: str = "float32"             # legacy: the 16-bit policy of this dtype when precision is ""
+  precision: str = ""                # a layers.precision_policy spec; "" follows dtype
   remat: bool = False
   attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
@@ -50,18 +51,18 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids, deterministic):
     cfg = self.config
-    dtype = layers.as_dtype(cfg.dtype)
+    prec = layers.tower_precision(cfg)
 
     def embed(num, name):
-      return nn.Embed(num, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32,
+      return nn.Embed(num, cfg.hidden_size, dtype=prec.activations_dtype, param_dtype=jnp.float32,
                       embedding_init=layers.with_axes(layers.normal_02, ("vocab", "embed")), name=name)
 
     positions = jnp.arange(input_ids.shape[1])[None, :]
     x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
          + embed(cfg.max_len, "position_embeddings")(positions)
          + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
-    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="LayerNorm")(x)
-    return nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="LayerNorm")(x)
+    return layers.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
 
 class SelfAttention(nn.Module):
@@ -70,18 +71,20 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, bias, deterministic):
     cfg = self.config
-    dtype = layers.as_dtype(cfg.dtype)
+    prec = layers.tower_precision(cfg)
     head_dim = cfg.hidden_size // cfg.num_heads
-    proj = lambda name: layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), name=name, dtype=dtype)
+    proj = lambda name: layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), name=name,
+                                     precision=prec)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
     dropout_rng = None
     if not deterministic and cfg.attention_dropout > 0:
       dropout_rng = self.make_rng("dropout")
-    ctx = layers.dot_product_attention(q, k, v, bias, dtype=dtype, dropout_rng=dropout_rng,
+    ctx = layers.dot_product_attention(q, k, v, bias, precision=prec, dropout_rng=dropout_rng,
                                        dropout_rate=cfg.attention_dropout, deterministic=deterministic,
                                        implementation=cfg.attention_impl)
-    return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", dtype=dtype, axis=(-2, -1))(ctx)
+    return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", precision=prec,
+                        axis=(-2, -1))(ctx)
 
 
 class BertLayer(nn.Module):
@@ -90,21 +93,21 @@ class BertLayer(nn.Module):
   @nn.compact
   def __call__(self, x, bias, deterministic):
     cfg = self.config
-    dtype = layers.as_dtype(cfg.dtype)
-    drop = nn.Dropout(cfg.dropout)
+    prec = layers.tower_precision(cfg)
+    drop = layers.Dropout(cfg.dropout)
     attn = SelfAttention(cfg, name="attention")(x, bias, deterministic)
-    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="attention_norm")(
+    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="attention_norm")(
         drop(attn, deterministic=deterministic) + x)
-    y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="intermediate", dtype=dtype)(x)
+    y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="intermediate", precision=prec)(x)
     y = layers.gelu_exact(y)
     y = layers.constrain(y, ("batch", "act_length", "act_mlp"))
-    y = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output", dtype=dtype)(y)
+    y = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output", precision=prec)(y)
     y = drop(y, deterministic=deterministic)
     if cfg.use_adapters:
       residual = y
-      lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="language_adapter")(y) + residual
-      y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="task_adapter")(lang) + residual
-    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="output_norm")(y + x)
+      lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="language_adapter")(y) + residual
+      y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="task_adapter")(lang) + residual
+    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="output_norm")(y + x)
     return layers.residual_grad_barrier(layers.constrain(x, ("batch", "act_length", "act_embed")))
 
 
@@ -115,14 +118,14 @@ class TextTower(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic=True):
     cfg = self.config
-    dtype = layers.as_dtype(cfg.dtype)
+    prec = layers.tower_precision(cfg)
     if input_ids.shape[1] > cfg.max_len:
       raise ValueError(f"sequence length {input_ids.shape[1]} exceeds model.text.max_len={cfg.max_len}")
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = Embeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     if cfg.invertible_adapter:
-      x = InvertibleAdapter(cfg.adapter_init, dtype, name="invertible_adapter")(x)
+      x = InvertibleAdapter(cfg.adapter_init, prec, name="invertible_adapter")(x)
     x = layers.constrain(x, ("batch", "act_length", "act_embed"))
     bias = layers.mask_to_bias(attention_mask)
     layer_cls = layers.maybe_remat(BertLayer, cfg.remat, static_argnums=(3,))

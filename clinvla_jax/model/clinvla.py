@@ -55,9 +55,11 @@ class ClinVLAConfig:
     image = ImageTowerConfig(**d.pop("image"))
     text = TextTowerConfig(**d.pop("text"))
     dtype = d.pop("dtype", None)
+    precision = d.pop("precision", None)
     remat = d.pop("remat", None)
     if dtype is not None:
       image, text = dataclasses.replace(image, dtype=dtype), dataclasses.replace(text, dtype=dtype)
+    image, text = (dataclasses.replace(t, precision=resolve_precision(precision, t)) for t in (image, text))
     if remat is not None:
       image, text = dataclasses.replace(image, remat=remat), dataclasses.replace(text, remat=remat)
     if "local_temperatures" in d:
@@ -81,6 +83,42 @@ class ClinVLAConfig:
     return tuple(slots)
 
 
+def resolve_precision(model_precision: Optional[str], tower) -> str:
+  """The concrete policy name a tower runs under (``layers.POLICIES`` or a key=value spec).
+
+  The most specific setting wins: the tower's own ``precision``; then a 16-bit
+  tower ``dtype`` (the older way to ask for 16-bit compute, read as that
+  dtype's all-16-bit policy); then ``model.precision``; float32 when none is
+  set.  "auto" becomes the backend's default here.
+  """
+  spec = tower.precision or (tower.dtype if tower.dtype != "float32" else "") or model_precision or "float32"
+  return layers.precision_policy(spec).name
+
+
+def matmul_ready_params(params, mcfg: ClinVLAConfig):
+  """``params`` with the dense-layer kernels in their tower's matmul dtype.
+
+  Every product casts its kernel to the policy's matmul dtype; for weights that
+  do not change (frozen backbones in training, all of them in evaluation)
+  casting once beforehand saves that pass over the weights at every call.
+  Embedding tables, norms and biases stay float32, as the policies use them;
+  under float32 the tree comes back as it is.
+  """
+  towers = {"image": layers.tower_precision(mcfg.image), "text": layers.tower_precision(mcfg.text)}
+
+  def cast(path, x):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys and keys[0] == "params":   # a variables dict
+      keys = keys[1:]
+    precision = towers.get(keys[0].split("_")[0]) if keys else None
+    # Dense kernels only: the patch embedding sums its kernel over colour
+    # channels for grayscale input before the product, which must see float32.
+    if precision is None or keys[-1] != "kernel" or x.dtype == precision.matmul_dtype:
+      return x
+    return x.astype(precision.matmul_dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def _loss_parameter_fields(loss_cfg) -> dict:
   if loss_cfg is None or loss_cfg.get("global_type") != "sigmoid":
     return {}
@@ -91,16 +129,19 @@ def _loss_parameter_fields(loss_cfg) -> dict:
 class ProjectionHead(nn.Module):
   """h -> Dense(h) -> LayerNorm -> GELU -> Dense(P)."""
   proj_dim: int
-  dtype: layers.Dtype
+  precision: layers.Precision
   eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    y = layers.dense(width, ("embed", "mlp"), name="dense1", dtype=self.dtype)(x)
-    y = layers.LayerNorm(self.eps, dtype=self.dtype, name="norm")(y)
+    y = layers.dense(width, ("embed", "mlp"), name="dense1", precision=self.precision)(x)
+    y = layers.LayerNorm(self.eps, self.precision, name="norm")(y)
     y = layers.gelu_exact(y)
-    return layers.dense(self.proj_dim, ("mlp", "proj"), name="dense2", dtype=self.dtype)(y)
+    # Embeddings leave the model in float32 whatever the policy: the losses and
+    # the L2 normalisation run in float32.
+    return layers.dense(self.proj_dim, ("mlp", "proj"), name="dense2",
+                        precision=self.precision)(y).astype(jnp.float32)
 
 
 def l2_normalize(x, eps=1e-6):
@@ -123,10 +164,11 @@ class ClinVLA(nn.Module):
     cfg = self.config
     self.image_tower = ImageTower(cfg.image)
     self.text_tower = TextTower(cfg.text)
-    self.image_global_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.image.dtype))
-    self.image_local_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.image.dtype))
-    self.text_global_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.text.dtype))
-    self.text_local_head = ProjectionHead(cfg.proj_dim, layers.as_dtype(cfg.text.dtype))
+    image_precision, text_precision = layers.tower_precision(cfg.image), layers.tower_precision(cfg.text)
+    self.image_global_head = ProjectionHead(cfg.proj_dim, image_precision)
+    self.image_local_head = ProjectionHead(cfg.proj_dim, image_precision)
+    self.text_global_head = ProjectionHead(cfg.proj_dim, text_precision)
+    self.text_local_head = ProjectionHead(cfg.proj_dim, text_precision)
     self.logit_scale = self.param("logit_scale", layers.with_axes(
         nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)
     if cfg.logit_bias_init is not None:

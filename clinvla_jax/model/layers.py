@@ -15,6 +15,9 @@ parameter's ``embed`` dimension over the same mesh axis that splits the batch.
 from __future__ import annotations
 
 
+import dataclasses
+import functools
+import re
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -29,6 +32,179 @@ Initializer = Callable[..., jax.Array]
 # same scale.
 normal_02 = nn.initializers.normal(stddev=0.02)
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  """The dtypes of a mixed-precision policy (dtype names, so the policy hashes and prints).
+
+  matmul: both operands of every dense layer, einsum and attention product are cast to it.
+  products: what those products accumulate into and return (``preferred_element_type``).
+  activations: what flows between layers: embeddings, the residual stream, the outputs of
+    dense layers and LayerNorms.
+  params: the stored (and optimised) parameters; float32 under every policy, so the
+    optimiser state and the checkpoints do not depend on the policy.
+
+  Softmax, LayerNorm statistics, the L2 normalisation of embeddings and the losses run in
+  float32 under every policy.
+  """
+  name: str = "float32"
+  matmul: str = "float32"
+  products: str = "float32"
+  activations: str = "float32"
+  params: str = "float32"
+
+  @property
+  def matmul_dtype(self) -> Dtype:
+    return as_dtype(self.matmul)
+
+  @property
+  def products_dtype(self) -> Dtype:
+    return as_dtype(self.products)
+
+  @property
+  def activations_dtype(self) -> Dtype:
+    return as_dtype(self.activations)
+
+  def describe(self) -> str:
+    return (f"{self.name} (matmul operands {self.matmul}, products {self.products}, "
+            f"activations {self.activations}, parameters {self.params})")
+
+
+# Named policies.  XLA:CPU runs a bf16 x bf16 product fast only when it returns
+# float32 (AMX / AVX512-BF16 kernels accumulate in float32; asking for a bf16
+# result takes a slower path than float32 itself), hence "bf16_fp32_out" for
+# CPUs.  GPU tensor cores and TPU MXUs accumulate bf16 products in float32
+# whatever the result dtype, so there a bf16 result and bf16 activations halve
+# the memory traffic at no cost in accumulation.
+POLICIES = {
+    "float32": Precision("float32"),
+    "bf16_fp32_out": Precision("bf16_fp32_out", matmul="bfloat16"),
+    "bfloat16": Precision("bfloat16", matmul="bfloat16", products="bfloat16", activations="bfloat16"),
+    "float16": Precision("float16", matmul="float16", products="float16", activations="float16"),
+}
+PRECISION_NAMES = ("auto", *POLICIES)
+
+
+def cpu_has_fast_bf16() -> bool:
+  """Whether this CPU multiplies bf16 in hardware (AMX-BF16 or AVX512-BF16; Linux flags)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("flags"):
+          flags = set(line.split(":", 1)[1].split())
+          return bool({"amx_bf16", "avx512_bf16"} & flags)
+  except OSError:
+    pass
+  return False
+
+
+def auto_precision_name(backend: Optional[str] = None) -> str:
+  """The policy "auto" stands for on ``backend`` (default: JAX's default backend)."""
+  backend = backend or jax.default_backend()
+  if backend == "cpu":
+    # Without bf16 hardware XLA:CPU emulates bf16 products, slower than float32.
+    return "bf16_fp32_out" if cpu_has_fast_bf16() else "float32"
+  return "bfloat16"
+
+
+def precision_policy(spec: str | Precision, backend: Optional[str] = None) -> Precision:
+  """A ``Precision`` from a policy name, "auto", or "matmul=bfloat16,products=float32,...".
+
+  The key=value form starts from float32 and sets the named fields (``matmul``,
+  ``products``, ``activations``); parameters stay float32.
+  """
+  if isinstance(spec, Precision):
+    return spec
+  spec = str(spec).strip()
+  if spec == "auto":
+    return POLICIES[auto_precision_name(backend)]
+  if spec in POLICIES:
+    return POLICIES[spec]
+  if "=" in spec:
+    fields = {}
+    for item in filter(None, re.split(r"[,\s]+", spec)):
+      key, _, value = item.partition("=")
+      if key not in ("matmul", "products", "activations") or value not in _DTYPES:
+        raise ValueError(f"precision {spec!r}: {item!r} is not matmul|products|activations="
+                         f"{'|'.join(_DTYPES)}")
+      fields[key] = value
+    return Precision(name=spec, **fields)
+  raise ValueError(f"unknown precision {spec!r}; expected one of {PRECISION_NAMES} or "
+                   "'matmul=...,products=...,activations=...'")
+
+
+def tower_precision(tower_config) -> Precision:
+  """The policy of a tower config: its ``precision`` spec, else the legacy ``dtype``'s."""
+  return precision_policy(getattr(tower_config, "precision", "") or tower_config.dtype)
+
+
+def einsum(spec: str, x: jax.Array, y: jax.Array, precision: Precision) -> jax.Array:
+  """``jnp.einsum`` under a precision policy: operands in ``matmul``, result in ``products``.
+
+  When the two differ (bf16 operands, float32 products) the backward pass is
+  written out too: JAX's own transpose would multiply the float32 cotangent
+  with the upcast operand, i.e. run every gradient product on the float32 path.
+  Here the cotangent is cast to the operand dtype and the products return
+  float32 again, so the backward runs as fast as the forward; the residuals
+  saved for it are the bf16 operands (half the memory of float32 ones).
+  """
+  if precision.matmul == precision.products:
+    dtype = precision.matmul_dtype
+    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype))
+  return _mixed_einsum(spec, precision.matmul_dtype, precision.products_dtype,
+                       jnp.dtype(x.dtype), jnp.dtype(y.dtype), x, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _mixed_einsum(spec, operand_dtype, product_dtype, x_dtype, y_dtype, x, y):
+  del x_dtype, y_dtype
+  return jnp.einsum(spec, x.astype(operand_dtype), y.astype(operand_dtype),
+                    preferred_element_type=product_dtype)
+
+
+def _mixed_einsum_fwd(spec, operand_dtype, product_dtype, x_dtype, y_dtype, x, y):
+  del x_dtype, y_dtype
+  x, y = x.astype(operand_dtype), y.astype(operand_dtype)
+  return jnp.einsum(spec, x, y, preferred_element_type=product_dtype), (x, y)
+
+
+def _mixed_einsum_bwd(spec, operand_dtype, product_dtype, x_dtype, y_dtype, residuals, g):
+  x, y = residuals
+  lhs, rest = spec.replace(" ", "").split(",")
+  rhs, out = rest.split("->")
+  g = g.astype(operand_dtype)
+  # Every index of one operand appears in the other operand or in the output
+  # (true of dense layers and attention), so each gradient is one more einsum.
+  dx = _product(out, g, rhs, y, lhs, product_dtype)
+  dy = _product(lhs, x, out, g, rhs, product_dtype)
+  return dx.astype(x_dtype), dy.astype(y_dtype)
+
+
+def _indices(spec: str) -> list[str]:
+  return ["..."] + list(spec[3:]) if spec.startswith("...") else list(spec)
+
+
+def _product(a_spec, a, b_spec, b, out_spec, product_dtype):
+  """``einsum(a_spec,b_spec->out_spec)`` with the operand whose own indices come first in the output first.
+
+  XLA:CPU has no bf16 x bf16 -> f32 kernel for a product whose result it would
+  have to transpose (e.g. "bqhd,bhqk->bkhd" fails at run time while
+  "bhqk,bqhd->bkhd" runs); putting first the operand whose free indices lead in
+  the output gives the layout it supports.
+  """
+  out = _indices(out_spec)
+
+  def first_free(own, other):
+    free = [out.index(i) for i in _indices(own) if i in out and i not in _indices(other)]
+    return min(free, default=len(out))
+
+  if first_free(b_spec, a_spec) < first_free(a_spec, b_spec):
+    a_spec, a, b_spec, b = b_spec, b, a_spec, a
+  return jnp.einsum(f"{a_spec},{b_spec}->{out_spec}", a, b, preferred_element_type=product_dtype)
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
 
 
 def with_axes(init: Initializer, axes: Sequence[str | None]) -> Initializer:
@@ -82,9 +258,9 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm with named parameters; statistics always in float32."""
+  """LayerNorm with named parameters; statistics always in float32, output in the activation dtype."""
   eps: float
-  dtype: Dtype = jnp.float32
+  precision: Precision = Precision()
 
   @nn.compact
   def __call__(self, x):
@@ -95,7 +271,7 @@ class LayerNorm(nn.Module):
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-    return y.astype(self.dtype)
+    return y.astype(self.precision.activations_dtype)
 
 
 class DenseGeneral(nn.Module):
@@ -108,7 +284,7 @@ class DenseGeneral(nn.Module):
   features: Tuple[int, ...]
   axes: Tuple[Optional[str], ...]
   num_in: int = 1
-  dtype: Dtype = jnp.float32
+  precision: Precision = Precision()
   kernel_init: Initializer = normal_02
   use_bias: bool = True
 
@@ -119,16 +295,15 @@ class DenseGeneral(nn.Module):
                         jnp.float32)
     in_letters = "abcdefgh"[:self.num_in]
     out_letters = "stuvw"[:len(self.features)]
-    y = jnp.einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}", x.astype(self.dtype),
-                   kernel.astype(self.dtype))
+    y = einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}", x, kernel, self.precision)
     if self.use_bias:
       bias = self.param("bias", with_axes(nn.initializers.zeros, self.axes[-len(self.features):]),
                         tuple(self.features), jnp.float32)
-      y = y + bias.astype(self.dtype)
-    return y
+      y = y + bias.astype(y.dtype)
+    return y.astype(self.precision.activations_dtype)
 
 
-def dense(features, axes, *, name, dtype, kernel_init=normal_02, use_bias=True, axis=-1):
+def dense(features, axes, *, name, precision: Precision, kernel_init=normal_02, use_bias=True, axis=-1):
   """Dense layer with logical axes on kernel and bias.
 
   ``axes`` names the kernel dimensions (inputs then outputs); the bias takes the
@@ -136,20 +311,21 @@ def dense(features, axes, *, name, dtype, kernel_init=normal_02, use_bias=True, 
   """
   features = (features,) if isinstance(features, int) else tuple(features)
   num_in = 1 if isinstance(axis, int) else len(axis)
-  return DenseGeneral(features=features, axes=tuple(axes), num_in=num_in, dtype=dtype, kernel_init=kernel_init,
+  return DenseGeneral(features=features, axes=tuple(axes), num_in=num_in, precision=precision, kernel_init=kernel_init,
                       use_bias=use_bias, name=name)
 
 
 ATTENTION_IMPLS = ("xla", "cudnn", "jax")
 
 
-def dot_product_attention(q, k, v, bias, *, dtype, dropout_rng=None, dropout_rate=0.0, deterministic=True,
+def dot_product_attention(q, k, v, bias, *, precision: Precision, dropout_rng=None, dropout_rate=0.0, deterministic=True,
                           implementation: str = "xla"):
   """Multi-head attention core.
 
   q: [B, Q, H, D]; k, v: [B, K, H, D]; bias: additive, broadcastable to
   [B, H, Q, K] (0 for visible keys, a large negative number for hidden ones).
-  The softmax runs in float32 whatever the compute dtype.
+  The logits and the softmax are float32 under every policy; both products take
+  their operands in ``precision.matmul``; the output is in the activation dtype.
 
   implementation: "xla" (explicit einsums + softmax, every platform, supports
   attention dropout); "cudnn" (``jax.nn.dot_product_attention``'s fused cuDNN
@@ -163,7 +339,8 @@ def dot_product_attention(q, k, v, bias, *, dtype, dropout_rng=None, dropout_rat
     raise ValueError(f"attention implementation {implementation!r}; expected one of {ATTENTION_IMPLS}")
   dropout_active = not deterministic and dropout_rate > 0.0
   fused_ok = not dropout_active
-  if implementation == "cudnn" and (q.dtype == jnp.float32 or jax.default_backend() != "gpu"):
+  dtype = precision.matmul_dtype
+  if implementation == "cudnn" and (dtype == jnp.float32 or jax.default_backend() != "gpu"):
     fused_ok = False   # cuDNN's kernel needs a GPU and 16-bit inputs
   if implementation != "xla" and fused_ok:
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
@@ -171,18 +348,50 @@ def dot_product_attention(q, k, v, bias, *, dtype, dropout_rng=None, dropout_rat
       lengths = None
       if bias is not None:
         lengths = jnp.sum(bias.reshape(bias.shape[0], -1) == 0, axis=-1).astype(jnp.int32)
-      return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, bias=bias)
+      out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias)
+    return out.astype(precision.activations_dtype)
   depth = q.shape[-1]
   q = q * jnp.asarray(depth ** -0.5, q.dtype)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  logits = einsum("bqhd,bkhd->bhqk", q, k, dataclasses.replace(precision, products="float32"))
   if bias is not None:
     logits = logits + bias
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout_active:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(dtype), v)
+    keep, scale = dropout_keep_mask(dropout_rng, dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights * scale, 0.0)
+  return einsum("bhqk,bkhd->bqhd", weights, v, precision).astype(precision.activations_dtype)
+
+
+def dropout_keep_mask(rng: jax.Array, rate: float, shape) -> Tuple[jax.Array, float]:
+  """(keep mask, scale) of inverted dropout, drawn from 16 random bits per element.
+
+  ``jax.random.bernoulli`` draws 32 bits per element; on CPU the random bits of
+  the text tower's dropout took 6 % of the base train step
+  (benchmarks/profile_step.py), and 16-bit draws halve that.  The keep
+  probability is quantised to multiples of 2**-16 and the scale is its exact
+  inverse, so the expectation is unchanged.
+  """
+  threshold = int(round((1.0 - rate) * 65536))
+  if not 0 < threshold <= 65536:
+    raise ValueError(f"dropout rate {rate} keeps nothing")
+  if threshold == 65536:
+    return jnp.ones(shape, bool), 1.0
+  keep = jax.random.bits(rng, shape, jnp.uint16) < jnp.uint16(threshold)
+  return keep, 65536.0 / threshold
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (``nn.Dropout``'s interface) with 16-bit random draws (``dropout_keep_mask``)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep, scale = dropout_keep_mask(self.make_rng("dropout"), self.rate, x.shape)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 
 
 def mask_to_bias(mask: jax.Array) -> jax.Array:
@@ -199,15 +408,16 @@ class BottleneckAdapter(nn.Module):
   """
   bottleneck: int
   init_scheme: str = "identity"
-  dtype: Dtype = jnp.float32
+  precision: Precision = Precision()
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
     down_init, up_init = adapter_initializers(self.init_scheme)
-    y = dense(self.bottleneck, ("embed", "adapter"), name="down", dtype=self.dtype, kernel_init=down_init)(x)
+    y = dense(self.bottleneck, ("embed", "adapter"), name="down", precision=self.precision,
+              kernel_init=down_init)(x)
     y = nn.relu(y)
-    return dense(features, ("adapter", "embed"), name="up", dtype=self.dtype, kernel_init=up_init)(y)
+    return dense(features, ("adapter", "embed"), name="up", precision=self.precision, kernel_init=up_init)(y)
 
 
 def adapter_initializers(init: str):
@@ -229,7 +439,10 @@ def maybe_remat(module_cls, enabled: bool, static_argnums=()):
   return nn.remat(module_cls, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=static_argnums)
 
 
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
 def as_dtype(name: str) -> Dtype:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  return _DTYPES[name]
 
 

@@ -43,7 +43,8 @@ class ImageTowerConfig:
   layer_norm_eps: float = 1e-6
   pixel_mean: float = 0.4785
   pixel_std: float = 0.2834
-  dtype: str = "float32"
+  dtype: str = "float32"             # legacy: the 16-bit policy of this dtype when precision is ""
+  precision: str = ""                # a layers.precision_policy spec; "" follows dtype
   remat: bool = False
   attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
@@ -81,7 +82,7 @@ def sincos_2d_position_embedding(grid_size: int, dim: int) -> np.ndarray:
 
 class Attention(nn.Module):
   num_heads: int
-  dtype: layers.Dtype
+  precision: layers.Precision
   implementation: str = "xla"
 
   @nn.compact
@@ -89,23 +90,25 @@ class Attention(nn.Module):
     dim = x.shape[-1]
     head_dim = dim // self.num_heads
     qkv = layers.dense((3, self.num_heads, head_dim), ("embed", None, "heads", "kv"),
-                       name="qkv", dtype=self.dtype)(x)
+                       name="qkv", precision=self.precision)(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
-    out = layers.dot_product_attention(q, k, v, None, dtype=self.dtype, implementation=self.implementation)
-    return layers.dense(dim, ("heads", "kv", "embed"), name="proj", dtype=self.dtype, axis=(-2, -1))(out)
+    out = layers.dot_product_attention(q, k, v, None, precision=self.precision,
+                                       implementation=self.implementation)
+    return layers.dense(dim, ("heads", "kv", "embed"), name="proj", precision=self.precision,
+                        axis=(-2, -1))(out)
 
 
 class Mlp(nn.Module):
   mlp_dim: int
-  dtype: layers.Dtype
+  precision: layers.Precision
 
   @nn.compact
   def __call__(self, x):
-    y = layers.dense(self.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
+    y = layers.dense(self.mlp_dim, ("embed", "mlp"), name="fc1", precision=self.precision)(x)
     y = layers.gelu_exact(y)
     y = layers.constrain(y, ("batch", "act_length", "act_mlp"))
-    return layers.dense(x.shape[-1], ("mlp", "embed"), name="fc2", dtype=self.dtype)(y)
+    return layers.dense(x.shape[-1], ("mlp", "embed"), name="fc2", precision=self.precision)(y)
 
 
 class Block(nn.Module):
@@ -115,13 +118,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dtype = layers.as_dtype(cfg.dtype)
-    y = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm1")(x)
-    x = x + Attention(cfg.num_heads, dtype, cfg.attention_impl, name="attn")(y)
-    y = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm2")(x)
-    y = Mlp(cfg.mlp_dim, dtype, name="mlp")(y)
+    prec = layers.tower_precision(cfg)
+    y = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm1")(x)
+    x = x + Attention(cfg.num_heads, prec, cfg.attention_impl, name="attn")(y)
+    y = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm2")(x)
+    y = Mlp(cfg.mlp_dim, prec, name="mlp")(y)
     if cfg.adapter_dim:
-      y = y + layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, dtype, name="adapter")(y)
+      y = y + layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="adapter")(y)
     x = x + y
     return layers.residual_grad_barrier(layers.constrain(x, ("batch", "act_length", "act_embed")))
 
@@ -144,7 +147,8 @@ class ImageTower(nn.Module):
   @nn.compact
   def __call__(self, patches, patch_idx, view_valid, view_slots: Tuple[int, ...]):
     cfg = self.config
-    dtype = layers.as_dtype(cfg.dtype)
+    prec = layers.tower_precision(cfg)
+    dtype = prec.activations_dtype
     batch, num_views, num_kept, patch_dim = patches.shape
     if num_views != len(view_slots):
       raise ValueError(f"{num_views} views given but view_slots={view_slots}")
@@ -166,7 +170,7 @@ class ImageTower(nn.Module):
                       jnp.float32)
     if patch_dim == pixels_per_channel and cfg.channels > 1:
       kernel = kernel.reshape(pixels_per_channel, cfg.channels, width).sum(axis=1)
-    tokens = jnp.einsum("bkp,pd->bkd", x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    tokens = (layers.einsum("bkp,pd->bkd", x, kernel, prec) + bias).astype(dtype)
 
     if cfg.pos_embed == "sincos":
       pos_table = jnp.asarray(sincos_2d_position_embedding(cfg.grid_size, width))
@@ -207,5 +211,5 @@ class ImageTower(nn.Module):
     block_cls = layers.maybe_remat(Block, cfg.remat)
     for i in range(cfg.num_layers):
       x = block_cls(cfg, name=f"blocks_{i}")(x)
-    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=dtype, name="norm")(x)
+    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm")(x)
     return x.reshape(batch, num_views, 1 + num_kept, width)

@@ -404,7 +404,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
   on_progress(result)
 
   # FLOPs, both conventions.
-  per_study_train = flops_lib.train_step_flops_per_study(mcfg, float(cfg.data.mask_ratio))
+  per_study_train = flops_lib.train_step_flops_per_study(mcfg, kept_patches=num_kept)
   analytic_train = per_study_train * batch
   analytic_embed = flops_lib.eval_forward_flops(mcfg)["total"] * embed_batch
   peak = _peak_flops(dev, dtype)

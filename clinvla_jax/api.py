@@ -51,7 +51,11 @@ def dummy_inputs(mcfg: ClinVLAConfig, batch: int = 1, num_kept: int = 49):
 
 
 @functools.lru_cache(maxsize=None)
-def _init_fn(mcfg: ClinVLAConfig, boxed: bool):
+def init_fn(mcfg: ClinVLAConfig, boxed: bool = True):
+  """key -> the model's variables; ``boxed`` keeps the logical axis names (nn.Partitioned).
+
+  One function per config (cached), so jitting it twice reuses the trace.
+  """
   model = ClinVLA(mcfg)
 
   def init(key):
@@ -62,12 +66,12 @@ def _init_fn(mcfg: ClinVLAConfig, boxed: bool):
 
 def init_params(cfg, key: jax.Array) -> dict:
   """Random initialisation: {"params": ...} of plain arrays in the loadable layout."""
-  return jax.jit(_init_fn(model_config(cfg), False))(key)
+  return jax.jit(init_fn(model_config(cfg), False))(key)
 
 
 def abstract_params(cfg, boxed: bool = True):
   """Shapes (and, boxed, logical axis names) of the variables without allocating them."""
-  return jax.eval_shape(_init_fn(model_config(cfg), boxed), jax.random.key(0))
+  return jax.eval_shape(init_fn(model_config(cfg), boxed), jax.random.key(0))
 
 
 @functools.lru_cache(maxsize=None)

@@ -174,10 +174,6 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def restore_config(self, step: Optional[int] = None) -> Dict[str, Any]:
-    step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -8,6 +8,7 @@ is an ordered list of (regex, group); the first full match wins; the group
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Dict, Sequence, Tuple
 
@@ -39,18 +40,11 @@ def check_rules(params, rules, learning_rates) -> Dict[str, int]:
   labels = param_labels(params, rules)
   counts: Dict[str, int] = {}
   for label, leaf in zip(jax.tree_util.tree_leaves(labels), jax.tree_util.tree_leaves(params)):
-    counts[label] = counts.get(label, 0) + int(getattr(leaf, "size", 0) or _size(leaf))
+    counts[label] = counts.get(label, 0) + math.prod(leaf.shape)
   missing = sorted(g for g in counts if g != FROZEN and g not in learning_rates)
   if missing:
     raise ValueError(f"groups {missing} have no entry in config.optim.learning_rates")
   return counts
-
-
-def _size(leaf) -> int:
-  n = 1
-  for d in leaf.shape:
-    n *= d
-  return n
 
 
 def flat_paths(params) -> Dict[str, object]:

@@ -69,9 +69,9 @@ def summary_lines(config) -> List[str]:
   ckpt_mib = 3 * 4 * trainable / 2**20
   lines.append(f"adapter-only checkpoint (trainable params + AdamW moments, fp32): {ckpt_mib:.1f} MiB; "
                f"full fp32 parameters: {4 * total / 2**20:.1f} MiB ({100 * ckpt_mib / (4 * total / 2**20):.1f} %)")
-  train = flops.train_forward_flops(mcfg, config.data.mask_ratio)
-  evaluation = flops.eval_forward_flops(mcfg)
   kept = flops_kept(config)
+  train = flops.train_forward_flops(mcfg, kept_patches=kept)
+  evaluation = flops.eval_forward_flops(mcfg)
   lines += [
       "",
       "Analytical forward FLOPs per study (2 FLOPs per multiply-add; matmuls incl. attention; "
@@ -80,7 +80,7 @@ def summary_lines(config) -> List[str]:
       f"{train['total']:.3e}  (image {train['image']:.3e}, text {train['text']:.3e}, heads {train['heads']:.3e})",
       f"  evaluation (1 frontal view x {mcfg.image.num_patches} patches, {mcfg.text.max_len} tokens): "
       f"{evaluation['total']:.3e}  (image {evaluation['image']:.3e}, text {evaluation['text']:.3e})",
-      f"  train step (forward + backward, frozen backbone) ~ {flops.train_step_flops_per_study(mcfg, config.data.mask_ratio):.3e}",
+      f"  train step (forward + backward, frozen backbone) ~ {flops.train_step_flops_per_study(mcfg, kept_patches=kept):.3e}",
       f"  paper Table 7: {PAPER_FLOPS_PER_SAMPLE:.1e} FLOPs/sample, {PAPER_PARAMS_M} M parameters "
       "(convention not stated)",
   ]
@@ -88,5 +88,6 @@ def summary_lines(config) -> List[str]:
 
 
 def flops_kept(config) -> int:
+  """Patches kept per training view: the data's masking of the model's patch grid."""
   from clinvla_jax.data.records import num_kept_patches
-  return num_kept_patches(config.data.mask_ratio)
+  return num_kept_patches(config.data.mask_ratio, api.model_config(config).image.num_patches)

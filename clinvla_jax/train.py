@@ -9,6 +9,7 @@ restored, so the run continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -86,7 +87,6 @@ class TrainSetup:
     self.model = api.build_model(config)
     self.model_config = api.model_config(config)
     rules = list(config.optim.param_groups)
-    self.group_rules = rules
 
     boxed = api.abstract_params(config)["params"]
     full_shardings = sharding.param_shardings(boxed, self.mesh, self.rules)
@@ -130,7 +130,7 @@ class TrainSetup:
 
   def _initial_params(self, full_shardings):
     """Sharded random init (no full copy on one device), then pretrained weights if configured."""
-    init = api._init_fn(self.model_config, False)  # pylint: disable=protected-access
+    init = api.init_fn(self.model_config, boxed=False)
     # Outside the logical-rules context: Flax's DenseGeneral initialises a flat
     # kernel before reshaping it, which a rank-4 constraint would reject;
     # out_shardings places the result anyway.
@@ -151,20 +151,11 @@ class TrainSetup:
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
         host["params"], full_shardings)
 
+  @contextlib.contextmanager
   def context(self):
-    mesh, rules = self.mesh, self.rules
-
-    class _Ctx:
-      def __enter__(self_inner):
-        self_inner._mesh = jax.set_mesh(mesh)
-        self_inner._mesh.__enter__()
-        self_inner._rules = nn.logical_axis_rules(rules)
-        self_inner._rules.__enter__()
-
-      def __exit__(self_inner, *exc):
-        self_inner._rules.__exit__(*exc)
-        self_inner._mesh.__exit__(*exc)
-    return _Ctx()
+    """The mesh and the logical axis rules, for tracing and running the step."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
 
   def init_state(self):
     """A fresh training state; every call returns new buffers.
@@ -197,12 +188,12 @@ class TrainSetup:
 def fit_text_length(batch, max_len: int):
   """Cuts token columns to the text tower's length (records carry 128 tokens).
 
-  The same shortening as evaluation (``evaluate.embed.fit_token_length``: a cut
+  The same shortening as evaluation (``data.records.fit_token_length``: a cut
   row still ends on its [SEP]), so training and evaluation see one layout.
   """
   if batch["input_ids"].shape[1] <= max_len:
     return batch
-  from clinvla_jax.evaluate.embed import fit_token_length  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.data.records import fit_token_length  # pylint: disable=g-import-not-at-top
   ids, mask = fit_token_length(batch["input_ids"], batch["attention_mask"], max_len)
   return dict(batch, input_ids=ids, attention_mask=mask)
 
@@ -501,8 +492,9 @@ def _loop(config, workdir, setup, state, checkpoint_data, batches, checkpointer,
   eval_every = int(config.eval.every_steps) if "eval" in config else 0
   if evaluate_fn is None and eval_every:
     evaluate_fn = default_evaluate_fn(config)
-  flops_per_step = (flops_lib.train_step_flops_per_study(setup.model_config, float(config.data.mask_ratio))
-                    * batch_size)
+  from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+  kept = records.num_kept_patches(float(config.data.mask_ratio), setup.model_config.image.num_patches)
+  flops_per_step = flops_lib.train_step_flops_per_study(setup.model_config, kept_patches=kept) * batch_size
   peak = perf.peak_flops_per_device(float(train.peak_flops_per_device)) * jax.device_count()
   config_json = _json_safe(config)
   guard = str(train.transfer_guard)

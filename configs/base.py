@@ -22,16 +22,20 @@ def get_model_config():
   model.image = ml_collections.ConfigDict(dict(
       num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072, patch_size=16, image_size=224,
       channels=3, pos_embed="sincos", adapter_dim=64, adapter_init="identity", layer_norm_eps=1e-6,
-      pixel_mean=0.4785, pixel_std=0.2834, dtype="float32", precision="", remat=False, attention_impl="xla"))
+      pixel_mean=0.4785, pixel_std=0.2834, dtype="float32", precision="", remat=False, remat_policy="",
+      attention_impl="xla"))
   model.text = ml_collections.ConfigDict(dict(
       num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072, vocab_size=28996, max_len=128,
       type_vocab_size=2, layer_norm_eps=1e-12, dropout=0.1, attention_dropout=0.1, use_adapters=True,
       adapter_dim=64, invertible_adapter=True, adapter_init="identity", dtype="float32", precision="",
-      remat=False, attention_impl="xla"))
+      remat=False, remat_policy="", attention_impl="xla"))
   # Mixed precision (clinvla_jax.model.layers.POLICIES): "auto" is bf16 operands with
   # float32 products on a CPU with bf16 hardware (float32 without), bf16 on GPU/TPU;
   # "float32" is exact.  A tower's own `precision` overrides it.
   model.precision = "auto"
+  # "auto": on CPU, materialise each block's residual gradient (layers.residual_grad_barrier;
+  # 25 % off the base train step there); "on" / "off" force it.
+  model.residual_grad_barrier = "auto"
   model.proj_dim = 128
   model.multiview = True
   model.temporal = True

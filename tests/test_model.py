@@ -196,3 +196,38 @@ def test_dropout_from_16_bit_draws_keeps_the_expectation():
   np.testing.assert_array_equal(again, y)
   other = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
   assert np.mean((np.asarray(other) != 0) != kept) > 0.1
+
+
+def _loss_and_grads(cfg, variables, batch):
+  model = api.build_model(cfg)
+
+  def loss(v):
+    out = model.apply(v, **batch)
+    return jnp.sum(out["image"]["global"] * out["text"]["global"]) + jnp.mean(out["image"]["local"] ** 2)
+  return jax.jit(jax.value_and_grad(loss))(variables)
+
+
+def test_named_remat_policies_and_grad_barrier_keep_the_gradients(tiny):
+  cfg, variables = tiny
+  b = _batch(cfg)
+  ref_loss, ref_grads = _loss_and_grads(cfg, variables, b)
+  variants = [{f"model.{t}.remat_policy": p for t in ("image", "text")} for p in layers.REMAT_POLICIES]
+  variants += [{"model.residual_grad_barrier": s} for s in ("on", "off")]
+  for overrides in variants:
+    loss, grads = _loss_and_grads(load_config("configs/tiny.py", overrides), variables, b)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+
+
+def test_remat_and_barrier_settings_resolve():
+  base = api.model_config(load_config("configs/base.py"))
+  assert base.image.residual_grad_barrier is (jax.default_backend() == "cpu")
+  assert layers.grad_barrier_enabled("auto", backend="gpu") is False
+  assert layers.grad_barrier_enabled("on", backend="gpu") is True
+  with pytest.raises(ValueError, match="residual_grad_barrier"):
+    layers.grad_barrier_enabled("yes")
+  legacy = api.model_config(load_config("configs/tiny.py", {"model.image.remat": True}))
+  assert layers.remat_policy_name(legacy.image) == "full" and layers.remat_policy_name(legacy.text) == "none"
+  with pytest.raises(ValueError, match="remat_policy"):
+    layers.remat_policy_name(dataclasses.replace(legacy.image, remat_policy="some"))

@@ -398,3 +398,31 @@ def decode_for_batch(data: bytes, view_slots: Sequence[int] = tuple(range(NUM_VI
   rows = (np.concatenate(decoded) if decoded
           else np.zeros((0, _PATCH_BYTES), np.uint8))
   return BatchParts(fields, rows, tuple(starts))
+
+
+def fit_token_length(input_ids: np.ndarray, attention_mask: np.ndarray,
+                     max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """Shortens record tokens ([CLS] ... [SEP] [PAD]...) to the model's length.
+
+  Records hold MAX_TEXT_LEN tokens, smaller models read fewer.  A row longer
+  than ``max_len`` keeps its first ``max_len - 1`` tokens and ends on its own
+  last real token (the [SEP]), so it still looks like a tokenizer output.
+
+  Args:
+    input_ids: int [B, L].
+    attention_mask: int [B, L], ones then zeros.
+    max_len: target length.
+
+  Returns:
+    (input_ids, attention_mask), int32 [B, min(L, max_len)].
+  """
+  ids = np.asarray(input_ids, np.int32)
+  mask = np.asarray(attention_mask, np.int32)
+  if ids.shape[1] <= max_len:
+    return ids, mask
+  length = mask.sum(axis=1)
+  last = ids[np.arange(len(ids)), np.maximum(length - 1, 0)]
+  ids, mask = ids[:, :max_len].copy(), mask[:, :max_len].copy()
+  cut = length > max_len
+  ids[cut, max_len - 1] = last[cut]
+  return ids, mask

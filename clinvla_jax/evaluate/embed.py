@@ -44,6 +44,7 @@ from clinvla_jax.data import pipeline
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 from clinvla_jax.data import tokenizer as tokenizer_lib
+from clinvla_jax.data.records import fit_token_length  # pylint: disable=unused-import  (part of this module's API)
 from clinvla_jax.evaluate import EmbeddingSet
 from clinvla_jax.model.clinvla import ClinVLA, ClinVLAConfig, matmul_ready_params
 
@@ -150,34 +151,6 @@ def _eval_get(config, key: str, default: Any) -> Any:
   if sub is not None and key in sub:
     return sub[key]
   return default
-
-
-def fit_token_length(input_ids: np.ndarray, attention_mask: np.ndarray,
-                     max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Shortens record tokens ([CLS] ... [SEP] [PAD]...) to the model's length.
-
-  Records hold MAX_TEXT_LEN tokens, smaller models read fewer.  A row longer
-  than ``max_len`` keeps its first ``max_len - 1`` tokens and ends on its own
-  last real token (the [SEP]), so it still looks like a tokenizer output.
-
-  Args:
-    input_ids: int [B, L].
-    attention_mask: int [B, L], ones then zeros.
-    max_len: target length.
-
-  Returns:
-    (input_ids, attention_mask), int32 [B, min(L, max_len)].
-  """
-  ids = np.asarray(input_ids, np.int32)
-  mask = np.asarray(attention_mask, np.int32)
-  if ids.shape[1] <= max_len:
-    return ids, mask
-  length = mask.sum(axis=1)
-  last = ids[np.arange(len(ids)), np.maximum(length - 1, 0)]
-  ids, mask = ids[:, :max_len].copy(), mask[:, :max_len].copy()
-  cut = length > max_len
-  ids[cut, max_len - 1] = last[cut]
-  return ids, mask
 
 
 def load_frontal_image(paths: Sequence[str], record_index: int) -> np.ndarray:

@@ -41,7 +41,9 @@ class TextTowerConfig:
   adapter_init: str = "identity"
   dtype: str = "float32"             # legacy: the 16-bit policy of this dtype when precision is ""
   precision: str = ""                # a layers.precision_policy spec; "" follows dtype
-  remat: bool = False
+  remat: bool = False                # legacy switch: True is remat_policy "full"
+  remat_policy: str = ""             # layers.REMAT_POLICIES name; "" follows remat
+  residual_grad_barrier: bool = False  # layers.residual_grad_barrier after each block (model.residual_grad_barrier)
   attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
 
@@ -108,7 +110,8 @@ class BertLayer(nn.Module):
       lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="language_adapter")(y) + residual
       y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="task_adapter")(lang) + residual
     x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="output_norm")(y + x)
-    return layers.residual_grad_barrier(layers.constrain(x, ("batch", "act_length", "act_embed")))
+    x = layers.constrain(x, ("batch", "act_length", "act_embed"))
+    return layers.residual_grad_barrier(x) if cfg.residual_grad_barrier else x
 
 
 class TextTower(nn.Module):
@@ -128,7 +131,7 @@ class TextTower(nn.Module):
       x = InvertibleAdapter(cfg.adapter_init, prec, name="invertible_adapter")(x)
     x = layers.constrain(x, ("batch", "act_length", "act_embed"))
     bias = layers.mask_to_bias(attention_mask)
-    layer_cls = layers.maybe_remat(BertLayer, cfg.remat, static_argnums=(3,))
+    layer_cls = layers.maybe_remat(BertLayer, layers.remat_policy_name(cfg), static_argnums=(3,))
     for i in range(cfg.num_layers):
       x = layer_cls(cfg, name=f"layer_{i}")(x, bias, deterministic)
     return x

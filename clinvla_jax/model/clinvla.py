@@ -57,11 +57,15 @@ class ClinVLAConfig:
     dtype = d.pop("dtype", None)
     precision = d.pop("precision", None)
     remat = d.pop("remat", None)
+    barrier = d.pop("residual_grad_barrier", None)
     if dtype is not None:
       image, text = dataclasses.replace(image, dtype=dtype), dataclasses.replace(text, dtype=dtype)
     image, text = (dataclasses.replace(t, precision=resolve_precision(precision, t)) for t in (image, text))
     if remat is not None:
       image, text = dataclasses.replace(image, remat=remat), dataclasses.replace(text, remat=remat)
+    if barrier is not None:
+      on = layers.grad_barrier_enabled(str(barrier))
+      image, text = (dataclasses.replace(t, residual_grad_barrier=on) for t in (image, text))
     if "local_temperatures" in d:
       d["local_temperatures"] = tuple(d["local_temperatures"])
     known = {f.name for f in dataclasses.fields(cls)}

@@ -51,10 +51,9 @@ def forward_flops_per_study(cfg: ClinVLAConfig, *, num_views: int, kept_patches:
   return {"image": image, "text": text, "heads": heads, "total": image + text + heads}
 
 
-def train_forward_flops(cfg: ClinVLAConfig, mask_ratio: float) -> dict:
-  from clinvla_jax.data.records import NUM_PATCHES, num_kept_patches
-  return forward_flops_per_study(cfg, num_views=len(cfg.view_slots),
-                                 kept_patches=num_kept_patches(mask_ratio, NUM_PATCHES),
+def train_forward_flops(cfg: ClinVLAConfig, *, kept_patches: int) -> dict:
+  """Forward FLOPs of one training study: every used view with ``kept_patches`` patches (the data's masking)."""
+  return forward_flops_per_study(cfg, num_views=len(cfg.view_slots), kept_patches=kept_patches,
                                  text_tokens=cfg.text.max_len)
 
 
@@ -63,7 +62,7 @@ def eval_forward_flops(cfg: ClinVLAConfig) -> dict:
                                  text_tokens=cfg.text.max_len)
 
 
-def train_step_flops_per_study(cfg: ClinVLAConfig, mask_ratio: float, frozen_backbone: bool = True) -> int:
-  """Approximate forward + backward FLOPs of one study in a train step."""
-  fwd = train_forward_flops(cfg, mask_ratio)["total"]
+def train_step_flops_per_study(cfg: ClinVLAConfig, *, kept_patches: int, frozen_backbone: bool = True) -> int:
+  """Approximate forward + backward FLOPs of one study in a train step (``kept_patches`` per view)."""
+  fwd = train_forward_flops(cfg, kept_patches=kept_patches)["total"]
   return (2 if frozen_backbone else 3) * fwd

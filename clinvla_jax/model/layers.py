@@ -227,11 +227,23 @@ def residual_grad_barrier(x: jax.Array) -> jax.Array:
   per step with the barrier, benchmarks/RESULTS.md).  XLA:CPU drops
   ``optimization_barrier`` before fusing, but does not fuse across a
   conditional, hence the conditional.  Other backends keep their own fusion
-  decisions (a conditional there would cost a host round trip).
+  decisions (a conditional there would cost a host round trip), so the towers
+  call this only where ``model.residual_grad_barrier`` (default "auto": on
+  CPU) says so.
   """
-  if jax.default_backend() != "cpu":
-    return x
   return _materialised_grad(x)
+
+
+GRAD_BARRIER_SETTINGS = ("auto", "on", "off")
+
+
+def grad_barrier_enabled(setting: str, backend: Optional[str] = None) -> bool:
+  """``model.residual_grad_barrier``: "on", "off", or "auto" (on for the CPU backend only)."""
+  if setting not in GRAD_BARRIER_SETTINGS:
+    raise ValueError(f"residual_grad_barrier={setting!r}; expected one of {GRAD_BARRIER_SETTINGS}")
+  if setting == "auto":
+    return (backend or jax.default_backend()) == "cpu"
+  return setting == "on"
 
 
 @jax.custom_vjp
@@ -431,12 +443,38 @@ def adapter_initializers(init: str):
   raise ValueError(f"Unknown adapter init {init!r}; expected 'identity', 'bert' or 'he'.")
 
 
-def maybe_remat(module_cls, enabled: bool, static_argnums=()):
-  if not enabled:
+# Named rematerialisation policies for the transformer blocks (``remat_policy``).
+#   none: save every activation the backward needs (fastest, most memory).
+#   full: save only the block inputs and recompute the rest in the backward,
+#     about one extra forward for O(layers) activation memory.
+#   dots: save the results of matrix products, recompute the elementwise work
+#     (GELU, LayerNorm, softmax) - most of the memory saving of "full" at a
+#     fraction of its recompute on accelerators.
+#   dots_no_batch: save only products without batch dimensions (the dense
+#     layers), recompute attention's batched products as well.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(tower_config) -> str:
+  """A tower's policy: ``remat_policy`` when set, else the older bool ``remat`` (True = "full")."""
+  name = getattr(tower_config, "remat_policy", "") or ("full" if tower_config.remat else "none")
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={name!r}; expected one of {tuple(REMAT_POLICIES)}")
+  return name
+
+
+def maybe_remat(module_cls, policy: str, static_argnums=()):
+  """``module_cls`` under the named remat policy (``REMAT_POLICIES``); "none" returns it unchanged."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={policy!r}; expected one of {tuple(REMAT_POLICIES)}")
+  if policy == "none":
     return module_cls
-  # Saving nothing but the block inputs: recompute activations in the backward
-  # pass, trading about one extra forward for O(layers) activation memory.
-  return nn.remat(module_cls, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=static_argnums)
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

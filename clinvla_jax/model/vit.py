@@ -45,7 +45,9 @@ class ImageTowerConfig:
   pixel_std: float = 0.2834
   dtype: str = "float32"             # legacy: the 16-bit policy of this dtype when precision is ""
   precision: str = ""                # a layers.precision_policy spec; "" follows dtype
-  remat: bool = False
+  remat: bool = False                # legacy switch: True is remat_policy "full"
+  remat_policy: str = ""             # layers.REMAT_POLICIES name; "" follows remat
+  residual_grad_barrier: bool = False  # layers.residual_grad_barrier after each block (model.residual_grad_barrier)
   attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
   @property
@@ -126,7 +128,8 @@ class Block(nn.Module):
     if cfg.adapter_dim:
       y = y + layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="adapter")(y)
     x = x + y
-    return layers.residual_grad_barrier(layers.constrain(x, ("batch", "act_length", "act_embed")))
+    x = layers.constrain(x, ("batch", "act_length", "act_embed"))
+    return layers.residual_grad_barrier(x) if cfg.residual_grad_barrier else x
 
 
 class ImageTower(nn.Module):
@@ -208,7 +211,7 @@ class ImageTower(nn.Module):
 
     x = tokens.reshape(batch * num_views, 1 + num_kept, width)
     x = layers.constrain(x, ("batch", "act_length", "act_embed"))
-    block_cls = layers.maybe_remat(Block, cfg.remat)
+    block_cls = layers.maybe_remat(Block, layers.remat_policy_name(cfg))
     for i in range(cfg.num_layers):
       x = block_cls(cfg, name=f"blocks_{i}")(x)
     x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm")(x)

@@ -12,23 +12,29 @@ real training needs accelerators; point `init.text_weights` /
 `init.image_weights` at BioBERT and MAE/MRM ViT-B/16 weights first.
 """
 
+import dataclasses
 import math
 
 import ml_collections
 
+from clinvla_jax.model.clinvla import ClinVLAConfig
+
 
 def get_model_config():
-  model = ml_collections.ConfigDict()
-  model.image = ml_collections.ConfigDict(dict(
-      num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072, patch_size=16, image_size=224,
-      channels=3, pos_embed="sincos", adapter_dim=64, adapter_init="identity", layer_norm_eps=1e-6,
-      pixel_mean=0.4785, pixel_std=0.2834, dtype="float32", precision="", remat=False, remat_policy="",
-      attention_impl="xla"))
-  model.text = ml_collections.ConfigDict(dict(
-      num_layers=12, hidden_size=768, num_heads=12, mlp_dim=3072, vocab_size=28996, max_len=128,
-      type_vocab_size=2, layer_norm_eps=1e-12, dropout=0.1, attention_dropout=0.1, use_adapters=True,
-      adapter_dim=64, invertible_adapter=True, adapter_init="identity", dtype="float32", precision="",
-      remat=False, remat_policy="", attention_impl="xla"))
+  """The model part: every default read from the model's own dataclasses.
+
+  The dataclasses (`ClinVLAConfig`, `ImageTowerConfig` = ViT-B/16 with the
+  paper's adapters, `TextTowerConfig` = BERT-base with MAD-X adapters) hold
+  the paper's values, so no default is written twice; tests/test_config.py
+  checks that this ConfigDict and the dataclasses agree.  Only switches that
+  are resolved when the model is built (per backend) are added here.
+  """
+  fields = dataclasses.asdict(ClinVLAConfig())
+  # Set through the loss config (sigmoid loss) and per backend below, not here.
+  fields.pop("logit_bias_init")
+  for tower in ("image", "text"):
+    fields[tower].pop("residual_grad_barrier")
+  model = ml_collections.ConfigDict(fields)
   # Mixed precision (clinvla_jax.model.layers.POLICIES): "auto" is bf16 operands with
   # float32 products on a CPU with bf16 hardware (float32 without), bf16 on GPU/TPU;
   # "float32" is exact.  A tower's own `precision` overrides it.
@@ -36,12 +42,6 @@ def get_model_config():
   # "auto": on CPU, materialise each block's residual gradient (layers.residual_grad_barrier;
   # 25 % off the base train step there); "on" / "off" force it.
   model.residual_grad_barrier = "auto"
-  model.proj_dim = 128
-  model.multiview = True
-  model.temporal = True
-  model.logit_scale_init = math.log(1 / 0.07)
-  model.local_temperatures = (4.0, 5.0, 10.0)
-  model.learn_local_temperatures = False
   return model
 
 

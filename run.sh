@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh        set up .venv and run the demo job on the bundled real data (CPU is fine)
 # ./run.sh test   set up .venv with the test extras and run the whole test suite
+# ./run.sh lint   ruff: the formatting check and the lint rules of pyproject.toml
 # Extra arguments after `test` go to pytest (e.g. ./run.sh test -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -56,6 +57,11 @@ case "${1:-demo}" in
     setup test
     exec .venv/bin/python -m pytest -q "$@"
     ;;
+  lint)
+    setup lint
+    .venv/bin/ruff format --check .
+    .venv/bin/ruff check .
+    ;;
   demo)
     setup ""
     WORKDIR="${WORKDIR:-runs/demo}"
@@ -66,7 +72,7 @@ case "${1:-demo}" in
          "retrieval_examples.png"
     ;;
   *)
-    echo "usage: ./run.sh [test [pytest args...]]" >&2
+    echo "usage: ./run.sh [test [pytest args...] | lint]" >&2
     exit 2
     ;;
 esac

@@ -40,7 +40,7 @@ def _worker(spec: dict) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
-  from clinvla_jax import api, sharding, train  # pylint: disable=g-import-not-at-top
+  from clinvla_jax import api, train  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
 
   cfg = vs_pytorch.build_config(spec["config"])

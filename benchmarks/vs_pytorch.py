@@ -387,7 +387,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     diffs = agreement(cfg32, params, host_params, check_np, device)
     result["agreement"] = diffs
     result["max_abs_diff"] = max(v for k, v in diffs.items() if not k.startswith("loss_"))
-    print(f"agreement (fp32, max |JAX - PyTorch|): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()),
+    print("agreement (fp32, max |JAX - PyTorch|): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()),
           flush=True)
     if result["max_abs_diff"] > tolerance:
       raise SystemExit(f"JAX and PyTorch disagree: {result['max_abs_diff']:.3g} > {tolerance}")

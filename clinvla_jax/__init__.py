@@ -18,6 +18,8 @@ from clinvla_jax.config import load_config
 from clinvla_jax.losses import clinvla_loss
 
 __version__ = "0.1.0"
+__all__ = ["Tokenizer", "abstract_params", "build_model", "clinvla_loss", "convert", "encode_images", "encode_text",
+           "init_params", "load_config", "patchify"]
 
 
 def __getattr__(name):

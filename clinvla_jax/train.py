@@ -20,13 +20,12 @@ from typing import Any, Dict, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
 from clinvla_jax import api, console, losses, optim, perf, preemption, sharding, workdir_lock
-from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # pylint: disable=unused-import
+from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # noqa: F401  (re-exported)
 from clinvla_jax.model import flops as flops_lib
 from clinvla_jax.model import layers
 from clinvla_jax.model.clinvla import matmul_ready_params

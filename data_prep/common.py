@@ -650,7 +650,7 @@ def write_tfds(output: str, manifest: dict[str, Any]) -> dict[str, Any]:
   """Writes the converted records again as a TFDS builder directory in ``output``."""
   try:
     from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+    import tensorflow_datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise ConversionError("writing the TFDS copy needs tensorflow-datasets "
                           "(pip install -e '.[tfds]'), or pass --notfds") from e

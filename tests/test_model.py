@@ -12,7 +12,6 @@ from clinvla_jax import api
 from clinvla_jax.config import load_config
 from clinvla_jax.model import layers
 from clinvla_jax.model.adapters import InvertibleAdapter
-from clinvla_jax.model.clinvla import ClinVLA
 
 
 @pytest.fixture(scope="module")

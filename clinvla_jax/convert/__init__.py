@@ -3,3 +3,5 @@
 from clinvla_jax.convert.common import CheckpointError, read_state_dict
 from clinvla_jax.convert.hf_bert import load_text_weights
 from clinvla_jax.convert.timm_vit import load_image_weights
+
+__all__ = ["CheckpointError", "load_image_weights", "load_text_weights", "read_state_dict"]

@@ -41,25 +41,28 @@ if REPO not in sys.path:
 from clinvla_jax.evaluate import report  # pylint: disable=wrong-import-position
 
 VARIANTS = {
-    "full": {},
-    "-adapters": {"model.text.use_adapters": False},
-    "-multiview": {"model.multiview": False},
-    "-invertible_adapter": {"model.text.invertible_adapter": False},
-    "-temporal_multiview": {"model.multiview": False, "model.temporal": False},
-    "-local_loss": {"loss.use_local": False},
-    "-global_loss": {"loss.use_global": False},
+  "full": {},
+  "-adapters": {"model.text.use_adapters": False},
+  "-multiview": {"model.multiview": False},
+  "-invertible_adapter": {"model.text.invertible_adapter": False},
+  "-temporal_multiview": {"model.multiview": False, "model.temporal": False},
+  "-local_loss": {"loss.use_local": False},
+  "-global_loss": {"loss.use_global": False},
 }
 # Metrics reported for every variant (each with _chance and a CI where results.json has them).
-DEFAULT_METRICS = ("covid_cxr/image_to_text/P@5", "covid_cxr/text_to_image/P@5", "covid_cxr/image_to_text/R@5",
-                   "covid_cxr/zero_shot/AUC")
+DEFAULT_METRICS = (
+  "covid_cxr/image_to_text/P@5",
+  "covid_cxr/text_to_image/P@5",
+  "covid_cxr/image_to_text/R@5",
+  "covid_cxr/zero_shot/AUC",
+)
 
 
 def config_flags(overrides: dict) -> list:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def run_variant(name: str, overrides: dict, config: str, workdir: str, steps: int | None,
-                log_path: str) -> dict:
+def run_variant(name: str, overrides: dict, config: str, workdir: str, steps: int | None, log_path: str) -> dict:
   """Trains and evaluates one variant; returns its results.json with the wall time."""
   extra = config_flags(overrides) + ["--config.eval.every_steps=0", "--config.eval.figure=False"]
   if steps:
@@ -90,15 +93,19 @@ def row(name: str, results: dict, metrics) -> dict:
 
 
 def format_cell(r: dict, m: str) -> str:
-  """"57.2 [42.2–71.1]": the score and its interval (the chance level is in the column header)."""
+  """ "57.2 [42.2–71.1]": the score and its interval (the chance level is in the column header)."""
   return report.score_cell({k: v for k, v in r.items() if k in (m, m + "_ci_low", m + "_ci_high")}, m)
 
 
 def markdown(rows, metrics) -> str:
   chance = {m: next((r[m + "_chance"] for r in rows if m + "_chance" in r), None) for m in metrics}
-  head = "| variant | " + " | ".join(
-      f"{m.split('/', 1)[1]}" + (f" (chance {100 * chance[m]:.1f})" if chance[m] is not None else "")
-      for m in metrics) + " | wall s |"
+  head = (
+    "| variant | "
+    + " | ".join(
+      f"{m.split('/', 1)[1]}" + (f" (chance {100 * chance[m]:.1f})" if chance[m] is not None else "") for m in metrics
+    )
+    + " | wall s |"
+  )
   lines = [head, "|" + "---|" * (len(metrics) + 2)]
   for r in rows:
     lines.append(f"| {r['variant']} | " + " | ".join(format_cell(r, m) for m in metrics) + f" | {r['wall_s']:.0f} |")
@@ -108,8 +115,9 @@ def markdown(rows, metrics) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/demo.py")
-  parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: "
-                      + ", ".join(VARIANTS))
+  parser.add_argument(
+    "--variants", default=",".join(VARIANTS), help="comma-separated names from: " + ", ".join(VARIANTS)
+  )
   parser.add_argument("--steps", type=int, default=None, help="override config.train.num_steps")
   parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
   parser.add_argument("--workdir", default="", help="one sub-folder per variant (default: a temporary folder)")
@@ -126,10 +134,9 @@ def main(argv=None):
   for name in names:
     workdir = os.path.join(root, name.lstrip("-") or "full")
     if os.path.isdir(workdir):
-      shutil.rmtree(workdir)   # a stale checkpoint would be resumed instead of trained
+      shutil.rmtree(workdir)  # a stale checkpoint would be resumed instead of trained
     os.makedirs(workdir)
-    results = run_variant(name, VARIANTS[name], args.config, workdir, args.steps,
-                          os.path.join(workdir, "log.txt"))
+    results = run_variant(name, VARIANTS[name], args.config, workdir, args.steps, os.path.join(workdir, "log.txt"))
     rows.append(row(name, results, metrics))
     print(json.dumps(rows[-1]), flush=True)
   print(markdown(rows, metrics))

@@ -33,8 +33,9 @@ import time
 # One host device: the loop's cost, not a simulated mesh's, is what is measured
 # (a device count inherited from the environment, e.g. from the tests, is replaced).
 os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    + ["--xla_force_host_platform_device_count=1"])
+  [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  + ["--xla_force_host_platform_device_count=1"]
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -42,6 +43,7 @@ if str(REPO) not in sys.path:
 
 # As the entry point does: tcmalloc and XLA flags before the backend starts.
 from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+
 runtime.configure_host_runtime()
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -62,15 +64,27 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 
 def _config(steps: int, log_every: int, batch: int):
-  return load_config(_CONFIG.value, {
-      "train.num_steps": steps, "train.log_every_steps": log_every, "train.checkpoint_every_steps": 10 ** 9,
-      "train.data_workers": 0, "optim.batch_size": batch, "optim.warmup_steps": 1, "eval.every_steps": 0})
+  return load_config(
+    _CONFIG.value,
+    {
+      "train.num_steps": steps,
+      "train.log_every_steps": log_every,
+      "train.checkpoint_every_steps": 10**9,
+      "train.data_workers": 0,
+      "optim.batch_size": batch,
+      "optim.warmup_steps": 1,
+      "eval.every_steps": 0,
+    },
+  )
 
 
 def host_batches(config, n: int):
-  loader = pipeline.make_train_loader(list_shards(config.data.train, split=config.data.train_split or None),
-                                      global_batch_size=int(config.optim.batch_size), seed=0,
-                                      mask_ratio=float(config.data.mask_ratio))
+  loader = pipeline.make_train_loader(
+    list_shards(config.data.train, split=config.data.train_split or None),
+    global_batch_size=int(config.optim.batch_size),
+    seed=0,
+    mask_ratio=float(config.data.mask_ratio),
+  )
   return [b for b, _ in zip(loader.iterator(), range(n))]
 
 
@@ -112,17 +126,25 @@ def main(argv):
     runs["loop"].append(time_loop(config, batches))
   medians = {k: statistics.median(v) for k, v in runs.items()}
   result = {
-      "config": os.path.basename(_CONFIG.value), "steps": _STEPS.value, "log_every": _LOG_EVERY.value,
-      "batch_size": _BATCH.value, "repeats": _REPEATS.value, "device": jax.devices()[0].device_kind,
-      "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),
-      "step_s": medians, "runs_s": runs,
-      "loop_vs_bare": medians["loop"] / medians["bare"],
-      "loop_vs_bare_put": medians["loop"] / medians["bare_put"],
+    "config": os.path.basename(_CONFIG.value),
+    "steps": _STEPS.value,
+    "log_every": _LOG_EVERY.value,
+    "batch_size": _BATCH.value,
+    "repeats": _REPEATS.value,
+    "device": jax.devices()[0].device_kind,
+    "machine": platform.processor() or platform.machine(),
+    "date": time.strftime("%Y-%m-%d"),
+    "step_s": medians,
+    "runs_s": runs,
+    "loop_vs_bare": medians["loop"] / medians["bare"],
+    "loop_vs_bare_put": medians["loop"] / medians["bare_put"],
   }
   for name in runs:
     print(f"{name:9s} {1e3 * medians[name]:8.2f} ms/step   runs: " + ", ".join(f"{1e3 * t:.2f}" for t in runs[name]))
-  print(f"loop / bare = {result['loop_vs_bare']:.3f}   loop / bare_put = {result['loop_vs_bare_put']:.3f}"
-        f"   (target loop / bare <= 1.03)")
+  print(
+    f"loop / bare = {result['loop_vs_bare']:.3f}   loop / bare_put = {result['loop_vs_bare_put']:.3f}"
+    f"   (target loop / bare <= 1.03)"
+  )
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(result, f, indent=2)

@@ -37,9 +37,12 @@ def _set_device_count(devices: int) -> None:
   """Simulated CPU devices; only possible before JAX starts its backend."""
   if "jax" in sys.modules:
     import jax  # pylint: disable=g-import-not-at-top
+
     if jax.device_count() < devices:
-      raise RuntimeError(f"JAX already started with {jax.device_count()} devices, {devices} asked for: "
-                         "run this script in a fresh process")
+      raise RuntimeError(
+        f"JAX already started with {jax.device_count()} devices, {devices} asked for: "
+        "run this script in a fresh process"
+      )
     return
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
   os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
@@ -51,6 +54,7 @@ def feature_shapes(config) -> Dict[str, int]:
   sys.path.insert(0, _ROOT)
   from clinvla_jax import api  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+
   mcfg = api.model_config(config)
   kept = records.num_kept_patches(float(config.data.mask_ratio), mcfg.image.num_patches)
   return {"regions": len(mcfg.view_slots) * kept, "words": mcfg.text.max_len, "dim": mcfg.proj_dim}
@@ -75,21 +79,32 @@ def _loss_and_inputs(part: str, batch: int, shapes: Dict[str, int], loss_cfg, im
 
     def fn(x, masks):
       word_mask, region_mask, valid = masks
-      return losses.gloria_local_loss(x["words"], word_mask, x["regions"], region_mask, x["temperatures"], valid,
-                                      chunk_size=chunk, batch_axes=axes)
-    x = {"words": spec((batch, words, dim)), "regions": spec((batch, regions, dim)), "temperatures": spec((3,), batched=False)}
+      return losses.gloria_local_loss(
+        x["words"], word_mask, x["regions"], region_mask, x["temperatures"], valid, chunk_size=chunk, batch_axes=axes
+      )
+
+    x = {
+      "words": spec((batch, words, dim)),
+      "regions": spec((batch, regions, dim)),
+      "temperatures": spec((3,), batched=False),
+    }
     return fn, x, masks
   x = {"image": spec((batch, dim)), "text": spec((batch, dim)), "logit_scale": spec((), batched=False)}
   if part == "infonce":
+
     def fn(x, masks):
-      return losses.infonce_loss(x["image"], x["text"], x["logit_scale"], masks[2], loss_cfg.max_logit_scale,
-                                 batch_axes=axes)[0]
+      return losses.infonce_loss(
+        x["image"], x["text"], x["logit_scale"], masks[2], loss_cfg.max_logit_scale, batch_axes=axes
+      )[0]
+
     return fn, x, masks
   x["logit_bias"] = spec((), batched=False)
 
   def fn(x, masks):
-    return losses.sigmoid_loss(x["image"], x["text"], x["logit_scale"], x["logit_bias"], masks[2],
-                               loss_cfg.max_logit_scale, batch_axes=axes)[0]
+    return losses.sigmoid_loss(
+      x["image"], x["text"], x["logit_scale"], x["logit_bias"], masks[2], loss_cfg.max_logit_scale, batch_axes=axes
+    )[0]
+
   return fn, x, masks
 
 
@@ -97,6 +112,7 @@ def measure(part: str, impl: str, batch: int, devices: int, config) -> dict:
   """Compiles value_and_grad of one loss on ``devices`` simulated devices; bytes per device."""
   import jax  # pylint: disable=g-import-not-at-top
   from clinvla_jax import sharding  # pylint: disable=g-import-not-at-top
+
   mesh = sharding.make_mesh({"data": devices, "fsdp": 1, "tensor": 1}, jax.devices()[:devices])
   fn, x, masks = _loss_and_inputs(part, batch, feature_shapes(config), config.loss, impl, mesh)
   step = jax.jit(jax.value_and_grad(fn))
@@ -104,11 +120,16 @@ def measure(part: str, impl: str, batch: int, devices: int, config) -> dict:
   with jax.set_mesh(mesh):
     compiled = step.lower(x, masks).compile()
   mem = compiled.memory_analysis()
-  return {"part": part, "impl": impl, "devices": devices, "global_batch": batch,
-          "temp_bytes_per_device": int(mem.temp_size_in_bytes),
-          "arg_bytes_per_device": int(mem.argument_size_in_bytes),
-          "output_bytes_per_device": int(mem.output_size_in_bytes),
-          "compile_s": round(time.perf_counter() - start, 2)}
+  return {
+    "part": part,
+    "impl": impl,
+    "devices": devices,
+    "global_batch": batch,
+    "temp_bytes_per_device": int(mem.temp_size_in_bytes),
+    "arg_bytes_per_device": int(mem.argument_size_in_bytes),
+    "output_bytes_per_device": int(mem.output_size_in_bytes),
+    "compile_s": round(time.perf_counter() - start, 2),
+  }
 
 
 def growth(rows: Sequence[dict]) -> Dict[str, float]:
@@ -132,13 +153,15 @@ def _machine() -> str:
   return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def run(devices: int, batches: Sequence[int], parts: Sequence[str] = PARTS, config_path: str = "",
-        overrides=None) -> dict:
+def run(
+  devices: int, batches: Sequence[int], parts: Sequence[str] = PARTS, config_path: str = "", overrides=None
+) -> dict:
   """Every (part, impl, batch) row; the device count must be settable (or already there)."""
   _set_device_count(devices)
   sys.path.insert(0, _ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   from clinvla_jax.config import load_config  # pylint: disable=g-import-not-at-top
+
   config = load_config(config_path or os.path.join(_ROOT, "configs", "base.py"), overrides)
   rows: List[dict] = []
   for part in parts:
@@ -147,9 +170,16 @@ def run(devices: int, batches: Sequence[int], parts: Sequence[str] = PARTS, conf
         raise ValueError(f"global batch {batch} does not divide over {devices} devices")
       for impl in IMPLS:
         rows.append(measure(part, impl, batch, devices, config))
-  return {"rows": rows, "growth": growth(rows), "shapes": feature_shapes(config),
-          "chunk_size": int(config.loss.get("chunk_size", 0)), "config": config_path or "configs/base.py",
-          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine(), "jax": jax.__version__}
+  return {
+    "rows": rows,
+    "growth": growth(rows),
+    "shapes": feature_shapes(config),
+    "chunk_size": int(config.loss.get("chunk_size", 0)),
+    "config": config_path or "configs/base.py",
+    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    "machine": _machine(),
+    "jax": jax.__version__,
+  }
 
 
 def _mib(n: int) -> str:
@@ -159,11 +189,14 @@ def _mib(n: int) -> str:
 def print_table(result: dict) -> None:
   print(f"{'part':>8} {'impl':>8} {'devices':>7} {'batch':>6} {'temp MiB/dev':>12} {'args MiB/dev':>12}")
   for r in result["rows"]:
-    print(f"{r['part']:>8} {r['impl']:>8} {r['devices']:>7} {r['global_batch']:>6} "
-          f"{_mib(r['temp_bytes_per_device']):>12} {_mib(r['arg_bytes_per_device']):>12}")
+    print(
+      f"{r['part']:>8} {r['impl']:>8} {r['devices']:>7} {r['global_batch']:>6} "
+      f"{_mib(r['temp_bytes_per_device']):>12} {_mib(r['arg_bytes_per_device']):>12}"
+    )
   batches = sorted({r["global_batch"] for r in result["rows"]})
-  print(f"temporaries per device, growth from batch {batches[0]} to {batches[-1]} "
-        f"(batch x{batches[-1] / batches[0]:g}):")
+  print(
+    f"temporaries per device, growth from batch {batches[0]} to {batches[-1]} (batch x{batches[-1] / batches[0]:g}):"
+  )
   for key, value in result["growth"].items():
     print(f"  {key:>18}: x{value:.2f}")
 

@@ -29,6 +29,7 @@ import sys
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.configure_host_runtime()
 
 import collections
@@ -43,9 +44,24 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import jax
 
 KINDS = ("matmul", "fused elementwise / reduction", "data movement", "other")
-_DATA_MOVEMENT = {"copy", "transpose", "concatenate", "slice", "dynamic-slice", "dynamic-update-slice",
-                  "gather", "scatter", "pad", "broadcast", "reshape", "bitcast", "copy-start", "copy-done",
-                  "reverse", "select-and-scatter"}
+_DATA_MOVEMENT = {
+  "copy",
+  "transpose",
+  "concatenate",
+  "slice",
+  "dynamic-slice",
+  "dynamic-update-slice",
+  "gather",
+  "scatter",
+  "pad",
+  "broadcast",
+  "reshape",
+  "bitcast",
+  "copy-start",
+  "copy-done",
+  "reverse",
+  "select-and-scatter",
+}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][a-z\-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _CUSTOM_TARGET = re.compile(r'custom_call_target="([^"]+)"')
@@ -57,8 +73,12 @@ def _computations(hlo_text: str) -> Dict[str, List[Tuple[str, str, str]]]:
   current = None
   for line in hlo_text.splitlines():
     stripped = line.strip()
-    if stripped.endswith("{") and ("(" in stripped) and not stripped.startswith("ROOT") and "=" not in \
-        stripped.split("(")[0]:
+    if (
+      stripped.endswith("{")
+      and ("(" in stripped)
+      and not stripped.startswith("ROOT")
+      and "=" not in stripped.split("(")[0]
+    ):
       # A computation header: "%name (params) -> shape {" or "ENTRY %name ...".
       head = stripped.split("(")[0].replace("ENTRY", "").strip().lstrip("%")
       current = computations.setdefault(head, [])
@@ -73,8 +93,15 @@ def _computations(hlo_text: str) -> Dict[str, List[Tuple[str, str, str]]]:
 # first match wins (a softmax fusion also reduces).  XLA:CPU expands erf into
 # polynomials and hoists LayerNorm's rsqrt into tiny fusions before this
 # point, so GELU and LayerNorm work lands in "other elementwise".
-PARTS = ("matmul", "random bits (dropout)", "softmax (exp)", "dtype converts", "transposes / copies",
-         "bias / residual adds", "other elementwise")
+PARTS = (
+  "matmul",
+  "random bits (dropout)",
+  "softmax (exp)",
+  "dtype converts",
+  "transposes / copies",
+  "bias / residual adds",
+  "other elementwise",
+)
 
 
 def hlo_operation_parts(hlo_text: str, kinds: Dict[str, str]) -> Dict[str, str]:
@@ -104,8 +131,14 @@ def hlo_operation_parts(hlo_text: str, kinds: Dict[str, str]) -> Dict[str, str]:
         part = "random bits (dropout)"
       elif "exponential" in ops:
         part = "softmax (exp)"
-      elif "convert" in ops and ops <= _DATA_MOVEMENT | {"convert", "parameter", "tuple", "get-tuple-element",
-                                                         "fusion", "constant"}:
+      elif "convert" in ops and ops <= _DATA_MOVEMENT | {
+        "convert",
+        "parameter",
+        "tuple",
+        "get-tuple-element",
+        "fusion",
+        "constant",
+      }:
         part = "dtype converts"
       elif moves and ops & {"transpose", "copy"}:
         part = "transposes / copies"
@@ -141,16 +174,30 @@ def hlo_operation_kinds(hlo_text: str) -> Dict[str, str]:
         callees = _CALLS.findall(line)
         if any(contains_dot(c) for c in callees):
           kind = "matmul"
-        elif re.match(r"(copy|transpose|bitcast|concatenate|slice|dynamic|gather|scatter|pad|broadcast)",
-                      name):
+        elif re.match(r"(copy|transpose|bitcast|concatenate|slice|dynamic|gather|scatter|pad|broadcast)", name):
           # XLA names a fusion after its root: these only move data.
           kind = "data movement"
         else:
           kind = "fused elementwise / reduction"
       elif opcode in _DATA_MOVEMENT:
         kind = "data movement"
-      elif opcode in ("reduce", "reduce-window", "add", "multiply", "exponential", "divide", "subtract",
-                      "maximum", "select", "compare", "convert", "tanh", "rsqrt", "sqrt", "log"):
+      elif opcode in (
+        "reduce",
+        "reduce-window",
+        "add",
+        "multiply",
+        "exponential",
+        "divide",
+        "subtract",
+        "maximum",
+        "select",
+        "compare",
+        "convert",
+        "tanh",
+        "rsqrt",
+        "sqrt",
+        "log",
+      ):
         kind = "fused elementwise / reduction"
       else:
         kind = "other"
@@ -186,14 +233,26 @@ def breakdown(events: Iterable[dict], kinds: Dict[str, str], parts: Optional[Dic
   by_part = {p: 0.0 for p in PARTS}
   for name, seconds in by_name.items():
     by_part[(parts or {}).get(name, "other elementwise")] += seconds
-  return {"op_seconds_total": total, "op_seconds_by_kind": by_kind, "op_seconds_by_part": by_part,
-          "op_share_by_kind": {k: (v / total if total else 0.0) for k, v in by_kind.items()},
-          "ops": sorted(({"name": n, "kind": kinds[n], "seconds": s} for n, s in by_name.items()),
-                        key=lambda o: -o["seconds"])}
+  return {
+    "op_seconds_total": total,
+    "op_seconds_by_kind": by_kind,
+    "op_seconds_by_part": by_part,
+    "op_share_by_kind": {k: (v / total if total else 0.0) for k, v in by_kind.items()},
+    "ops": sorted(
+      ({"name": n, "kind": kinds[n], "seconds": s} for n, s in by_name.items()), key=lambda o: -o["seconds"]
+    ),
+  }
 
 
-def profile(config: str, batch: int, steps: int, dtype: str = "float32", part: str = "train",
-            precision: str = "auto", hlo_out: Optional[str] = None) -> Dict:
+def profile(
+  config: str,
+  batch: int,
+  steps: int,
+  dtype: str = "float32",
+  part: str = "train",
+  precision: str = "auto",
+  hlo_out: Optional[str] = None,
+) -> Dict:
   """part: "train" (the train step) or "embed" (inference embedding of one frontal view + report)."""
   from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
   from clinvla_jax import api  # pylint: disable=g-import-not-at-top
@@ -234,20 +293,37 @@ def profile(config: str, batch: int, steps: int, dtype: str = "float32", part: s
     wall = time.perf_counter() - t
     events = trace_events(log_dir)
   result = breakdown(events, kinds, parts)
-  result.update({"part": part, "config": config, "batch": batch, "steps": steps, "dtype": dtype, "wall_s": wall,
-                 "wall_s_per_step": wall / steps, "device_kind": jax.devices()[0].device_kind,
-                 "matched_instructions": len(result["ops"]), "hlo_instructions": len(kinds)})
+  result.update(
+    {
+      "part": part,
+      "config": config,
+      "batch": batch,
+      "steps": steps,
+      "dtype": dtype,
+      "wall_s": wall,
+      "wall_s_per_step": wall / steps,
+      "device_kind": jax.devices()[0].device_kind,
+      "matched_instructions": len(result["ops"]),
+      "hlo_instructions": len(kinds),
+    }
+  )
   return result
 
 
 def print_breakdown(r: Dict, top: int) -> None:
-  print(f"\n== profile of the {r['part']} step: ClinVLA {r['config']}, batch {r['batch']}, {r['dtype']}, {r['device_kind']}, "
-        f"{r['steps']} steps")
-  print(f"   wall {r['wall_s_per_step']:.4f} s/step; XLA operations {r['op_seconds_total'] / r['steps']:.4f} s/step "
-        f"({r['matched_instructions']} of {r['hlo_instructions']} instructions seen in the trace)")
+  print(
+    f"\n== profile of the {r['part']} step: ClinVLA {r['config']}, batch {r['batch']}, {r['dtype']}, {r['device_kind']}, "
+    f"{r['steps']} steps"
+  )
+  print(
+    f"   wall {r['wall_s_per_step']:.4f} s/step; XLA operations {r['op_seconds_total'] / r['steps']:.4f} s/step "
+    f"({r['matched_instructions']} of {r['hlo_instructions']} instructions seen in the trace)"
+  )
   for kind in KINDS:
-    print(f"   {kind:32s} {r['op_seconds_by_kind'][kind] / r['steps']:9.4f} s/step  "
-          f"{100 * r['op_share_by_kind'][kind]:5.1f} %")
+    print(
+      f"   {kind:32s} {r['op_seconds_by_kind'][kind] / r['steps']:9.4f} s/step  "
+      f"{100 * r['op_share_by_kind'][kind]:5.1f} %"
+    )
   total = r["op_seconds_total"] or 1.0
   print("   by part (what the operations compute):")
   for part, seconds in sorted(r.get("op_seconds_by_part", {}).items(), key=lambda kv: -kv[1]):
@@ -260,12 +336,17 @@ def print_breakdown(r: Dict, top: int) -> None:
 def main():
   # argparse, not absl flags: the benchmark module imported here defines its own.
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="tiny", help="tiny | base | a path to a config file.")
   parser.add_argument("--batch", type=int, default=4, help="Studies per step.")
   parser.add_argument("--steps", type=int, default=2, help="Profiled steps (after one untimed step).")
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                      help="float32, or bfloat16: the precision policy --precision.")
+  parser.add_argument(
+    "--dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="float32, or bfloat16: the precision policy --precision.",
+  )
   parser.add_argument("--precision", default="auto", help="Policy with --dtype=bfloat16 (model.precision).")
   parser.add_argument("--part", default="train", choices=["train", "embed"], help="What to profile.")
   parser.add_argument("--top", type=int, default=15, help="Operations listed individually.")
@@ -276,6 +357,7 @@ def main():
   print_breakdown(result, args.top)
   if args.out:
     from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
+
     vs_pytorch.write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -35,6 +35,7 @@ def _worker(spec: dict) -> dict:
   """One measurement; runs in a fresh process with the device count already set."""
   sys.path.insert(0, _ROOT)
   from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.configure_host_runtime()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -57,15 +58,25 @@ def _worker(spec: dict) -> dict:
     compiled = step.lower(setup.abstract_state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
-  out = {**spec, "devices": jax.device_count(), "compile_s": compile_s,
-         "mesh": {k: int(v) for k, v in setup.mesh.shape.items()}}
-  for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                "alias_size_in_bytes", "generated_code_size_in_bytes"):
+  out = {
+    **spec,
+    "devices": jax.device_count(),
+    "compile_s": compile_s,
+    "mesh": {k: int(v) for k, v in setup.mesh.shape.items()},
+  }
+  for field in (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "temp_size_in_bytes",
+    "alias_size_in_bytes",
+    "generated_code_size_in_bytes",
+  ):
     out[field] = int(getattr(mem, field, 0) or 0)
   # Per device: what the step holds at its peak (inputs + outputs not aliased to
   # donated inputs + temporaries).
-  out["peak_bytes_per_device"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
-                                  - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  out["peak_bytes_per_device"] = (
+    out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"] + out["temp_size_in_bytes"]
+  )
   params_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(setup.frozen))
   out["frozen_param_bytes_total"] = int(params_bytes)
   if spec["steps"]:
@@ -89,11 +100,17 @@ def _run_point(spec: dict, devices: int) -> dict:
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                        env=env, capture_output=True, text=True, check=False, cwd=_ROOT)
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=_ROOT,
+  )
   for line in proc.stdout.splitlines():
     if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
+      return json.loads(line[len("RESULT ") :])
   tail = (proc.stderr or "")[-2000:]
   return {**spec, "error": f"exit {proc.returncode}: {tail}"}
 
@@ -104,6 +121,7 @@ def _mib(n) -> str:
 
 def main(argv=None):
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="tiny")
   parser.add_argument("--batches", default="1,2,4,8")
@@ -120,29 +138,42 @@ def main(argv=None):
     return
 
   ints = lambda s: [int(x) for x in s.split(",") if x]
-  results = {"config": args.config, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-             "load_average_start": list(os.getloadavg()), "batch": [], "devices": [], "fsdp": []}
-  header = f"{'points':>8} {'mesh':>22} {'batch':>5} {'step s':>8} {'samples/s':>9} {'args MiB':>9} " \
-           f"{'temp MiB':>9} {'peak MiB/dev':>12}"
+  results = {
+    "config": args.config,
+    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    "load_average_start": list(os.getloadavg()),
+    "batch": [],
+    "devices": [],
+    "fsdp": [],
+  }
+  header = (
+    f"{'points':>8} {'mesh':>22} {'batch':>5} {'step s':>8} {'samples/s':>9} {'args MiB':>9} "
+    f"{'temp MiB':>9} {'peak MiB/dev':>12}"
+  )
 
   def show(r):
     if "error" in r:
       print(f"   error: {r['error']}")
       return
-    print(f"{r['devices']:>8} {json.dumps(r['mesh']):>22} {r['batch']:>5} {r.get('step_s', float('nan')):8.3f} "
-          f"{r.get('samples_per_s', float('nan')):9.2f} {_mib(r['argument_size_in_bytes'])} "
-          f"{_mib(r['temp_size_in_bytes'])} {_mib(r['peak_bytes_per_device']):>12}", flush=True)
+    print(
+      f"{r['devices']:>8} {json.dumps(r['mesh']):>22} {r['batch']:>5} {r.get('step_s', float('nan')):8.3f} "
+      f"{r.get('samples_per_s', float('nan')):9.2f} {_mib(r['argument_size_in_bytes'])} "
+      f"{_mib(r['temp_size_in_bytes'])} {_mib(r['peak_bytes_per_device']):>12}",
+      flush=True,
+    )
 
   print(f"== batch sweep, 1 device, {args.config}\n{header}")
   for b in ints(args.batches):
     r = _run_point({"config": args.config, "batch": b, "data": 1, "fsdp": 1, "steps": args.steps}, 1)
     results["batch"].append(r)
     show(r)
-  print(f"== device sweep, data parallel, {args.per_device_batch} per device (simulated devices share the CPU)\n"
-        f"{header}")
+  print(
+    f"== device sweep, data parallel, {args.per_device_batch} per device (simulated devices share the CPU)\n{header}"
+  )
   for n in ints(args.devices):
-    r = _run_point({"config": args.config, "batch": n * args.per_device_batch, "data": n, "fsdp": 1,
-                    "steps": args.steps}, n)
+    r = _run_point(
+      {"config": args.config, "batch": n * args.per_device_batch, "data": n, "fsdp": 1, "steps": args.steps}, n
+    )
     results["devices"].append(r)
     show(r)
   print(f"== FSDP memory per device, {args.config}, global batch {args.fsdp_batch} (compiled, not run)\n{header}")
@@ -155,6 +186,7 @@ def main(argv=None):
   if args.out:
     sys.path.insert(0, _ROOT)
     from benchmarks import vs_pytorch  # pylint: disable=g-import-not-at-top
+
     vs_pytorch.write_json(args.out, results)
     print(f"wrote {args.out}")
 

@@ -86,6 +86,7 @@ def _adapted_bert_output_forward(self, hidden_states, input_tensor):
 def _add_adapter_hook(module, adapter):
   def hook(_, __, output):
     return output + adapter(output)
+
   module.register_forward_hook(hook)
 
 
@@ -93,11 +94,21 @@ class ImageTower(nn.Module):
   def __init__(self, cfg):
     super().__init__()
     from timm.models.vision_transformer import VisionTransformer
+
     self.cfg = cfg
     self.vit = VisionTransformer(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.channels, num_classes=0,
-        global_pool="token", embed_dim=cfg.hidden_size, depth=cfg.num_layers, num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_dim / cfg.hidden_size, qkv_bias=True, class_token=True)
+      img_size=cfg.image_size,
+      patch_size=cfg.patch_size,
+      in_chans=cfg.channels,
+      num_classes=0,
+      global_pool="token",
+      embed_dim=cfg.hidden_size,
+      depth=cfg.num_layers,
+      num_heads=cfg.num_heads,
+      mlp_ratio=cfg.mlp_dim / cfg.hidden_size,
+      qkv_bias=True,
+      class_token=True,
+    )
     if cfg.adapter_dim:
       for block in self.vit.blocks:
         block.adapter = Bottleneck(cfg.hidden_size, cfg.adapter_dim)
@@ -106,8 +117,9 @@ class ImageTower(nn.Module):
     self.missing_token = nn.Parameter(torch.zeros(width))
     self.view_embed = nn.Parameter(torch.zeros(2, width))
     self.time_embed = nn.Parameter(torch.zeros(2, width))
-    self.register_buffer("pos_table", torch.from_numpy(sincos_2d_position_embedding(cfg.grid_size, width)),
-                         persistent=False)
+    self.register_buffer(
+      "pos_table", torch.from_numpy(sincos_2d_position_embedding(cfg.grid_size, width)), persistent=False
+    )
 
   def forward(self, patches, patch_idx, view_valid, view_slots: Sequence[int]):
     cfg = self.cfg
@@ -131,7 +143,8 @@ class ImageTower(nn.Module):
     cls = (self.vit.cls_token.reshape(1, 1, width) + pos[:1]).expand(batch * num_views, 1, width)
     tokens = torch.cat([cls, tokens], dim=1).reshape(batch, num_views, 1 + num_kept, width)
     missing_seq = self.missing_token + torch.cat(
-        [pos[:1].expand(batch, num_views, 1, width), pos[patch_idx.long() + 1]], dim=2)
+      [pos[:1].expand(batch, num_views, 1, width), pos[patch_idx.long() + 1]], dim=2
+    )
     tokens = torch.where(view_valid.bool()[:, :, None, None], tokens, missing_seq)
     slot_type = torch.tensor([VIEW_TYPE[s] for s in view_slots], device=tokens.device)
     slot_time = torch.tensor([VIEW_TIME[s] for s in view_slots], device=tokens.device)
@@ -147,12 +160,20 @@ class TextTower(nn.Module):
     super().__init__()
     import transformers
     from transformers.models.bert import modeling_bert
+
     bert_cfg = transformers.BertConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim, hidden_act="gelu",
-        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.max_len, type_vocab_size=cfg.type_vocab_size,
-        layer_norm_eps=cfg.layer_norm_eps)
+      vocab_size=cfg.vocab_size,
+      hidden_size=cfg.hidden_size,
+      num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads,
+      intermediate_size=cfg.mlp_dim,
+      hidden_act="gelu",
+      hidden_dropout_prob=cfg.dropout,
+      attention_probs_dropout_prob=cfg.attention_dropout,
+      max_position_embeddings=cfg.max_len,
+      type_vocab_size=cfg.type_vocab_size,
+      layer_norm_eps=cfg.layer_norm_eps,
+    )
     bert_cfg._attn_implementation = attn_implementation
     self.bert = transformers.BertModel(bert_cfg, add_pooling_layer=False)
     self.cfg = cfg
@@ -219,7 +240,7 @@ class TorchClinVLA(nn.Module):
     weights = view_valid.float()
     pooled = (hidden[:, :, 0, :] * weights[..., None]).sum(1) / torch.clamp(weights.sum(1, keepdim=True), min=1.0)
     global_emb = l2_normalize(self.image_global_head(pooled))
-    if not with_local:   # embedding only: skip the local head, as XLA prunes it on the JAX side
+    if not with_local:  # embedding only: skip the local head, as XLA prunes it on the JAX side
       return {"global": global_emb, "hidden": hidden}
     local = self.image_local_head(hidden[:, :, 1:, :]).reshape(batch, used_views * (seq - 1), -1)
     local_mask = view_valid.repeat_interleave(seq - 1, dim=1)
@@ -229,13 +250,20 @@ class TorchClinVLA(nn.Module):
     hidden = self.text_tower(input_ids.long(), attention_mask.long())
     if not with_local:
       return {"global": l2_normalize(self.text_global_head(hidden[:, 0])), "hidden": hidden}
-    return {"global": l2_normalize(self.text_global_head(hidden[:, 0])), "local": self.text_local_head(hidden),
-            "local_mask": text_local_mask(attention_mask), "hidden": hidden}
+    return {
+      "global": l2_normalize(self.text_global_head(hidden[:, 0])),
+      "local": self.text_local_head(hidden),
+      "local_mask": text_local_mask(attention_mask),
+      "hidden": hidden,
+    }
 
   def forward(self, patches, patch_idx, view_valid, input_ids, attention_mask):
-    return {"image": self.encode_image(patches, patch_idx, view_valid),
-            "text": self.encode_text(input_ids, attention_mask),
-            "logit_scale": self.logit_scale, "local_temperatures": self.local_temperatures()}
+    return {
+      "image": self.encode_image(patches, patch_idx, view_valid),
+      "text": self.encode_text(input_ids, attention_mask),
+      "logit_scale": self.logit_scale,
+      "local_temperatures": self.local_temperatures(),
+    }
 
 
 # ---------------------------------------------------------------- losses
@@ -293,12 +321,18 @@ def clinvla_loss(outputs, loss_cfg, example_valid=None):
     raise NotImplementedError("the PyTorch twin implements the default losses (infonce + gloria) only")
   total = torch.zeros((), device=device)
   if loss_cfg.use_global:
-    total = total + infonce_loss(image["global"], text["global"], outputs["logit_scale"].float(), valid,
-                                 float(loss_cfg.max_logit_scale))
+    total = total + infonce_loss(
+      image["global"], text["global"], outputs["logit_scale"].float(), valid, float(loss_cfg.max_logit_scale)
+    )
   if loss_cfg.use_local:
     total = total + loss_cfg.local_weight * gloria_local_loss(
-        text["local"], text["local_mask"], image["local"], image["local_mask"], outputs["local_temperatures"].float(),
-        valid)
+      text["local"],
+      text["local_mask"],
+      image["local"],
+      image["local_mask"],
+      outputs["local_temperatures"].float(),
+      valid,
+    )
   return total
 
 
@@ -323,13 +357,17 @@ def _inverse_transform(transform, ours: np.ndarray, theirs_shape: Tuple[int, ...
 
 def _linear(prefix_ours: Tuple[str, ...], prefix_theirs: str) -> Dict:
   # Our dense kernel [in, out] is the transposed torch Linear weight.
-  return {prefix_ours + ("kernel",): (f"{prefix_theirs}.weight", lambda k: np.asarray(k).T),
-          prefix_ours + ("bias",): (f"{prefix_theirs}.bias", np.asarray)}
+  return {
+    prefix_ours + ("kernel",): (f"{prefix_theirs}.weight", lambda k: np.asarray(k).T),
+    prefix_ours + ("bias",): (f"{prefix_theirs}.bias", np.asarray),
+  }
 
 
 def _norm(prefix_ours, prefix_theirs) -> Dict:
-  return {prefix_ours + ("scale",): (f"{prefix_theirs}.weight", np.asarray),
-          prefix_ours + ("bias",): (f"{prefix_theirs}.bias", np.asarray)}
+  return {
+    prefix_ours + ("scale",): (f"{prefix_theirs}.weight", np.asarray),
+    prefix_ours + ("bias",): (f"{prefix_theirs}.bias", np.asarray),
+  }
 
 
 def _head(ours, theirs) -> Dict:
@@ -350,14 +388,15 @@ def _bottleneck(ours, theirs) -> Dict:
 def torch_values_from_jax(model: TorchClinVLA, params: dict) -> Dict[str, Tuple[Tuple[str, ...], np.ndarray]]:
   """torch state name -> (JAX path, value) for every tensor the JAX tree defines."""
   from flax import traverse_util
+
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
   state = model.state_dict()
   out = {}
   # Backbones: invert the converters' plans.
-  vit_state = {k[len("image_tower.vit."):]: v for k, v in state.items() if k.startswith("image_tower.vit.")}
+  vit_state = {k[len("image_tower.vit.") :]: v for k, v in state.items() if k.startswith("image_tower.vit.")}
   for ours, (key, transform) in timm_vit.build_plan(params).items():
     out[f"image_tower.vit.{key}"] = (ours, _inverse_transform(transform, flat[ours], tuple(vit_state[key].shape)))
-  bert_state = {k[len("text_tower.bert."):]: v for k, v in state.items() if k.startswith("text_tower.bert.")}
+  bert_state = {k[len("text_tower.bert.") :]: v for k, v in state.items() if k.startswith("text_tower.bert.")}
   for ours, (key, transform) in hf_bert.build_plan(params, bert_state).items():
     theirs_shape = tuple(bert_state[key].shape)
     out[f"text_tower.bert.{key}"] = (ours, _inverse_transform(transform, flat[ours], theirs_shape))
@@ -393,8 +432,9 @@ def torch_values_from_jax(model: TorchClinVLA, params: dict) -> Dict[str, Tuple[
   return out
 
 
-def from_jax(mcfg: ClinVLAConfig, params: dict, param_groups, attn_implementation: str = "sdpa"
-             ) -> Tuple[TorchClinVLA, Dict[str, str]]:
+def from_jax(
+  mcfg: ClinVLAConfig, params: dict, param_groups, attn_implementation: str = "sdpa"
+) -> Tuple[TorchClinVLA, Dict[str, str]]:
   """A TorchClinVLA holding ``params``; returns it and {torch name: optimizer group}.
 
   Parameters whose JAX path the rules call "frozen" (and peer tensors that
@@ -433,10 +473,10 @@ def make_optimizer(model: TorchClinVLA, groups: Dict[str, str], learning_rates, 
   for name, p in model.named_parameters():
     if groups[name] != optim_lib.FROZEN:
       by_group.setdefault(groups[name], []).append(p)
-  return torch.optim.AdamW([{"params": ps, "lr": float(learning_rates[g])} for g, ps in sorted(by_group.items())],
-                           weight_decay=weight_decay)
+  return torch.optim.AdamW(
+    [{"params": ps, "lr": float(learning_rates[g])} for g, ps in sorted(by_group.items())], weight_decay=weight_decay
+  )
 
 
 def to_torch_batch(batch: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
   return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-

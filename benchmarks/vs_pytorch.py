@@ -34,6 +34,7 @@ import sys
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.configure_host_runtime()
 
 import json
@@ -60,21 +61,26 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Studies per step.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per framework and pass (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per framework and pass.")
 _OUT = flags.DEFINE_string("out", None, "Write the results here as JSON.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Compute dtype for the timed runs (the agreement check is always fp32). "
-                           "bfloat16: JAX under --precision, PyTorch under bf16 autocast and in fp32.")
-_PRECISION = flags.DEFINE_string("precision", "auto",
-                                 "JAX precision policy with --dtype=bfloat16 (model.precision).")
-_ATTENTION = flags.DEFINE_string("attention_impl", None,
-                                 "model.{image,text}.attention_impl for the timed runs (default: config).")
+_DTYPE = flags.DEFINE_enum(
+  "dtype",
+  "float32",
+  ["float32", "bfloat16"],
+  "Compute dtype for the timed runs (the agreement check is always fp32). "
+  "bfloat16: JAX under --precision, PyTorch under bf16 autocast and in fp32.",
+)
+_PRECISION = flags.DEFINE_string("precision", "auto", "JAX precision policy with --dtype=bfloat16 (model.precision).")
+_ATTENTION = flags.DEFINE_string(
+  "attention_impl", None, "model.{image,text}.attention_impl for the timed runs (default: config)."
+)
 _DROPOUT = flags.DEFINE_boolean("dropout", True, "Train with the config's dropout rates (False: none).")
 _SKIP_TORCH = flags.DEFINE_boolean("skip_torch", False, "Time JAX only (no agreement check).")
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "auto", "auto | cpu | cuda.")
 _TOL = flags.DEFINE_float("tolerance", 1e-4, "Largest allowed |JAX - PyTorch| in the fp32 check.")
 _PARTS = flags.DEFINE_list("parts", ["train", "embed"], "What to time: train, embed.")
 _CHECK_BATCH = flags.DEFINE_integer("check_batch", 4, "Studies in the fp32 agreement check.")
-_EMBED_BATCH = flags.DEFINE_integer("embed_batch", 0, "Studies per embedding call (0: --batch); 1 gives the "
-                                    "latency of one study.")
+_EMBED_BATCH = flags.DEFINE_integer(
+  "embed_batch", 0, "Studies per embedding call (0: --batch); 1 gives the latency of one study."
+)
 
 _T0 = time.perf_counter()
 
@@ -82,6 +88,7 @@ _T0 = time.perf_counter()
 def log(msg: str) -> None:
   # Progress with elapsed time: on an accelerator the compiles dominate the run.
   print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
+
 
 MODEL_INPUTS = ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask")
 
@@ -93,13 +100,15 @@ def _config_path(name: str) -> str:
   return os.path.join(root, "configs", f"{name}.py")
 
 
-def build_config(name: str, *, dtype: str = "float32", attention_impl=None, dropout: bool = True,
-                 precision: str = "auto"):
+def build_config(
+  name: str, *, dtype: str = "float32", attention_impl=None, dropout: bool = True, precision: str = "auto"
+):
   """The benchmark's config: fp32 exactly, or ``precision`` (a policy) when dtype is bfloat16."""
   overrides = {
-      # Non-zero adapters, so that the agreement check exercises them.
-      "model.image.adapter_init": "bert", "model.text.adapter_init": "bert",
-      "model.precision": precision if dtype == "bfloat16" else "float32",
+    # Non-zero adapters, so that the agreement check exercises them.
+    "model.image.adapter_init": "bert",
+    "model.text.adapter_init": "bert",
+    "model.precision": precision if dtype == "bfloat16" else "float32",
   }
   if not dropout:
     overrides.update({"model.text.dropout": 0.0, "model.text.attention_dropout": 0.0})
@@ -114,9 +123,10 @@ def synthetic_batch(mcfg, batch: int, num_kept: int, seed: int = 0, views: int =
   """Grayscale uint8 patches like the pipeline's, some missing views, reports of mixed length."""
   rng = np.random.RandomState(seed)
   grid = mcfg.image.num_patches
-  patch_dim = mcfg.image.patch_size ** 2
-  idx = np.stack([np.stack([np.sort(rng.permutation(grid)[:num_kept]) for _ in range(views)])
-                  for _ in range(batch)]).astype(np.int32)
+  patch_dim = mcfg.image.patch_size**2
+  idx = np.stack(
+    [np.stack([np.sort(rng.permutation(grid)[:num_kept]) for _ in range(views)]) for _ in range(batch)]
+  ).astype(np.int32)
   valid = rng.rand(batch, views) < 0.75
   valid[:, 0] = True
   length = mcfg.text.max_len
@@ -124,8 +134,13 @@ def synthetic_batch(mcfg, batch: int, num_kept: int, seed: int = 0, views: int =
   mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
   ids = rng.randint(1000, mcfg.text.vocab_size, size=(batch, length)) * mask
   ids[:, 0] = 101
-  return {"patches": rng.randint(0, 256, size=(batch, views, num_kept, patch_dim)).astype(np.uint8),
-          "patch_idx": idx, "view_valid": valid, "input_ids": ids.astype(np.int32), "attention_mask": mask}
+  return {
+    "patches": rng.randint(0, 256, size=(batch, views, num_kept, patch_dim)).astype(np.uint8),
+    "patch_idx": idx,
+    "view_valid": valid,
+    "input_ids": ids.astype(np.int32),
+    "attention_mask": mask,
+  }
 
 
 def machine_description() -> str:
@@ -142,6 +157,7 @@ def machine_description() -> str:
   desc = f"{model}, {os.cpu_count()} CPUs, jax {jax.__version__} on {dev.platform} ({dev.device_kind})"
   try:
     import torch  # pylint: disable=g-import-not-at-top
+
     desc += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
   except ImportError:
     pass
@@ -170,6 +186,7 @@ def jax_train_runner(step, state, batch_np) -> Callable[[], None]:
   def run():
     holder["state"], loss = step(holder["state"], jbatch)
     loss.block_until_ready()
+
   return run
 
 
@@ -180,10 +197,11 @@ def make_jax_train(cfg, params, batch_np, num_steps: int = 1000, compiler_option
   ``{"xla_cpu_use_xnnpack": True}``), so that variants can be compared in one process.
   """
   from clinvla_jax.train import make_train_step  # pylint: disable=g-import-not-at-top
+
   model = api.build_model(cfg)
   rules = list(cfg.optim.param_groups)
   trainable, frozen = optim_lib.split_params(params, rules)
-  frozen = matmul_ready_params(frozen, api.model_config(cfg))   # as train.TrainSetup does
+  frozen = matmul_ready_params(frozen, api.model_config(cfg))  # as train.TrainSetup does
   # The step donates its state: train on a copy so that `params` stays usable.
   trainable = jax.tree_util.tree_map(jnp.copy, trainable)
   tx, _ = optim_lib.make_optimizer(cfg.optim, trainable, rules, num_steps)
@@ -198,12 +216,13 @@ def make_jax_train(cfg, params, batch_np, num_steps: int = 1000, compiler_option
   def step(state, batch):
     state, metrics = compiled(state, frozen, batch)
     return state, metrics["loss"]
+
   return step, state, compiled, compile_s
 
 
 def make_jax_embed(cfg, variables, batch_np, compiler_options: Optional[Dict] = None):
   model = api.build_model(cfg)
-  variables = matmul_ready_params(variables, api.model_config(cfg))   # as evaluate.embed does
+  variables = matmul_ready_params(variables, api.model_config(cfg))  # as evaluate.embed does
 
   def embed(variables, patches, patch_idx, view_valid, input_ids, attention_mask):
     image = model.apply(variables, patches, patch_idx, view_valid, (0,), method=ClinVLA.encode_image)
@@ -217,6 +236,7 @@ def make_jax_embed(cfg, variables, batch_np, compiler_options: Optional[Dict] = 
     out = compiled(variables, *args)
     jax.block_until_ready(out)
     return out
+
   return run, compiled
 
 
@@ -226,13 +246,17 @@ def make_jax_embed(cfg, variables, batch_np, compiler_options: Optional[Dict] = 
 def make_torch(cfg, host_params, device, dtype):
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_clinvla  # pylint: disable=g-import-not-at-top
+
   mcfg = api.model_config(cfg)
   model, groups = torch_clinvla.from_jax(mcfg, host_params, list(cfg.optim.param_groups))
   model.to(device)
   opt = torch_clinvla.make_optimizer(model, groups, cfg.optim.learning_rates, float(cfg.optim.weight_decay))
   trainable = [p for p in model.parameters() if p.requires_grad]
-  autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-              else torch.autocast(device_type=device.type, enabled=False))
+  autocast = (
+    torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if dtype == "bfloat16"
+    else torch.autocast(device_type=device.type, enabled=False)
+  )
 
   def sync():
     if device.type == "cuda":
@@ -258,45 +282,49 @@ def make_torch(cfg, host_params, device, dtype):
       text = model.encode_text(batch["input_ids"], batch["attention_mask"], with_local=False)
     sync()
     return image["global"], text["global"]
+
   return model, train_step, embed
 
 
 def precision_agreement(cfg, cfg32, params, batch_np) -> Dict[str, float]:
   """How far JAX under ``cfg``'s precision policy is from JAX in fp32 (global embeddings and loss)."""
   from clinvla_jax.model import layers  # pylint: disable=g-import-not-at-top
+
   out = {}
   for name, c in (("policy", cfg), ("fp32", cfg32)):
     model = api.build_model(c)
     # The fp32 reference at full precision (GPUs would otherwise use TF32); the policy as it runs.
     with jax.default_matmul_precision("highest" if name == "fp32" else None):
-      o = jax.jit(lambda v, *a, m=model: m.apply(v, *a))({"params": params},
-                                                         *(batch_np[k] for k in MODEL_INPUTS))
+      o = jax.jit(lambda v, *a, m=model: m.apply(v, *a))({"params": params}, *(batch_np[k] for k in MODEL_INPUTS))
       loss, _ = losses.clinvla_loss(o, c.loss)
     out[name] = ({t: np.asarray(o[t]["global"], np.float32) for t in ("image", "text")}, float(loss))
   (emb, loss), (emb32, loss32) = out["policy"], out["fp32"]
   diffs = [float(np.max(np.abs(emb[t] - emb32[t]))) for t in emb] + [abs(loss - loss32)]
-  cosines = [np.sum(emb[t] * emb32[t], -1) / (np.linalg.norm(emb[t], axis=-1) * np.linalg.norm(emb32[t], axis=-1))
-             for t in emb]
+  cosines = [
+    np.sum(emb[t] * emb32[t], -1) / (np.linalg.norm(emb[t], axis=-1) * np.linalg.norm(emb32[t], axis=-1)) for t in emb
+  ]
   mcfg = api.model_config(cfg)
-  return {"bf16_vs_fp32_max_abs_diff": max(diffs),
-          "bf16_vs_fp32_min_cosine": float(min(c.min() for c in cosines)),
-          "bf16_vs_fp32_min_cosine_image": float(cosines[0].min()),
-          "bf16_vs_fp32_min_cosine_text": float(cosines[1].min()),
-          "bf16_vs_fp32_loss_abs_diff": abs(loss - loss32),
-          "precision": layers.tower_precision(mcfg.image).describe()}
+  return {
+    "bf16_vs_fp32_max_abs_diff": max(diffs),
+    "bf16_vs_fp32_min_cosine": float(min(c.min() for c in cosines)),
+    "bf16_vs_fp32_min_cosine_image": float(cosines[0].min()),
+    "bf16_vs_fp32_min_cosine_text": float(cosines[1].min()),
+    "bf16_vs_fp32_loss_abs_diff": abs(loss - loss32),
+    "precision": layers.tower_precision(mcfg.image).describe(),
+  }
 
 
 def agreement(cfg32, params, host_params, batch_np, device) -> Dict[str, float]:
   """Max |JAX - PyTorch| of embeddings and loss, fp32, no dropout."""
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_clinvla  # pylint: disable=g-import-not-at-top
+
   model_j = api.build_model(cfg32)
   # GPUs run fp32 matmuls at reduced (TF32-like) precision unless told otherwise.
   with jax.default_matmul_precision("highest"):
     out_j = jax.jit(lambda v, *a: model_j.apply(v, *a))({"params": params}, *(batch_np[k] for k in MODEL_INPUTS))
     loss_j, _ = losses.clinvla_loss(out_j, cfg32.loss)
-  model_t, _ = torch_clinvla.from_jax(api.model_config(cfg32), host_params,
-                                      list(cfg32.optim.param_groups))
+  model_t, _ = torch_clinvla.from_jax(api.model_config(cfg32), host_params, list(cfg32.optim.param_groups))
   model_t.to(device).eval()
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False
@@ -331,8 +359,7 @@ def time_alternating(fns: Dict[str, Callable[[], None]], warmup: int, steps: int
   return times
 
 
-def _time_and_record(result: Dict, part: str, fns: Dict[str, Callable[[], None]], warmup: int,
-                     steps: int) -> None:
+def _time_and_record(result: Dict, part: str, fns: Dict[str, Callable[[], None]], warmup: int, steps: int) -> None:
   """Times ``fns`` alternately; stores ``{part}_s_{name}`` (median), ``{part}_times_{name}`` and
   ``{part}_ratio`` (JAX time / PyTorch time)."""
   times = time_alternating(fns, warmup, steps)
@@ -348,12 +375,26 @@ def _time_and_record(result: Dict, part: str, fns: Dict[str, Callable[[], None]]
     result[f"{part}_ratio_vs_torch_bf16"] = result[f"{part}_ratio"]
 
 
-def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "float32", attention_impl=None,
-        dropout: bool = True, skip_torch: bool = False, torch_device: str = "auto", tolerance: float = 1e-4,
-        parts=("train", "embed"), check_batch: int = 4, embed_batch: int = 0,
-        on_progress: Callable[[Dict], None] = lambda result: None, precision: str = "auto") -> Dict:
+def run(
+  config: str,
+  batch: int,
+  steps: int,
+  warmup: int = 2,
+  dtype: str = "float32",
+  attention_impl=None,
+  dropout: bool = True,
+  skip_torch: bool = False,
+  torch_device: str = "auto",
+  tolerance: float = 1e-4,
+  parts=("train", "embed"),
+  check_batch: int = 4,
+  embed_batch: int = 0,
+  on_progress: Callable[[Dict], None] = lambda result: None,
+  precision: str = "auto",
+) -> Dict:
   """Runs the comparison; ``on_progress(result)`` is called after each phase with what is known so far."""
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+
   cfg = build_config(config, dtype=dtype, attention_impl=attention_impl, dropout=dropout, precision=precision)
   cfg32 = build_config(config, dtype="float32", attention_impl=None, dropout=dropout)
   mcfg = api.model_config(cfg)
@@ -366,11 +407,21 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
   params = api.init_params(cfg32, jax.random.key(0))["params"]
   host_params = jax.device_get(params)
   dev = jax.devices()[0]
-  result = {"config": config, "batch": batch, "embed_batch": embed_batch, "machine": machine_description(), "dtype": dtype,
-            "device_kind": dev.device_kind, "steps": steps, "warmup": warmup, "dropout": dropout,
-            "load_average_start": list(os.getloadavg())}
+  result = {
+    "config": config,
+    "batch": batch,
+    "embed_batch": embed_batch,
+    "machine": machine_description(),
+    "dtype": dtype,
+    "device_kind": dev.device_kind,
+    "steps": steps,
+    "warmup": warmup,
+    "dropout": dropout,
+    "load_average_start": list(os.getloadavg()),
+  }
   try:
     from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+
     result["tcmalloc"] = runtime.tcmalloc_loaded()
   except ImportError:
     pass
@@ -379,6 +430,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
   torch = device = None
   if not skip_torch:
     import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
+
     if torch_device == "auto":
       torch_device = "cuda" if (dev.platform == "gpu" and torch.cuda.is_available()) else "cpu"
     device = torch.device(torch_device)
@@ -387,8 +439,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     diffs = agreement(cfg32, params, host_params, check_np, device)
     result["agreement"] = diffs
     result["max_abs_diff"] = max(v for k, v in diffs.items() if not k.startswith("loss_"))
-    print("agreement (fp32, max |JAX - PyTorch|): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()),
-          flush=True)
+    print("agreement (fp32, max |JAX - PyTorch|): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()), flush=True)
     if result["max_abs_diff"] > tolerance:
       raise SystemExit(f"JAX and PyTorch disagree: {result['max_abs_diff']:.3g} > {tolerance}")
   else:
@@ -398,9 +449,11 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     result.update(precision_agreement(cfg, cfg32, params, synthetic_batch(mcfg, check_batch, num_kept, seed=2)))
     embed_check = precision_agreement(cfg, cfg32, params, embed_np)
     result["bf16_vs_fp32_min_cosine_embed_batch"] = embed_check["bf16_vs_fp32_min_cosine"]
-    print(f"{result['precision']} vs fp32: max |diff| {result['bf16_vs_fp32_max_abs_diff']:.3g}, min cosine "
-          f"{result['bf16_vs_fp32_min_cosine']:.6f} (embedding batch {embed_check['bf16_vs_fp32_min_cosine']:.6f})",
-          flush=True)
+    print(
+      f"{result['precision']} vs fp32: max |diff| {result['bf16_vs_fp32_max_abs_diff']:.3g}, min cosine "
+      f"{result['bf16_vs_fp32_min_cosine']:.6f} (embedding batch {embed_check['bf16_vs_fp32_min_cosine']:.6f})",
+      flush=True,
+    )
   on_progress(result)
 
   # FLOPs, both conventions.
@@ -408,12 +461,21 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
   analytic_train = per_study_train * batch
   analytic_embed = flops_lib.eval_forward_flops(mcfg)["total"] * embed_batch
   peak = _peak_flops(dev, dtype)
-  result.update({"analytic_flops_train_step": analytic_train, "analytic_flops_embed": analytic_embed,
-                 "peak_flops": peak["value"], "peak_source": peak["source"]})
-  print("FLOP conventions: analytic = 2 per multiply-accumulate, matmuls only (projections, MLPs, adapters, "
-        "heads, QK^T, AV), train step = 2x forward (frozen backbone: activation gradients only); "
-        "XLA = cost_analysis()['flops'] of the compiled program (2 per MAC for dots plus 1 per "
-        "element-wise op, per device).", flush=True)
+  result.update(
+    {
+      "analytic_flops_train_step": analytic_train,
+      "analytic_flops_embed": analytic_embed,
+      "peak_flops": peak["value"],
+      "peak_source": peak["source"],
+    }
+  )
+  print(
+    "FLOP conventions: analytic = 2 per multiply-accumulate, matmuls only (projections, MLPs, adapters, "
+    "heads, QK^T, AV), train step = 2x forward (frozen backbone: activation gradients only); "
+    "XLA = cost_analysis()['flops'] of the compiled program (2 per MAC for dots plus 1 per "
+    "element-wise op, per device).",
+    flush=True,
+  )
 
   if "train" in parts:
     log("compiling the JAX train step")
@@ -438,7 +500,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     on_progress(result)
 
   if "embed" in parts:
-    variables = {"params": params}   # fp32 parameters; the model casts at use
+    variables = {"params": params}  # fp32 parameters; the model casts at use
     log("compiling the JAX embedding")
     jax_embed, compiled_e = make_jax_embed(cfg, variables, embed_np)
     result["xla_flops_embed"] = _cost_flops(compiled_e)
@@ -455,8 +517,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
     for name in ("jax", "torch"):
       if f"embed_s_{name}" in result:
         result[f"embed_ms_per_study_{name}"] = 1e3 * result[f"embed_s_{name}"] / embed_batch
-    result["embed_mfu_analytic"] = (analytic_embed / result["embed_s_jax"] / peak["value"]
-                                    if peak["value"] else None)
+    result["embed_mfu_analytic"] = analytic_embed / result["embed_s_jax"] / peak["value"] if peak["value"] else None
 
   result["load_average_end"] = list(os.getloadavg())
   return result
@@ -464,6 +525,7 @@ def run(config: str, batch: int, steps: int, warmup: int = 2, dtype: str = "floa
 
 def _torch_batch(batch_np):
   from benchmarks import torch_clinvla  # pylint: disable=g-import-not-at-top
+
   return torch_clinvla.to_torch_batch(batch_np)
 
 
@@ -484,7 +546,7 @@ def _peak_flops(dev, dtype: str) -> Dict:
       t = time.perf_counter()
       f(a, a).block_until_ready()
       times.append(time.perf_counter() - t)
-    rate = 2 * size ** 3 / median(times)
+    rate = 2 * size**3 / median(times)
     kind_name = "bf16 x bf16 -> fp32" if operand == jnp.bfloat16 else "fp32"
     return {"value": rate, "source": f"measured {kind_name} {size}x{size} matmul in this run"}
   return {"value": 0.0, "source": "unknown device"}
@@ -493,35 +555,53 @@ def _peak_flops(dev, dtype: str) -> Dict:
 def print_summary(r: Dict) -> None:
   b = r["batch"]
   print(f"\n== ClinVLA {r['config']}, batch {b}, {r.get('precision', r['dtype'])}, {r['machine']}")
-  print(f"   load average start {r['load_average_start']}, end {r.get('load_average_end')}; "
-        f"tcmalloc {r.get('tcmalloc')}; XLA_FLAGS '{r.get('xla_flags', '')}'")
+  print(
+    f"   load average start {r['load_average_start']}, end {r.get('load_average_end')}; "
+    f"tcmalloc {r.get('tcmalloc')}; XLA_FLAGS '{r.get('xla_flags', '')}'"
+  )
   if r.get("max_abs_diff") is not None:
     print(f"   max |JAX - PyTorch| (fp32 embeddings, loss): {r['max_abs_diff']:.3g}")
   print(f"   peak for MFU: {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_source']})")
   if "train_step_s_jax" in r:
     print(f"   train step   JAX {r['train_step_s_jax']:.4f} s ({b / r['train_step_s_jax']:.2f} samples/s)", end="")
     if "train_step_s_torch" in r:
-      print(f" | PyTorch {r['train_step_s_torch']:.4f} s ({b / r['train_step_s_torch']:.2f} samples/s) | "
-            f"JAX/PyTorch time {r['train_step_ratio']:.3f}", end="")
+      print(
+        f" | PyTorch {r['train_step_s_torch']:.4f} s ({b / r['train_step_s_torch']:.2f} samples/s) | "
+        f"JAX/PyTorch time {r['train_step_ratio']:.3f}",
+        end="",
+      )
     if "train_step_s_torch_fp32" in r:
-      print(f" | PyTorch fp32 {r['train_step_s_torch_fp32']:.4f} s | JAX/PyTorch-fp32 time "
-            f"{r['train_step_ratio_vs_torch_fp32']:.3f}", end="")
+      print(
+        f" | PyTorch fp32 {r['train_step_s_torch_fp32']:.4f} s | JAX/PyTorch-fp32 time "
+        f"{r['train_step_ratio_vs_torch_fp32']:.3f}",
+        end="",
+      )
     print()
-    print(f"   train FLOPs/step: XLA {r['xla_flops_train_step'] / 1e9:.2f} GFLOP, analytic "
-          f"{r['analytic_flops_train_step'] / 1e9:.2f} GFLOP; achieved "
-          f"{r['train_flops_per_s_xla'] / 1e9:.1f} / {r['train_flops_per_s_analytic'] / 1e9:.1f} GFLOP/s; "
-          f"MFU {100 * (r['train_mfu_xla'] or 0):.1f} % (XLA count) / {100 * (r['train_mfu_analytic'] or 0):.1f} % "
-          f"(analytic)")
+    print(
+      f"   train FLOPs/step: XLA {r['xla_flops_train_step'] / 1e9:.2f} GFLOP, analytic "
+      f"{r['analytic_flops_train_step'] / 1e9:.2f} GFLOP; achieved "
+      f"{r['train_flops_per_s_xla'] / 1e9:.1f} / {r['train_flops_per_s_analytic'] / 1e9:.1f} GFLOP/s; "
+      f"MFU {100 * (r['train_mfu_xla'] or 0):.1f} % (XLA count) / {100 * (r['train_mfu_analytic'] or 0):.1f} % "
+      f"(analytic)"
+    )
   if "embed_s_jax" in r:
     b = r.get("embed_batch") or b
-    print(f"   embed (batch {b}) JAX {r['embed_s_jax']:.4f} s ({b / r['embed_s_jax']:.2f} samples/s, "
-          f"{r['embed_ms_per_study_jax']:.2f} ms/study)", end="")
+    print(
+      f"   embed (batch {b}) JAX {r['embed_s_jax']:.4f} s ({b / r['embed_s_jax']:.2f} samples/s, "
+      f"{r['embed_ms_per_study_jax']:.2f} ms/study)",
+      end="",
+    )
     if "embed_s_torch" in r:
-      print(f" | PyTorch {r['embed_s_torch']:.4f} s ({b / r['embed_s_torch']:.2f} samples/s) | "
-            f"JAX/PyTorch time {r['embed_ratio']:.3f}", end="")
+      print(
+        f" | PyTorch {r['embed_s_torch']:.4f} s ({b / r['embed_s_torch']:.2f} samples/s) | "
+        f"JAX/PyTorch time {r['embed_ratio']:.3f}",
+        end="",
+      )
     if "embed_s_torch_fp32" in r:
-      print(f" | PyTorch fp32 {r['embed_s_torch_fp32']:.4f} s | JAX/PyTorch-fp32 time "
-            f"{r['embed_ratio_vs_torch_fp32']:.3f}", end="")
+      print(
+        f" | PyTorch fp32 {r['embed_s_torch_fp32']:.4f} s | JAX/PyTorch-fp32 time {r['embed_ratio_vs_torch_fp32']:.3f}",
+        end="",
+      )
     print()
 
 
@@ -538,9 +618,23 @@ def main(argv):
   del argv
   # Written after every phase: a run stopped by a time limit keeps what it measured.
   on_progress = (lambda r: write_json(_OUT.value, dict(r, complete=False))) if _OUT.value else (lambda r: None)
-  result = run(_CONFIG.value, _BATCH.value, _STEPS.value, _WARMUP.value, _DTYPE.value, _ATTENTION.value,
-               _DROPOUT.value, _SKIP_TORCH.value, _TORCH_DEVICE.value, _TOL.value, tuple(_PARTS.value),
-               _CHECK_BATCH.value, _EMBED_BATCH.value, on_progress, _PRECISION.value)
+  result = run(
+    _CONFIG.value,
+    _BATCH.value,
+    _STEPS.value,
+    _WARMUP.value,
+    _DTYPE.value,
+    _ATTENTION.value,
+    _DROPOUT.value,
+    _SKIP_TORCH.value,
+    _TORCH_DEVICE.value,
+    _TOL.value,
+    tuple(_PARTS.value),
+    _CHECK_BATCH.value,
+    _EMBED_BATCH.value,
+    on_progress,
+    _PRECISION.value,
+  )
   print_summary(result)
   if _OUT.value:
     write_json(_OUT.value, dict(result, complete=True))

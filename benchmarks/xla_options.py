@@ -23,6 +23,7 @@ import sys
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.configure_host_runtime()
 
 import json
@@ -48,21 +49,37 @@ def parse_variant(text: str):
   return name, parsed
 
 
-def compare(config: str, batch: int, variants: Dict[str, Dict], steps: int = 5, warmup: int = 1,
-            parts: Sequence[str] = ("train", "embed"), with_torch: bool = True) -> Dict:
+def compare(
+  config: str,
+  batch: int,
+  variants: Dict[str, Dict],
+  steps: int = 5,
+  warmup: int = 1,
+  parts: Sequence[str] = ("train", "embed"),
+  with_torch: bool = True,
+) -> Dict:
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+
   variants = {"default": {}, **variants}
   cfg = vs_pytorch.build_config(config)
   mcfg = api.model_config(cfg)
   num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
   params = api.init_params(cfg, jax.random.key(0))["params"]
   host_params = jax.device_get(params)
-  result = {"config": config, "batch": batch, "steps": steps, "warmup": warmup, "variants": variants,
-            "machine": vs_pytorch.machine_description(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "load_average_start": list(os.getloadavg())}
+  result = {
+    "config": config,
+    "batch": batch,
+    "steps": steps,
+    "warmup": warmup,
+    "variants": variants,
+    "machine": vs_pytorch.machine_description(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "load_average_start": list(os.getloadavg()),
+  }
   if with_torch:
     import torch  # pylint: disable=g-import-not-at-top
     from benchmarks import torch_clinvla  # pylint: disable=g-import-not-at-top
+
     _, torch_train, torch_embed = vs_pytorch.make_torch(cfg, host_params, torch.device("cpu"), "float32")
   for part in parts:
     if part == "train":
@@ -82,7 +99,7 @@ def compare(config: str, batch: int, variants: Dict[str, Dict], steps: int = 5, 
         fns[name], _ = vs_pytorch.make_jax_embed(cfg, {"params": params}, data, compiler_options=options)
     if with_torch:
       tbatch = torch_clinvla.to_torch_batch(data)
-      fns["torch"] = ((lambda: torch_train(tbatch)) if part == "train" else (lambda: torch_embed(tbatch)))
+      fns["torch"] = (lambda: torch_train(tbatch)) if part == "train" else (lambda: torch_embed(tbatch))
     vs_pytorch.log(f"timing {part}: {', '.join(fns)} in turn")
     times = vs_pytorch.time_alternating(fns, warmup, steps)
     rows = {}
@@ -110,20 +127,32 @@ def print_table(result: Dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
   import argparse  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="tiny", help="tiny | base | a path to a config file.")
   parser.add_argument("--batch", type=int, default=8, help="Studies per step.")
   parser.add_argument("--steps", type=int, default=5, help="Timed steps per variant and part.")
   parser.add_argument("--warmup", type=int, default=1, help="Untimed steps per variant and part.")
-  parser.add_argument("--variant", action="append", default=[],
-                      help='NAME={"xla_option": value, ...}; repeatable. "default" is always run.')
+  parser.add_argument(
+    "--variant",
+    action="append",
+    default=[],
+    help='NAME={"xla_option": value, ...}; repeatable. "default" is always run.',
+  )
   parser.add_argument("--parts", default="train,embed", help="Comma-separated: train, embed.")
   parser.add_argument("--no_torch", action="store_true", help="Leave PyTorch out.")
   parser.add_argument("--out", default=None, help="Write the results here as JSON.")
   args = parser.parse_args(argv)
   variants = dict(parse_variant(v) for v in args.variant)
-  result = compare(args.config, args.batch, variants, args.steps, args.warmup,
-                   tuple(p for p in args.parts.split(",") if p), with_torch=not args.no_torch)
+  result = compare(
+    args.config,
+    args.batch,
+    variants,
+    args.steps,
+    args.warmup,
+    tuple(p for p in args.parts.split(",") if p),
+    with_torch=not args.no_torch,
+  )
   print_table(result)
   if args.out:
     vs_pytorch.write_json(args.out, result)

@@ -18,13 +18,24 @@ from clinvla_jax.config import load_config
 from clinvla_jax.losses import clinvla_loss
 
 __version__ = "0.1.0"
-__all__ = ["Tokenizer", "abstract_params", "build_model", "clinvla_loss", "convert", "encode_images", "encode_text",
-           "init_params", "load_config", "patchify"]
+__all__ = [
+  "Tokenizer",
+  "abstract_params",
+  "build_model",
+  "clinvla_loss",
+  "convert",
+  "encode_images",
+  "encode_text",
+  "init_params",
+  "load_config",
+  "patchify",
+]
 
 
 def __getattr__(name):
   # The tokenizer pulls in transformers (slow to import); load it on first use.
   if name == "Tokenizer":
     from clinvla_jax.data.tokenizer import Tokenizer
+
     return Tokenizer
   raise AttributeError(f"module 'clinvla_jax' has no attribute {name!r}")

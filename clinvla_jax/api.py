@@ -40,13 +40,13 @@ def build_model(cfg) -> ClinVLA:
 
 
 def dummy_inputs(mcfg: ClinVLAConfig, batch: int = 1, num_kept: int = 49):
-  patch_dim = mcfg.image.patch_size ** 2
+  patch_dim = mcfg.image.patch_size**2
   return dict(
-      patches=jnp.zeros((batch, 4, num_kept, patch_dim), jnp.uint8),
-      patch_idx=jnp.tile(jnp.arange(num_kept, dtype=jnp.int32), (batch, 4, 1)),
-      view_valid=jnp.ones((batch, 4), bool),
-      input_ids=jnp.zeros((batch, mcfg.text.max_len), jnp.int32),
-      attention_mask=jnp.ones((batch, mcfg.text.max_len), jnp.int32),
+    patches=jnp.zeros((batch, 4, num_kept, patch_dim), jnp.uint8),
+    patch_idx=jnp.tile(jnp.arange(num_kept, dtype=jnp.int32), (batch, 4, 1)),
+    view_valid=jnp.ones((batch, 4), bool),
+    input_ids=jnp.zeros((batch, mcfg.text.max_len), jnp.int32),
+    attention_mask=jnp.ones((batch, mcfg.text.max_len), jnp.int32),
   )
 
 
@@ -61,6 +61,7 @@ def init_fn(mcfg: ClinVLAConfig, boxed: bool = True):
   def init(key):
     variables = model.init({"params": key}, **dummy_inputs(mcfg))
     return variables if boxed else nn.meta.unbox(variables)
+
   return init
 
 
@@ -83,14 +84,14 @@ def _text_fn(mcfg: ClinVLAConfig):
 @functools.lru_cache(maxsize=None)
 def _image_fn(mcfg: ClinVLAConfig, view_slots: Optional[Tuple[int, ...]]):
   model = ClinVLA(mcfg)
-  return jax.jit(lambda v, p, idx, valid: model.apply(v, p, idx, valid, view_slots,
-                                                       method=ClinVLA.encode_image))
+  return jax.jit(lambda v, p, idx, valid: model.apply(v, p, idx, valid, view_slots, method=ClinVLA.encode_image))
 
 
 def encode_text(cfg, variables, input_ids, attention_mask) -> dict:
   """{"global": [B, P], "local": [B, T, P], "local_mask": [B, T], "hidden": [B, T, h]}."""
-  return _text_fn(model_config(cfg))(variables, jnp.asarray(input_ids, jnp.int32),
-                                     jnp.asarray(attention_mask, jnp.int32))
+  return _text_fn(model_config(cfg))(
+    variables, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
+  )
 
 
 def patchify(images, patch_size: int):
@@ -104,8 +105,9 @@ def patchify(images, patch_size: int):
   return patches, jnp.arange(patches.shape[-2], dtype=jnp.int32)
 
 
-def encode_images(cfg, variables, images, view_valid=None, patch_idx=None,
-                  view_slots: Optional[Sequence[int]] = None) -> dict:
+def encode_images(
+  cfg, variables, images, view_valid=None, patch_idx=None, view_slots: Optional[Sequence[int]] = None
+) -> dict:
   """Embeds studies.
 
   images: uint8 [B, V, H, W] (or [B, V, H, W, C]) full images, all patches
@@ -123,8 +125,7 @@ def encode_images(cfg, variables, images, view_valid=None, patch_idx=None,
   if view_valid is None:
     view_valid = jnp.ones(patches.shape[:2], bool)
   slots = tuple(view_slots) if view_slots is not None else None
-  return _image_fn(mcfg, slots)(variables, patches, jnp.asarray(patch_idx, jnp.int32),
-                                jnp.asarray(view_valid, bool))
+  return _image_fn(mcfg, slots)(variables, patches, jnp.asarray(patch_idx, jnp.int32), jnp.asarray(view_valid, bool))
 
 
 def count_params(tree) -> int:

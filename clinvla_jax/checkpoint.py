@@ -38,6 +38,7 @@ def _grain_checkpoint():
   # Imported on use: the training step and the benchmarks import this module,
   # and must also run on accelerator images that have Orbax but no Grain.
   import grain  # pylint: disable=g-import-not-at-top
+
   return grain.checkpoint
 
 
@@ -53,29 +54,40 @@ def _preservation(keep: int, best_metric: str, best_mode: str):
   policies = [checkpoint_managers.LatestN(n=keep)]
   if best_metric:
     sign = 1.0 if best_mode == "max" else -1.0
-    policies.append(checkpoint_managers.BestN(
-        get_metric_fn=lambda metrics: sign * float(metrics[best_metric]), reverse=False, n=1,
-        keep_checkpoints_without_metrics=False))
+    policies.append(
+      checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: sign * float(metrics[best_metric]),
+        reverse=False,
+        n=1,
+        keep_checkpoints_without_metrics=False,
+      )
+    )
   return checkpoint_managers.AnyPreservationPolicy(policies)
 
 
 class Checkpointer:
   """CheckpointManager over ``workdir/checkpoints`` with the three items above."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, best_metric: str = "", best_mode: str = "max",
-               async_save: bool = True):
+  def __init__(
+    self, workdir: str, *, keep: int = 3, best_metric: str = "", best_mode: str = "max", async_save: bool = True
+  ):
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=_preservation(keep, best_metric, best_mode),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+      preservation_policy=_preservation(keep, best_metric, best_mode),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
     )
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA_ITER: _grain_checkpoint().CheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        STATE: ocp.StandardCheckpointHandler(),
+        DATA_ITER: _grain_checkpoint().CheckpointHandler(),
+        CONFIG: ocp.JsonCheckpointHandler(),
+      },
+    )
     self.best_metric = best_metric
 
   def latest_step(self) -> Optional[int]:
@@ -84,8 +96,16 @@ class Checkpointer:
   def all_steps(self) -> List[int]:
     return sorted(self.manager.all_steps())
 
-  def save(self, step: int, state: Dict[str, Any], data_iter, config_dict: Dict[str, Any],
-           metrics: Optional[Dict[str, float]] = None, *, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Dict[str, Any],
+    data_iter,
+    config_dict: Dict[str, Any],
+    metrics: Optional[Dict[str, float]] = None,
+    *,
+    force: bool = False,
+  ) -> bool:
     """Starts an (asynchronous) save; ``data_iter=None`` saves no data position."""
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
@@ -106,8 +126,9 @@ class Checkpointer:
       return
     missing = sorted(set(wanted) - set(saved))
     unexpected = sorted(set(saved) - set(wanted))
-    mismatched = sorted(f"{k}: checkpoint {saved[k]}, config {wanted[k]}" for k in set(saved) & set(wanted)
-                        if saved[k] != wanted[k])
+    mismatched = sorted(
+      f"{k}: checkpoint {saved[k]}, config {wanted[k]}" for k in set(saved) & set(wanted) if saved[k] != wanted[k]
+    )
     if missing or unexpected or mismatched:
       lines = [f"checkpoint {self.directory}/{step} does not fit this config:"]
       if mismatched:
@@ -145,20 +166,33 @@ class Checkpointer:
         failures.append(f"step {step}: {reason}")
         moved = self._set_aside(step)
         # The console gets the printed warning; the log file gets the details once, not a second console line.
-        logging.info("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying the step before it",
-                     step, self.directory, reason, moved)
-        print(f"WARNING: checkpoint step {step} cannot be restored ({reason}); moved to {moved}. "
-              f"Trying the step before it.", flush=True)
+        logging.info(
+          "checkpoint step %d in %s cannot be restored (%s); moved to %s, trying the step before it",
+          step,
+          self.directory,
+          reason,
+          moved,
+        )
+        print(
+          f"WARNING: checkpoint step {step} cannot be restored ({reason}); moved to {moved}. "
+          f"Trying the step before it.",
+          flush=True,
+        )
         continue
       if failures:
-        print(f"WARNING: resuming from step {step}, the newest intact checkpoint; "
-              f"{len(failures)} newer one(s) were damaged", flush=True)
+        print(
+          f"WARNING: resuming from step {step}, the newest intact checkpoint; "
+          f"{len(failures)} newer one(s) were damaged",
+          flush=True,
+        )
       return state, restored_iter, step
     if failures:
       raise NoIntactCheckpointError(
-          f"no checkpoint in {self.directory} can be restored:\n  " + "\n  ".join(failures)
-          + f"\nThe damaged steps are in {os.path.join(self.workdir, 'damaged_checkpoints')}. "
-          "Training does not start again from step 0 by itself: move them back or away, or use a fresh --workdir.")
+        f"no checkpoint in {self.directory} can be restored:\n  "
+        + "\n  ".join(failures)
+        + f"\nThe damaged steps are in {os.path.join(self.workdir, 'damaged_checkpoints')}. "
+        "Training does not start again from step 0 by itself: move them back or away, or use a fresh --workdir."
+      )
     return None, data_iter, None
 
   def _set_aside(self, step: int) -> str:
@@ -170,6 +204,7 @@ class Checkpointer:
       os.rename(source, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices(f"clinvla_checkpoint_set_aside_{step}")
     self.manager.reload()
     return target
@@ -205,5 +240,6 @@ def _key_name(key) -> str:
 
 
 def checkpoint_bytes(state) -> int:
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state)
-                 if hasattr(x, "shape")))
+  return int(
+    sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape"))
+  )

@@ -52,6 +52,7 @@ DEFAULT_CHUNK_SIZE = 8
 # ---------------------------------------------------------------------------
 # Choosing the form from the mesh.
 
+
 def mesh_batch_axes(batch: int) -> Tuple[str, ...]:
   """Batch axes of the current mesh context the sharded form should split over; () = dense.
 
@@ -75,13 +76,18 @@ def _resolve_axes(batch_axes: Optional[Sequence[str]], batch: int) -> Tuple[str,
 
 def _over_batch(fn: Callable, axes: Tuple[str, ...], sharded_args, replicated_args):
   """``fn(*sharded_args, *replicated_args)`` as a shard_map: leading axes split over ``axes``, scalar out."""
-  mapped = jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), out_specs=P(),
-                         in_specs=(P(axes),) * len(sharded_args) + (P(),) * len(replicated_args))
+  mapped = jax.shard_map(
+    fn,
+    mesh=jax.sharding.get_abstract_mesh(),
+    out_specs=P(),
+    in_specs=(P(axes),) * len(sharded_args) + (P(),) * len(replicated_args),
+  )
   return mapped(*sharded_args, *replicated_args)
 
 
 # ---------------------------------------------------------------------------
 # Pieces of the sharded form (run inside the shard_map).
+
 
 def _axis_size(axes) -> int:
   return lax.psum(1, axes)
@@ -122,7 +128,7 @@ def _arrival_sources(axes) -> jax.Array:
 
 def _in_arrival_order(per_example, axes) -> jax.Array:
   """``[b]`` values of every device's examples, ``[num, b]`` in arrival order."""
-  everyone = lax.all_gather(per_example, axes)                          # [num, b], device order
+  everyone = lax.all_gather(per_example, axes)  # [num, b], device order
   return jnp.take(everyone, _arrival_sources(axes), axis=0)
 
 
@@ -139,14 +145,14 @@ def _sharded_cross_entropies(blocks, valid, axes) -> Tuple[jax.Array, jax.Array]
   Each is the mean over valid examples of logsumexp over the valid examples of
   the other side minus the positive score, as ``_masked_cross_entropy``.
   """
-  col_valid = _in_arrival_order(valid, axes)[:, None, :]                # [num, 1, b']
+  col_valid = _in_arrival_order(valid, axes)[:, None, :]  # [num, 1, b']
   positive = jnp.diagonal(blocks[0])
   count = jnp.maximum(lax.psum(jnp.sum(valid), axes), 1)
 
   row_lse = jax.nn.logsumexp(jnp.where(col_valid, blocks, _NEG), axis=(0, 2))
   # Column log-sum-exps: each device contributes its rows, the devices' parts combine in log space.
-  col_lse_part = jax.nn.logsumexp(jnp.where(valid[None, :, None], blocks, _NEG), axis=1)   # [num, b']
-  col_lse_part = jnp.take(col_lse_part, _arrival_sources(axes), axis=0)                     # device order
+  col_lse_part = jax.nn.logsumexp(jnp.where(valid[None, :, None], blocks, _NEG), axis=1)  # [num, b']
+  col_lse_part = jnp.take(col_lse_part, _arrival_sources(axes), axis=0)  # device order
   own_col_lse = _log_psum_exp(col_lse_part, axes)[lax.axis_index(axes)]
 
   def mean_over_valid(nll):
@@ -163,7 +169,7 @@ def _chunked_columns(block_fn: Callable, stationary, columns, chunk_size: int) -
     return block_fn(stationary, columns)
   chunks = jax.tree_util.tree_map(lambda x: x.reshape(total // chunk, chunk, *x.shape[1:]), columns)
   score = jax.checkpoint(block_fn)
-  _, blocks = lax.scan(lambda carry, c: (carry, score(stationary, c)), None, chunks)   # [n, b, chunk]
+  _, blocks = lax.scan(lambda carry, c: (carry, score(stationary, c)), None, chunks)  # [n, b, chunk]
   return jnp.moveaxis(blocks, 0, 1).reshape(blocks.shape[1], total)
 
 
@@ -173,6 +179,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 # ---------------------------------------------------------------------------
 # Global losses.
+
 
 def _masked_cross_entropy(logits, valid):
   """Mean over valid rows of CE(logits[i], i); invalid columns are excluded."""
@@ -194,8 +201,14 @@ def _dot_rows(image_emb, text_block):
   return jnp.einsum("ip,jp->ij", image_emb.astype(jnp.float32), text_block.astype(jnp.float32))
 
 
-def infonce_loss(image_emb, text_emb, logit_scale, valid=None, max_logit_scale=math.log(100.0),
-                 batch_axes: Optional[Sequence[str]] = None):
+def infonce_loss(
+  image_emb,
+  text_emb,
+  logit_scale,
+  valid=None,
+  max_logit_scale=math.log(100.0),
+  batch_axes: Optional[Sequence[str]] = None,
+):
   """Symmetric InfoNCE (mean of both directions) on L2-normalised embeddings.
 
   Returns (loss, scale) where scale = exp(min(logit_scale, max_logit_scale)).
@@ -222,8 +235,15 @@ def _sigmoid_log_likelihood(logits, positive, pair_valid):
   return jnp.sum(jnp.where(pair_valid, jax.nn.log_sigmoid(signs * logits), 0.0))
 
 
-def sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, valid=None, max_logit_scale=math.log(100.0),
-                 batch_axes: Optional[Sequence[str]] = None):
+def sigmoid_loss(
+  image_emb,
+  text_emb,
+  logit_scale,
+  logit_bias,
+  valid=None,
+  max_logit_scale=math.log(100.0),
+  batch_axes: Optional[Sequence[str]] = None,
+):
   """SigLIP's pairwise sigmoid loss (Zhai et al., 2023) on L2-normalised embeddings.
 
   -1/|B| sum_i sum_j log sigmoid(z_ij (t <x_i, y_j> + b)), z_ii = 1, z_ij = -1
@@ -242,7 +262,7 @@ def sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias, valid=None, max_l
     return -_sigmoid_log_likelihood(logits, jnp.eye(batch, dtype=bool), pair_valid) / count, scale
 
   def local(image, text, valid, scale, bias, count):
-    blocks = scale * _ring_blocks(_dot_rows, image, text, axes) + bias               # [num, b, b]
+    blocks = scale * _ring_blocks(_dot_rows, image, text, axes) + bias  # [num, b, b]
     own_block = (jnp.arange(blocks.shape[0]) == 0)[:, None, None]
     positive = own_block & jnp.eye(blocks.shape[1], dtype=bool)[None]
     pair_valid = valid[None, :, None] & _in_arrival_order(valid, axes)[:, None, :]
@@ -261,6 +281,7 @@ def cosine_global_loss(image_emb, text_emb, valid=None):
 
 # ---------------------------------------------------------------------------
 # Local losses.
+
 
 def _cosine(a, b, eps=1e-8):
   a = a.astype(jnp.float32)
@@ -287,7 +308,7 @@ def word_region_context(words, word_mask, regions, region_mask, temp1):
   """
   words = words.astype(jnp.float32)
   regions = regions.astype(jnp.float32)
-  scores = jnp.einsum("itp,jrp->ijrt", words, regions)            # [Bt, Bi, R, T]
+  scores = jnp.einsum("itp,jrp->ijrt", words, regions)  # [Bt, Bi, R, T]
   over_words = _masked_softmax(scores, word_mask[:, None, None, :], axis=-1)
   over_regions = _masked_softmax(temp1 * over_words, region_mask[None, :, :, None], axis=2)
   return jnp.einsum("ijrt,jrp->ijtp", over_regions, regions)
@@ -303,8 +324,8 @@ def gloria_local_scores(words, word_mask, regions, region_mask, temperatures):
   temp1, temp2, temp3 = temperatures[0], temperatures[1], temperatures[2]
   word_mask = word_mask.astype(bool)
   region_mask = region_mask.astype(bool)
-  context = word_region_context(words, word_mask, regions, region_mask, temp1)   # [Bt, Bi, T, P]
-  cos = _cosine(words[:, None, :, :], context)                                    # [Bt, Bi, T]
+  context = word_region_context(words, word_mask, regions, region_mask, temp1)  # [Bt, Bi, T, P]
+  cos = _cosine(words[:, None, :, :], context)  # [Bt, Bi, T]
   mask = word_mask[:, None, :]
   sim = jax.nn.logsumexp(jnp.where(mask, temp2 * cos, _NEG), axis=-1)
   # A text without real words has no local evidence: score 0 rather than -inf.
@@ -312,8 +333,16 @@ def gloria_local_scores(words, word_mask, regions, region_mask, temperatures):
   return temp3 * sim.T
 
 
-def gloria_local_loss(words, word_mask, regions, region_mask, temperatures, valid=None,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE, batch_axes: Optional[Sequence[str]] = None):
+def gloria_local_loss(
+  words,
+  word_mask,
+  regions,
+  region_mask,
+  temperatures,
+  valid=None,
+  chunk_size: int = DEFAULT_CHUNK_SIZE,
+  batch_axes: Optional[Sequence[str]] = None,
+):
   """GLoRIA local loss: CE(scores) + CE(scores^T) over ``gloria_local_scores``.
 
   ``chunk_size``: texts per word-region block in the sharded form (per-device
@@ -329,14 +358,16 @@ def gloria_local_loss(words, word_mask, regions, region_mask, temperatures, vali
   def local(words, word_mask, regions, region_mask, valid, temperatures):
     def block(images, texts):
       return _chunked_columns(
-          lambda im, tx: gloria_local_scores(tx[0], tx[1], im[0], im[1], temperatures), images, texts, chunk_size)
+        lambda im, tx: gloria_local_scores(tx[0], tx[1], im[0], im[1], temperatures), images, texts, chunk_size
+      )
 
     blocks = _ring_blocks(block, (regions, region_mask), (words, word_mask), axes)
     image_to_text, text_to_image = _sharded_cross_entropies(blocks, valid, axes)
     return image_to_text + text_to_image
 
-  return _over_batch(local, axes, (words, word_mask, regions, region_mask, valid),
-                     (jnp.asarray(temperatures, jnp.float32),))
+  return _over_batch(
+    local, axes, (words, word_mask, regions, region_mask, valid), (jnp.asarray(temperatures, jnp.float32),)
+  )
 
 
 def cosine_local_loss(words, word_mask, regions, region_mask, temperatures, valid=None):
@@ -358,16 +389,20 @@ def cosine_local_loss(words, word_mask, regions, region_mask, temperatures, vali
 # ---------------------------------------------------------------------------
 # Total.
 
+
 def _global_loss(outputs, loss_cfg, valid, metrics):
   image, text = outputs["image"]["global"], outputs["text"]["global"]
   if loss_cfg.global_type == "infonce":
     loss, metrics["logit_scale"] = infonce_loss(image, text, outputs["logit_scale"], valid, loss_cfg.max_logit_scale)
   elif loss_cfg.global_type == "sigmoid":
     if "logit_bias" not in outputs:
-      raise ValueError("loss.global_type='sigmoid' needs the model's logit_bias: build the model from the "
-                       "full config (api.build_model(config)), which adds it for the sigmoid loss")
-    loss, metrics["logit_scale"] = sigmoid_loss(image, text, outputs["logit_scale"], outputs["logit_bias"], valid,
-                                                loss_cfg.max_logit_scale)
+      raise ValueError(
+        "loss.global_type='sigmoid' needs the model's logit_bias: build the model from the "
+        "full config (api.build_model(config)), which adds it for the sigmoid loss"
+      )
+    loss, metrics["logit_scale"] = sigmoid_loss(
+      image, text, outputs["logit_scale"], outputs["logit_bias"], valid, loss_cfg.max_logit_scale
+    )
     metrics["logit_bias"] = outputs["logit_bias"]
   elif loss_cfg.global_type == "cosine":
     loss = cosine_global_loss(image, text, valid)
@@ -378,8 +413,7 @@ def _global_loss(outputs, loss_cfg, valid, metrics):
 
 def _local_loss(outputs, loss_cfg, valid):
   image, text = outputs["image"], outputs["text"]
-  args = (text["local"], text["local_mask"], image["local"], image["local_mask"], outputs["local_temperatures"],
-          valid)
+  args = (text["local"], text["local_mask"], image["local"], image["local_mask"], outputs["local_temperatures"], valid)
   if loss_cfg.local_type == "gloria":
     return gloria_local_loss(*args, chunk_size=int(loss_cfg.get("chunk_size", DEFAULT_CHUNK_SIZE)))
   if loss_cfg.local_type == "cosine":
@@ -387,8 +421,9 @@ def _local_loss(outputs, loss_cfg, valid):
   raise ValueError(f"Unknown loss.local_type {loss_cfg.local_type!r}")
 
 
-def clinvla_loss(outputs: Dict, loss_cfg, example_valid: Optional[jax.Array] = None
-                 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+def clinvla_loss(
+  outputs: Dict, loss_cfg, example_valid: Optional[jax.Array] = None
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """Total loss and its parts from the model's outputs (``ClinVLA.__call__``)."""
   if not (loss_cfg.use_global or loss_cfg.use_local):
     raise ValueError("loss.use_global and loss.use_local are both False: nothing to train")

@@ -32,8 +32,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics.jsonl, TensorBoard, results.")
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "eval/embed: a workdir, its checkpoints/ folder or one checkpoints/<step> folder "
-    "(default: --workdir's latest checkpoint).")
+  "checkpoint",
+  None,
+  "eval/embed: a workdir, its checkpoints/ folder or one checkpoints/<step> folder "
+  "(default: --workdir's latest checkpoint).",
+)
 _OUTPUT = flags.DEFINE_string("output", None, "embed: the .npz file to write.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -42,11 +45,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 
 def run_summary(config) -> None:
   from clinvla_jax import summary
+
   print("\n".join(summary.summary_lines(config)))
 
 
 def run_train(config, workdir: str) -> None:
   from clinvla_jax import preemption, train, workdir_lock
+
   try:
     train.train_and_evaluate(config, workdir)
   except workdir_lock.WorkdirLockedError as e:
@@ -62,8 +67,10 @@ def _variables_for_evaluation(config):
   """From --checkpoint or --workdir's checkpoints; else the (pretrained or seeded) initial weights."""
   import jax
   from clinvla_jax import api, convert, train
-  source = _CHECKPOINT.value or (_WORKDIR.value if _WORKDIR.value and os.path.isdir(
-      os.path.join(_WORKDIR.value, "checkpoints")) else None)
+
+  source = _CHECKPOINT.value or (
+    _WORKDIR.value if _WORKDIR.value and os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints")) else None
+  )
   if source:
     variables, step = train.restore_variables(config, source)
     print(f"evaluating checkpoint step {step} from {source}", flush=True)
@@ -79,6 +86,7 @@ def _variables_for_evaluation(config):
 
 def run_eval(config) -> None:
   from clinvla_jax.evaluate import run as eval_run
+
   workdir = _WORKDIR.value or (_CHECKPOINT.value and _checkpoint_workdir(_CHECKPOINT.value))
   if not workdir:
     raise app.UsageError("--mode=eval needs --workdir (or --checkpoint)")
@@ -92,18 +100,19 @@ def run_eval(config) -> None:
 
 def _checkpoint_workdir(path: str) -> str:
   from clinvla_jax import train
+
   return train.checkpoint_location(path)[0]
 
 
 def run_embed(config) -> None:
   from clinvla_jax.evaluate import run as eval_run
+
   if not _OUTPUT.value:
     raise app.UsageError("--mode=embed needs --output=FILE.npz")
   if not config.data.eval:
     raise app.UsageError("--mode=embed needs --config.data.eval=<converted dataset folder>")
   variables = _variables_for_evaluation(config)
-  eval_run.write_embeddings(config, variables, config.data.eval, _OUTPUT.value,
-                            split=config.data.eval_split or None)
+  eval_run.write_embeddings(config, variables, config.data.eval, _OUTPUT.value, split=config.data.eval_split or None)
   print(f"embeddings written to {_OUTPUT.value}", flush=True)
 
 
@@ -114,12 +123,14 @@ def main(argv) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/base.py")
   from clinvla_jax import console
+
   console.quiet_console(verbosity_given=flags.FLAGS["verbosity"].present)
   logging.info("mode=%s", _MODE.value)
   if _MODE.value == "summary":
     run_summary(config)
     return
   from clinvla_jax import sharding
+
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _MODE.value == "train":
     if not _WORKDIR.value:
@@ -135,8 +146,11 @@ def _make_config_siblings_importable(argv) -> None:
   # Config files import their siblings (`from configs import base`), so the
   # folder holding `configs/` must be importable wherever we are started from.
   for i, arg in enumerate(argv):
-    path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
-        argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    path = (
+      arg.split("=", 1)[1]
+      if arg.startswith("--config=")
+      else (argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    )
     if path:
       root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":")[0])))
       if root not in sys.path:
@@ -147,6 +161,7 @@ def entry() -> None:
   # Before anything starts JAX's backend: tcmalloc preload (a one-time
   # re-exec) and XLA flags; see clinvla_jax/runtime.py.
   from clinvla_jax import runtime
+
   runtime.configure_host_runtime()
   _make_config_siblings_importable(sys.argv)
   flags.mark_flag_as_required("config")

@@ -75,8 +75,12 @@ def learning_rate_schedules(optim_cfg, num_steps: int) -> Dict[str, object]:
   warmup = min(int(optim_cfg.warmup_steps), max(num_steps - 1, 0))
   for group, peak in optim_cfg.learning_rates.items():
     schedules[group] = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=float(peak), warmup_steps=warmup,
-        decay_steps=max(num_steps, warmup + 1), end_value=float(peak) * float(optim_cfg.min_lr_ratio))
+      init_value=0.0,
+      peak_value=float(peak),
+      warmup_steps=warmup,
+      decay_steps=max(num_steps, warmup + 1),
+      end_value=float(peak) * float(optim_cfg.min_lr_ratio),
+    )
   return schedules
 
 
@@ -94,9 +98,10 @@ def make_optimizer(optim_cfg, trainable_params, rules, num_steps: int):
     raise ValueError(f"groups {missing} have no entry in config.optim.learning_rates")
   schedules = learning_rate_schedules(optim_cfg, num_steps)
   transforms = {
-      g: optax.adamw(schedules[g], b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                     weight_decay=optim_cfg.weight_decay)
-      for g in groups
+    g: optax.adamw(
+      schedules[g], b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay
+    )
+    for g in groups
   }
   chain = []
   if optim_cfg.grad_clip_norm:

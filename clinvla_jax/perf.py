@@ -13,10 +13,19 @@ import jax.numpy as jnp
 # more specific names come first ("tpu v5 lite" before "tpu v5").  jax calls
 # v5e "TPU v5 lite", v6e "TPU v6 lite" and v5p "TPU v5".
 PEAK_BF16 = (
-    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12), ("tpu v5", 459e12), ("tpu v4", 275e12),
-    ("h200", 989e12), ("h100", 989e12), ("b200", 2250e12), ("a100", 312e12),
-    ("l40s", 362e12), ("nvidia l4", 121e12),
+  ("tpu v6 lite", 918e12),
+  ("tpu v6e", 918e12),
+  ("tpu v5 lite", 197e12),
+  ("tpu v5e", 197e12),
+  ("tpu v5p", 459e12),
+  ("tpu v5", 459e12),
+  ("tpu v4", 275e12),
+  ("h200", 989e12),
+  ("h100", 989e12),
+  ("b200", 2250e12),
+  ("a100", 312e12),
+  ("l40s", 362e12),
+  ("nvidia l4", 121e12),
 )
 
 
@@ -41,7 +50,7 @@ def measured_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
     f(a).block_until_ready()
     times.append(time.perf_counter() - t)
   times.sort()
-  return 2 * size ** 3 / times[len(times) // 2]
+  return 2 * size**3 / times[len(times) // 2]
 
 
 def peak_flops_per_device(override: float = 0.0) -> float:

@@ -26,11 +26,11 @@ import sys
 from typing import Optional, Sequence
 
 TCMALLOC_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
-    "/usr/lib64/libtcmalloc_minimal.so.4",
-    "/usr/lib/libtcmalloc_minimal.so.4",
-    "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+  "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+  "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+  "/usr/lib64/libtcmalloc_minimal.so.4",
+  "/usr/lib/libtcmalloc_minimal.so.4",
+  "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
 )
 _REEXEC_MARK = "CLINVLA_RUNTIME_REEXEC"
 
@@ -81,8 +81,9 @@ def _backend_started() -> bool:
   return bool(xla_bridge is not None and getattr(xla_bridge, "_backends", None))
 
 
-def configure_host_runtime(*, preload_tcmalloc: bool = True, xla_flags: Optional[Sequence[str]] = None,
-                           verbose: bool = False) -> dict:
+def configure_host_runtime(
+  *, preload_tcmalloc: bool = True, xla_flags: Optional[Sequence[str]] = None, verbose: bool = False
+) -> dict:
   """Preloads tcmalloc and sets XLA flags, re-executing the process at most once.
 
   Returns what it found: {"tcmalloc": path or None, "tcmalloc_loaded": bool,
@@ -93,8 +94,12 @@ def configure_host_runtime(*, preload_tcmalloc: bool = True, xla_flags: Optional
   """
   path = find_tcmalloc()
   env_changes = {}
-  if (preload_tcmalloc and path is not None and os.environ.get("CLINVLA_NO_TCMALLOC", "") in ("", "0")
-      and not tcmalloc_loaded()):
+  if (
+    preload_tcmalloc
+    and path is not None
+    and os.environ.get("CLINVLA_NO_TCMALLOC", "") in ("", "0")
+    and not tcmalloc_loaded()
+  ):
     env_changes["LD_PRELOAD"] = ":".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
   flags = DEFAULT_CPU_XLA_FLAGS if xla_flags is None else xla_flags
   current = os.environ.get("XLA_FLAGS", "")

@@ -26,8 +26,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+def initialize_distributed(
+  coordinator_address: Optional[str] = None, num_processes: Optional[int] = None, process_id: Optional[int] = None
+) -> None:
   """Starts multi-process JAX when asked to (flags or cluster environment).
 
   Explicit arguments win; otherwise JAX's cluster auto-detection (SLURM, Open
@@ -35,15 +36,26 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
   known scheduler is present.  A single process needs nothing.
   """
   if coordinator_address or num_processes:
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-  elif any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-                                       "TPU_WORKER_HOSTNAMES")) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+  elif (
+    any(
+      k in os.environ
+      for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+    )
+    and int(os.environ.get("SLURM_NTASKS", "2")) > 1
+  ):
     jax.distributed.initialize()
   else:
     return
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
@@ -58,13 +70,15 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
       raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"{len(devices)} available")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, {len(devices)} available"
+    )
   # jax.make_mesh orders the devices by the physical topology (TPU slices, GPU
   # hosts), so the innermost mesh axes (tensor, then fsdp) land on the closest
   # chips.  Auto axis types: Flax linen's logical partitioning works in that mode.
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def logical_rules(config) -> Tuple[Tuple[str, Any], ...]:

@@ -20,14 +20,14 @@ PAPER_FLOPS_PER_SAMPLE = 2.8e12
 
 # Ordered: first match names the part.
 PARTS: Tuple[Tuple[str, str], ...] = (
-    ("language adapters", r"text_tower/layer_\d+/language_adapter/.*"),
-    ("task adapters", r"text_tower/layer_\d+/task_adapter/.*"),
-    ("invertible adapter", r"text_tower/invertible_adapter/.*"),
-    ("image adapters", r"image_tower/blocks_\d+/adapter/.*"),
-    ("view/time/CLS/missing embeddings", r"image_tower/(cls_token|view_embed|time_embed|missing_token|pos_embedding)"),
-    ("heads + loss scales", r"(image|text)_(global|local)_head/.*|logit_scale|logit_bias|local_log_temperatures"),
-    ("image tower (ViT backbone)", r"image_tower/.*"),
-    ("text tower (BERT backbone)", r"text_tower/.*"),
+  ("language adapters", r"text_tower/layer_\d+/language_adapter/.*"),
+  ("task adapters", r"text_tower/layer_\d+/task_adapter/.*"),
+  ("invertible adapter", r"text_tower/invertible_adapter/.*"),
+  ("image adapters", r"image_tower/blocks_\d+/adapter/.*"),
+  ("view/time/CLS/missing embeddings", r"image_tower/(cls_token|view_embed|time_embed|missing_token|pos_embedding)"),
+  ("heads + loss scales", r"(image|text)_(global|local)_head/.*|logit_scale|logit_bias|local_log_temperatures"),
+  ("image tower (ViT backbone)", r"image_tower/.*"),
+  ("text tower (BERT backbone)", r"text_tower/.*"),
 )
 
 
@@ -54,6 +54,7 @@ def trainable_percent(table) -> float:
 
 def summary_lines(config) -> List[str]:
   from clinvla_jax.model.clinvla import ClinVLAConfig
+
   mcfg = ClinVLAConfig.from_config(config.model)
   table = parameter_table(config)
   total = table["total"]["total"]
@@ -63,26 +64,29 @@ def summary_lines(config) -> List[str]:
     if name == "total":
       lines.append("-" * 78)
     lines.append(f"{name:36s} {row['total']:14,d} {row['trainable']:14,d} {100 * row['total'] / total:10.2f}%")
-  lines.append(f"trainable: {trainable:,d} of {total:,d} = {trainable_percent(table):.2f} % "
-               f"(paper: {PAPER_TRAINABLE_PCT:.0f} % of {PAPER_PARAMS_M} M)")
+  lines.append(
+    f"trainable: {trainable:,d} of {total:,d} = {trainable_percent(table):.2f} % "
+    f"(paper: {PAPER_TRAINABLE_PCT:.0f} % of {PAPER_PARAMS_M} M)"
+  )
   # AdamW keeps two fp32 moments per trainable value; the frozen backbone is not saved.
   ckpt_mib = 3 * 4 * trainable / 2**20
-  lines.append(f"adapter-only checkpoint (trainable params + AdamW moments, fp32): {ckpt_mib:.1f} MiB; "
-               f"full fp32 parameters: {4 * total / 2**20:.1f} MiB ({100 * ckpt_mib / (4 * total / 2**20):.1f} %)")
+  lines.append(
+    f"adapter-only checkpoint (trainable params + AdamW moments, fp32): {ckpt_mib:.1f} MiB; "
+    f"full fp32 parameters: {4 * total / 2**20:.1f} MiB ({100 * ckpt_mib / (4 * total / 2**20):.1f} %)"
+  )
   kept = flops_kept(config)
   train = flops.train_forward_flops(mcfg, kept_patches=kept)
   evaluation = flops.eval_forward_flops(mcfg)
   lines += [
-      "",
-      "Analytical forward FLOPs per study (2 FLOPs per multiply-add; matmuls incl. attention; "
-      "element-wise ops excluded)",
-      f"  training  ({len(mcfg.view_slots)} views x {kept} kept patches, {mcfg.text.max_len} tokens): "
-      f"{train['total']:.3e}  (image {train['image']:.3e}, text {train['text']:.3e}, heads {train['heads']:.3e})",
-      f"  evaluation (1 frontal view x {mcfg.image.num_patches} patches, {mcfg.text.max_len} tokens): "
-      f"{evaluation['total']:.3e}  (image {evaluation['image']:.3e}, text {evaluation['text']:.3e})",
-      f"  train step (forward + backward, frozen backbone) ~ {flops.train_step_flops_per_study(mcfg, kept_patches=kept):.3e}",
-      f"  paper Table 7: {PAPER_FLOPS_PER_SAMPLE:.1e} FLOPs/sample, {PAPER_PARAMS_M} M parameters "
-      "(convention not stated)",
+    "",
+    "Analytical forward FLOPs per study (2 FLOPs per multiply-add; matmuls incl. attention; element-wise ops excluded)",
+    f"  training  ({len(mcfg.view_slots)} views x {kept} kept patches, {mcfg.text.max_len} tokens): "
+    f"{train['total']:.3e}  (image {train['image']:.3e}, text {train['text']:.3e}, heads {train['heads']:.3e})",
+    f"  evaluation (1 frontal view x {mcfg.image.num_patches} patches, {mcfg.text.max_len} tokens): "
+    f"{evaluation['total']:.3e}  (image {evaluation['image']:.3e}, text {evaluation['text']:.3e})",
+    f"  train step (forward + backward, frozen backbone) ~ {flops.train_step_flops_per_study(mcfg, kept_patches=kept):.3e}",
+    f"  paper Table 7: {PAPER_FLOPS_PER_SAMPLE:.1e} FLOPs/sample, {PAPER_PARAMS_M} M parameters "
+    "(convention not stated)",
   ]
   return lines
 
@@ -90,4 +94,5 @@ def summary_lines(config) -> List[str]:
 def flops_kept(config) -> int:
   """Patches kept per training view: the data's masking of the model's patch grid."""
   from clinvla_jax.data.records import num_kept_patches
+
   return num_kept_patches(config.data.mask_ratio, api.model_config(config).image.num_patches)

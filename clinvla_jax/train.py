@@ -58,11 +58,15 @@ def make_train_step(config, model, tx, schedules=None):
 
     def loss_fn(trainable):
       params = optim.merge_params(trainable, frozen)
-      out = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=False,
-                        rngs={"dropout": rng})
+      out = model.apply(
+        {"params": params}, *(batch[k] for k in MODEL_INPUTS), deterministic=False, rngs={"dropout": rng}
+      )
       loss, metrics = losses.clinvla_loss(out, loss_cfg)
       metrics["temperature_1"], metrics["temperature_2"], metrics["temperature_3"] = (
-          out["local_temperatures"][0], out["local_temperatures"][1], out["local_temperatures"][2])
+        out["local_temperatures"][0],
+        out["local_temperatures"][1],
+        out["local_temperatures"][2],
+      )
       return loss, metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -99,8 +103,9 @@ class TrainSetup:
     # cast once here rather than at every step (the float32 originals stay in
     # frozen_params for evaluation and export).
     self.frozen = matmul_ready_params(self.frozen_params, self.model_config)
-    self.tx, self.schedules = optim.make_optimizer(config.optim, self.trainable_init, rules,
-                                                   int(config.train.num_steps))
+    self.tx, self.schedules = optim.make_optimizer(
+      config.optim, self.trainable_init, rules, int(config.train.num_steps)
+    )
 
     abstract_trainable, _ = optim.split_params(abstract, rules)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_trainable)
@@ -108,24 +113,31 @@ class TrainSetup:
     # The optimizer state follows its parameters' shardings: let XLA propagate
     # them through tx.init and read back what it chose.
     abstract_trainable_sharded = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_trainable,
-        self.trainable_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_trainable, self.trainable_shardings
+    )
     opt_shardings = jax.jit(self.tx.init).lower(abstract_trainable_sharded).compile().output_shardings
     opt_shardings = jax.tree_util.tree_map(
-        lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated, opt_shardings)
+      lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated, opt_shardings
+    )
     self.state_shardings = {"step": replicated, "params": self.trainable_shardings, "opt_state": opt_shardings}
     self.abstract_state = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_trainable, "opt_state": abstract_opt},
-        self.state_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_trainable, "opt_state": abstract_opt},
+      self.state_shardings,
+    )
 
-    batch_shardings = {k: sharding.batch_sharding(self.mesh, nd) for k, nd in
-                       (("patches", 4), ("patch_idx", 3), ("view_valid", 2), ("input_ids", 2),
-                        ("attention_mask", 2))}
+    batch_shardings = {
+      k: sharding.batch_sharding(self.mesh, nd)
+      for k, nd in (("patches", 4), ("patch_idx", 3), ("view_valid", 2), ("input_ids", 2), ("attention_mask", 2))
+    }
     self.batch_shardings = batch_shardings
     step_fn = make_train_step(config, self.model, self.tx, self.schedules)
-    self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
-                         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self._step = jax.jit(
+      step_fn,
+      in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+      out_shardings=(self.state_shardings, replicated),
+      donate_argnums=(0,),
+    )
 
   def _initial_params(self, full_shardings):
     """Sharded random init (no full copy on one device), then pretrained weights if configured."""
@@ -134,11 +146,13 @@ class TrainSetup:
     # kernel before reshaping it, which a rank-4 constraint would reject;
     # out_shardings places the result anyway.
     params = jax.jit(lambda key: init(key)["params"], out_shardings=full_shardings)(
-        jax.random.key(int(self.config.seed)))
+      jax.random.key(int(self.config.seed))
+    )
     text_weights, image_weights = self.config.init.text_weights, self.config.init.image_weights
     if not (text_weights or image_weights):
       return params
     from clinvla_jax import convert  # pylint: disable=g-import-not-at-top
+
     host = {"params": jax.tree_util.tree_map(np.asarray, jax.device_get(params))}
     if text_weights:
       host = convert.load_text_weights(host, text_weights)
@@ -147,8 +161,10 @@ class TrainSetup:
       host = convert.load_image_weights(host, image_weights)
       logging.info("image backbone loaded from %s", image_weights)
     return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
-        host["params"], full_shardings)
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
+      host["params"],
+      full_shardings,
+    )
 
   @contextlib.contextmanager
   def context(self):
@@ -163,8 +179,9 @@ class TrainSetup:
     leave it deleted after the first step (and a second call with dead arrays).
     """
     with self.context():
-      params = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
-                       out_shardings=self.state_shardings["params"])(self.trainable_init)
+      params = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=self.state_shardings["params"])(
+        self.trainable_init
+      )
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings["step"])
     return {"step": step, "params": params, "opt_state": opt_state}
@@ -193,6 +210,7 @@ def fit_text_length(batch, max_len: int):
   if batch["input_ids"].shape[1] <= max_len:
     return batch
   from clinvla_jax.data.records import fit_token_length  # pylint: disable=g-import-not-at-top
+
   ids, mask = fit_token_length(batch["input_ids"], batch["attention_mask"], max_len)
   return dict(batch, input_ids=ids, attention_mask=mask)
 
@@ -226,6 +244,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
         logging.warning("tensorboardX not installed: no TensorBoard event files")
@@ -249,9 +268,12 @@ class MetricWriter:
 
 def _train_paths(config):
   from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+
   if not config.data.train:
-    raise ValueError("config.data.train is empty: set it to a converter output folder "
-                     "(e.g. --config.data.train=/data/mimic_cxr_converted)")
+    raise ValueError(
+      "config.data.train is empty: set it to a converter output folder "
+      "(e.g. --config.data.train=/data/mimic_cxr_converted)"
+    )
   return source.list_shards(config.data.train, split=config.data.train_split or None)
 
 
@@ -288,8 +310,10 @@ def default_evaluate_fn(config):
   if "eval" not in config:
     return None
   from clinvla_jax.evaluate import run as eval_run  # pylint: disable=g-import-not-at-top
+
   if not eval_run.generic_datasets(config) and not any(
-      config.eval.get(k) for k in ("chexpert_5x200", "chexpert_8x200", "rsna", "ms_cxr_t")):
+    config.eval.get(k) for k in ("chexpert_5x200", "chexpert_8x200", "rsna", "ms_cxr_t")
+  ):
     return None
   return lambda variables, outdir: eval_run.run_evaluation(config, variables, outdir)
 
@@ -297,9 +321,9 @@ def default_evaluate_fn(config):
 def write_learning_curves(workdir: str) -> None:
   """learning_curves.png from metrics.jsonl: losses and held-out P@5 (with chance) against step."""
   from clinvla_jax.evaluate import report  # pylint: disable=g-import-not-at-top
+
   try:
-    report.learning_curves_figure(os.path.join(workdir, "metrics.jsonl"),
-                                  os.path.join(workdir, "learning_curves.png"))
+    report.learning_curves_figure(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "learning_curves.png"))
   except Exception as e:  # pylint: disable=broad-except
     # A figure must never end a training run.
     logging.warning("learning_curves.png not written: %s", e)
@@ -310,8 +334,10 @@ class TrainingPreempted(Exception):
 
   def __init__(self, signum: int, step: int, checkpoint: str):
     self.signum, self.step, self.checkpoint = signum, step, checkpoint
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved to {checkpoint}; "
-                     "rerun the same command to resume")
+    super().__init__(
+      f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint saved to {checkpoint}; "
+      "rerun the same command to resume"
+    )
 
 
 def memory_metrics(compiled) -> Dict[str, float]:
@@ -322,8 +348,10 @@ def memory_metrics(compiled) -> Dict[str, float]:
     mem = None
   if mem is None:
     return {}
-  return {f"memory/{k}": float(getattr(mem, f"{k}_size_in_bytes"))
-          for k in ("argument", "output", "alias", "temp", "generated_code")}
+  return {
+    f"memory/{k}": float(getattr(mem, f"{k}_size_in_bytes"))
+    for k in ("argument", "output", "alias", "temp", "generated_code")
+  }
 
 
 def memory_line(memory: Dict[str, float]) -> str:
@@ -331,8 +359,10 @@ def memory_line(memory: Dict[str, float]) -> str:
   if not memory:
     return "memory analysis unavailable on this backend"
   mib = lambda kind: f"{memory[f'memory/{kind}'] / 2**20:,.1f} MiB"  # pylint: disable=unnecessary-lambda-assignment
-  return (f"per device: arguments {mib('argument')}, outputs {mib('output')} (aliased {mib('alias')}), "
-          f"temporaries {mib('temp')}, code {mib('generated_code')}")
+  return (
+    f"per device: arguments {mib('argument')}, outputs {mib('output')} (aliased {mib('alias')}), "
+    f"temporaries {mib('temp')}, code {mib('generated_code')}"
+  )
 
 
 class MetricWindow:
@@ -364,9 +394,10 @@ class MetricWindow:
       bad = [k for k, v in values.items() if not np.all(np.isfinite(v))]
       if bad:
         raise NonFiniteLossError(
-            f"non-finite {', '.join(bad)} at step {step} (log window steps {first}-{up_to}); parts: "
-            + ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
-            + f". Nothing after the last checkpoint (step {last_checkpoint}) was saved.")
+          f"non-finite {', '.join(bad)} at step {step} (log window steps {first}-{up_to}); parts: "
+          + ", ".join(f"{k}={float(v):.4g}" for k, v in values.items())
+          + f". Nothing after the last checkpoint (step {last_checkpoint}) was saved."
+        )
     seconds = now - self.clock
     self.window_first, self.clock, self.flush_due = up_to + 1, now, None
     return ({k: float(v) for k, v in host[-1].items()} if host else {}), len(taken), seconds
@@ -386,6 +417,7 @@ def _acquire_workdir_lock(workdir: str):
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not ok and error is None:
       error = workdir_lock.WorkdirLockedError(f"{workdir} is in use by another trainer (process 0 could not lock it)")
@@ -427,15 +459,24 @@ def _eval_line(step: int, eval_metrics: Dict[str, float], best_metric: str) -> s
 def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
   from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data.prefetch import DevicePrefetcher  # pylint: disable=g-import-not-at-top
+
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   setup = TrainSetup(config)
   total, trainable = _param_counts(setup)
-  logging.info("parameters: %s total, %s trainable (%.2f %%); mesh %s", f"{total:,}", f"{trainable:,}",
-               100 * trainable / total, dict(setup.mesh.shape))
-  say(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f} %); "
-      f"mesh {dict(setup.mesh.shape)}; devices {jax.device_count()} ({jax.devices()[0].device_kind}); "
-      f"processes {jax.process_count()}", flush=True)
+  logging.info(
+    "parameters: %s total, %s trainable (%.2f %%); mesh %s",
+    f"{total:,}",
+    f"{trainable:,}",
+    100 * trainable / total,
+    dict(setup.mesh.shape),
+  )
+  say(
+    f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f} %); "
+    f"mesh {dict(setup.mesh.shape)}; devices {jax.device_count()} ({jax.devices()[0].device_kind}); "
+    f"processes {jax.process_count()}",
+    flush=True,
+  )
   precision_line = precision_description(setup.model_config)
   logging.info("precision: %s", precision_line)
   say(f"precision: {precision_line}", flush=True)
@@ -443,30 +484,48 @@ def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
   train = config.train
   if host_batches is None:
     loader = pipeline.make_train_loader(
-        _train_paths(config), global_batch_size=int(config.optim.batch_size), seed=int(config.seed),
-        mask_ratio=float(config.data.mask_ratio), worker_count=int(train.data_workers))
+      _train_paths(config),
+      global_batch_size=int(config.optim.batch_size),
+      seed=int(config.seed),
+      mask_ratio=float(config.data.mask_ratio),
+      worker_count=int(train.data_workers),
+    )
     data_iter = loader.iterator()
   else:
     data_iter = host_batches
   # A data position is saved (and restored) only for iterators that have one.
   checkpoint_data = hasattr(data_iter, "get_state") and hasattr(data_iter, "set_state")
-  checkpointer = Checkpointer(workdir, keep=int(train.keep_checkpoints), best_metric=train.best_metric,
-                              best_mode=train.best_mode)
+  checkpointer = Checkpointer(
+    workdir, keep=int(train.keep_checkpoints), best_metric=train.best_metric, best_mode=train.best_mode
+  )
   try:
     state, restored_iter, latest = checkpointer.restore_latest_intact(
-        setup.abstract_state, data_iter if checkpoint_data else None)
+      setup.abstract_state, data_iter if checkpoint_data else None
+    )
     data_iter = restored_iter if checkpoint_data else data_iter
     if latest is not None:
       logging.info("resumed from step %d", latest)
       say(f"resumed from {checkpointer.directory}/{latest}", flush=True)
     else:
       state = setup.init_state()
-    say(f"adapter-only checkpoint: {checkpoint_bytes(state) / 2**20:.1f} MiB "
-        f"(trainable params + optimizer state; the full parameter set is "
-        f"{checkpoint_bytes(setup.variables(state)) / 2**20:.1f} MiB)", flush=True)
-    return _loop(config, workdir, setup, state, checkpoint_data,
-                 DevicePrefetcher(data_iter, _placer(setup), depth=int(train.prefetch_to_device)),
-                 checkpointer, latest, evaluate_fn, say)
+    say(
+      f"adapter-only checkpoint: {checkpoint_bytes(state) / 2**20:.1f} MiB "
+      f"(trainable params + optimizer state; the full parameter set is "
+      f"{checkpoint_bytes(setup.variables(state)) / 2**20:.1f} MiB)",
+      flush=True,
+    )
+    return _loop(
+      config,
+      workdir,
+      setup,
+      state,
+      checkpoint_data,
+      DevicePrefetcher(data_iter, _placer(setup), depth=int(train.prefetch_to_device)),
+      checkpointer,
+      latest,
+      evaluate_fn,
+      say,
+    )
   finally:
     checkpointer.wait()
     checkpointer.close()
@@ -477,8 +536,9 @@ def _placer(setup: TrainSetup):
   return lambda batch: sharding.global_batch(fit_text_length(batch, max_len), setup.mesh, MODEL_INPUTS)
 
 
-def _loop(config, workdir, setup, state, checkpoint_data, batches, checkpointer, last_checkpoint, evaluate_fn,
-          say) -> Dict[str, float]:
+def _loop(
+  config, workdir, setup, state, checkpoint_data, batches, checkpointer, last_checkpoint, evaluate_fn, say
+) -> Dict[str, float]:
   is_main = jax.process_index() == 0
   train = config.train
   num_steps = int(train.num_steps)
@@ -492,6 +552,7 @@ def _loop(config, workdir, setup, state, checkpoint_data, batches, checkpointer,
   if evaluate_fn is None and eval_every:
     evaluate_fn = default_evaluate_fn(config)
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+
   kept = records.num_kept_patches(float(config.data.mask_ratio), setup.model_config.image.num_patches)
   flops_per_step = flops_lib.train_step_flops_per_study(setup.model_config, kept_patches=kept) * batch_size
   peak = perf.peak_flops_per_device(float(train.peak_flops_per_device)) * jax.device_count()
@@ -512,6 +573,7 @@ def _loop(config, workdir, setup, state, checkpoint_data, batches, checkpointer,
   progress = None
   if is_main:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
     progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
   write = progress.write if progress is not None else say
   window = MetricWindow(start + 1)

@@ -57,17 +57,22 @@ class WorkdirLock:
         holder = _read_holder(fd)
         os.close(fd)
         raise WorkdirLockedError(
-            f"{os.path.dirname(self.path)} is in use by another trainer ({holder}). "
-            f"Wait for it to end, stop it, or train in another --workdir.") from None
+          f"{os.path.dirname(self.path)} is in use by another trainer ({holder}). "
+          f"Wait for it to end, stop it, or train in another --workdir."
+        ) from None
       if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         os.close(fd)
-        logging.warning("the file system of %s cannot lock (%s): training without a workdir lock",
-                        self.path, os.strerror(e.errno))
+        logging.warning(
+          "the file system of %s cannot lock (%s): training without a workdir lock", self.path, os.strerror(e.errno)
+        )
         return self
       os.close(fd)
       raise
-    holder = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    holder = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
     os.fsync(fd)

@@ -52,17 +52,17 @@ def get_config():
 
   # Where pretrained weights come from (local files only); empty = random init.
   config.init = ml_collections.ConfigDict()
-  config.init.text_weights = ""     # HF BERT folder / .safetensors / .bin (BioBERT v1.1 in the paper)
-  config.init.image_weights = ""    # timm / MAE / MRM ViT-B/16 state dict
-  config.init.vocab = ""            # vocab.txt; empty = the text weights' folder, else the bundled one
+  config.init.text_weights = ""  # HF BERT folder / .safetensors / .bin (BioBERT v1.1 in the paper)
+  config.init.image_weights = ""  # timm / MAE / MRM ViT-B/16 state dict
+  config.init.vocab = ""  # vocab.txt; empty = the text weights' folder, else the bundled one
 
   config.loss = ml_collections.ConfigDict()
   # "infonce" (default, ALTA/CLIP), "sigmoid" (SigLIP, an extension) or "cosine" (the paper's literal 1 - cos)
   config.loss.global_type = "infonce"
-  config.loss.local_type = "gloria"     # "gloria" (default) or "cosine" (the paper's literal per-region 1 - cos)
+  config.loss.local_type = "gloria"  # "gloria" (default) or "cosine" (the paper's literal per-region 1 - cos)
   config.loss.use_global = True
   config.loss.use_local = True
-  config.loss.local_weight = 0.8        # lambda
+  config.loss.local_weight = 0.8  # lambda
   config.loss.max_logit_scale = math.log(100.0)
   # global_type="sigmoid" only: the model then starts its logit scale here (t = 10) and adds a
   # learnable logit bias, SigLIP's initialisation.
@@ -75,35 +75,35 @@ def get_config():
   config.data = ml_collections.ConfigDict()
   config.data.mask_ratio = 0.75
   config.data.max_text_len = 128
-  config.data.train = ""        # a converter output folder (or shard files / glob); required to train
+  config.data.train = ""  # a converter output folder (or shard files / glob); required to train
   config.data.train_split = "train"
-  config.data.eval = ""         # a converter output folder for --mode=embed (and a default evaluation set)
-  config.data.eval_split = ""   # "" = every split of config.data.eval
+  config.data.eval = ""  # a converter output folder for --mode=embed (and a default evaluation set)
+  config.data.eval_split = ""  # "" = every split of config.data.eval
 
   # Evaluation (--mode=eval / --mode=embed, and periodically in training).
   # Results are keyed "<dataset>/<task>/<metric>"; see clinvla_jax/evaluate/run.py.
   config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 32           # global; rounded up to a multiple of the device count
-  config.eval.views = "frontal"         # "frontal": current frontal only (the protocols); "all": every view the model uses
-  config.eval.split = "val"             # split read from converted folders unless a dataset names its own
+  config.eval.batch_size = 32  # global; rounded up to a multiple of the device count
+  config.eval.views = "frontal"  # "frontal": current frontal only (the protocols); "all": every view the model uses
+  config.eval.split = "val"  # split read from converted folders unless a dataset names its own
   # Generic retrieval + label zero-shot: name -> ConfigDict(path=converted folder, split=...).
   config.eval.datasets = ml_collections.ConfigDict()
   config.eval.retrieval_ks = (5, 10, 50)  # P@K of the generic sets; K >= set size is skipped (noted in results.md)
-  config.eval.label_prompts = ""        # prompt file of the generic zero-shot; empty = assets/prompts/label_prompts.json
+  config.eval.label_prompts = ""  # prompt file of the generic zero-shot; empty = assets/prompts/label_prompts.json
   # The published protocols (protocols.md section 5); an empty path skips one.
-  config.eval.chexpert_5x200 = ""       # converted folder (data_prep.chexpert --mode=5x200)
+  config.eval.chexpert_5x200 = ""  # converted folder (data_prep.chexpert --mode=5x200)
   config.eval.chexpert_5x200_split = "5x200"
-  config.eval.chexpert_8x200 = ""       # converted candidate list (data_prep.chexpert --mode=list)
+  config.eval.chexpert_8x200 = ""  # converted candidate list (data_prep.chexpert --mode=list)
   config.eval.chexpert_8x200_queries = ""  # converted image query list; empty = text->image only
-  config.eval.chexpert_8x200_lists = ""    # folder of the published image-retrieval/ and text-retrieval/ CSVs
-  config.eval.rsna = ""                 # converted RSNA Pneumonia folder
+  config.eval.chexpert_8x200_lists = ""  # folder of the published image-retrieval/ and text-retrieval/ CSVs
+  config.eval.rsna = ""  # converted RSNA Pneumonia folder
   config.eval.rsna_split = "test"
-  config.eval.ms_cxr_t = ""             # converted MIMIC-CXR studies with priors, embedded with every view
+  config.eval.ms_cxr_t = ""  # converted MIMIC-CXR studies with priors, embedded with every view
   config.eval.ms_cxr_t_split = "test"
-  config.eval.ms_cxr_t_labels = ""      # CSV: study_id + a column per finding named as in Table 5 ("Pleural Effusion")
+  config.eval.ms_cxr_t_labels = ""  # CSV: study_id + a column per finding named as in Table 5 ("Pleural Effusion")
   config.eval.zero_shot_max_prompts = 0  # CheXpert 5x200 prompts per class; 0 = every combination
-  config.eval.every_steps = 0           # training: evaluate every N steps; 0 = never during training
-  config.eval.figure = True             # write retrieval_examples.png
+  config.eval.every_steps = 0  # training: evaluate every N steps; 0 = never during training
+  config.eval.figure = True  # write retrieval_examples.png
 
   config.optim = ml_collections.ConfigDict()
   config.optim.batch_size = 32
@@ -111,14 +111,18 @@ def get_config():
   # First matching rule names a parameter's group; "frozen" gets no gradient
   # and no optimizer state.  Every parameter must match some rule.
   config.optim.param_groups = (
-      (r".*language_adapter/.*", "language_adapters"),
-      (r".*task_adapter/.*", "task_adapters"),
-      (r".*(adapter|norm|LayerNorm|_head|cls_token|view_embed|time_embed|missing_token|logit_scale"
-       r"|logit_bias|local_log_temperatures).*", "other_trainable"),
-      (r".*", "frozen"),
+    (r".*language_adapter/.*", "language_adapters"),
+    (r".*task_adapter/.*", "task_adapters"),
+    (
+      r".*(adapter|norm|LayerNorm|_head|cls_token|view_embed|time_embed|missing_token|logit_scale"
+      r"|logit_bias|local_log_temperatures).*",
+      "other_trainable",
+    ),
+    (r".*", "frozen"),
   )
-  config.optim.learning_rates = ml_collections.ConfigDict(dict(
-      language_adapters=5e-5, task_adapters=1e-4, other_trainable=1e-4))
+  config.optim.learning_rates = ml_collections.ConfigDict(
+    dict(language_adapters=5e-5, task_adapters=1e-4, other_trainable=1e-4)
+  )
   config.optim.warmup_steps = 500
   config.optim.min_lr_ratio = 0.01
   config.optim.grad_clip_norm = 1.0
@@ -130,13 +134,13 @@ def get_config():
   config.train.num_steps = 50_000
   config.train.log_every_steps = 50
   config.train.checkpoint_every_steps = 1000
-  config.train.keep_checkpoints = 3        # the last N; the best by best_metric is kept as well
-  config.train.best_metric = ""            # a results.json key, e.g. "chexpert_5x200/image_to_text/P@10"
+  config.train.keep_checkpoints = 3  # the last N; the best by best_metric is kept as well
+  config.train.best_metric = ""  # a results.json key, e.g. "chexpert_5x200/image_to_text/P@10"
   config.train.best_mode = "max"
-  config.train.data_workers = 2            # Grain worker processes (0 = in-process)
-  config.train.prefetch_to_device = 2      # batches put on the devices ahead of the step (0 = on demand)
-  config.train.transfer_guard = "allow"    # "log" / "disallow": report / refuse implicit transfers in the step loop
-  config.train.peak_flops_per_device = 0.0 # for MFU; 0 = look up by device kind (CPU: measured matmul rate)
+  config.train.data_workers = 2  # Grain worker processes (0 = in-process)
+  config.train.prefetch_to_device = 2  # batches put on the devices ahead of the step (0 = on demand)
+  config.train.transfer_guard = "allow"  # "log" / "disallow": report / refuse implicit transfers in the step loop
+  config.train.peak_flops_per_device = 0.0  # for MFU; 0 = look up by device kind (CPU: measured matmul rate)
 
   # Mesh ('data', 'fsdp', 'tensor'); one axis may be -1 (all remaining devices).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -145,10 +149,19 @@ def get_config():
   # patch, adapter, proj; activation axes: batch, act_*.  With fsdp = tensor = 1
   # (the default) every parameter is replicated: pure data parallelism.
   config.sharding.rules = (
-      ("batch", ("data", "fsdp")),
-      ("act_length", None), ("act_embed", None), ("act_kv", None),
-      ("act_heads", "tensor"), ("act_mlp", "tensor"),
-      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
-      ("vocab", None), ("patch", None), ("adapter", None), ("proj", None),
+    ("batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_kv", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", None),
+    ("patch", None),
+    ("adapter", None),
+    ("proj", None),
   )
   return config

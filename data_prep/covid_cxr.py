@@ -77,8 +77,9 @@ def read_metadata(path: str) -> list[dict[str, str]]:
 UNLABELLED_POLICIES = ("reject", "train")
 
 
-def build_plan(input_dir: str, val_percent: float = 20.0,
-               image_dir: str = "images", unlabelled: str = "reject") -> common.Plan:
+def build_plan(
+  input_dir: str, val_percent: float = 20.0, image_dir: str = "images", unlabelled: str = "reject"
+) -> common.Plan:
   """Reads metadata.csv and returns the studies to write (see module docstring)."""
   if unlabelled not in UNLABELLED_POLICIES:
     raise ValueError(f"unlabelled={unlabelled!r}: expected one of {UNLABELLED_POLICIES}")
@@ -97,8 +98,9 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
       rejects.append(common.Reject(row_id, "missing_metadata", "blank filename or patientid"))
       continue
     if fn in seen_files:
-      rejects.append(common.Reject(row_id, "duplicate_row",
-                                   f"image {fn} already listed under patient {seen_files[fn]}"))
+      rejects.append(
+        common.Reject(row_id, "duplicate_row", f"image {fn} already listed under patient {seen_files[fn]}")
+      )
       continue
     seen_files[fn] = pid
     path = os.path.join(img_root, fn)
@@ -114,35 +116,49 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
         continue
       method = "pixel content"
       if view is None:
-        rejects.append(common.Reject(row_id, "unknown_view",
-                                     f"view {row['view']!r} and pixels ambiguous "
-                                     f"(frontal score {score:+.3f})"))
+        rejects.append(
+          common.Reject(
+            row_id, "unknown_view", f"view {row['view']!r} and pixels ambiguous (frontal score {score:+.3f})"
+          )
+        )
         continue
     view_method[method] += 1
     off = _offset(row["offset"])
     # Rows of a patient with a blank offset form one undated study.
-    usable.append(common.Row(
-        row_id=row_id, patient_id=pid, study_key="undated" if off is None else off, view=view,
-        path=path, image_id=fn, rank=fn, time=off, data=row))
+    usable.append(
+      common.Row(
+        row_id=row_id,
+        patient_id=pid,
+        study_key="undated" if off is None else off,
+        view=view,
+        path=path,
+        image_id=fn,
+        rank=fn,
+        time=off,
+        data=row,
+      )
+    )
 
-  label_names = sorted({p for r in usable for p in _label_parts(r.data["finding"])
-                        if p.lower() not in _UNKNOWN_FINDINGS})
+  label_names = sorted(
+    {p for r in usable for p in _label_parts(r.data["finding"]) if p.lower() not in _UNKNOWN_FINDINGS}
+  )
 
   def describe(study: common.StudyRows) -> common.Described:
     off = study.study_key
     study_id = f"{study.patient_id}_{'undated' if off == 'undated' else f'{off:g}'}"
     rows_here = list(study.views.values())
-    unknown = [r for r in rows_here
-               if not _label_parts(r.data["finding"]) or
-               any(p.lower() in _UNKNOWN_FINDINGS for p in _label_parts(r.data["finding"]))]
+    unknown = [
+      r
+      for r in rows_here
+      if not _label_parts(r.data["finding"])
+      or any(p.lower() in _UNKNOWN_FINDINGS for p in _label_parts(r.data["finding"]))
+    ]
     out_rejects = []
     # An unlabelled study of a val patient cannot be evaluated and must not
     # train (the patient is held out), so it is rejected.
-    keep_unlabelled = (unlabelled == "train" and study.split == "train"
-                       and len(unknown) == len(rows_here))
+    keep_unlabelled = unlabelled == "train" and study.split == "train" and len(unknown) == len(rows_here)
     if not keep_unlabelled:
-      out_rejects += [common.Reject(r.row_id, "unknown_label", f"finding {r.data['finding']!r}")
-                      for r in unknown]
+      out_rejects += [common.Reject(r.row_id, "unknown_label", f"finding {r.data['finding']!r}") for r in unknown]
       rows_here = [r for r in rows_here if r not in unknown]
     if not rows_here:
       return common.Described(study_id, rejects=tuple(out_rejects))
@@ -153,41 +169,61 @@ def build_plan(input_dir: str, val_percent: float = 20.0,
         notes.append(note)
     cleaned = text_lib.report_text(full_report="\n".join(notes)).text if notes else ""
     if not cleaned:
-      out_rejects += [common.Reject(r.row_id, "empty_report", f"study {study_id}: no clinical notes")
-                      for r in rows_here]
+      out_rejects += [
+        common.Reject(r.row_id, "empty_report", f"study {study_id}: no clinical notes") for r in rows_here
+      ]
       return common.Described(study_id, rejects=tuple(out_rejects))
-    found = {p for r in rows_here for p in _label_parts(r.data["finding"])
-             if p.lower() not in _UNKNOWN_FINDINGS}
-    return common.Described(study_id, rows=tuple(rows_here), text=cleaned,
-                            labels=common.multi_hot(found, label_names),
-                            rejects=tuple(out_rejects))
+    found = {p for r in rows_here for p in _label_parts(r.data["finding"]) if p.lower() not in _UNKNOWN_FINDINGS}
+    return common.Described(
+      study_id,
+      rows=tuple(rows_here),
+      text=cleaned,
+      labels=common.multi_hot(found, label_names),
+      rejects=tuple(out_rejects),
+    )
 
   studies, assembly_rejects = common.assemble_studies(
-      usable, describe, split_of=lambda pid: common.hash_split(pid, val_percent))
+    usable, describe, split_of=lambda pid: common.hash_split(pid, val_percent)
+  )
   rejects.extend(assembly_rejects)
 
   notes = {
-      "views_decided_by": (
-          "metadata 'view' column (PA/AP/AP Supine -> frontal, L -> lateral); blank or '?' "
-          "views from the file name suffix, else from pixel content (frontal_score: bright "
-          "central spine/mediastinum column between dark lung fields = frontal), else rejected"),
-      "view_decisions": dict(view_method),
-      "study_definition": "(patientid, offset); undated rows of a patient form one study",
-      "prior_definition": common.PRIOR_RULE,
-      "text_source": "clinical_notes",
-      "label_source": "finding, split on ',' and '/'",
-      "split_rule": f"sha256(patientid) -> val {val_percent}%, rest train"
-                    + ("; studies without a known finding: train patients only" if unlabelled == "train" else ""),
-      "unlabelled": unlabelled,
+    "views_decided_by": (
+      "metadata 'view' column (PA/AP/AP Supine -> frontal, L -> lateral); blank or '?' "
+      "views from the file name suffix, else from pixel content (frontal_score: bright "
+      "central spine/mediastinum column between dark lung fields = frontal), else rejected"
+    ),
+    "view_decisions": dict(view_method),
+    "study_definition": "(patientid, offset); undated rows of a patient form one study",
+    "prior_definition": common.PRIOR_RULE,
+    "text_source": "clinical_notes",
+    "label_source": "finding, split on ',' and '/'",
+    "split_rule": f"sha256(patientid) -> val {val_percent}%, rest train"
+    + ("; studies without a known finding: train patients only" if unlabelled == "train" else ""),
+    "unlabelled": unlabelled,
   }
-  return common.Plan(dataset="covid_cxr", input_rows=len(rows), row_unit="metadata.csv row",
-                     studies=studies, rejects=rejects, label_names=label_names, notes=notes)
+  return common.Plan(
+    dataset="covid_cxr",
+    input_rows=len(rows),
+    row_unit="metadata.csv row",
+    studies=studies,
+    rejects=rejects,
+    label_names=label_names,
+    notes=notes,
+  )
 
 
 if __name__ == "__main__":
   common.define_flags()
   flags.DEFINE_float("val_percent", 20.0, "Percent of patients in the val split.")
-  flags.DEFINE_enum("unlabelled", "reject", list(UNLABELLED_POLICIES),
-                    "Studies without a known finding: reject them, or keep them (with notes) for training.")
-  app.run(lambda argv: common.main_for(
-      lambda d: build_plan(d, val_percent=flags.FLAGS.val_percent, unlabelled=flags.FLAGS.unlabelled))(argv))
+  flags.DEFINE_enum(
+    "unlabelled",
+    "reject",
+    list(UNLABELLED_POLICIES),
+    "Studies without a known finding: reject them, or keep them (with notes) for training.",
+  )
+  app.run(
+    lambda argv: common.main_for(
+      lambda d: build_plan(d, val_percent=flags.FLAGS.val_percent, unlabelled=flags.FLAGS.unlabelled)
+    )(argv)
+  )

@@ -61,12 +61,12 @@ def _parse_report(data: bytes, name: str) -> dict:
   uid = uid_el.get("id") if uid_el is not None else "CXR" + os.path.splitext(os.path.basename(name))[0]
   sections = {(a.get("Label") or "").upper(): (a.text or "") for a in root.iter("AbstractText")}
   return {
-      "uid": uid,
-      "file": os.path.basename(name),
-      "findings": sections.get("FINDINGS", ""),
-      "impression": sections.get("IMPRESSION", ""),
-      "mesh_major": [(m.text or "").strip() for m in root.iter("major") if (m.text or "").strip()],
-      "images": [p.get("id") for p in root.findall("parentImage") if p.get("id")],
+    "uid": uid,
+    "file": os.path.basename(name),
+    "findings": sections.get("FINDINGS", ""),
+    "impression": sections.get("IMPRESSION", ""),
+    "mesh_major": [(m.text or "").strip() for m in root.iter("major") if (m.text or "").strip()],
+    "images": [p.get("id") for p in root.findall("parentImage") if p.get("id")],
   }
 
 
@@ -160,23 +160,30 @@ def assign_views(paths: list[tuple[str, str]], tags: dict[str, str]):
   return frontal, lateral, extras, problems, {iid: s for s, iid, _ in scored}
 
 
-def build_plan(input_dir: str, reports_path: str = "", image_dir: str = "",
-               metadata_path: str = "", min_label_count: int = 20,
-               val_percent: float = 20.0) -> common.Plan:
+def build_plan(
+  input_dir: str,
+  reports_path: str = "",
+  image_dir: str = "",
+  metadata_path: str = "",
+  min_label_count: int = 20,
+  val_percent: float = 20.0,
+) -> common.Plan:
   reports_path = reports_path or next(
-      (p for p in (os.path.join(input_dir, "NLMCXR_reports.tgz"),
-                   os.path.join(input_dir, "ecgen-radiology")) if os.path.exists(p)),
-      os.path.join(input_dir, "NLMCXR_reports.tgz"))
+    (
+      p
+      for p in (os.path.join(input_dir, "NLMCXR_reports.tgz"), os.path.join(input_dir, "ecgen-radiology"))
+      if os.path.exists(p)
+    ),
+    os.path.join(input_dir, "NLMCXR_reports.tgz"),
+  )
   image_dir = image_dir or os.path.join(input_dir, "images")
   metadata_path = metadata_path or os.path.join(input_dir, "nlmcxr_dicom_metadata.csv.gz")
   reports = read_reports(reports_path)
   tags = read_view_tags(metadata_path)
   found, orphans = find_images(image_dir, reports) if os.path.isdir(image_dir) else ({}, [])
 
-  counts = collections.Counter(
-      t for r in reports for t in {m.split("/")[0].strip() for m in r["mesh_major"]})
-  label_names = sorted(t for t, c in counts.items()
-                       if c >= min_label_count and t not in _NOT_LABELS)
+  counts = collections.Counter(t for r in reports for t in {m.split("/")[0].strip() for m in r["mesh_major"]})
+  label_names = sorted(t for t, c in counts.items() if c >= min_label_count and t not in _NOT_LABELS)
 
   studies, rejects = [], []
   decisions = collections.Counter()
@@ -184,8 +191,7 @@ def build_plan(input_dir: str, reports_path: str = "", image_dir: str = "",
     row_id = f"{r['file']} ({r['uid']})"
     paths = [(iid, found[iid]) for iid in r["images"] if iid in found]
     if not paths:
-      why = "report lists no images" if not r["images"] else (
-          f"no image file for {', '.join(r['images'])}")
+      why = "report lists no images" if not r["images"] else (f"no image file for {', '.join(r['images'])}")
       rejects.append(common.Reject(row_id, "no_images", why))
       continue
     cleaned = text_lib.report_text(findings=r["findings"], impression=r["impression"]).text
@@ -206,28 +212,42 @@ def build_plan(input_dir: str, reports_path: str = "", image_dir: str = "",
     decisions["extra images not used"] += len(extras)
     present = {m.split("/")[0].strip() for m in r["mesh_major"]}
     ref = lambda t: None if t is None else common.ViewRef(t[2], t[1], row_id)
-    studies.append(common.Study(
-        study_id=r["uid"], patient_id=r["uid"],
-        split=common.hash_split(r["uid"], val_percent), text=cleaned,
+    studies.append(
+      common.Study(
+        study_id=r["uid"],
+        patient_id=r["uid"],
+        split=common.hash_split(r["uid"], val_percent),
+        text=cleaned,
         labels=common.multi_hot(present, label_names),
-        views=(ref(frontal), ref(lateral), None, None), rows=(row_id,)))
+        views=(ref(frontal), ref(lateral), None, None),
+        rows=(row_id,),
+      )
+    )
 
   notes = {
-      "views_decided_by": (
-          "per image score = pixel frontal_score (bright central spine/mediastinum column) "
-          "+/-0.05 aspect ratio (portrait = lateral) +/-0.05 DICOM View Position tag "
-          "+0.02 first in XML order; per report the top score is frontal and the lowest "
-          "other image is lateral if its score < 0; a lone image is frontal if score >= 0"),
-      "view_decisions": dict(decisions),
-      "images_found": len(found),
-      "image_files_not_matched": [os.path.relpath(p, image_dir) for p in orphans][:50],
-      "label_source": f"MeSH major terms, first component, in >= {min_label_count} reports",
-      "text_source": "FINDINGS + IMPRESSION",
-      "split_rule": f"sha256(report uid) -> val {val_percent}%, rest train",
-      "licence": "CC BY-NC-ND 4.0 (Indiana University / NLM Open-I)",
+    "views_decided_by": (
+      "per image score = pixel frontal_score (bright central spine/mediastinum column) "
+      "+/-0.05 aspect ratio (portrait = lateral) +/-0.05 DICOM View Position tag "
+      "+0.02 first in XML order; per report the top score is frontal and the lowest "
+      "other image is lateral if its score < 0; a lone image is frontal if score >= 0"
+    ),
+    "view_decisions": dict(decisions),
+    "images_found": len(found),
+    "image_files_not_matched": [os.path.relpath(p, image_dir) for p in orphans][:50],
+    "label_source": f"MeSH major terms, first component, in >= {min_label_count} reports",
+    "text_source": "FINDINGS + IMPRESSION",
+    "split_rule": f"sha256(report uid) -> val {val_percent}%, rest train",
+    "licence": "CC BY-NC-ND 4.0 (Indiana University / NLM Open-I)",
   }
-  return common.Plan(dataset="iu_xray", input_rows=len(reports), row_unit="report (XML)",
-                     studies=studies, rejects=rejects, label_names=label_names, notes=notes)
+  return common.Plan(
+    dataset="iu_xray",
+    input_rows=len(reports),
+    row_unit="report (XML)",
+    studies=studies,
+    rejects=rejects,
+    label_names=label_names,
+    notes=notes,
+  )
 
 
 if __name__ == "__main__":
@@ -237,6 +257,15 @@ if __name__ == "__main__":
   flags.DEFINE_string("metadata", "", "nlmcxr_dicom_metadata.csv.gz (optional).")
   flags.DEFINE_integer("min_label_count", 20, "Keep MeSH terms seen in at least this many reports.")
   flags.DEFINE_float("val_percent", 20.0, "Percent of reports in the val split.")
-  app.run(lambda argv: common.main_for(lambda d: build_plan(
-      d, flags.FLAGS.reports, flags.FLAGS.images, flags.FLAGS.metadata,
-      flags.FLAGS.min_label_count, flags.FLAGS.val_percent))(argv))
+  app.run(
+    lambda argv: common.main_for(
+      lambda d: build_plan(
+        d,
+        flags.FLAGS.reports,
+        flags.FLAGS.images,
+        flags.FLAGS.metadata,
+        flags.FLAGS.min_label_count,
+        flags.FLAGS.val_percent,
+      )
+    )(argv)
+  )

@@ -54,9 +54,9 @@ Metadata: CC BY-NC-SA 4.0.  Only images whose licence allows a resized copy
 """
 
 
-
 def _used_images(out_dir: str) -> set[str]:
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+
   used = set()
   for path in glob.glob(os.path.join(out_dir, "*.array_record")):
     for data in common.read_shard(path):
@@ -78,18 +78,20 @@ def _attribution(data: Path, out: Path) -> str:
   return "".join(lines)
 
 
-def make_demo(data: Path = DEFAULT_DATA, out: Path = DEFAULT_OUT, workers: int = 0,
-              progress: bool = True) -> dict[str, dict]:
+def make_demo(
+  data: Path = DEFAULT_DATA, out: Path = DEFAULT_OUT, workers: int = 0, progress: bool = True
+) -> dict[str, dict]:
   """Rebuilds the demo set in ``out`` (replacing what is there)."""
   # PNG keeps the bundled set small (about 3x smaller than the default
   # patch-major codec); a few hundred studies read fast enough either way.
   # The TFDS copy would double the bundled size; convert with the converter
   # itself (python -m data_prep.covid_cxr) to get one.
-  opts = common.Options(workers=workers, shard_size=64, progress=progress, image_codec="png",
-                        tfds=False)
+  opts = common.Options(workers=workers, shard_size=64, progress=progress, image_codec="png", tfds=False)
   jobs = {
-      "covid_cxr": (lambda: covid_cxr.build_plan(str(data / "covid_cxr_dev"), val_percent=DEMO_VAL_PERCENT,
-                                                 unlabelled="train"), opts),
+    "covid_cxr": (
+      lambda: covid_cxr.build_plan(str(data / "covid_cxr_dev"), val_percent=DEMO_VAL_PERCENT, unlabelled="train"),
+      opts,
+    ),
   }
   manifests = {}
   for name, (plan_fn, o) in jobs.items():

@@ -33,9 +33,20 @@ from clinvla_jax.data import text as text_lib
 from data_prep import common
 
 LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
-    "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
+  "Atelectasis",
+  "Cardiomegaly",
+  "Consolidation",
+  "Edema",
+  "Enlarged Cardiomediastinum",
+  "Fracture",
+  "Lung Lesion",
+  "Lung Opacity",
+  "No Finding",
+  "Pleural Effusion",
+  "Pleural Other",
+  "Pneumonia",
+  "Pneumothorax",
+  "Support Devices",
 )
 # Preference order within a study: a PA film is the better frontal when both exist.
 _FRONTAL_RANK = {"PA": 0, "AP": 1}
@@ -44,8 +55,7 @@ _SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 
 
 def _table(input_dir: str, stem: str) -> str:
-  return common.find_first(os.path.join(input_dir, f"{stem}.csv.gz"),
-                           os.path.join(input_dir, f"{stem}.csv"))
+  return common.find_first(os.path.join(input_dir, f"{stem}.csv.gz"), os.path.join(input_dir, f"{stem}.csv"))
 
 
 def _time(row: dict) -> datetime.datetime | None:
@@ -75,10 +85,11 @@ def _label(raw: str) -> float:
 def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
   reports_dir = reports_dir or input_dir
   meta = common.read_table(_table(input_dir, "mimic-cxr-2.0.0-metadata"))
-  splits = {r["dicom_id"]: r["split"] for r in common.read_table(
-      _table(input_dir, "mimic-cxr-2.0.0-split"))}
-  labels = {(r["subject_id"], r["study_id"]): tuple(_label(r.get(n, "")) for n in LABELS)
-            for r in common.read_table(_table(input_dir, "mimic-cxr-2.0.0-chexpert"))}
+  splits = {r["dicom_id"]: r["split"] for r in common.read_table(_table(input_dir, "mimic-cxr-2.0.0-split"))}
+  labels = {
+    (r["subject_id"], r["study_id"]): tuple(_label(r.get(n, "")) for n in LABELS)
+    for r in common.read_table(_table(input_dir, "mimic-cxr-2.0.0-chexpert"))
+  }
   rejects = []
   rows: list[common.Row] = []
   seen = set()
@@ -93,15 +104,22 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
     vp = r["ViewPosition"].strip()
     view = "frontal" if vp in _FRONTAL_RANK else "lateral" if vp in _LATERAL_RANK else None
     t = _time(r)
-    rows.append(common.Row(
-        row_id=row_id, patient_id=f"p{subj}", study_key=f"s{stud}", view=view,
-        path=os.path.join(_study_dir(input_dir, subj, stud), f"{did}.jpg"), image_id=did,
+    rows.append(
+      common.Row(
+        row_id=row_id,
+        patient_id=f"p{subj}",
+        study_key=f"s{stud}",
+        view=view,
+        path=os.path.join(_study_dir(input_dir, subj, stud), f"{did}.jpg"),
+        image_id=did,
         # A PA film is the better frontal when both exist, LATERAL the better lateral.
         rank=({**_FRONTAL_RANK, **_LATERAL_RANK}.get(vp, 9), did),
         time=None if t is None else (t - epoch).total_seconds() / 86400.0,
         split=_SPLITS.get(splits.get(did, ""), ""),
         why_unknown=f"study s{stud}: ViewPosition {vp or '(blank)'} is not PA/AP/LATERAL/LL",
-        data=r))
+        data=r,
+      )
+    )
 
   def describe(study: common.StudyRows) -> common.Described:
     first = next(iter(study.views.values())).data
@@ -114,25 +132,33 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
         text = text_lib.report_text(full_report=f.read()).text
     if not text:
       why = "report file missing" if not os.path.isfile(report_path) else "no usable text"
-      return common.Described(study.study_key, rejects=tuple(
-          common.Reject(r.row_id, "empty_report", f"{report_path}: {why}") for r in used))
-    return common.Described(study.study_key, rows=used, text=text,
-                            labels=labels.get((subj, stud), (math.nan,) * len(LABELS)))
+      return common.Described(
+        study.study_key, rejects=tuple(common.Reject(r.row_id, "empty_report", f"{report_path}: {why}") for r in used)
+      )
+    return common.Described(
+      study.study_key, rows=used, text=text, labels=labels.get((subj, stud), (math.nan,) * len(LABELS))
+    )
 
   studies, assembly_rejects = common.assemble_studies(rows, describe)
   rejects.extend(assembly_rejects)
   notes = {
-      "views_decided_by": "metadata ViewPosition (PA preferred over AP; LATERAL over LL)",
-      "prior_definition": common.PRIOR_RULE + " (dates: StudyDate/StudyTime)",
-      "text_source": "FINDINGS + IMPRESSION of files/pXX/pSUBJECT/sSTUDY.txt",
-      "split_rule": "official mimic-cxr-2.0.0-split (validate -> val)",
+    "views_decided_by": "metadata ViewPosition (PA preferred over AP; LATERAL over LL)",
+    "prior_definition": common.PRIOR_RULE + " (dates: StudyDate/StudyTime)",
+    "text_source": "FINDINGS + IMPRESSION of files/pXX/pSUBJECT/sSTUDY.txt",
+    "split_rule": "official mimic-cxr-2.0.0-split (validate -> val)",
   }
-  return common.Plan(dataset="mimic_cxr", input_rows=len(meta), row_unit="metadata row (image)",
-                     studies=studies, rejects=rejects, label_names=list(LABELS), notes=notes)
+  return common.Plan(
+    dataset="mimic_cxr",
+    input_rows=len(meta),
+    row_unit="metadata row (image)",
+    studies=studies,
+    rejects=rejects,
+    label_names=list(LABELS),
+    notes=notes,
+  )
 
 
 if __name__ == "__main__":
   common.define_flags()
   flags.DEFINE_string("reports", "", "Root holding files/pXX/.../sSTUDY.txt (default: --input).")
-  app.run(lambda argv: common.main_for(
-      lambda d: build_plan(d, flags.FLAGS.reports))(argv))
+  app.run(lambda argv: common.main_for(lambda d: build_plan(d, flags.FLAGS.reports))(argv))

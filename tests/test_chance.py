@@ -32,17 +32,13 @@ def test_chance_closed_form_hand_made():
   # Gallery classes 0 0 1 1 1: a class-0 query has 2 of 5 relevant items, a
   # class-1 query 3 of 5.
   rel = metrics.relevance_matrix(np.array([0, 1]), np.array([0, 0, 1, 1, 1]))
-  np.testing.assert_allclose(metrics.chance_precision_per_query(rel),
-                             [2 / 5, 3 / 5])
+  np.testing.assert_allclose(metrics.chance_precision_per_query(rel), [2 / 5, 3 / 5])
   # Query = gallery, itself left out: labels 0 0 0 1.  Query 0 sees 2 of 3
   # other items relevant, query 3 none of 3.
   labels = np.array([0, 0, 0, 1])
   rel = metrics.relevance_matrix(labels, labels)
-  np.testing.assert_allclose(
-      metrics.chance_precision_per_query(rel, np.arange(4)),
-      [2 / 3, 2 / 3, 2 / 3, 0.0])
-  out = metrics.precision_at_k_summary(np.eye(4), labels, labels, ks=(1, 3),
-                                       exclude_self=True, num_resamples=0)
+  np.testing.assert_allclose(metrics.chance_precision_per_query(rel, np.arange(4)), [2 / 3, 2 / 3, 2 / 3, 0.0])
+  out = metrics.precision_at_k_summary(np.eye(4), labels, labels, ks=(1, 3), exclude_self=True, num_resamples=0)
   # The same chance for every K, and no interval keys without resamples.
   assert out["P@1_chance"] == out["P@3_chance"] == pytest.approx(0.5)
   assert set(out) == {"P@1", "P@3", "P@1_chance", "P@3_chance"}
@@ -53,8 +49,7 @@ def test_chance_multilabel_hand_made():
   g = np.array([[1, 1], [1, 0], [0, 0], [-1, 1]], dtype=float)
   rel = metrics.relevance_matrix(q, g)
   # Uncertain (-1) never counts: query 0 matches rows 0, 1; query 1 rows 0, 3.
-  np.testing.assert_allclose(metrics.chance_precision_per_query(rel),
-                             [0.5, 0.5])
+  np.testing.assert_allclose(metrics.chance_precision_per_query(rel), [0.5, 0.5])
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])
@@ -69,12 +64,11 @@ def test_chance_is_mean_precision_of_random_rankings(exclude_self):
   trials = 4000
   sim = rng.random((trials * 12, 12))
   per_query = metrics.precision_at_k_per_query(
-      sim, np.tile(rel, (trials, 1)), ks=(1, 4, 11),
-      exclude_index=None if exclude is None else np.tile(exclude, trials))
+    sim, np.tile(rel, (trials, 1)), ks=(1, 4, 11), exclude_index=None if exclude is None else np.tile(exclude, trials)
+  )
   mc = per_query.reshape(trials, 12, 3).mean(axis=0)
   # Standard error of a P@1 mean over 4000 trials is below 0.008.
-  np.testing.assert_allclose(mc, np.repeat(chance[:, None], 3, axis=1),
-                             atol=0.03)
+  np.testing.assert_allclose(mc, np.repeat(chance[:, None], 3, axis=1), atol=0.03)
   np.testing.assert_allclose(mc.mean(axis=0), chance.mean(), atol=0.01)
 
 
@@ -125,8 +119,7 @@ def test_bootstrap_ci_matches_scipy_percentile_bootstrap():
   rng = np.random.default_rng(4)
   x = rng.random(500)
   ours = metrics.bootstrap_ci(x, 2000, 0)
-  ref = stats.bootstrap((x,), np.mean, n_resamples=2000, method="percentile",
-                        random_state=0).confidence_interval
+  ref = stats.bootstrap((x,), np.mean, n_resamples=2000, method="percentile", random_state=0).confidence_interval
   # Different draws: agreement within Monte-Carlo error of the percentiles.
   assert ours == pytest.approx((ref.low, ref.high), abs=0.005)
 
@@ -137,8 +130,7 @@ def test_bootstrap_columns_share_resamples():
   low, high = metrics.bootstrap_ci(x, 200, 7)
   assert low.shape == high.shape == (3,)
   for j in range(3):
-    assert (low[j], high[j]) == pytest.approx(
-        metrics.bootstrap_ci(x[:, j], 200, 7), abs=1e-12)
+    assert (low[j], high[j]) == pytest.approx(metrics.bootstrap_ci(x[:, j], 200, 7), abs=1e-12)
   with pytest.raises(ValueError):
     metrics.bootstrap_ci(x, 0)
 
@@ -166,9 +158,7 @@ def test_recall_matches_loop_with_ties(seed):
     np.testing.assert_array_equal(got[:, j], loop_recall(sim, k))
   # The rank agrees with the full ranking of `rank_gallery`.
   order = metrics.rank_gallery(sim)
-  np.testing.assert_array_equal(metrics.rank_of(sim, np.arange(30)),
-                                np.argmax(order == np.arange(30)[:, None], 1)
-                                + 1)
+  np.testing.assert_array_equal(metrics.rank_of(sim, np.arange(30)), np.argmax(order == np.arange(30)[:, None], 1) + 1)
 
 
 def test_recall_matches_sklearn_top_k_accuracy():
@@ -176,8 +166,7 @@ def test_recall_matches_sklearn_top_k_accuracy():
   n = 40
   sim = rng.normal(size=(n, n)) + 1.5 * np.eye(n)  # no ties
   got = metrics.recall_at_k_per_query(sim, (1, 5, 10)).mean(axis=0)
-  want = [skm.top_k_accuracy_score(np.arange(n), sim, k=k,
-                                   labels=np.arange(n)) for k in (1, 5, 10)]
+  want = [skm.top_k_accuracy_score(np.arange(n), sim, k=k, labels=np.arange(n)) for k in (1, 5, 10)]
   np.testing.assert_allclose(got, want)
 
 
@@ -186,8 +175,7 @@ def test_recall_keys_chance_and_random_level():
   n = 20
   labels = rng.integers(0, 3, n)
   img = normalized(rng.normal(size=(n, 8)))
-  got = retrieval.evaluate_retrieval(labels, img, img.copy(), ks=(5,),
-                                     recall_ks=(1, 5, 10, 20))
+  got = retrieval.evaluate_retrieval(labels, img, img.copy(), ks=(5,), recall_ks=(1, 5, 10, 20))
   for direction in retrieval.PAIRED_DIRECTIONS:
     # Identical embeddings: the own item is always first.  K = N is left out.
     for k in (1, 5, 10):
@@ -221,8 +209,7 @@ def test_paired_cosine_summary_matches_matrix():
 def test_majority_baselines_hand_made():
   pos = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 1, 1]], dtype=bool)
   # Label 1 is positive in three studies; predicting it hits rows 1, 2, 3.
-  np.testing.assert_array_equal(metrics.majority_label_hits(pos),
-                                [False, True, True, True])
+  np.testing.assert_array_equal(metrics.majority_label_hits(pos), [False, True, True, True])
   assert metrics.majority_accuracy(np.array(["a", "b", "b", "c", "b"])) == 0.6
   y = np.array([1, 0, 0, 0] * 5)
   base = metrics.threshold_cv_baselines(y, n_splits=5)
@@ -233,6 +220,7 @@ def test_majority_baselines_hand_made():
 
 def test_label_zero_shot_majority_and_auc_chance():
   from clinvla_jax.evaluate import run  # pylint: disable=g-import-not-at-top
+
   names = ["A", "B", "C"]
   text = {n: row for n, row in zip(names, np.eye(3))}
   text_fn = lambda prompts: np.stack([text[p] for p in prompts])
@@ -240,14 +228,12 @@ def test_label_zero_shot_majority_and_auc_chance():
   # Images point at A, A, C, B, C: hits for rows 0, 1 and 4 (3 of the 4
   # labelled studies); the unlabelled row 3 does not count.
   images = np.eye(3)[[0, 0, 2, 1, 2]]
-  out = run.label_zero_shot(images, labels, names, text_fn,
-                            {"templates": ["{label}"]})
+  out = run.label_zero_shot(images, labels, names, text_fn, {"templates": ["{label}"]})
   assert out["zero_shot/ACC"] == pytest.approx(3 / 4)
   # B is positive in three of the four labelled studies, all hits.
   assert out["zero_shot/ACC_majority"] == pytest.approx(3 / 4)
   assert out["zero_shot/AUC_chance"] == 0.5
-  assert (out["zero_shot/ACC_ci_low"] <= out["zero_shot/ACC"]
-          <= out["zero_shot/ACC_ci_high"])
+  assert out["zero_shot/ACC_ci_low"] <= out["zero_shot/ACC"] <= out["zero_shot/ACC_ci_high"]
 
 
 # --------------------------------------------------------------------------
@@ -257,28 +243,30 @@ def test_label_zero_shot_majority_and_auc_chance():
 
 def test_other_results_markdown_renders_chance_and_interval():
   from clinvla_jax.evaluate import run  # pylint: disable=g-import-not-at-top
+
   results = {
-      "covid_cxr/image_to_text/P@5": 0.472,
-      "covid_cxr/image_to_text/P@5_ci_low": 0.401,
-      "covid_cxr/image_to_text/P@5_ci_high": 0.54,
-      "covid_cxr/image_to_text/P@5_chance": 0.34,
-      "covid_cxr/image_to_text/R@1": 0.1,
-      "covid_cxr/image_to_text/R@1_chance": 0.05,
-      "covid_cxr/image_to_text/P@10": 0.4,
-      "covid_cxr/zero_shot/ACC": 0.5,
-      "covid_cxr/zero_shot/ACC_majority": 0.45,
-      "covid_cxr/zero_shot/AUC": 0.61,
-      "covid_cxr/zero_shot/AUC_chance": 0.5,
-      # Shown by the paper tables, companions included.
-      "chexpert_8x200/image_to_image/P@5": 0.3,
-      "chexpert_8x200/image_to_image/P@5_chance": 0.125,
+    "covid_cxr/image_to_text/P@5": 0.472,
+    "covid_cxr/image_to_text/P@5_ci_low": 0.401,
+    "covid_cxr/image_to_text/P@5_ci_high": 0.54,
+    "covid_cxr/image_to_text/P@5_chance": 0.34,
+    "covid_cxr/image_to_text/R@1": 0.1,
+    "covid_cxr/image_to_text/R@1_chance": 0.05,
+    "covid_cxr/image_to_text/P@10": 0.4,
+    "covid_cxr/zero_shot/ACC": 0.5,
+    "covid_cxr/zero_shot/ACC_majority": 0.45,
+    "covid_cxr/zero_shot/AUC": 0.61,
+    "covid_cxr/zero_shot/AUC_chance": 0.5,
+    # Shown by the paper tables, companions included.
+    "chexpert_8x200/image_to_image/P@5": 0.3,
+    "chexpert_8x200/image_to_image/P@5_chance": 0.125,
   }
   text = run.other_results_markdown(results, ["a note"])
   assert "| Task | P@5 | P@10 | R@1 | ACC | AUC |" in text
-  assert "| image_to_text | 47.2 [40.1\u201354.0] \u00b7 chance 34.0 | 40.0 |" \
-      " 10.0 \u00b7 chance 5.0 | \u2014 | \u2014 |" in text
-  assert "| zero_shot | \u2014 | \u2014 | \u2014 | 50.0 \u00b7 majority 45.0" \
-      " | 61.0 \u00b7 chance 50.0 |" in text
+  assert (
+    "| image_to_text | 47.2 [40.1\u201354.0] \u00b7 chance 34.0 | 40.0 |"
+    " 10.0 \u00b7 chance 5.0 | \u2014 | \u2014 |" in text
+  )
+  assert "| zero_shot | \u2014 | \u2014 | \u2014 | 50.0 \u00b7 majority 45.0 | 61.0 \u00b7 chance 50.0 |" in text
   assert "chexpert_8x200" not in text and "- a note" in text
   # The paper tables print our chance level under the table.
   paper = report.markdown_report(results)
@@ -289,15 +277,14 @@ def test_score_cell_and_split_metric():
   assert report.split_metric("P@5_ci_low") == ("P@5", "ci_low")
   assert report.split_metric("F1_all_positive") == ("F1", "all_positive")
   assert report.split_metric("AUC") == ("AUC", "")
-  assert report.score_cell({"ACC": 0.8, "ACC_std": 0.01}, "ACC") == \
-      "80.0 \u00b1 1.0"
+  assert report.score_cell({"ACC": 0.8, "ACC_std": 0.01}, "ACC") == "80.0 \u00b1 1.0"
   assert report.score_cell({}, "ACC") == report.MISSING
 
 
 def test_retrieval_captions_and_figure(tmp_path):
   captions = report.retrieval_captions(
-      np.array([0.2, 0.25, 0.21]), np.array([0.1, 0.3, 0.3, 0.5]), 2,
-      {"paired": 0.4, "unpaired": 0.1})
+    np.array([0.2, 0.25, 0.21]), np.array([0.1, 0.3, 0.3, 0.5]), 2, {"paired": 0.4, "unpaired": 0.1}
+  )
   assert "span 0.0500" in captions[0]
   # Own report 2 ties with 1 and comes after it: rank 3 of 4.
   assert "ranked 3 of 4" in captions[1]
@@ -306,9 +293,14 @@ def test_retrieval_captions_and_figure(tmp_path):
   hits = report.top_hits(rng.random(3), [rng.random((16, 16))] * 3, k=3)
   report_hits = report.top_hits(rng.random(3), ["a", "b", "c"], k=3)
   path = report.retrieval_figure(
-      tmp_path / "fig.png", text_query="q", image_hits=hits,
-      image_query=rng.random((16, 16)), report_hits=report_hits,
-      t2i_caption=captions[0], i2t_caption=captions[1])
+    tmp_path / "fig.png",
+    text_query="q",
+    image_hits=hits,
+    image_query=rng.random((16, 16)),
+    report_hits=report_hits,
+    t2i_caption=captions[0],
+    i2t_caption=captions[1],
+  )
   assert path.read_bytes()[:8] == PNG_MAGIC
 
 
@@ -318,9 +310,10 @@ def write_jsonl(path, records, tail=""):
 
 
 def training_lines(steps, offset=0.0):
-  return [{"step": s, "loss": 2.0 / s + offset, "loss_global": 1.0 / s,
-           "loss_local": 1.0 / s + offset, "learning_rate": 1e-4}
-          for s in steps]
+  return [
+    {"step": s, "loss": 2.0 / s + offset, "loss_global": 1.0 / s, "loss_local": 1.0 / s + offset, "learning_rate": 1e-4}
+    for s in steps
+  ]
 
 
 def test_learning_curves_without_eval_lines(tmp_path):
@@ -330,19 +323,24 @@ def test_learning_curves_without_eval_lines(tmp_path):
   assert data[:8] == PNG_MAGIC and len(data) > 10_000
   # An empty log (nothing written yet) still gives a figure.
   empty = write_jsonl(tmp_path / "empty.jsonl", [])
-  assert report.learning_curves_figure(
-      empty, tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
+  assert report.learning_curves_figure(empty, tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_learning_curves_with_eval_and_resumed_run(tmp_path):
   key = "eval/covid_cxr/image_to_text/P@5"
   records = training_lines(range(1, 21))
   for step in (10, 20):
-    records.append({"step": step, key: step / 100, f"{key}_chance": 0.34,
-                    f"{key}_ci_low": step / 100 - 0.05,
-                    f"{key}_ci_high": step / 100 + 0.05,
-                    "eval/covid_cxr/text_to_image/R@5": 0.2,
-                    "eval/covid_cxr/text_to_image/R@5_chance": 0.38})
+    records.append(
+      {
+        "step": step,
+        key: step / 100,
+        f"{key}_chance": 0.34,
+        f"{key}_ci_low": step / 100 - 0.05,
+        f"{key}_ci_high": step / 100 + 0.05,
+        "eval/covid_cxr/text_to_image/R@5": 0.2,
+        "eval/covid_cxr/text_to_image/R@5_chance": 0.38,
+      }
+    )
   # Resumed from step 15: steps 16-20 are logged again, with other values,
   # and the last line was cut short by a crash.
   records += training_lines(range(16, 21), offset=5.0)
@@ -357,7 +355,5 @@ def test_learning_curves_with_eval_and_resumed_run(tmp_path):
   data = path.read_bytes()
   assert data[:8] == PNG_MAGIC and len(data) > 10_000
   # Keys may be named without the "eval/" prefix.
-  chosen = report.learning_curves_figure(
-      log, tmp_path / "chosen.png",
-      metric_keys=["covid_cxr/text_to_image/R@5"])
+  chosen = report.learning_curves_figure(log, tmp_path / "chosen.png", metric_keys=["covid_cxr/text_to_image/R@5"])
   assert chosen.read_bytes()[:8] == PNG_MAGIC

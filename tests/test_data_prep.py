@@ -24,17 +24,21 @@ from data_prep import rsna_pneumonia
 
 
 def _example(rng, num_labels=3):
-  images = rng.integers(0, 256, (records.NUM_VIEWS, records.IMAGE_SIZE, records.IMAGE_SIZE),
-                        dtype=np.uint8)
+  images = rng.integers(0, 256, (records.NUM_VIEWS, records.IMAGE_SIZE, records.IMAGE_SIZE), dtype=np.uint8)
   view_valid = np.array([True, False, True, False])
   images[~view_valid] = 0
   ids = np.zeros(records.MAX_TEXT_LEN, np.int32)
   ids[:5] = [101, 2023, 2003, 1037, 102]
   return {
-      "images": images, "view_valid": view_valid, "input_ids": ids,
-      "attention_mask": (ids > 0).astype(np.int32), "text": "no acute findings. \u00b0",
-      "labels": np.array([1.0, np.nan, -1.0][:num_labels], np.float32),
-      "patient_id": "p1", "study_id": "s1", "split": "train",
+    "images": images,
+    "view_valid": view_valid,
+    "input_ids": ids,
+    "attention_mask": (ids > 0).astype(np.int32),
+    "text": "no acute findings. \u00b0",
+    "labels": np.array([1.0, np.nan, -1.0][:num_labels], np.float32),
+    "patient_id": "p1",
+    "study_id": "s1",
+    "split": "train",
   }
 
 
@@ -59,13 +63,14 @@ def test_record_round_trip(codec):
 @pytest.mark.parametrize("codec", ["patches", "png", "raw"])
 def test_batch_parts_hold_patch_major_views(codec):
   from clinvla_jax.data import masking  # pylint: disable=g-import-not-at-top
+
   ex = _example(np.random.default_rng(3))
   data = records.encode_record(ex, image_codec=codec)
   fields, rows, row_start = records.decode_for_batch(data, (2, 1, 0))
   assert row_start[1] == -1
   expected = masking.patchify(ex["images"])
   for slot, start in zip((2, 0), (row_start[0], row_start[2])):
-    np.testing.assert_array_equal(rows[start:start + records.NUM_PATCHES], expected[slot])
+    np.testing.assert_array_equal(rows[start : start + records.NUM_PATCHES], expected[slot])
   for k in ("view_valid", "input_ids", "attention_mask", "labels"):
     np.testing.assert_array_equal(fields[k], ex[k])
   if codec == "patches":
@@ -134,8 +139,8 @@ def test_covid_counts_add_up(covid_out):
   assert c["records"] == sum(c["records_by_split"].values()) >= 100
   assert set(m["splits"]) == {"train", "val"}
   assert len(_rejects(str(covid_out))) == c["rows_rejected"]
-  assert c["reject_reasons"]["duplicate_row"] == 3       # one image under two patients
-  assert c["reject_reasons"]["unknown_label"] > 0        # "todo"
+  assert c["reject_reasons"]["duplicate_row"] == 3  # one image under two patients
+  assert c["reject_reasons"]["unknown_label"] > 0  # "todo"
   assert c["reject_reasons"]["empty_report"] > 0
   assert "todo" not in m["label_names"] and "COVID-19" in m["label_names"]
   # Checksums in the manifest match the files.
@@ -191,6 +196,7 @@ def test_covid_output_is_a_tfds_dataset(covid_out):
 def test_pipeline_reads_a_tfds_only_folder(covid_out, tmp_path):
   from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+
   only = tmp_path / "tfds_only"
   only.mkdir()
   tfds_files = {"dataset_info.json", "features.json", "metadata.json"}
@@ -200,12 +206,15 @@ def test_pipeline_reads_a_tfds_only_folder(covid_out, tmp_path):
   tfds_val = source.list_shards(str(only), split="val")
   assert tfds_val and all("-val.array_record-" in p for p in tfds_val)
   from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
+
   assert embed.split_paths(str(only), "val") == tfds_val
   assert list(embed.label_names_of(tfds_val)) == common.load_manifest(str(covid_out))["label_names"]
-  ours = list(pipeline.make_eval_loader(common.split_shards(str(covid_out), "val"),
-                                        global_batch_size=8, shard_index=0, shard_count=1))
-  theirs = list(pipeline.make_eval_loader(tfds_val, global_batch_size=8, shard_index=0,
-                                          shard_count=1))
+  ours = list(
+    pipeline.make_eval_loader(
+      common.split_shards(str(covid_out), "val"), global_batch_size=8, shard_index=0, shard_count=1
+    )
+  )
+  theirs = list(pipeline.make_eval_loader(tfds_val, global_batch_size=8, shard_index=0, shard_count=1))
   assert len(ours) == len(theirs)
   for a, b in zip(ours, theirs):
     for key in records.BATCH_KEYS:
@@ -248,7 +257,7 @@ def test_parts_combine_refuse_and_resume(shared_data, tmp_path):
   plan = iu_xray.build_plan(str(shared_data / "iu_xray"))
   opts = dataclasses.replace(_FAST, require_view="any", num_parts=2, shard_size=2)
   common.run(plan, str(tmp_path), dataclasses.replace(opts, part=1))
-  assert not (tmp_path / "manifest.json").exists()   # part 0 still missing
+  assert not (tmp_path / "manifest.json").exists()  # part 0 still missing
   common.run(plan, str(tmp_path), dataclasses.replace(opts, part=0))
   m = common.load_manifest(str(tmp_path))
   assert m["counts"]["records"] == 9 and m["counts"]["rows_add_up"]
@@ -273,8 +282,7 @@ def _corrupt_covid_tree(src, dst):
   with open(src / "metadata.csv", newline="") as f:
     reader = csv.DictReader(f)
     fields, rows = reader.fieldnames, list(reader)
-  pick = [r for r in rows if r["patientid"] == "17"] + [
-      r for r in rows if r["patientid"] in ("20", "21", "24", "25")]
+  pick = [r for r in rows if r["patientid"] == "17"] + [r for r in rows if r["patientid"] in ("20", "21", "24", "25")]
   for r in pick:
     shutil.copy(src / "images" / r["filename"], dst / "images" / r["filename"])
   extra = []
@@ -305,8 +313,7 @@ def test_corrupt_inputs_are_reported(shared_data, tmp_path):
   common.run(plan, str(tmp_path / "out"), _FAST)
   m = common.load_manifest(str(tmp_path / "out"))
   assert m["counts"]["input_rows"] == n and m["counts"]["rows_add_up"]
-  why = {r["row"].split("(")[-1].rstrip(")"): (r["reason"], r["detail"])
-         for r in _rejects(str(tmp_path / "out"))}
+  why = {r["row"].split("(")[-1].rstrip(")"): (r["reason"], r["detail"]) for r in _rejects(str(tmp_path / "out"))}
   assert why["truncated.jpg"][0] == "bad_image" and "truncated.jpg" in why["truncated.jpg"][1]
   assert why["garbage.jpg"][0] == "bad_image" and "not a recognised image" in why["garbage.jpg"][1]
   assert why["empty.jpg"][0] == "bad_image" and why["empty.jpg"][1].endswith("empty.jpg: file is empty")
@@ -319,6 +326,7 @@ def test_corrupt_inputs_are_reported(shared_data, tmp_path):
 
 def test_short_max_text_len_converts_and_trains(shared_data, tmp_path):
   from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   _corrupt_covid_tree(shared_data / "covid_cxr_dev", tmp_path / "in")
   plan = covid_cxr.build_plan(str(tmp_path / "in"))
   common.run(plan, str(tmp_path / "out"), dataclasses.replace(_FAST, max_text_len=16, tfds=False))
@@ -329,8 +337,9 @@ def test_short_max_text_len_converts_and_trains(shared_data, tmp_path):
     assert r["input_ids"].shape == (records.MAX_TEXT_LEN,)
     n = int(r["attention_mask"].sum())
     assert r["input_ids"][n - 1] == 102 and not r["input_ids"][n:].any()  # [SEP], then [PAD]
-  batch = next(iter(pipeline.make_train_loader(str(tmp_path / "out"), global_batch_size=2, seed=0,
-                                               shard_index=0, shard_count=1)))
+  batch = next(
+    iter(pipeline.make_train_loader(str(tmp_path / "out"), global_batch_size=2, seed=0, shard_index=0, shard_count=1))
+  )
   assert batch["attention_mask"].sum(axis=1).max() <= 16
   with pytest.raises(common.ConversionError, match="max_text_len"):
     common.run(plan, str(tmp_path / "out2"), dataclasses.replace(_FAST, max_text_len=200))
@@ -339,14 +348,14 @@ def test_short_max_text_len_converts_and_trains(shared_data, tmp_path):
 def test_shared_assembly_rules():
   R = common.Row
   rows = [
-      R("a1", "p1", 1, "frontal", "a1.png", "a1", rank=1, time=1.0, split="train"),
-      R("a2", "p1", 1, "frontal", "a2.png", "a2", rank=0, time=1.0, split="train"),   # wins
-      R("a3", "p1", 1, None, "a3.png", "a3", time=1.0, split="train", why_unknown="tag ?"),
-      R("b1", "p1", 2, "lateral", "b1.png", "b1", time=5.0, split="train"),         # not written
-      R("c1", "p1", 3, "frontal", "c1.png", "c1", time=9.0, split="train"),
-      R("d1", "p1", 4, "frontal", "d1.png", "d1", time=None, split="train"),        # undated
-      R("e1", "p2", 1, "frontal", "e1.png", "e1", time=2.0, split="train"),
-      R("e2", "p2", 1, "lateral", "e2.png", "e2", time=2.0, split="val"),           # disagrees
+    R("a1", "p1", 1, "frontal", "a1.png", "a1", rank=1, time=1.0, split="train"),
+    R("a2", "p1", 1, "frontal", "a2.png", "a2", rank=0, time=1.0, split="train"),  # wins
+    R("a3", "p1", 1, None, "a3.png", "a3", time=1.0, split="train", why_unknown="tag ?"),
+    R("b1", "p1", 2, "lateral", "b1.png", "b1", time=5.0, split="train"),  # not written
+    R("c1", "p1", 3, "frontal", "c1.png", "c1", time=9.0, split="train"),
+    R("d1", "p1", 4, "frontal", "d1.png", "d1", time=None, split="train"),  # undated
+    R("e1", "p2", 1, "frontal", "e1.png", "e1", time=2.0, split="train"),
+    R("e2", "p2", 1, "lateral", "e2.png", "e2", time=2.0, split="val"),  # disagrees
   ]
 
   def describe(study):
@@ -357,8 +366,13 @@ def test_shared_assembly_rules():
 
   studies, rejects = common.assemble_studies(rows, describe)
   why = {r.row: r.reason for r in rejects}
-  assert why == {"a1": "extra_view", "a3": "unknown_view", "b1": "empty_report",
-                 "e1": "missing_metadata", "e2": "missing_metadata"}
+  assert why == {
+    "a1": "extra_view",
+    "a3": "unknown_view",
+    "b1": "empty_report",
+    "e1": "missing_metadata",
+    "e2": "missing_metadata",
+  }
   by_id = {s.study_id: s for s in studies}
   assert sorted(by_id) == ["p1-1", "p1-3", "p1-4"]
   assert sum(len(s.rows) for s in studies) + len(rejects) == len(rows)
@@ -369,8 +383,7 @@ def test_shared_assembly_rules():
   assert s3.prior_days == 4.0
   assert by_id["p1-4"].views[2:] == (None, None) and math.isnan(by_id["p1-4"].prior_days)
   # A given split_of wins over the rows' own splits.
-  studies, rejects = common.assemble_studies(rows, describe, split_of=lambda pid: "train",
-                                             time_in_days=False)
+  studies, rejects = common.assemble_studies(rows, describe, split_of=lambda pid: "train", time_in_days=False)
   assert {s.study_id for s in studies} == {"p1-1", "p1-3", "p1-4", "p2-1"}
   assert all(math.isnan(s.prior_days) for s in studies)
 
@@ -407,8 +420,9 @@ def test_8x200_list_without_images_is_all_rejected(shared_data, tmp_path):
   lst = shared_data / "labels" / "chexpert_8x200" / "image-retrieval" / "candidate.csv"
   plan = chexpert.plan_list(str(tmp_path / "no_images"), str(lst), "8x200_candidate")
   assert plan.input_rows == 1600
-  assert collections.Counter(
-      tuple(l == 1.0 for l in s.labels).index(True) for s in plan.studies).most_common(1)[0][1] == 200
+  assert (
+    collections.Counter(tuple(l == 1.0 for l in s.labels).index(True) for s in plan.studies).most_common(1)[0][1] == 200
+  )
   common.run(plan, str(tmp_path / "out"), _NOREQ)
   m = common.load_manifest(str(tmp_path / "out"))
   assert m["counts"]["rows_add_up"] and m["counts"]["records"] == 0
@@ -416,8 +430,11 @@ def test_8x200_list_without_images_is_all_rejected(shared_data, tmp_path):
 
 
 def _img(shared_data, k):
-  srcs = [shared_data / "dicom" / "00000001_000.png", shared_data / "dicom" / "00027426_000.png",
-          shared_data / "iu_xray" / "images" / "openi_512" / "CXR54_IM-2145-1002.png"]
+  srcs = [
+    shared_data / "dicom" / "00000001_000.png",
+    shared_data / "dicom" / "00027426_000.png",
+    shared_data / "iu_xray" / "images" / "openi_512" / "CXR54_IM-2145-1002.png",
+  ]
   return srcs[k % len(srcs)]
 
 
@@ -425,14 +442,26 @@ def test_chexpert_fake_tree(shared_data, chexpert_rows, tmp_path):
   root = tmp_path / "chexpert"
   header = list(chexpert_rows[0].keys())
   rows = []
-  for pid, study, view, fl in [(1, 1, 1, "Frontal"), (1, 1, 2, "Lateral"), (1, 2, 1, "Frontal"),
-                               (2, 1, 1, "Frontal"), (2, 1, 2, "Frontal")]:
+  for pid, study, view, fl in [
+    (1, 1, 1, "Frontal"),
+    (1, 1, 2, "Lateral"),
+    (1, 2, 1, "Frontal"),
+    (2, 1, 1, "Frontal"),
+    (2, 1, 2, "Frontal"),
+  ]:
     rel = f"CheXpert-v1.0-small/train/patient{pid:05d}/study{study}/view{view}_{fl.lower()}.jpg"
     (root / os.path.dirname(rel)).mkdir(parents=True, exist_ok=True)
     shutil.copy(_img(shared_data, view - 1 if fl == "Frontal" else 2), root / rel)
     row = {k: "" for k in header}
-    row.update({"Path": rel, "Frontal/Lateral": fl, "AP/PA": "PA" if fl == "Frontal" else "",
-                "Edema": "1.0", "Cardiomegaly": "-1.0"})
+    row.update(
+      {
+        "Path": rel,
+        "Frontal/Lateral": fl,
+        "AP/PA": "PA" if fl == "Frontal" else "",
+        "Edema": "1.0",
+        "Cardiomegaly": "-1.0",
+      }
+    )
     rows.append(row)
   in_dir = root / "CheXpert-v1.0-small"
   with open(in_dir / "train.csv", "w", newline="") as f:
@@ -464,7 +493,7 @@ def test_rsna_fake_tree(shared_data, tmp_path):
   with zipfile.ZipFile(shared_data / "labels" / "kaggle_stage_2_train_labels.csv.zip") as z:
     lines = z.read("stage_2_train_labels.csv").decode().splitlines()
   rows = list(csv.DictReader(lines))
-  pos = [r for r in rows if r["Target"] == "1"][:3]   # one patient may have 2 boxes
+  pos = [r for r in rows if r["Target"] == "1"][:3]  # one patient may have 2 boxes
   neg = [r for r in rows if r["Target"] == "0"][:3]
   keep = {r["patientId"] for r in pos + neg}
   table = [r for r in rows if r["patientId"] in keep]
@@ -495,25 +524,29 @@ def test_rsna_fake_tree(shared_data, tmp_path):
 def test_mimic_fake_tree(shared_data, tmp_path):
   root = tmp_path / "mimic"
   meta, split, chex = [], [], []
-  studies = [("10000032", "50000001", "20150101", "101010.000", [("d1", "PA"), ("d2", "LATERAL")]),
-             ("10000032", "50000002", "20150301", "090000.000", [("d3", "AP"), ("d4", "PA"),
-                                                                ("d5", "LL"), ("d6", "")]),
-             ("10000045", "50000003", "20160101", "120000", [("d7", "LL")]),
-             ("10000045", "50000004", "20160202", "120000", [("d8", "PA")])]
+  studies = [
+    ("10000032", "50000001", "20150101", "101010.000", [("d1", "PA"), ("d2", "LATERAL")]),
+    ("10000032", "50000002", "20150301", "090000.000", [("d3", "AP"), ("d4", "PA"), ("d5", "LL"), ("d6", "")]),
+    ("10000045", "50000003", "20160101", "120000", [("d7", "LL")]),
+    ("10000045", "50000004", "20160202", "120000", [("d8", "PA")]),
+  ]
   for k, (subj, stud, date, tm, dicoms) in enumerate(studies):
     sdir = root / "files" / f"p{subj[:2]}" / f"p{subj}" / f"s{stud}"
     sdir.mkdir(parents=True)
     for did, vp in dicoms:
       shutil.copy(_img(shared_data, 2 if vp in ("LATERAL", "LL") else k), sdir / f"{did}.jpg")
-      meta.append({"dicom_id": did, "subject_id": subj, "study_id": stud, "ViewPosition": vp,
-                   "StudyDate": date, "StudyTime": tm})
-      split.append({"dicom_id": did, "study_id": stud, "subject_id": subj,
-                    "split": "validate" if subj == "10000045" else "train"})
+      meta.append(
+        {"dicom_id": did, "subject_id": subj, "study_id": stud, "ViewPosition": vp, "StudyDate": date, "StudyTime": tm}
+      )
+      split.append(
+        {"dicom_id": did, "study_id": stud, "subject_id": subj, "split": "validate" if subj == "10000045" else "train"}
+      )
     chex.append({"subject_id": subj, "study_id": stud, "Edema": "1.0", "Cardiomegaly": ""})
     if stud != "50000004":  # the last study has no report
       (sdir.parent / f"s{stud}.txt").write_text(
-          f"FINAL REPORT\n INDICATION: ___ cough\n\n FINDINGS: Study {k} lungs clear. No PTX.\n\n"
-          " IMPRESSION: No acute process.\n")
+        f"FINAL REPORT\n INDICATION: ___ cough\n\n FINDINGS: Study {k} lungs clear. No PTX.\n\n"
+        " IMPRESSION: No acute process.\n"
+      )
   for name, rows in (("metadata", meta), ("split", split), ("chexpert", chex)):
     with gzip.open(root / f"mimic-cxr-2.0.0-{name}.csv.gz", "wt", newline="") as f:
       w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -538,6 +571,7 @@ def test_mimic_fake_tree(shared_data, tmp_path):
 
 def test_bundled_demo_set():
   from clinvla_jax.data import DEMO_DIR
+
   total = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
   assert total < 8 * 2**20
   assert (DEMO_DIR / "ATTRIBUTION.md").is_file()

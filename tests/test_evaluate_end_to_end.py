@@ -45,8 +45,7 @@ def model():
 
 def _val_records():
   with source_lib.ArrayRecordSource(embed_lib.split_paths(COVID, "val")) as src:
-    return [records.decode_record(src[i], with_images=False)
-            for i in range(len(src))]
+    return [records.decode_record(src[i], with_images=False) for i in range(len(src))]
 
 
 def test_run_evaluation_writes_results_table_and_figure(model, tmp_path):
@@ -54,14 +53,11 @@ def test_run_evaluation_writes_results_table_and_figure(model, tmp_path):
   results = run_lib.run_evaluation(cfg, variables, tmp_path)
 
   # P@50 does not fit 36 studies and must be skipped, not crash.
-  expected = {f"covid_cxr/{d}/P@{k}"
-              for d in ("image_to_text", "text_to_image", "image_to_image")
-              for k in (5, 10)}
+  expected = {f"covid_cxr/{d}/P@{k}" for d in ("image_to_text", "text_to_image", "image_to_image") for k in (5, 10)}
   expected |= {"covid_cxr/zero_shot/ACC", "covid_cxr/zero_shot/AUC"}
   assert expected <= set(results)
   # Beside each score: its chance level, bootstrap interval or majority baseline, and own-pair recall.
-  assert all(k.endswith(("_chance", "_ci_low", "_ci_high", "_majority")) or "/R@" in k
-             for k in set(results) - expected)
+  assert all(k.endswith(("_chance", "_ci_low", "_ci_high", "_majority")) or "/R@" in k for k in set(results) - expected)
   assert all(0.0 <= v <= 1.0 for v in results.values())
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk == pytest.approx(results)
@@ -83,11 +79,9 @@ def test_embeddings_npz_round_trip(model, tmp_path):
   proj = cfg.model.proj_dim
   assert data["image_global"].shape == (NUM_VAL, proj)
   assert data["text_global"].shape == (NUM_VAL, proj)
-  np.testing.assert_allclose(np.linalg.norm(data["image_global"], axis=1), 1,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(data["image_global"], axis=1), 1, atol=1e-5)
   assert list(data["study_id"]) == [r["study_id"] for r in recs]
-  np.testing.assert_array_equal(data["labels"],
-                                np.stack([r["labels"] for r in recs]))
+  np.testing.assert_array_equal(data["labels"], np.stack([r["labels"] for r in recs]))
   manifest = source_lib.read_manifest(str(COVID))
   assert list(data["label_names"]) == manifest["label_names"]
   assert list(data["report_text"]) == [r["text"] for r in recs]
@@ -98,10 +92,8 @@ def test_padded_last_batch_does_not_change_embeddings(model):
   # 36 studies: batch 5 pads 4 rows, batch 7 pads 6 (one device, so the
   # batch sizes are not rounded up to the device count).
   mesh = embed_lib.data_mesh(jax.devices()[:1])
-  a = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=5,
-                              mesh=mesh)
-  b = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=7,
-                              mesh=mesh)
+  a = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=5, mesh=mesh)
+  b = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=7, mesh=mesh)
   assert len(a) == len(b) == NUM_VAL
   assert a.ids == b.ids
   np.testing.assert_allclose(a.image, b.image, atol=1e-5)
@@ -112,8 +104,14 @@ def test_padded_last_batch_does_not_change_embeddings(model):
 def test_text_embed_fn_batches_any_count(model):
   cfg, variables = model
   fn = embed_lib.make_text_embed_fn(cfg, variables, batch_size=4)
-  texts = ["There is pneumonia", "There is no pneumonia", "Small effusion.",
-           "Clear lungs.", "Cardiomegaly.", "No acute process."]
+  texts = [
+    "There is pneumonia",
+    "There is no pneumonia",
+    "Small effusion.",
+    "Clear lungs.",
+    "Cardiomegaly.",
+    "No acute process.",
+  ]
   together = fn(texts)
   one_by_one = np.concatenate([fn([t]) for t in texts])
   assert together.shape == (6, cfg.model.proj_dim)
@@ -162,25 +160,19 @@ PROMPTS = ["There is pneumonia", "There is no pneumonia", "Clear lungs."]
 
 
 def _evaluate(cfg, variables, mesh=None):
-  emb = embed_lib.embed_dataset(cfg, variables, COVID, split="val",
-                                batch_size=5, mesh=mesh)
-  text_fn = embed_lib.make_text_embed_fn(cfg, variables, batch_size=5,
-                                         mesh=mesh)
-  scores = run_evaluators(["covid_cxr"], {"covid_cxr": emb}, text_fn,
-                          {"retrieval_ks": (5, 10)})
-  return dict(image=emb.image, text=emb.text, prompts=text_fn(PROMPTS),
-              scores=scores)
+  emb = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=5, mesh=mesh)
+  text_fn = embed_lib.make_text_embed_fn(cfg, variables, batch_size=5, mesh=mesh)
+  scores = run_evaluators(["covid_cxr"], {"covid_cxr": emb}, text_fn, {"retrieval_ks": (5, 10)})
+  return dict(image=emb.image, text=emb.text, prompts=text_fn(PROMPTS), scores=scores)
 
 
 def _two_device_results_in_subprocess(tmp_path):
   script = tmp_path / "sharded.py"
-  script.write_text(_SHARDED_SCRIPT.format(repo=str(REPO), covid=str(COVID),
-                                            prompts=PROMPTS))
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run([sys.executable, str(script)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=300,
-                        check=False)
+  script.write_text(_SHARDED_SCRIPT.format(repo=str(REPO), covid=str(COVID), prompts=PROMPTS))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run(
+    [sys.executable, str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

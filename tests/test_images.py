@@ -19,8 +19,7 @@ def test_monochrome1_dicom_is_inverted(shared_data):
 
 
 def test_rsna_dicom_and_png(shared_data):
-  dcm = images.preprocess(
-      shared_data / "dicom" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
+  dcm = images.preprocess(shared_data / "dicom" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm")
   png = images.preprocess(shared_data / "dicom" / "00000001_000.png")
   for arr in (dcm, png):
     assert arr.shape == (224, 224) and arr.dtype == np.uint8 and arr.std() > 20
@@ -28,7 +27,7 @@ def test_rsna_dicom_and_png(shared_data):
 
 
 def test_16bit_png_and_rgb(tmp_path):
-  ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 3)  # 12-bit range
+  ramp = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 3  # 12-bit range
   Image.fromarray(ramp).save(tmp_path / "a.png")
   arr = images.load_image(tmp_path / "a.png")
   assert arr.dtype == np.uint8 and arr.min() == 0 and arr.max() == 255
@@ -45,12 +44,15 @@ def test_resize_and_pad():
   assert images.resize(arr, 224).min() == 200
 
 
-@pytest.mark.parametrize("make,msg", [
+@pytest.mark.parametrize(
+  "make,msg",
+  [
     (lambda p: p.write_bytes(b""), "file is empty"),
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100), "cannot decode|not a recognised"),
     (lambda p: p.write_bytes(b"hello world" * 20), "not a recognised image"),
     (lambda p: None, "file not found"),
-])
+  ],
+)
 def test_bad_files_name_the_file(tmp_path, make, msg):
   path = tmp_path / "bad.png"
   make(path)

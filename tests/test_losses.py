@@ -57,14 +57,16 @@ def _gloria_reference(words_list, regions_list, temps):
   """Direct GLoRIA computation with ragged lists (no masks), loops over pairs."""
   t1, t2, t3 = temps
   n = len(words_list)
-  sims = np.zeros((n, n))      # [image j, text i]
+  sims = np.zeros((n, n))  # [image j, text i]
   for i, w in enumerate(words_list):
     for j, v in enumerate(regions_list):
-      a = v @ w.T                                     # [R, T]
-      a = np.exp(a - a.max(1, keepdims=True)); a /= a.sum(1, keepdims=True)   # softmax over words
-      a = a.T * t1                                    # [T, R]
-      a = np.exp(a - a.max(1, keepdims=True)); a /= a.sum(1, keepdims=True)   # softmax over regions
-      c = a @ v                                       # [T, P]
+      a = v @ w.T  # [R, T]
+      a = np.exp(a - a.max(1, keepdims=True))
+      a /= a.sum(1, keepdims=True)  # softmax over words
+      a = a.T * t1  # [T, R]
+      a = np.exp(a - a.max(1, keepdims=True))
+      a /= a.sum(1, keepdims=True)  # softmax over regions
+      c = a @ v  # [T, P]
       cos = np.sum(w * c, 1) / (np.linalg.norm(w, axis=1) * np.linalg.norm(c, axis=1))
       sims[j, i] = np.log(np.sum(np.exp(t2 * cos)))
   scores = t3 * sims
@@ -75,8 +77,8 @@ def _pad(list_of_arrays, length, rng):
   out = rng.normal(size=(len(list_of_arrays), length, list_of_arrays[0].shape[1])) * 5  # garbage in padding
   mask = np.zeros((len(list_of_arrays), length), bool)
   for k, x in enumerate(list_of_arrays):
-    out[k, :len(x)] = x
-    mask[k, :len(x)] = True
+    out[k, : len(x)] = x
+    mask[k, : len(x)] = True
   return out, mask
 
 
@@ -89,8 +91,7 @@ def test_gloria_local_matches_ragged_reference_and_ignores_padding():
   for extra in (0, 3):
     w, wm = _pad(words, 5 + extra, rng)
     r, rm = _pad(regions, 7 + extra, rng)
-    got = losses.gloria_local_loss(jnp.asarray(w), jnp.asarray(wm), jnp.asarray(r), jnp.asarray(rm),
-                                   jnp.asarray(temps))
+    got = losses.gloria_local_loss(jnp.asarray(w), jnp.asarray(wm), jnp.asarray(r), jnp.asarray(rm), jnp.asarray(temps))
     np.testing.assert_allclose(float(got), expected, rtol=2e-5)
 
 
@@ -107,19 +108,29 @@ def test_cosine_local_hand_example():
 def test_total_loss_combines_parts():
   rng = np.random.RandomState(2)
   outputs = {
-      "image": {"global": jnp.asarray(_unit(rng.normal(size=(3, 4)))), "local": jnp.asarray(rng.normal(size=(3, 5, 4))),
-                "local_mask": jnp.ones((3, 5), bool)},
-      "text": {"global": jnp.asarray(_unit(rng.normal(size=(3, 4)))), "local": jnp.asarray(rng.normal(size=(3, 6, 4))),
-               "local_mask": jnp.ones((3, 6), bool)},
-      "logit_scale": jnp.log(1 / 0.07), "local_temperatures": jnp.asarray((4.0, 5.0, 10.0)),
+    "image": {
+      "global": jnp.asarray(_unit(rng.normal(size=(3, 4)))),
+      "local": jnp.asarray(rng.normal(size=(3, 5, 4))),
+      "local_mask": jnp.ones((3, 5), bool),
+    },
+    "text": {
+      "global": jnp.asarray(_unit(rng.normal(size=(3, 4)))),
+      "local": jnp.asarray(rng.normal(size=(3, 6, 4))),
+      "local_mask": jnp.ones((3, 6), bool),
+    },
+    "logit_scale": jnp.log(1 / 0.07),
+    "local_temperatures": jnp.asarray((4.0, 5.0, 10.0)),
   }
   cfg = load_config("configs/tiny.py").loss
   total, m = losses.clinvla_loss(outputs, cfg)
   np.testing.assert_allclose(float(total), float(m["loss_global"] + 0.8 * m["loss_local"]), rtol=1e-6)
-  no_local = ml_collections.ConfigDict(cfg.to_dict()); no_local.use_local = False
+  no_local = ml_collections.ConfigDict(cfg.to_dict())
+  no_local.use_local = False
   total2, m2 = losses.clinvla_loss(outputs, no_local)
   assert "loss_local" not in m2 and float(total2) == pytest.approx(float(m["loss_global"]))
-  literal = ml_collections.ConfigDict(cfg.to_dict()); literal.global_type = "cosine"; literal.local_type = "cosine"
+  literal = ml_collections.ConfigDict(cfg.to_dict())
+  literal.global_type = "cosine"
+  literal.local_type = "cosine"
   total3, m3 = losses.clinvla_loss(outputs, literal)
   assert 0.0 <= float(m3["loss_global"]) <= 2.0 and 0.0 <= float(m3["loss_local"]) <= 2.0
 
@@ -131,11 +142,11 @@ def test_gradients_are_finite_with_missing_views_and_empty_text():
   rng = np.random.RandomState(0)
   b, t = 3, cfg.model.text.max_len
   batch = dict(
-      patches=rng.randint(0, 256, (b, 4, 49, 256)).astype(np.uint8),
-      patch_idx=np.tile(np.arange(49, dtype=np.int32), (b, 4, 1)),
-      view_valid=np.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], bool),
-      input_ids=rng.randint(1000, 2000, (b, t)).astype(np.int32),
-      attention_mask=(np.arange(t)[None] < np.array([[10], [2], [5]])).astype(np.int32),
+    patches=rng.randint(0, 256, (b, 4, 49, 256)).astype(np.uint8),
+    patch_idx=np.tile(np.arange(49, dtype=np.int32), (b, 4, 1)),
+    view_valid=np.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], bool),
+    input_ids=rng.randint(1000, 2000, (b, t)).astype(np.int32),
+    attention_mask=(np.arange(t)[None] < np.array([[10], [2], [5]])).astype(np.int32),
   )
 
   def loss_fn(params):

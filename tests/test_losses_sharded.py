@@ -17,7 +17,7 @@ from clinvla_jax import api, losses, optim, sharding
 from clinvla_jax.config import load_config
 
 BATCH, REGIONS, WORDS, DIM = 16, 7, 6, 5
-INVALID = (5, 11, 12)          # padding rows: garbage features, valid = False
+INVALID = (5, 11, 12)  # padding rows: garbage features, valid = False
 LOSS_PARAMETERS = {"gloria": ("temperatures",), "infonce": ("logit_scale",), "sigmoid": ("logit_scale", "logit_bias")}
 
 
@@ -34,19 +34,19 @@ def _unit(x):
 def problem():
   rng = np.random.RandomState(0)
   word_mask = rng.rand(BATCH, WORDS) > 0.3
-  word_mask[3] = False                       # a text with no real words
+  word_mask[3] = False  # a text with no real words
   region_mask = rng.rand(BATCH, REGIONS) > 0.2
-  region_mask[7, :] = False                  # an image whose views are all missing
+  region_mask[7, :] = False  # an image whose views are all missing
   valid = np.ones(BATCH, bool)
   valid[list(INVALID)] = False
   features = {
-      "words": rng.normal(size=(BATCH, WORDS, DIM)).astype(np.float32),
-      "regions": rng.normal(size=(BATCH, REGIONS, DIM)).astype(np.float32),
-      "temperatures": np.array([4.0, 5.0, 10.0], np.float32),
-      "image": _unit(rng.normal(size=(BATCH, DIM))).astype(np.float32),
-      "text": _unit(rng.normal(size=(BATCH, DIM))).astype(np.float32),
-      "logit_scale": np.float32(2.3),
-      "logit_bias": np.float32(-3.0),
+    "words": rng.normal(size=(BATCH, WORDS, DIM)).astype(np.float32),
+    "regions": rng.normal(size=(BATCH, REGIONS, DIM)).astype(np.float32),
+    "temperatures": np.array([4.0, 5.0, 10.0], np.float32),
+    "image": _unit(rng.normal(size=(BATCH, DIM))).astype(np.float32),
+    "text": _unit(rng.normal(size=(BATCH, DIM))).astype(np.float32),
+    "logit_scale": np.float32(2.3),
+    "logit_bias": np.float32(-3.0),
   }
   return features, (word_mask, region_mask, valid)
 
@@ -54,11 +54,20 @@ def problem():
 def _all_losses(x, masks, batch_axes=None, chunk_size=2):
   word_mask, region_mask, valid = masks
   return {
-      "gloria": losses.gloria_local_loss(x["words"], word_mask, x["regions"], region_mask, x["temperatures"], valid,
-                                         chunk_size=chunk_size, batch_axes=batch_axes),
-      "infonce": losses.infonce_loss(x["image"], x["text"], x["logit_scale"], valid, batch_axes=batch_axes)[0],
-      "sigmoid": losses.sigmoid_loss(x["image"], x["text"], x["logit_scale"], x["logit_bias"], valid,
-                                     batch_axes=batch_axes)[0],
+    "gloria": losses.gloria_local_loss(
+      x["words"],
+      word_mask,
+      x["regions"],
+      region_mask,
+      x["temperatures"],
+      valid,
+      chunk_size=chunk_size,
+      batch_axes=batch_axes,
+    ),
+    "infonce": losses.infonce_loss(x["image"], x["text"], x["logit_scale"], valid, batch_axes=batch_axes)[0],
+    "sigmoid": losses.sigmoid_loss(
+      x["image"], x["text"], x["logit_scale"], x["logit_bias"], valid, batch_axes=batch_axes
+    )[0],
   }
 
 
@@ -76,8 +85,11 @@ def dense_reference(problem):
   return _values_and_grads(*problem, batch_axes=())
 
 
-@pytest.mark.parametrize("shape, force", [((1, 1, 1), True), ((2, 1, 1), False), ((8, 1, 1), False),
-                                          ((2, 2, 2), False)], ids=["1-device-ring", "2", "8", "2x2x2"])
+@pytest.mark.parametrize(
+  "shape, force",
+  [((1, 1, 1), True), ((2, 1, 1), False), ((8, 1, 1), False), ((2, 2, 2), False)],
+  ids=["1-device-ring", "2", "8", "2x2x2"],
+)
 def test_sharded_equals_dense_in_value_and_gradient(problem, dense_reference, shape, force):
   # force: a one-device mesh keeps the dense form by itself; forcing the ring
   # checks its bookkeeping with a ring of one.
@@ -88,8 +100,9 @@ def test_sharded_equals_dense_in_value_and_gradient(problem, dense_reference, sh
     ref_value, ref_grads = dense_reference[name]
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5, atol=1e-5, err_msg=name)
     for key in ref_grads:
-      np.testing.assert_allclose(np.asarray(grads[key]), np.asarray(ref_grads[key]), rtol=1e-5, atol=1e-5,
-                                 err_msg=f"{shape} {name} d/d{key}")
+      np.testing.assert_allclose(
+        np.asarray(grads[key]), np.asarray(ref_grads[key]), rtol=1e-5, atol=1e-5, err_msg=f"{shape} {name} d/d{key}"
+      )
     # The gradient reaches the loss parameters, and nothing of the padding rows.
     for key in LOSS_PARAMETERS[name]:
       assert np.all(np.asarray(grads[key]) != 0), (name, key)
@@ -105,10 +118,10 @@ def test_sharded_form_is_chosen_from_the_mesh(problem):
     text = jax.jit(lambda x: _all_losses(x, masks)["gloria"]).lower(x).as_text()
     assert "collective_permute" in text
     assert losses.mesh_batch_axes(16) == ("data", "fsdp")
-    assert losses.mesh_batch_axes(12) == ()         # does not divide over 8 devices
+    assert losses.mesh_batch_axes(12) == ()  # does not divide over 8 devices
   with jax.set_mesh(_mesh((1, 1, 2))):
-    assert losses.mesh_batch_axes(16) == ()         # batch axes of size 1
-  assert losses.mesh_batch_axes(16) == ()           # no mesh
+    assert losses.mesh_batch_axes(16) == ()  # batch axes of size 1
+  assert losses.mesh_batch_axes(16) == ()  # no mesh
 
 
 def _sigmoid_reference(img, txt, t, b):
@@ -121,12 +134,14 @@ def _sigmoid_reference(img, txt, t, b):
 def test_sigmoid_loss_equals_numpy_reference_and_ignores_padding(problem):
   x, (_, _, valid) = problem
   keep = np.flatnonzero(valid)
-  expected = _sigmoid_reference(x["image"][keep].astype(np.float64), x["text"][keep].astype(np.float64),
-                                math.exp(2.3), -3.0)
+  expected = _sigmoid_reference(
+    x["image"][keep].astype(np.float64), x["text"][keep].astype(np.float64), math.exp(2.3), -3.0
+  )
   for axes, shape in (((), (1, 1, 1)), (None, (8, 1, 1))):
     with jax.set_mesh(_mesh(shape)):
-      got, scale = jax.jit(lambda x: losses.sigmoid_loss(x["image"], x["text"], x["logit_scale"], x["logit_bias"],
-                                                         valid, batch_axes=axes))(x)
+      got, scale = jax.jit(
+        lambda x: losses.sigmoid_loss(x["image"], x["text"], x["logit_scale"], x["logit_bias"], valid, batch_axes=axes)
+      )(x)
     np.testing.assert_allclose(float(got), expected, rtol=1e-5)
     np.testing.assert_allclose(float(scale), math.exp(2.3), rtol=1e-6)
 
@@ -141,15 +156,21 @@ def test_sigmoid_hand_example_and_clamp():
 
 
 def _compiled_temp_bytes(batch, batch_axes, mesh):
-  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype,
-                                                               sharding=sharding.batch_sharding(mesh, len(shape)))
-  x = {"words": spec((batch, 32, 16)), "regions": spec((batch, 49, 16)),
-       "temperatures": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(mesh))}
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
+  )
+  x = {
+    "words": spec((batch, 32, 16)),
+    "regions": spec((batch, 49, 16)),
+    "temperatures": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(mesh)),
+  }
   masks = (spec((batch, 32), bool), spec((batch, 49), bool), spec((batch,), bool))
 
   def fn(x, masks):
-    return losses.gloria_local_loss(x["words"], masks[0], x["regions"], masks[1], x["temperatures"], masks[2],
-                                    chunk_size=4, batch_axes=batch_axes)
+    return losses.gloria_local_loss(
+      x["words"], masks[0], x["regions"], masks[1], x["temperatures"], masks[2], chunk_size=4, batch_axes=batch_axes
+    )
+
   with jax.set_mesh(mesh):
     compiled = jax.jit(jax.value_and_grad(fn)).lower(x, masks).compile()
   return compiled.memory_analysis().temp_size_in_bytes
@@ -166,13 +187,14 @@ def test_sharded_local_loss_needs_far_less_temporary_memory():
 # ---------------------------------------------------------------------------
 # The sigmoid option in the model and the training rules.
 
+
 def _sigmoid_config(name="tiny"):
   return load_config(f"configs/{name}.py", {"loss.global_type": "sigmoid"})
 
 
 def test_logit_bias_exists_only_for_the_sigmoid_loss_and_trains():
   plain = api.abstract_params(load_config("configs/tiny.py"), boxed=False)["params"]
-  assert "logit_bias" not in plain     # checkpoints of the other losses keep their parameter tree
+  assert "logit_bias" not in plain  # checkpoints of the other losses keep their parameter tree
   for name in ("base", "tiny", "demo"):
     config = _sigmoid_config(name)
     abstract = api.abstract_params(config, boxed=False)["params"]
@@ -191,11 +213,11 @@ def test_sigmoid_total_loss_gives_gradients_to_bias_and_scale():
   rng = np.random.RandomState(0)
   b, t = 4, config.model.text.max_len
   batch = dict(
-      patches=rng.randint(0, 256, (b, 4, 49, 256)).astype(np.uint8),
-      patch_idx=np.tile(np.arange(49, dtype=np.int32), (b, 4, 1)),
-      view_valid=np.ones((b, 4), bool),
-      input_ids=rng.randint(1000, 2000, (b, t)).astype(np.int32),
-      attention_mask=(np.arange(t)[None] < np.array([[10], [7], [5], [12]])).astype(np.int32),
+    patches=rng.randint(0, 256, (b, 4, 49, 256)).astype(np.uint8),
+    patch_idx=np.tile(np.arange(49, dtype=np.int32), (b, 4, 1)),
+    view_valid=np.ones((b, 4), bool),
+    input_ids=rng.randint(1000, 2000, (b, t)).astype(np.int32),
+    attention_mask=(np.arange(t)[None] < np.array([[10], [7], [5], [12]])).astype(np.int32),
   )
 
   def loss_fn(params):

@@ -14,8 +14,15 @@ DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
 
 
 def _main(*args):
-  cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}",
-         f"--config.data.train={DEMO}", "--config.train.data_workers=0", *args]
+  cmd = [
+    sys.executable,
+    "-m",
+    "clinvla_jax.main",
+    f"--config={REPO / 'configs' / 'tiny.py'}",
+    f"--config.data.train={DEMO}",
+    "--config.train.data_workers=0",
+    *args,
+  ]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   out = subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -25,12 +32,15 @@ def _main(*args):
 @pytest.mark.slow
 def test_train_then_eval_and_embed_from_the_checkpoint(tmp_path):
   work = tmp_path / "run"
-  _main(f"--workdir={work}", "--config.train.num_steps=2", "--config.train.checkpoint_every_steps=1",
-        "--config.optim.warmup_steps=1")
+  _main(
+    f"--workdir={work}",
+    "--config.train.num_steps=2",
+    "--config.train.checkpoint_every_steps=1",
+    "--config.optim.warmup_steps=1",
+  )
   assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
   records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
-  for key in ("step", "loss", "loss_global", "loss_local", "lr_language_adapters", "lr_task_adapters",
-              "samples_per_s"):
+  for key in ("step", "loss", "loss_global", "loss_local", "lr_language_adapters", "lr_task_adapters", "samples_per_s"):
     assert key in records[-1], key
   assert list((work / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -41,8 +51,13 @@ def test_train_then_eval_and_embed_from_the_checkpoint(tmp_path):
   assert (work / "results.md").stat().st_size > 200 and (work / "retrieval_examples.png").stat().st_size > 10_000
 
   npz = tmp_path / "emb.npz"
-  stdout = _main(f"--checkpoint={work / 'checkpoints' / '1'}", "--mode=embed", f"--config.data.eval={DEMO}",
-                 "--config.data.eval_split=val", f"--output={npz}")
+  stdout = _main(
+    f"--checkpoint={work / 'checkpoints' / '1'}",
+    "--mode=embed",
+    f"--config.data.eval={DEMO}",
+    "--config.data.eval_split=val",
+    f"--output={npz}",
+  )
   assert "evaluating checkpoint step 1" in stdout
   with np.load(npz) as data:
     assert data["image_global"].shape == (36, 32) and data["text_global"].shape == (36, 32)

@@ -12,8 +12,7 @@ K75 = records.num_kept_patches(0.75)
 
 def _images(seed=0, views=records.NUM_VIEWS):
   rng = np.random.default_rng(seed)
-  return rng.integers(0, 256, (views, records.IMAGE_SIZE, records.IMAGE_SIZE),
-                      dtype=np.uint8)
+  return rng.integers(0, 256, (views, records.IMAGE_SIZE, records.IMAGE_SIZE), dtype=np.uint8)
 
 
 def test_num_kept_at_75_percent():
@@ -27,7 +26,7 @@ def test_patchify_shape_and_order():
   assert patches.shape == (196, 256) and patches.dtype == np.uint8
   p = records.PATCH_SIZE
   for r, c in [(0, 0), (0, 13), (1, 0), (5, 7), (13, 13)]:
-    block = image[r * p:(r + 1) * p, c * p:(c + 1) * p]
+    block = image[r * p : (r + 1) * p, c * p : (c + 1) * p]
     np.testing.assert_array_equal(patches[r * 14 + c], block.reshape(-1))
 
 
@@ -64,15 +63,12 @@ def test_keep_indices_reproducible_and_varying():
 
 
 def test_keep_all_is_identity():
-  idx = masking.keep_indices(records.NUM_PATCHES, seed=0, epoch=5, index=9,
-                             view=3)
+  idx = masking.keep_indices(records.NUM_PATCHES, seed=0, epoch=5, index=9, view=3)
   np.testing.assert_array_equal(idx, np.arange(records.NUM_PATCHES))
   images = _images(seed=4)
-  patches, patch_idx = masking.mask_views(images, records.NUM_PATCHES, seed=1,
-                                          epoch=0, index=0)
+  patches, patch_idx = masking.mask_views(images, records.NUM_PATCHES, seed=1, epoch=0, index=0)
   np.testing.assert_array_equal(patches, masking.patchify(images))
-  np.testing.assert_array_equal(
-      patch_idx, np.tile(np.arange(records.NUM_PATCHES), (records.NUM_VIEWS, 1)))
+  np.testing.assert_array_equal(patch_idx, np.tile(np.arange(records.NUM_PATCHES), (records.NUM_VIEWS, 1)))
 
 
 def test_keep_indices_uniform_over_patches():
@@ -127,8 +123,6 @@ def test_batch_masks_equal_per_view_masks():
   assert batch.shape == (4, records.NUM_VIEWS, K75) and batch.dtype == np.int32
   for row, (e, i) in enumerate(zip(epochs, indices)):
     for view in range(records.NUM_VIEWS):
-      np.testing.assert_array_equal(
-          batch[row, view], masking.keep_indices(K75, seed=9, epoch=e, index=i, view=view))
+      np.testing.assert_array_equal(batch[row, view], masking.keep_indices(K75, seed=9, epoch=e, index=i, view=view))
   # Fixed numbers: a change of the mask derivation shows up here.
-  np.testing.assert_array_equal(masking.keep_indices(4, seed=0, epoch=0, index=0, view=0,
-                                                     num_patches=16), [0, 3, 4, 7])
+  np.testing.assert_array_equal(masking.keep_indices(4, seed=0, epoch=0, index=0, view=0, num_patches=16), [0, 3, 4, 7])

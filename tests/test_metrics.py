@@ -12,8 +12,7 @@ def loop_precision_at_k(sim, relevant, k, exclude=None):
   """Direct P@K: per query, sort by (-score, gallery index), count, / k."""
   out = []
   for q in range(sim.shape[0]):
-    gallery = [g for g in range(sim.shape[1])
-               if exclude is None or g != exclude[q]]
+    gallery = [g for g in range(sim.shape[1]) if exclude is None or g != exclude[q]]
     ranked = sorted(gallery, key=lambda g: (-sim[q, g], g))
     out.append(sum(bool(relevant[q, g]) for g in ranked[:k]) / k)
   return np.array(out)
@@ -38,8 +37,7 @@ def test_relevance_multilabel_ignores_uncertain_and_nan():
   q = np.array([[1, 0, 0], [0, 1, 1]], dtype=float)
   g = np.array([[1, 1, 0], [0, -1, np.nan], [0, 0, 1], [0, 0, 0]])
   rel = metrics.relevance_matrix(q, g)
-  np.testing.assert_array_equal(
-      rel, [[True, False, False, False], [True, False, True, False]])
+  np.testing.assert_array_equal(rel, [[True, False, False, False], [True, False, True, False]])
 
 
 def test_relevance_rejects_mixed_formats():
@@ -102,23 +100,20 @@ def test_exclude_self_matches_loop():
   labels = rng.integers(0, 3, 25)
   emb = rng.normal(size=(25, 4))
   sim = np.round(emb @ emb.T, 1)
-  got = metrics.precision_at_k(sim, labels, labels, ks=(1, 5, 24),
-                               exclude_self=True)
+  got = metrics.precision_at_k(sim, labels, labels, ks=(1, 5, 24), exclude_self=True)
   rel = labels[:, None] == labels[None, :]
   for k in (1, 5, 24):
     want = loop_precision_at_k(sim, rel, k, exclude=np.arange(25)).mean()
     assert got[k] == pytest.approx(want)
   # Without exclusion each query finds itself first.
-  assert metrics.precision_at_k(sim + 10 * np.eye(25), labels, labels,
-                                ks=(1,))[1] == 1.0
+  assert metrics.precision_at_k(sim + 10 * np.eye(25), labels, labels, ks=(1,))[1] == 1.0
 
 
 def test_excluded_item_is_dropped_even_with_lowest_score():
   # The excluded item must not occupy a top-K slot even when K reaches it.
   sim = np.array([[0.1, 0.9, 0.8]])
   rel = np.array([[True, False, True]])
-  per_query = metrics.precision_at_k_per_query(sim, rel, (2,),
-                                               exclude_index=np.array([0]))
+  per_query = metrics.precision_at_k_per_query(sim, rel, (2,), exclude_index=np.array([0]))
   assert per_query[0, 0] == 0.5
   with pytest.raises(ValueError):
     metrics.precision_at_k_per_query(sim, rel, (3,), exclude_index=np.array([0]))
@@ -127,11 +122,10 @@ def test_excluded_item_is_dropped_even_with_lowest_score():
 def test_multilabel_precision_matches_loop():
   rng = np.random.default_rng(6)
   q = (rng.random((15, 5)) < 0.3).astype(float)
-  g = rng.choice([-1.0, 0.0, 1.0, np.nan], size=(40, 5), p=[.1, .5, .3, .1])
+  g = rng.choice([-1.0, 0.0, 1.0, np.nan], size=(40, 5), p=[0.1, 0.5, 0.3, 0.1])
   sim = tied_scores(rng, (15, 40))
   got = metrics.precision_at_k(sim, q, g, ks=(5, 10))
-  rel = np.array([[bool(np.any((qi > 0) & (np.nan_to_num(gj) > 0)))
-                   for gj in g] for qi in q])
+  rel = np.array([[bool(np.any((qi > 0) & (np.nan_to_num(gj) > 0))) for gj in g] for qi in q])
   for k in (5, 10):
     assert got[k] == pytest.approx(loop_precision_at_k(sim, rel, k).mean())
 
@@ -140,8 +134,7 @@ def test_k_beyond_gallery_and_nan_rejected():
   with pytest.raises(ValueError):
     metrics.precision_at_k(np.zeros((1, 3)), np.array([0]), np.zeros(3), (4,))
   with pytest.raises(ValueError):
-    metrics.precision_at_k(np.array([[np.nan, 0.0]]), np.array([0]),
-                           np.zeros(2), (1,))
+    metrics.precision_at_k(np.array([[np.nan, 0.0]]), np.array([0]), np.zeros(2), (1,))
 
 
 # --------------------------------------------------------------------------
@@ -154,8 +147,7 @@ def test_roc_auc_matches_sklearn_with_ties(seed):
   rng = np.random.default_rng(seed)
   y = rng.integers(0, 2, 200)
   scores = np.round(rng.random(200) + 0.3 * y, 1)
-  assert metrics.roc_auc(y, scores) == pytest.approx(
-      skm.roc_auc_score(y, scores), abs=1e-12)
+  assert metrics.roc_auc(y, scores) == pytest.approx(skm.roc_auc_score(y, scores), abs=1e-12)
 
 
 def test_roc_auc_known_values():
@@ -168,8 +160,7 @@ def test_roc_auc_known_values():
 
 def test_average_ranks_matches_scipy():
   v = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 1.0, 7.0])
-  np.testing.assert_allclose(metrics.average_ranks(v),
-                             stats.rankdata(v, method="average"))
+  np.testing.assert_allclose(metrics.average_ranks(v), stats.rankdata(v, method="average"))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -182,8 +173,12 @@ def test_f1_and_accuracy_match_sklearn(seed):
 
 
 def test_f1_degenerate_cases_match_sklearn():
-  for y, pred in [([0, 0, 0], [0, 0, 0]), ([1, 0, 1], [0, 0, 0]),
-                  ([0, 0, 0], [1, 0, 0]), ([True, False], [True, True])]:
+  for y, pred in [
+    ([0, 0, 0], [0, 0, 0]),
+    ([1, 0, 1], [0, 0, 0]),
+    ([0, 0, 0], [1, 0, 0]),
+    ([True, False], [True, True]),
+  ]:
     want = skm.f1_score(y, pred, zero_division=0.0)
     assert metrics.f1_score(np.array(y), np.array(pred)) == pytest.approx(want)
 
@@ -193,8 +188,7 @@ def test_multiclass_accuracy_and_macro_accuracy_match_sklearn():
   y = rng.integers(0, 3, 90)
   pred = np.where(rng.random(90) < 0.6, y, rng.integers(0, 3, 90))
   assert metrics.accuracy(y, pred) == pytest.approx(skm.accuracy_score(y, pred))
-  assert metrics.macro_accuracy(y, pred) == pytest.approx(
-      skm.balanced_accuracy_score(y, pred))
+  assert metrics.macro_accuracy(y, pred) == pytest.approx(skm.balanced_accuracy_score(y, pred))
 
 
 def test_binary_labels_validated():
@@ -246,8 +240,7 @@ def test_threshold_cv_separable_scores():
   # and the chosen threshold (just above it) separates every held-out fold.
   rng = np.random.default_rng(9)
   y = rng.integers(0, 2, 300)
-  scores = np.where(y == 1, rng.choice([0.6, 0.7, 0.8, 0.9], 300),
-                    rng.choice([0.1, 0.2, 0.3, 0.4], 300))
+  scores = np.where(y == 1, rng.choice([0.6, 0.7, 0.8, 0.9], 300), rng.choice([0.1, 0.2, 0.3, 0.4], 300))
   out = metrics.threshold_cv(y, scores)
   assert out["ACC"] == 1.0 and out["F1"] == 1.0
   assert out["thresholds"] == [0.405] * 10
@@ -283,8 +276,7 @@ def test_threshold_cv_matches_independent_loop():
   accs, f1s = [], []
   for f in range(10):
     train, test = folds != f, folds == f
-    f1_grid = [skm.f1_score(y[train], scores[train] >= t, zero_division=0.0)
-               for t in grid]
+    f1_grid = [skm.f1_score(y[train], scores[train] >= t, zero_division=0.0) for t in grid]
     t = grid[int(np.argmax(f1_grid))]
     accs.append(skm.accuracy_score(y[test], scores[test] >= t))
     f1s.append(skm.f1_score(y[test], scores[test] >= t, zero_division=0.0))

@@ -24,11 +24,11 @@ def _batch(cfg, seed=0, batch=2, kept=49):
   rng = np.random.RandomState(seed)
   idx = np.stack([np.stack([np.sort(rng.choice(196, kept, replace=False)) for _ in range(4)]) for _ in range(batch)])
   return dict(
-      patches=rng.randint(0, 256, size=(batch, 4, kept, 256)).astype(np.uint8),
-      patch_idx=idx.astype(np.int32),
-      view_valid=np.ones((batch, 4), bool),
-      input_ids=rng.randint(1000, 2000, size=(batch, cfg.model.text.max_len)).astype(np.int32),
-      attention_mask=(np.arange(cfg.model.text.max_len)[None] < np.array([[20], [9]])[:batch]).astype(np.int32),
+    patches=rng.randint(0, 256, size=(batch, 4, kept, 256)).astype(np.uint8),
+    patch_idx=idx.astype(np.int32),
+    view_valid=np.ones((batch, 4), bool),
+    input_ids=rng.randint(1000, 2000, size=(batch, cfg.model.text.max_len)).astype(np.int32),
+    attention_mask=(np.arange(cfg.model.text.max_len)[None] < np.array([[20], [9]])[:batch]).astype(np.int32),
   )
 
 
@@ -52,8 +52,13 @@ def test_all_patches_in_order_equal_unmasked_forward(tiny):
   images = np.random.RandomState(0).randint(0, 256, size=(2, 1, 224, 224)).astype(np.uint8)
   full = api.encode_images(cfg, variables, images)
   patches, idx = api.patchify(images, 16)
-  via_patches = api.encode_images(cfg, variables, np.asarray(patches), view_valid=np.ones((2, 1), bool),
-                                  patch_idx=np.broadcast_to(np.asarray(idx), (2, 1, 196)))
+  via_patches = api.encode_images(
+    cfg,
+    variables,
+    np.asarray(patches),
+    view_valid=np.ones((2, 1), bool),
+    patch_idx=np.broadcast_to(np.asarray(idx), (2, 1, 196)),
+  )
   np.testing.assert_array_equal(np.asarray(full["hidden"]), np.asarray(via_patches["hidden"]))
   assert full["hidden"].shape == (2, 1, 197, cfg.model.image.hidden_size)
 
@@ -66,10 +71,16 @@ def test_kept_subset_equals_gathered_inputs():
   images = np.random.RandomState(1).randint(0, 256, size=(1, 1, 224, 224)).astype(np.uint8)
   full = np.asarray(api.encode_images(cfg, variables, images)["hidden"])[0, 0]
   patches, _ = api.patchify(images, 16)
-  order = np.random.RandomState(2).permutation(196)[:49]        # unsorted on purpose
-  sub = np.asarray(api.encode_images(cfg, variables, np.asarray(patches)[:, :, order],
-                                     view_valid=np.ones((1, 1), bool),
-                                     patch_idx=order[None, None].astype(np.int32))["hidden"])[0, 0]
+  order = np.random.RandomState(2).permutation(196)[:49]  # unsorted on purpose
+  sub = np.asarray(
+    api.encode_images(
+      cfg,
+      variables,
+      np.asarray(patches)[:, :, order],
+      view_valid=np.ones((1, 1), bool),
+      patch_idx=order[None, None].astype(np.int32),
+    )["hidden"]
+  )[0, 0]
   np.testing.assert_allclose(sub[1:], full[1 + order], atol=1e-5)
   np.testing.assert_allclose(sub[0], full[0], atol=1e-5)
 
@@ -80,8 +91,9 @@ def test_token_order_permutes_outputs(tiny):
   perm = np.random.RandomState(3).permutation(49)
   out = api.encode_images(cfg, variables, b["patches"], b["view_valid"], b["patch_idx"])
   out_p = api.encode_images(cfg, variables, b["patches"][:, :, perm], b["view_valid"], b["patch_idx"][:, :, perm])
-  np.testing.assert_allclose(np.asarray(out_p["hidden"])[:, :, 1:], np.asarray(out["hidden"])[:, :, 1:][:, :, perm],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(out_p["hidden"])[:, :, 1:], np.asarray(out["hidden"])[:, :, 1:][:, :, perm], atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(out_p["global"]), np.asarray(out["global"]), atol=1e-5)
 
 
@@ -106,9 +118,12 @@ def test_invalid_view_pixels_do_not_matter(tiny):
 
 
 def test_ablations_drop_views():
-  for overrides, slots in (({}, (0, 1, 2, 3)), ({"model.multiview": False}, (0, 2)),
-                           ({"model.multiview": False, "model.temporal": False}, (0,)),
-                           ({"model.temporal": False}, (0, 1))):
+  for overrides, slots in (
+    ({}, (0, 1, 2, 3)),
+    ({"model.multiview": False}, (0, 2)),
+    ({"model.multiview": False, "model.temporal": False}, (0,)),
+    ({"model.temporal": False}, (0, 1)),
+  ):
     cfg = load_config("configs/tiny.py", overrides)
     mcfg = api.model_config(cfg)
     assert mcfg.view_slots == slots
@@ -127,10 +142,12 @@ def test_ablations_drop_views():
 
 def test_ablation_switches_change_parameters():
   base = api.abstract_params(load_config("configs/tiny.py"), boxed=False)["params"]["text_tower"]
-  no_adapt = api.abstract_params(load_config("configs/tiny.py", {"model.text.use_adapters": False}),
-                                 boxed=False)["params"]["text_tower"]
-  no_inv = api.abstract_params(load_config("configs/tiny.py", {"model.text.invertible_adapter": False}),
-                               boxed=False)["params"]["text_tower"]
+  no_adapt = api.abstract_params(load_config("configs/tiny.py", {"model.text.use_adapters": False}), boxed=False)[
+    "params"
+  ]["text_tower"]
+  no_inv = api.abstract_params(load_config("configs/tiny.py", {"model.text.invertible_adapter": False}), boxed=False)[
+    "params"
+  ]["text_tower"]
   assert "language_adapter" in base["layer_0"] and "language_adapter" not in no_adapt["layer_0"]
   assert "invertible_adapter" in base and "invertible_adapter" not in no_inv
 
@@ -142,7 +159,7 @@ def test_text_outputs_and_local_mask(tiny):
   assert out["global"].shape == (2, cfg.model.proj_dim)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(out["global"]), axis=-1), 1.0, rtol=1e-5)
   mask = np.asarray(out["local_mask"])
-  assert mask.sum(1).tolist() == [18, 7]          # real tokens minus [CLS] and [SEP]
+  assert mask.sum(1).tolist() == [18, 7]  # real tokens minus [CLS] and [SEP]
   assert not mask[:, 0].any()
 
 
@@ -203,6 +220,7 @@ def _loss_and_grads(cfg, variables, batch):
   def loss(v):
     out = model.apply(v, **batch)
     return jnp.sum(out["image"]["global"] * out["text"]["global"]) + jnp.mean(out["image"]["local"] ** 2)
+
   return jax.jit(jax.value_and_grad(loss))(variables)
 
 

@@ -14,18 +14,26 @@ from clinvla_jax.model.vit import sincos_2d_position_embedding
 
 def _minilm_overrides(adapters: bool):
   return {
-      "model.text.num_layers": 6, "model.text.hidden_size": 384, "model.text.num_heads": 12,
-      "model.text.mlp_dim": 1536, "model.text.vocab_size": 30522, "model.text.max_len": 128,
-      "model.text.use_adapters": adapters, "model.text.invertible_adapter": adapters,
-      "model.text.dropout": 0.0, "model.text.attention_dropout": 0.0,
+    "model.text.num_layers": 6,
+    "model.text.hidden_size": 384,
+    "model.text.num_heads": 12,
+    "model.text.mlp_dim": 1536,
+    "model.text.vocab_size": 30522,
+    "model.text.max_len": 128,
+    "model.text.use_adapters": adapters,
+    "model.text.invertible_adapter": adapters,
+    "model.text.dropout": 0.0,
+    "model.text.attention_dropout": 0.0,
   }
 
 
 @pytest.fixture(scope="module")
 def hf_minilm(minilm_dir):
   import transformers
-  model = transformers.BertModel.from_pretrained(str(minilm_dir), local_files_only=True,
-                                                 attn_implementation="eager").eval()
+
+  model = transformers.BertModel.from_pretrained(
+    str(minilm_dir), local_files_only=True, attn_implementation="eager"
+  ).eval()
   tokenizer = transformers.BertTokenizerFast.from_pretrained(str(minilm_dir), local_files_only=True)
   return model, tokenizer
 
@@ -33,8 +41,7 @@ def hf_minilm(minilm_dir):
 @pytest.fixture(scope="module")
 def minilm_batch(hf_minilm, report_sentences):
   _, tokenizer = hf_minilm
-  enc = tokenizer(report_sentences[:6], padding="max_length", truncation=True, max_length=128,
-                  return_tensors="np")
+  enc = tokenizer(report_sentences[:6], padding="max_length", truncation=True, max_length=128, return_tensors="np")
   assert enc["attention_mask"].sum(1).min() > 3 and enc["attention_mask"].sum(1).max() < 128
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
@@ -83,17 +90,31 @@ def test_bert_adapters_with_bert_init_change_outputs(minilm_batch, minilm_dir):
 
 
 VIT_OVERRIDES = {
-    "model.image.num_layers": 2, "model.image.hidden_size": 192, "model.image.num_heads": 3,
-    "model.image.mlp_dim": 768, "model.image.adapter_dim": 0,
+  "model.image.num_layers": 2,
+  "model.image.hidden_size": 192,
+  "model.image.num_heads": 3,
+  "model.image.mlp_dim": 768,
+  "model.image.adapter_dim": 0,
 }
 
 
 def _timm_vit(seed=0):
   import timm
+
   torch.manual_seed(seed)
   model = timm.models.vision_transformer.VisionTransformer(
-      img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=192, depth=2, num_heads=3,
-      mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token").eval()
+    img_size=224,
+    patch_size=16,
+    in_chans=3,
+    num_classes=0,
+    embed_dim=192,
+    depth=2,
+    num_heads=3,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    class_token=True,
+    global_pool="token",
+  ).eval()
   # Random (not default-initialised) LayerNorms and biases, so every weight is exercised.
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -111,16 +132,28 @@ def test_vit_matches_timm_with_random_weights():
   rng = np.random.RandomState(0)
   images = rng.normal(size=(2, 3, 224, 224)).astype(np.float32)
   with torch.no_grad():
-    theirs = model.forward_features(torch.from_numpy(images)).numpy()      # [B, 197, D]
+    theirs = model.forward_features(torch.from_numpy(images)).numpy()  # [B, 197, D]
   patches, idx = api.patchify(np.transpose(images, (0, 2, 3, 1))[:, None], 16)  # [B, 1, 196, 768]
-  out = api.encode_images(cfg, variables, np.asarray(patches), view_valid=np.ones((2, 1), bool),
-                          patch_idx=np.broadcast_to(np.asarray(idx), (2, 1, 196)))
+  out = api.encode_images(
+    cfg,
+    variables,
+    np.asarray(patches),
+    view_valid=np.ones((2, 1), bool),
+    patch_idx=np.broadcast_to(np.asarray(idx), (2, 1, 196)),
+  )
   hidden = np.asarray(out["hidden"])[:, 0]
   # timm has no view / time embeddings: compare with them zeroed.
   assert hidden.shape == theirs.shape
   zeroed = _zero_view_time(variables)
-  hidden = np.asarray(api.encode_images(cfg, zeroed, np.asarray(patches), view_valid=np.ones((2, 1), bool),
-                                        patch_idx=np.broadcast_to(np.asarray(idx), (2, 1, 196)))["hidden"])[:, 0]
+  hidden = np.asarray(
+    api.encode_images(
+      cfg,
+      zeroed,
+      np.asarray(patches),
+      view_valid=np.ones((2, 1), bool),
+      patch_idx=np.broadcast_to(np.asarray(idx), (2, 1, 196)),
+    )["hidden"]
+  )[:, 0]
   diff = np.abs(hidden - theirs).max()
   assert diff <= 1e-4, diff
   assert np.abs(theirs).mean() > 0.05

@@ -29,22 +29,20 @@ def setup_module():
 def _example(index):
   """A study whose every field is a function of its index."""
   rng = np.random.default_rng(index)
-  views = rng.integers(0, 256, (records.NUM_VIEWS, records.IMAGE_SIZE,
-                                records.IMAGE_SIZE), dtype=np.uint8)
+  views = rng.integers(0, 256, (records.NUM_VIEWS, records.IMAGE_SIZE, records.IMAGE_SIZE), dtype=np.uint8)
   view_valid = np.array([True, index % 2 == 0, index % 3 == 0, False])
   views[~view_valid] = 0
   ids = (np.arange(records.MAX_TEXT_LEN) + index).astype(np.int32)
   return {
-      "images": views,
-      "view_valid": view_valid,
-      "input_ids": ids,
-      "attention_mask": (np.arange(records.MAX_TEXT_LEN) < 10 + index % 7
-                         ).astype(np.int32),
-      "text": f"report {index}",
-      "labels": np.array([index % 2, -1.0, np.nan], np.float32),
-      "patient_id": f"p{index}",
-      "study_id": f"s{index}",
-      "split": "train",
+    "images": views,
+    "view_valid": view_valid,
+    "input_ids": ids,
+    "attention_mask": (np.arange(records.MAX_TEXT_LEN) < 10 + index % 7).astype(np.int32),
+    "text": f"report {index}",
+    "labels": np.array([index % 2, -1.0, np.nan], np.float32),
+    "patient_id": f"p{index}",
+    "study_id": f"s{index}",
+    "split": "train",
   }
 
 
@@ -72,8 +70,7 @@ def _write_shards(folder, sizes, corrupt=(), manifest=True):
     paths.append(path)
   if manifest:
     with open(os.path.join(folder, "manifest.json"), "w") as f:
-      json.dump({"shards": [os.path.basename(p) for p in paths],
-                 "label_names": ["a", "b", "c"]}, f)
+      json.dump({"shards": [os.path.basename(p) for p in paths], "label_names": ["a", "b", "c"]}, f)
   return paths
 
 
@@ -119,15 +116,21 @@ def test_source_reads_every_record_across_shards(data_dir):
     assert rec["study_id"] == f"s{index % 40}"
   with pytest.raises(IndexError):
     src[40]  # pylint: disable=pointless-statement
-  assert [records.decode_record(r, with_images=False)["study_id"]
-          for r in src.read_range(11, 15)] == ["s11", "s12", "s13", "s14"]
+  assert [records.decode_record(r, with_images=False)["study_id"] for r in src.read_range(11, 15)] == [
+    "s11",
+    "s12",
+    "s13",
+    "s14",
+  ]
 
 
 def test_source_lists_folder_glob_and_files(data_dir, tmp_path):
   shards = source_lib.list_shards(data_dir)
   assert [os.path.basename(p) for p in shards] == [
-      "data-00000-of-00003.array_record", "data-00001-of-00003.array_record",
-      "data-00002-of-00003.array_record"]
+    "data-00000-of-00003.array_record",
+    "data-00001-of-00003.array_record",
+    "data-00002-of-00003.array_record",
+  ]
   assert source_lib.list_shards(os.path.join(data_dir, "*.array_record")) == shards
   assert source_lib.list_shards(shards[::-1]) == shards[::-1]
   # Without a manifest the folder is globbed.
@@ -153,16 +156,16 @@ def test_train_batch_matches_contract(data_dir):
   assert loader.info.batch_size == 8 and loader.info.num_kept == K75 == 49
   batch = next(iter(loader))
   assert tuple(batch) == records.BATCH_KEYS
-  p = records.PATCH_SIZE ** 2
+  p = records.PATCH_SIZE**2
   expected = {
-      "patches": ((8, records.NUM_VIEWS, K75, p), np.uint8),
-      "patch_idx": ((8, records.NUM_VIEWS, K75), np.int32),
-      "view_valid": ((8, records.NUM_VIEWS), np.bool_),
-      "input_ids": ((8, records.MAX_TEXT_LEN), np.int32),
-      "attention_mask": ((8, records.MAX_TEXT_LEN), np.int32),
-      "labels": ((8, NUM_LABELS), np.float32),
-      "example_valid": ((8,), np.bool_),
-      "record_index": ((8,), np.int64),
+    "patches": ((8, records.NUM_VIEWS, K75, p), np.uint8),
+    "patch_idx": ((8, records.NUM_VIEWS, K75), np.int32),
+    "view_valid": ((8, records.NUM_VIEWS), np.bool_),
+    "input_ids": ((8, records.MAX_TEXT_LEN), np.int32),
+    "attention_mask": ((8, records.MAX_TEXT_LEN), np.int32),
+    "labels": ((8, NUM_LABELS), np.float32),
+    "example_valid": ((8,), np.bool_),
+    "record_index": ((8,), np.int64),
   }
   for key, (shape, dtype) in expected.items():
     assert type(batch[key]) is np.ndarray, key  # pylint: disable=unidiomatic-typecheck
@@ -174,14 +177,12 @@ def test_train_rows_hold_the_masked_study(data_dir):
   batch = next(iter(_train(data_dir, seed=5)))
   for row, index in enumerate(batch["record_index"]):
     ex = _example(int(index))
-    patches, idx = masking.mask_views(ex["images"], K75, seed=5, epoch=0,
-                                      index=int(index))
+    patches, idx = masking.mask_views(ex["images"], K75, seed=5, epoch=0, index=int(index))
     np.testing.assert_array_equal(batch["patch_idx"][row], idx)
     np.testing.assert_array_equal(batch["patches"][row], patches)
     np.testing.assert_array_equal(batch["view_valid"][row], ex["view_valid"])
     np.testing.assert_array_equal(batch["input_ids"][row], ex["input_ids"])
-    np.testing.assert_array_equal(batch["attention_mask"][row],
-                                  ex["attention_mask"])
+    np.testing.assert_array_equal(batch["attention_mask"][row], ex["attention_mask"])
     np.testing.assert_array_equal(batch["labels"][row], ex["labels"])
 
 
@@ -195,16 +196,13 @@ def test_train_epochs_are_permutations_with_fresh_masks(data_dir):
   assert not np.array_equal(first, second)
   assert not np.array_equal(first, np.arange(40))
   idx = np.concatenate([b["patch_idx"] for b in batches])
-  rows = {e: dict(zip(o, idx[s:s + 40])) for e, (s, o) in
-          enumerate([(0, first), (40, second)])}
+  rows = {e: dict(zip(o, idx[s : s + 40])) for e, (s, o) in enumerate([(0, first), (40, second)])}
   changed = [not np.array_equal(rows[0][i], rows[1][i]) for i in range(40)]
   assert all(changed)
   # Same seed, same stream; another seed, another order.
-  again = np.concatenate([b["record_index"] for b in _train(data_dir,
-                                                              num_epochs=1)])
+  again = np.concatenate([b["record_index"] for b in _train(data_dir, num_epochs=1)])
   np.testing.assert_array_equal(again, first)
-  other = np.concatenate([b["record_index"] for b in _train(
-      data_dir, num_epochs=1, seed=4)])
+  other = np.concatenate([b["record_index"] for b in _train(data_dir, num_epochs=1, seed=4)])
   assert not np.array_equal(other, first)
 
 
@@ -260,8 +258,7 @@ def test_eval_with_workers_reads_each_study_once(data_dir):
 def test_processes_get_disjoint_covering_shards(data_dir):
   seen = []
   for shard in range(3):
-    loader = _train(data_dir, global_batch_size=6, shard_index=shard,
-                    shard_count=3, num_epochs=1)
+    loader = _train(data_dir, global_batch_size=6, shard_index=shard, shard_count=3, num_epochs=1)
     assert loader.info.batch_size == 2
     assert loader.info.examples_per_epoch == 13
     seen.append(np.concatenate([b["record_index"] for b in loader]))
@@ -271,8 +268,7 @@ def test_processes_get_disjoint_covering_shards(data_dir):
   # read 13 of them and dropped its last incomplete batch.
   everything = set()
   for shard in range(3):
-    loader = _eval(data_dir, global_batch_size=6, shard_index=shard,
-                   shard_count=3)
+    loader = _eval(data_dir, global_batch_size=6, shard_index=shard, shard_count=3)
     ids = np.concatenate([b["record_index"] for b in loader])
     everything.update(ids[ids >= 0].tolist())
     assert len(ids[ids >= 0]) == len(set(ids[ids >= 0].tolist()))
@@ -283,8 +279,7 @@ def test_shard_arguments_validated(data_dir):
   with pytest.raises(ValueError):
     _train(data_dir, global_batch_size=7, shard_count=2)
   with pytest.raises(ValueError):
-    pipeline.make_train_loader(data_dir, global_batch_size=8, seed=0,
-                               shard_index=1)
+    pipeline.make_train_loader(data_dir, global_batch_size=8, seed=0, shard_index=1)
   # Default: this JAX process of all of them (one here).
   loader = pipeline.make_train_loader(data_dir, global_batch_size=8, seed=0)
   assert (loader.info.shard_index, loader.info.shard_count) == (0, 1)
@@ -297,8 +292,7 @@ def test_eval_fixed_order_unmasked_and_padded(data_dir):
   loader = _eval(data_dir, global_batch_size=16)
   batches = list(loader)
   assert len(batches) == loader.info.batches_per_epoch == 3
-  assert all(b["patches"].shape == (16, records.NUM_VIEWS, records.NUM_PATCHES,
-                                    records.PATCH_SIZE ** 2) for b in batches)
+  assert all(b["patches"].shape == (16, records.NUM_VIEWS, records.NUM_PATCHES, records.PATCH_SIZE**2) for b in batches)
   order = np.concatenate([b["record_index"] for b in batches])
   np.testing.assert_array_equal(order[:40], np.arange(40))
   np.testing.assert_array_equal(order[40:], -1)
@@ -307,11 +301,10 @@ def test_eval_fixed_order_unmasked_and_padded(data_dir):
   assert not last["view_valid"][8:].any()
   assert np.isnan(last["labels"][8:]).all()
   np.testing.assert_array_equal(
-      batches[0]["patch_idx"],
-      np.broadcast_to(np.arange(records.NUM_PATCHES), (16, records.NUM_VIEWS,
-                                                        records.NUM_PATCHES)))
-  np.testing.assert_array_equal(
-      masking.unpatchify(batches[1]["patches"][3]), _example(19)["images"])
+    batches[0]["patch_idx"],
+    np.broadcast_to(np.arange(records.NUM_PATCHES), (16, records.NUM_VIEWS, records.NUM_PATCHES)),
+  )
+  np.testing.assert_array_equal(masking.unpatchify(batches[1]["patches"][3]), _example(19)["images"])
   # A second pass is identical.
   _assert_batches_equal(list(loader), batches)
 
@@ -333,8 +326,7 @@ def corrupt_dir(tmp_path_factory):
 
 
 def test_train_skips_and_counts_undecodable(corrupt_dir, caplog):
-  loader = _train(corrupt_dir, global_batch_size=6, num_epochs=1,
-                  shuffle=False)
+  loader = _train(corrupt_dir, global_batch_size=6, num_epochs=1, shuffle=False)
   with caplog.at_level(logging.WARNING):
     it = iter(loader)
     batches = list(it)
@@ -385,8 +377,7 @@ def test_eval_selected_view_slots(data_dir):
   full = next(iter(_eval(data_dir)))
   for slots in ((0,), (2, 0)):
     batch = next(iter(_eval(data_dir, view_slots=slots)))
-    assert batch["patches"].shape == (8, len(slots), records.NUM_PATCHES,
-                                      records.PATCH_SIZE ** 2)
+    assert batch["patches"].shape == (8, len(slots), records.NUM_PATCHES, records.PATCH_SIZE**2)
     for key in ("patches", "patch_idx", "view_valid"):
       np.testing.assert_array_equal(batch[key], full[key][:, list(slots)], err_msg=key)
     np.testing.assert_array_equal(batch["input_ids"], full["input_ids"])

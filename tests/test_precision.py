@@ -59,11 +59,13 @@ def test_configs_choose_their_policy():
   assert (mcfg.image.precision, mcfg.text.precision) == ("bf16_fp32_out", "float32")
 
 
-SPECS = [("...a,as->...s", (3, 5, 24), (24, 8)),
-         ("...ab,abs->...s", (3, 5, 2, 12), (2, 12, 8)),
-         ("...a,ast->...st", (3, 5, 24), (24, 2, 4)),
-         ("bqhd,bkhd->bhqk", (2, 5, 3, 8), (2, 7, 3, 8)),
-         ("bhqk,bkhd->bqhd", (2, 3, 5, 7), (2, 7, 3, 8))]
+SPECS = [
+  ("...a,as->...s", (3, 5, 24), (24, 8)),
+  ("...ab,abs->...s", (3, 5, 2, 12), (2, 12, 8)),
+  ("...a,ast->...st", (3, 5, 24), (24, 2, 4)),
+  ("bqhd,bkhd->bhqk", (2, 5, 3, 8), (2, 7, 3, 8)),
+  ("bhqk,bkhd->bqhd", (2, 3, 5, 7), (2, 7, 3, 8)),
+]
 
 
 @pytest.mark.parametrize("spec,x_shape,y_shape", SPECS)
@@ -94,13 +96,15 @@ def _dot_operand_types(hlo: str) -> list[str]:
 
 def test_backward_products_take_bf16_operands():
   """JAX's own transpose would multiply the f32 cotangent with upcast operands (the slow f32 path)."""
+
   def loss(x, w1, w2):
     h = layers.einsum("...a,as->...s", x, w1, BF16_OUT32)
     return jnp.sum(jnp.tanh(layers.einsum("...s,st->...t", h, w2, BF16_OUT32)))
+
   args = (jnp.ones((4, 6, 16)), jnp.ones((16, 32)), jnp.ones((32, 8)))
   hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(*args).as_text()
   operands = _dot_operand_types(hlo)
-  assert len(operands) == 6, operands   # two forward, four backward products
+  assert len(operands) == 6, operands  # two forward, four backward products
   assert all(a.endswith("xbf16>") and b.endswith("xbf16>") for a, b in operands), operands
 
 
@@ -126,6 +130,7 @@ def _run(cfg, variables, inp):
   def loss_fn(v):
     out = model.apply(v, *inp.values())
     return losses.clinvla_loss(out, cfg.loss)[0], out
+
   (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables)
   return out, float(loss), grads
 
@@ -142,8 +147,10 @@ def _cosines(a, b):
 @pytest.mark.parametrize("policy,activation_dtype", [("bf16_fp32_out", jnp.float32), ("bfloat16", jnp.bfloat16)])
 def test_model_under_a_policy_stays_close_to_fp32(fp32_reference, policy, activation_dtype):
   cfg32, variables, inp, (ref, ref_loss, ref_grads) = fp32_reference
-  cfg = load_config("configs/tiny.py", {"model.image.adapter_init": "bert", "model.text.adapter_init": "bert",
-                                        "model.precision": policy})
+  cfg = load_config(
+    "configs/tiny.py",
+    {"model.image.adapter_init": "bert", "model.text.adapter_init": "bert", "model.precision": policy},
+  )
   out, loss, grads = _run(cfg, variables, inp)
   for tower in ("image", "text"):
     assert out[tower]["hidden"].dtype == activation_dtype

@@ -50,8 +50,7 @@ def test_generic_retrieval_matches_loop():
   txt = clustered(rng, labels, noise=1.0)
   got = retrieval.evaluate_retrieval(labels, img, txt, ks=(5, 10))
   rel = labels[:, None] == labels[None, :]
-  sims = {"image_to_text": img @ txt.T, "text_to_image": txt @ img.T,
-          "image_to_image": img @ img.T}
+  sims = {"image_to_text": img @ txt.T, "text_to_image": txt @ img.T, "image_to_image": img @ img.T}
   for direction, sim in sims.items():
     for k in (5, 10):
       want = loop_precision(sim, rel, k, direction == "image_to_image")
@@ -64,10 +63,8 @@ def test_image_to_image_excludes_query_itself():
   labels = np.repeat(np.arange(3), 6)
   protos = np.eye(3)
   img = protos[labels] + 1e-3 * np.arange(18)[:, None]
-  got = retrieval.evaluate_retrieval(labels, image_emb=img, ks=(5, 6),
-                                     directions=("image_to_image",))
-  assert scores_only(got) == {"image_to_image/P@5": 1.0,
-                              "image_to_image/P@6": pytest.approx(5 / 6)}
+  got = retrieval.evaluate_retrieval(labels, image_emb=img, ks=(5, 6), directions=("image_to_image",))
+  assert scores_only(got) == {"image_to_image/P@5": 1.0, "image_to_image/P@6": pytest.approx(5 / 6)}
   # Chance leaves the query out too: 5 classmates among 17 other images.
   assert got["image_to_image/P@5_chance"] == pytest.approx(5 / 17)
 
@@ -76,8 +73,7 @@ def test_multilabel_generic_retrieval():
   # Study 0 has findings A and B: relevant to both the A-only and B-only study.
   labels = np.array([[1, 1], [1, 0], [0, 1]], dtype=float)
   emb = np.eye(3)
-  got = retrieval.evaluate_retrieval(labels, image_emb=emb, text_emb=emb,
-                                     ks=(2,))
+  got = retrieval.evaluate_retrieval(labels, image_emb=emb, text_emb=emb, ks=(2,))
   # image->text: each query ranks its own report, then (tied scores, lowest
   # index first) the next study; both always share a finding with the query.
   assert got["image_to_text/P@2"] == 1.0
@@ -91,8 +87,7 @@ def test_missing_modality_is_skipped_and_bad_direction_rejected():
   got = retrieval.evaluate_retrieval(labels, image_emb=np.eye(6), ks=(1,))
   assert set(got) == with_companions({"image_to_image/P@1"})
   with pytest.raises(ValueError):
-    retrieval.evaluate_retrieval(labels, image_emb=np.eye(6), ks=(1,),
-                                 directions=("text_to_text",))
+    retrieval.evaluate_retrieval(labels, image_emb=np.eye(6), ks=(1,), directions=("text_to_text",))
 
 
 def test_chexpert_5x200_keeps_own_report():
@@ -101,13 +96,11 @@ def test_chexpert_5x200_keeps_own_report():
   rng = np.random.default_rng(1)
   labels = np.repeat(np.arange(5), 20)
   txt = normalized(rng.normal(size=(100, 32)))
-  got = retrieval.chexpert_5x200_image_to_text(txt.copy(), txt, labels,
-                                               ks=(1, 5, 100))
+  got = retrieval.chexpert_5x200_image_to_text(txt.copy(), txt, labels, ks=(1, 5, 100))
   assert got["image_to_text/P@1"] == 1.0
   # P@100 covers the whole gallery: exactly each class's share, 20 %.
   assert got["image_to_text/P@100"] == pytest.approx(0.2)
-  assert set(got) == with_companions({"image_to_text/P@1", "image_to_text/P@5",
-                                      "image_to_text/P@100"})
+  assert set(got) == with_companions({"image_to_text/P@1", "image_to_text/P@5", "image_to_text/P@100"})
   assert got["image_to_text/P@5_chance"] == pytest.approx(0.2)
 
 
@@ -119,8 +112,7 @@ def test_chexpert_5x200_matches_loop_and_default_ks():
   got = retrieval.chexpert_5x200_image_to_text(img, txt, labels)
   rel = labels[:, None] == labels[None, :]
   for k in (5, 10, 100):
-    assert got[f"image_to_text/P@{k}"] == pytest.approx(
-        loop_precision(img @ txt.T, rel, k))
+    assert got[f"image_to_text/P@{k}"] == pytest.approx(loop_precision(img @ txt.T, rel, k))
 
 
 def test_align_rows():
@@ -157,21 +149,20 @@ def synthetic_8x200(rng, noise):
   cand_cls = np.repeat(np.arange(8), 12)
   q_cls = np.repeat(np.arange(8), 2)
   lists = retrieval.Chexpert8x200Lists(
-      candidate_paths=tuple(f"c{i}" for i in range(cand_cls.size)),
-      candidate_labels=retrieval.one_hot_classes([classes[c] for c in cand_cls]),
-      image_query_paths=tuple(f"q{i}" for i in range(q_cls.size)),
-      image_query_classes=tuple(classes[c] for c in q_cls),
-      text_queries=tuple(f"text about {classes[c]} #{i}"
-                         for i, c in enumerate(q_cls)),
-      text_query_classes=tuple(classes[c] for c in q_cls))
+    candidate_paths=tuple(f"c{i}" for i in range(cand_cls.size)),
+    candidate_labels=retrieval.one_hot_classes([classes[c] for c in cand_cls]),
+    image_query_paths=tuple(f"q{i}" for i in range(q_cls.size)),
+    image_query_classes=tuple(classes[c] for c in q_cls),
+    text_queries=tuple(f"text about {classes[c]} #{i}" for i, c in enumerate(q_cls)),
+    text_query_classes=tuple(classes[c] for c in q_cls),
+  )
   protos = normalized(rng.normal(size=(8, 24)))
 
   def embed(cls):
     return normalized(protos[cls] + noise * rng.normal(size=(cls.size, 24)))
 
   text_emb = dict(zip(lists.text_queries, embed(q_cls)))
-  return lists, embed(cand_cls), embed(q_cls), (
-      lambda texts: np.stack([text_emb[t] for t in texts]))
+  return lists, embed(cand_cls), embed(q_cls), (lambda texts: np.stack([text_emb[t] for t in texts]))
 
 
 def test_chexpert_8x200_perfect_embeddings():
@@ -189,13 +180,10 @@ def test_chexpert_8x200_perfect_embeddings():
 def test_chexpert_8x200_noisy_matches_loop():
   lists, cand, queries, text_fn = synthetic_8x200(np.random.default_rng(4), 1.2)
   got = retrieval.chexpert_8x200(cand, queries, text_fn, lists, ks=(5, 10))
-  q_cls = np.array([retrieval.CHEXPERT_8X200_CLASSES.index(c)
-                    for c in lists.image_query_classes])
+  q_cls = np.array([retrieval.CHEXPERT_8X200_CLASSES.index(c) for c in lists.image_query_classes])
   rel = lists.candidate_labels[:, q_cls].T > 0
   text = text_fn(list(lists.text_queries))
   for k in (5, 10):
-    assert got[f"image_to_image/P@{k}"] == pytest.approx(
-        loop_precision(queries @ cand.T, rel, k))
-    assert got[f"text_to_image/P@{k}"] == pytest.approx(
-        loop_precision(text @ cand.T, rel, k))
+    assert got[f"image_to_image/P@{k}"] == pytest.approx(loop_precision(queries @ cand.T, rel, k))
+    assert got[f"text_to_image/P@{k}"] == pytest.approx(loop_precision(text @ cand.T, rel, k))
   assert 0.0 < got["image_to_image/P@5"] < 1.0

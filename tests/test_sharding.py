@@ -33,11 +33,14 @@ def test_batch_is_split_over_data_and_fsdp():
   np.testing.assert_array_equal(np.asarray(batch["x"]), local["x"])
 
 
-@pytest.mark.parametrize("axes, message", [
+@pytest.mark.parametrize(
+  "axes, message",
+  [
     ({"data": -1, "fsdp": -1, "tensor": 1}, "at most one axis"),
     ({"data": 3, "fsdp": -1, "tensor": 1}, "do not divide"),
     ({"data": 2, "fsdp": 2, "tensor": 1}, "needs 4 devices"),
-])
+  ],
+)
 def test_bad_meshes_are_clear_errors(axes, message):
   with pytest.raises(ValueError, match=message):
     sharding.make_mesh(axes)

@@ -25,8 +25,13 @@ def test_base_parameter_counts_and_trainable_fraction():
 
 
 def test_summary_command_prints_table_and_readme_agrees():
-  out = subprocess.run([sys.executable, "-m", "clinvla_jax.main", "--config=configs/base.py", "--mode=summary"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "clinvla_jax.main", "--config=configs/base.py", "--mode=summary"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   text = out.stdout
   assert f"trainable: {BASE_TRAINABLE:,d} of {BASE_TOTAL:,d} = 3.36 %" in text

@@ -26,10 +26,11 @@ def test_mimic_sections_and_cleaning():
   r = text.report_text(full_report=_MIMIC)
   assert r.source == "findings+impression"
   assert r.text == (
-      "There is no focal consolidation, pleural effusion or pneumothorax. The "
-      "cardiomediastinal silhouette is normal. Status post coronary artery bypass graft. "
-      "Endotracheal tube 4.5 cm above the carina. No acute cardiopulmonary process. "
-      "Interstitial lung disease is present.")
+    "There is no focal consolidation, pleural effusion or pneumothorax. The "
+    "cardiomediastinal silhouette is normal. Status post coronary artery bypass graft. "
+    "Endotracheal tube 4.5 cm above the carina. No acute cardiopulmonary process. "
+    "Interstitial lung disease is present."
+  )
   assert "ascites" not in r.text  # indication dropped
 
 
@@ -44,20 +45,25 @@ def test_fallbacks():
 
 
 def test_iu_anonymisation_and_hedges():
-  findings = ("There is XXXX increased opacity within the right upper lobe with possible mass. "
-              "XXXX opacity in the left midlung may represent focal airspace disease. "
-              "XXXX XXXX XXXX. No pneumothorax.")
+  findings = (
+    "There is XXXX increased opacity within the right upper lobe with possible mass. "
+    "XXXX opacity in the left midlung may represent focal airspace disease. "
+    "XXXX XXXX XXXX. No pneumothorax."
+  )
   impression = "1. PA and lateral chest x-XXXX XXXX. 2. Less likely CHF."
   r = text.report_text(findings=findings, impression=impression)
   assert "XXXX" not in r.text
-  assert r.text == ("There is increased opacity within the right upper lobe with mass. "
-                    "Opacity in the left midlung represents focal airspace disease. "
-                    "No pneumothorax. PA and lateral chest. Less likely congestive heart failure.")
+  assert r.text == (
+    "There is increased opacity within the right upper lobe with mass. "
+    "Opacity in the left midlung represents focal airspace disease. "
+    "No pneumothorax. PA and lateral chest. Less likely congestive heart failure."
+  )
 
 
 def test_abbreviations_are_whole_words():
   assert text.expand_abbreviations("NG tube and RLL GGO") == (
-      "nasogastric tube and right lower lobe ground-glass opacity")
+    "nasogastric tube and right lower lobe ground-glass opacity"
+  )
   assert text.expand_abbreviations("cholesterol tbsp") == "cholesterol tbsp"
   assert text.expand_abbreviations("the pt") == "the patient"
   assert text.expand_abbreviations("PT") == "PT"  # case-sensitive short forms
@@ -66,7 +72,10 @@ def test_abbreviations_are_whole_words():
 
 def test_sentence_split_keeps_decimals_and_abbreviations():
   assert text.split_sentences("A 1.5 cm nodule. A 50 y.o. man. Dr. Smith saw it.") == [
-      "A 1.5 cm nodule.", "A 50 y.o. man.", "Dr. Smith saw it."]
+    "A 1.5 cm nodule.",
+    "A 50 y.o. man.",
+    "Dr. Smith saw it.",
+  ]
 
 
 def test_truncation_at_sentence_boundary():
@@ -81,6 +90,7 @@ def test_truncation_at_sentence_boundary():
 
 def test_real_iu_report(shared_data):
   import csv
+
   with open(shared_data / "iu_xray" / "images" / "manifest.csv", newline="") as f:
     row = next(r for r in csv.DictReader(f) if r["uid"] == "303")
   r = text.report_text(findings=row["findings"], impression=row["impression"])

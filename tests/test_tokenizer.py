@@ -27,10 +27,32 @@ def test_known_sentence_gives_known_ids(tok):
   ids = out["input_ids"]
   assert ids.shape == (1, records.MAX_TEXT_LEN) and ids.dtype == np.int32
   assert out["attention_mask"].dtype == np.int32
-  expected = [101, 2053, 20228, 11236, 2389, 1041, 4246, 14499, 2030, 1052, 2638, 2819,
-              29288, 2527, 2595, 1012, 2540, 2946, 2003, 3671, 1012, 102]
-  assert ids[0, :len(expected)].tolist() == expected
-  assert not ids[0, len(expected):].any()
+  expected = [
+    101,
+    2053,
+    20228,
+    11236,
+    2389,
+    1041,
+    4246,
+    14499,
+    2030,
+    1052,
+    2638,
+    2819,
+    29288,
+    2527,
+    2595,
+    1012,
+    2540,
+    2946,
+    2003,
+    3671,
+    1012,
+    102,
+  ]
+  assert ids[0, : len(expected)].tolist() == expected
+  assert not ids[0, len(expected) :].any()
   assert out["attention_mask"][0].tolist() == [1] * len(expected) + [0] * (128 - len(expected))
   assert tok.decode(ids[0]) == "no pleural effusion or pneumothorax. heart size is normal."
   assert tok.unk_id not in ids
@@ -39,17 +61,17 @@ def test_known_sentence_gives_known_ids(tok):
 def test_matches_transformers_reference(tok, minilm_dir, report_sentences):
   from transformers import AutoTokenizer
   from tokenizers import BertWordPieceTokenizer
+
   ref = AutoTokenizer.from_pretrained(str(minilm_dir))  # uses the model's tokenizer.json
   wp = BertWordPieceTokenizer(tokenizer_lib.DEFAULT_VOCAB, lowercase=True)
   ours = tok(report_sentences)
-  theirs = ref(report_sentences, padding="max_length", truncation=True, max_length=128,
-               return_tensors="np")
+  theirs = ref(report_sentences, padding="max_length", truncation=True, max_length=128, return_tensors="np")
   np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
   np.testing.assert_array_equal(ours["attention_mask"], theirs["attention_mask"])
   for s, row in zip(report_sentences, ours["input_ids"]):
     ids = wp.encode(s).ids[:128]
     ids = ids[:127] + [102] if len(ids) == 128 else ids
-    assert row[:len(ids)].tolist() == ids
+    assert row[: len(ids)].tolist() == ids
 
 
 def test_truncation_and_batch(tok):
@@ -62,8 +84,9 @@ def test_truncation_and_batch(tok):
 
 def test_cased_vocab_inference(tmp_path):
   vocab = tmp_path / "vocab.txt"
-  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Heart", "heart",
-                              "is", "normal", "."]) + "\n")
+  vocab.write_text(
+    "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Heart", "heart", "is", "normal", "."]) + "\n"
+  )
   cased = tokenizer_lib.Tokenizer(str(vocab), max_len=8)
   assert not cased.lowercase
   assert cased("Heart is normal.")["input_ids"][0].tolist() == [2, 5, 7, 8, 9, 3, 0, 0]

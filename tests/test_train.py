@@ -25,23 +25,34 @@ DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
 
 
 def _tiny(**overrides):
-  base = {"data.train": str(DEMO), "optim.warmup_steps": 1, "train.num_steps": 3, "train.log_every_steps": 1,
-          "train.data_workers": 0, "optim.batch_size": 8}
+  base = {
+    "data.train": str(DEMO),
+    "optim.warmup_steps": 1,
+    "train.num_steps": 3,
+    "train.log_every_steps": 1,
+    "train.data_workers": 0,
+    "optim.batch_size": 8,
+  }
   base.update(overrides)
   return load_config(str(REPO / "configs" / "tiny.py"), base)
 
 
 def _batches(config, n):
-  loader = pipeline.make_train_loader(list_shards(config.data.train, split="train"),
-                                      global_batch_size=config.optim.batch_size, seed=0, shard_index=0,
-                                      shard_count=1)
+  loader = pipeline.make_train_loader(
+    list_shards(config.data.train, split="train"),
+    global_batch_size=config.optim.batch_size,
+    seed=0,
+    shard_index=0,
+    shard_count=1,
+  )
   it = iter(loader)
   return [next(it) for _ in range(n)]
 
 
 def _run_steps(config, mesh_shape, batches):
   from clinvla_jax import train
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
   setup = train.TrainSetup(config, mesh=sharding.make_mesh(config.mesh, devices))
   state = setup.init_state()
@@ -74,6 +85,7 @@ def test_meshes_give_equal_losses_and_parameters():
 
 def test_path_rules_cover_every_parameter_and_fail_on_gaps():
   from clinvla_jax import api
+
   for name in ("base", "tiny", "demo"):
     config = load_config(str(REPO / "configs" / f"{name}.py"))
     abstract = api.abstract_params(config, boxed=False)["params"]
@@ -91,6 +103,7 @@ def test_path_rules_cover_every_parameter_and_fail_on_gaps():
 
 def test_frozen_backbone_has_no_gradient_and_no_optimizer_state():
   from clinvla_jax import train
+
   config = _tiny()
   setup = train.TrainSetup(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
   frozen_paths = set(optim.flat_paths(setup.frozen))
@@ -106,6 +119,7 @@ def test_frozen_backbone_has_no_gradient_and_no_optimizer_state():
   # The frozen weights are an input of the loss, not a differentiated one: the
   # compiled gradient has far fewer matmuls than a full-model gradient would.
   from clinvla_jax import losses
+
   batch = sharding.global_batch(_batches(config, 1)[0], setup.mesh, train.MODEL_INPUTS)
   inputs = [batch[k] for k in train.MODEL_INPUTS]
 
@@ -124,17 +138,27 @@ def test_frozen_backbone_has_no_gradient_and_no_optimizer_state():
 
 
 def _main(workdir, *extra, env=None, wait=True, capture=False):
-  cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}",
-         f"--config.data.train={DEMO}", f"--workdir={workdir}", "--config.train.log_every_steps=1",
-         "--config.optim.warmup_steps=2", "--config.train.data_workers=0", *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "clinvla_jax.main",
+    f"--config={REPO / 'configs' / 'tiny.py'}",
+    f"--config.data.train={DEMO}",
+    f"--workdir={workdir}",
+    "--config.train.log_every_steps=1",
+    "--config.optim.warmup_steps=2",
+    "--config.train.data_workers=0",
+    *extra,
+  ]
   run_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {}))
   if wait:
     return subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
   if capture:
     # Files, not pipes: a long run's progress bar would fill an unread pipe and stall it.
     log = pathlib.Path(str(workdir) + f".{len(extra)}.{time.time_ns()}")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=open(f"{log}.out", "w"),
-                            stderr=open(f"{log}.err", "w"), text=True)
+    proc = subprocess.Popen(
+      cmd, cwd=REPO, env=run_env, stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"), text=True
+    )
     proc.stdout_path, proc.stderr_path = pathlib.Path(f"{log}.out"), pathlib.Path(f"{log}.err")
     return proc
   return subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -230,8 +254,9 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tmp_path, referen
 @pytest.mark.slow
 def test_second_trainer_on_a_workdir_exits_at_once_naming_the_holder(tmp_path):
   work = tmp_path / "shared"
-  first = _main(work, "--config.train.num_steps=100000", "--config.train.checkpoint_every_steps=100000",
-                wait=False, capture=True)
+  first = _main(
+    work, "--config.train.num_steps=100000", "--config.train.checkpoint_every_steps=100000", wait=False, capture=True
+  )
   try:
     _wait_for_step(work, 2, [first])
     started = time.time()
@@ -253,9 +278,19 @@ def test_second_trainer_on_a_workdir_exits_at_once_naming_the_holder(tmp_path):
 def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   port = _free_port()
   work = tmp_path / "two"
-  procs = [_main(work, "--config.train.num_steps=400", "--config.train.checkpoint_every_steps=1000",
-                 f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-                 wait=False, capture=True) for i in range(2)]
+  procs = [
+    _main(
+      work,
+      "--config.train.num_steps=400",
+      "--config.train.checkpoint_every_steps=1000",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      wait=False,
+      capture=True,
+    )
+    for i in range(2)
+  ]
   try:
     _wait_for_step(work, 3, procs)
     # A scheduler may tell only one of them; JAX's preemption service tells the other.
@@ -293,6 +328,7 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path):
 
 def test_nan_loss_stops_with_step_and_saves_nothing(tmp_path):
   from clinvla_jax import train
+
   config = _tiny(**{"train.checkpoint_every_steps": 1})
   config.model.logit_scale_init = float("nan")
   with pytest.raises(train.NonFiniteLossError, match="at step 1"):
@@ -302,11 +338,13 @@ def test_nan_loss_stops_with_step_and_saves_nothing(tmp_path):
 
 def test_adapter_only_checkpoint_holds_no_backbone(tmp_path):
   from clinvla_jax import train
+
   config = _tiny(**{"train.num_steps": 1, "train.checkpoint_every_steps": 1})
   train.train_and_evaluate(config, str(tmp_path))
   state_dir = tmp_path / "checkpoints" / "1" / "state"
   assert state_dir.is_dir()
   from clinvla_jax.checkpoint import Checkpointer
+
   ckpt = Checkpointer(str(tmp_path))
   meta = ckpt.manager.item_metadata(1)["state"]
   paths = {"/".join(str(getattr(k, "key", k)) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(meta)}
@@ -318,6 +356,7 @@ def test_adapter_only_checkpoint_holds_no_backbone(tmp_path):
 
 def test_base_adapter_checkpoint_is_a_small_fraction():
   from clinvla_jax import api
+
   config = load_config(str(REPO / "configs" / "base.py"))
   abstract = api.abstract_params(config, boxed=False)["params"]
   trainable, _ = optim.split_params(abstract, config.optim.param_groups)
@@ -339,8 +378,16 @@ def test_two_processes_equal_one_process(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
   procs = [
-      _main(tmp_path / "two", *steps, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            f"--process_id={i}", wait=False) for i in range(2)]
+    _main(
+      tmp_path / "two",
+      *steps,
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      wait=False,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     assert p.wait(timeout=600) == 0
   one, two = _losses_by_step(tmp_path / "one"), _losses_by_step(tmp_path / "two")
@@ -352,6 +399,7 @@ def test_two_processes_equal_one_process(tmp_path):
 def test_training_shortens_tokens_like_evaluation():
   from clinvla_jax import train
   from clinvla_jax.evaluate.embed import fit_token_length
+
   ids = np.array([[101, 5, 6, 7, 8, 102, 0, 0], [101, 9, 102, 0, 0, 0, 0, 0]], np.int32)
   mask = (ids > 0).astype(np.int32)
   out = train.fit_text_length({"input_ids": ids, "attention_mask": mask, "labels": np.zeros((2, 1))}, 4)

@@ -20,8 +20,16 @@ DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
 
 
 def _tiny(**overrides):
-  base = {"data.train": str(DEMO), "optim.warmup_steps": 1, "train.num_steps": 4, "train.log_every_steps": 1,
-          "train.data_workers": 0, "optim.batch_size": 8, "eval.every_steps": 0, "mesh.data": 1}
+  base = {
+    "data.train": str(DEMO),
+    "optim.warmup_steps": 1,
+    "train.num_steps": 4,
+    "train.log_every_steps": 1,
+    "train.data_workers": 0,
+    "optim.batch_size": 8,
+    "eval.every_steps": 0,
+    "mesh.data": 1,
+  }
   base.update(overrides)
   return load_config(str(REPO / "configs" / "tiny.py"), base)
 
@@ -31,8 +39,13 @@ def _single_device_setup(config):
 
 
 def _loader(config):
-  return pipeline.make_train_loader(list_shards(config.data.train, split="train"),
-                                    global_batch_size=config.optim.batch_size, seed=0, shard_index=0, shard_count=1)
+  return pipeline.make_train_loader(
+    list_shards(config.data.train, split="train"),
+    global_batch_size=config.optim.batch_size,
+    seed=0,
+    shard_index=0,
+    shard_count=1,
+  )
 
 
 def _losses(workdir):
@@ -53,6 +66,7 @@ def _one_device(monkeypatch):
 def _first_device_mesh(make_mesh):
   def wrapped(mesh_cfg, devices=None):
     return make_mesh(mesh_cfg, devices if devices is not None else jax.devices()[:1])
+
   return wrapped
 
 
@@ -61,8 +75,9 @@ def test_train_step_makes_no_implicit_transfer():
   setup = _single_device_setup(config)
   state = setup.init_state()
   host = next(iter(_loader(config)))
-  batch = sharding.global_batch(train.fit_text_length(host, setup.model_config.text.max_len), setup.mesh,
-                                train.MODEL_INPUTS)
+  batch = sharding.global_batch(
+    train.fit_text_length(host, setup.model_config.text.max_len), setup.mesh, train.MODEL_INPUTS
+  )
   compiled, _ = setup.compile(state, batch)
   with jax.transfer_guard("disallow"):
     state, metrics = setup.step(state, batch)
@@ -78,8 +93,14 @@ def test_loop_runs_under_a_disallowing_transfer_guard(tmp_path):
   # The step loop (batch placement, step, metric fetch) makes only explicit
   # transfers.  On CPU a device->host read is no transfer, so this guard
   # catches implicit host->device ones here, and both kinds on accelerators.
-  config = _tiny(**{"train.num_steps": 5, "train.log_every_steps": 2, "train.checkpoint_every_steps": 100,
-                    "train.transfer_guard": "disallow"})
+  config = _tiny(
+    **{
+      "train.num_steps": 5,
+      "train.log_every_steps": 2,
+      "train.checkpoint_every_steps": 100,
+      "train.transfer_guard": "disallow",
+    }
+  )
   last = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(last["loss"])
   assert sorted(_losses(tmp_path)) == [1, 2, 4, 5]
@@ -93,13 +114,15 @@ def test_init_state_can_be_called_twice():
   config = _tiny()
   setup = _single_device_setup(config)
   host = next(iter(_loader(config)))
-  batch = sharding.global_batch(train.fit_text_length(host, setup.model_config.text.max_len), setup.mesh,
-                                train.MODEL_INPUTS)
+  batch = sharding.global_batch(
+    train.fit_text_length(host, setup.model_config.text.max_len), setup.mesh, train.MODEL_INPUTS
+  )
   first, m1 = setup.step(setup.init_state(), batch)
   second, m2 = setup.step(setup.init_state(), batch)
   assert float(m1["loss"]) == float(m2["loss"])
-  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(first["params"]),
-                         jax.device_get(second["params"]))
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, jax.device_get(first["params"]), jax.device_get(second["params"])
+  )
 
 
 class _CountingIterator:
@@ -227,17 +250,34 @@ def test_best_checkpoint_ranks_every_evaluated_step(tmp_path):
     calls.append(step)
     return {"score": scores[step]}
 
-  config = _tiny(**{"train.num_steps": 6, "train.checkpoint_every_steps": 100, "train.keep_checkpoints": 1,
-                    "train.best_metric": "score", "eval.every_steps": 2})
+  config = _tiny(
+    **{
+      "train.num_steps": 6,
+      "train.checkpoint_every_steps": 100,
+      "train.keep_checkpoints": 1,
+      "train.best_metric": "score",
+      "eval.every_steps": 2,
+    }
+  )
   train.train_and_evaluate(config, str(tmp_path), evaluate_fn=evaluate)
   assert calls == [2, 4, 6]
   kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert kept == [2, 6]
 
 
-@pytest.mark.parametrize("kind,peak", [
-    ("TPU v5 lite", 197e12), ("TPU v6 lite", 918e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA L4", 121e12), ("cpu", 0.0)])
+@pytest.mark.parametrize(
+  "kind,peak",
+  [
+    ("TPU v5 lite", 197e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L4", 121e12),
+    ("cpu", 0.0),
+  ],
+)
 def test_peak_flops_know_the_device_kinds_jax_reports(kind, peak):
   assert perf.peak_flops_for_kind(kind) == peak

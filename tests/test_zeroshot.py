@@ -19,8 +19,7 @@ def prompt_lookup_embed_fn(prompts_by_class, protos, rng, noise=0.1):
   table = {}
   for c, prompts in enumerate(prompts_by_class.values()):
     for p in prompts:
-      table.setdefault(p, normalized(protos[c] + noise * rng.normal(
-          size=protos.shape[1])))
+      table.setdefault(p, normalized(protos[c] + noise * rng.normal(size=protos.shape[1])))
   calls = []
 
   def fn(texts):
@@ -43,15 +42,13 @@ def test_bundled_prompts_are_the_published_copies(reference_prompts_dir):
 
 
 def test_join_prompt_drops_empty_parts():
-  assert zeroshot.join_prompt(["", "mild", "pulmonary edema", ""]) == (
-      "mild pulmonary edema")
+  assert zeroshot.join_prompt(["", "mild", "pulmonary edema", ""]) == ("mild pulmonary edema")
   assert zeroshot.join_prompt(["", "x  y"]) == "x y"
 
 
 def test_all_combinations_in_product_order_with_duplicates():
   groups = [["", "a"], ["b", "b"], ["c"]]
-  assert zeroshot.combine_prompt_parts(groups) == ["b c", "b c", "a b c",
-                                                   "a b c"]
+  assert zeroshot.combine_prompt_parts(groups) == ["b c", "b c", "a b c", "a b c"]
 
 
 def test_chexpert_5x200_prompt_counts():
@@ -61,12 +58,15 @@ def test_chexpert_5x200_prompt_counts():
   for name, groups in data["classes"].items():
     assert len(prompts[name]) == int(np.prod([len(g) for g in groups]))
   assert {k: len(v) for k, v in prompts.items()} == {
-      "Atelectasis": 210, "Cardiomegaly": 15, "Consolidation": 192,
-      "Edema": 18, "Pleural Effusion": 54}
+    "Atelectasis": 210,
+    "Cardiomegaly": 15,
+    "Consolidation": 192,
+    "Edema": 18,
+    "Pleural Effusion": 54,
+  }
   assert "mild pulmonary edema" in prompts["Edema"]
   assert "pulmonary edema" in prompts["Edema"]  # empty first part dropped
-  assert all("  " not in p and p == p.strip()
-             for ps in prompts.values() for p in ps)
+  assert all("  " not in p and p == p.strip() for ps in prompts.values() for p in ps)
 
 
 def test_prompt_cap_is_seeded_subset_in_order():
@@ -85,8 +85,7 @@ def test_prompt_cap_is_seeded_subset_in_order():
 
 
 def test_pneumonia_prompt_sets():
-  assert zeroshot.pneumonia_prompts() == {
-      "positive": ["There is pneumonia"], "negative": ["There is no pneumonia"]}
+  assert zeroshot.pneumonia_prompts() == {"positive": ["There is pneumonia"], "negative": ["There is no pneumonia"]}
   biovil = zeroshot.pneumonia_prompts("biovil")
   assert len(biovil["positive"]) == 4 and len(biovil["negative"]) == 4
 
@@ -97,15 +96,12 @@ def test_pneumonia_prompt_sets():
 
 
 def test_class_embeddings_are_normalised_means():
-  vecs = {"a": np.array([2.0, 0.0]), "b": np.array([0.0, 1.0]),
-          "c": np.array([1.0, 1.0])}
-  out = zeroshot.class_embeddings({"x": ["a", "b"], "y": ["c"]},
-                                  lambda t: np.stack([vecs[s] for s in t]),
-                                  class_names=("y", "x"))
-  np.testing.assert_allclose(out, [[2 ** -0.5, 2 ** -0.5],
-                                   [2 ** -0.5, 2 ** -0.5]], atol=1e-12)
-  out = zeroshot.class_embeddings({"x": ["a", "b", "b"]},
-                                  lambda t: np.stack([vecs[s] for s in t]))
+  vecs = {"a": np.array([2.0, 0.0]), "b": np.array([0.0, 1.0]), "c": np.array([1.0, 1.0])}
+  out = zeroshot.class_embeddings(
+    {"x": ["a", "b"], "y": ["c"]}, lambda t: np.stack([vecs[s] for s in t]), class_names=("y", "x")
+  )
+  np.testing.assert_allclose(out, [[2**-0.5, 2**-0.5], [2**-0.5, 2**-0.5]], atol=1e-12)
+  out = zeroshot.class_embeddings({"x": ["a", "b", "b"]}, lambda t: np.stack([vecs[s] for s in t]))
   np.testing.assert_allclose(out, normalized(np.array([[1.0, 2.0]])))
 
 
@@ -130,7 +126,11 @@ def test_chexpert_5x200_zero_shot_known_answer():
   labels = np.repeat(np.arange(5), 8)
   images = normalized(protos[labels] + 0.2 * rng.normal(size=(40, 32)))
   assert zeroshot.chexpert_5x200_zero_shot(images, labels, fn) == {
-      "ACC": 1.0, "ACC_majority": 0.2, "ACC_ci_low": 1.0, "ACC_ci_high": 1.0}
+    "ACC": 1.0,
+    "ACC_majority": 0.2,
+    "ACC_ci_low": 1.0,
+    "ACC_ci_high": 1.0,
+  }
   assert calls == [sum(len(p) for p in prompts.values())]  # one batched call
   # Class names work as labels too; shifted labels are all wrong.
   names = np.array(zeroshot.CHEXPERT_5X200_CLASSES)[labels]
@@ -146,8 +146,7 @@ def test_binary_probability_is_softmax_of_cosines():
   for scale in (1.0, 14.3):
     logits = scale * np.stack([img @ pos, img @ neg], axis=1)
     softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(
-        zeroshot.binary_probability(img, pos, neg, scale), softmax[:, 0])
+    np.testing.assert_allclose(zeroshot.binary_probability(img, pos, neg, scale), softmax[:, 0])
 
 
 def test_rsna_zero_shot_separable_and_vs_sklearn():
@@ -157,8 +156,7 @@ def test_rsna_zero_shot_separable_and_vs_sklearn():
   fn = lambda t: np.stack([text[s] for s in t])
   y = (rng.random(400) < 0.3).astype(int)
   # Sick images lean to the positive prompt, by a clear margin.
-  lean = np.where(y[:, None] == 1, 0.9 * pos_dir + 0.3 * neg_dir,
-                  0.3 * pos_dir + 0.9 * neg_dir)
+  lean = np.where(y[:, None] == 1, 0.9 * pos_dir + 0.3 * neg_dir, 0.3 * pos_dir + 0.9 * neg_dir)
   other = np.concatenate([np.zeros((400, 2)), rng.normal(size=(400, 14))], 1)
   images = normalized(lean + 0.3 * other)
   out = zeroshot.rsna_zero_shot(images, y, fn)
@@ -169,13 +167,11 @@ def test_rsna_zero_shot_separable_and_vs_sklearn():
   p = zeroshot.binary_probability(noisy, pos_dir, neg_dir)
   assert out["AUC"] == pytest.approx(skm.roc_auc_score(y, p))
   assert 0.5 < out["AUC"] < 1.0
-  assert set(out) == {"AUC", "ACC", "F1", "ACC_std", "F1_std", "AUC_chance",
-                      "ACC_majority", "F1_all_positive"}
+  assert set(out) == {"AUC", "ACC", "F1", "ACC_std", "F1_std", "AUC_chance", "ACC_majority", "F1_all_positive"}
   assert out["AUC_chance"] == 0.5
   # The baselines do not look at the images, only at the labels' balance.
   assert out["ACC_majority"] == pytest.approx(1 - y.mean(), abs=0.01)
-  assert out["F1_all_positive"] == pytest.approx(2 * y.mean() / (1 + y.mean()),
-                                                 abs=0.01)
+  assert out["F1_all_positive"] == pytest.approx(2 * y.mean() / (1 + y.mean()), abs=0.01)
 
 
 # --------------------------------------------------------------------------
@@ -189,14 +185,12 @@ def test_logistic_regression_matches_sklearn():
   y = np.argmax(x[:, :3] + 0.8 * rng.normal(size=(120, 3)), axis=1)
   l2 = 0.05
   params = zeroshot.fit_logistic_regression(x, y, 3, l2=l2)
-  ref = linear_model.LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10,
-                                        max_iter=10_000).fit(x, y)
+  ref = linear_model.LogisticRegression(C=1 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(x, y)
   logits = x @ params["w"] + params["b"]
   probs = np.exp(logits - logits.max(1, keepdims=True))
   probs /= probs.sum(1, keepdims=True)
   np.testing.assert_allclose(probs, ref.predict_proba(x), atol=1e-5)
-  np.testing.assert_array_equal(
-      zeroshot.predict_logistic_regression(params, x), ref.predict(x))
+  np.testing.assert_array_equal(zeroshot.predict_logistic_regression(params, x), ref.predict(x))
 
 
 def test_linear_probe_cv():

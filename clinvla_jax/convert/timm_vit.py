@@ -13,8 +13,16 @@ from clinvla_jax.model.vit import sincos_2d_position_embedding
 # Pretraining heads and classifier weights that the image tower does not use:
 # MAE's decoder and mask token, MRM's text branch, timm's classifier head.
 IGNORED = (
-    r"decoder.*", r"mask_token", r"head\..*", r"fc_norm\..*", r"bert.*", r"cls\..*", r".*position_ids",
-    r"text_.*", r"mlm.*", r"pooler.*",
+  r"decoder.*",
+  r"mask_token",
+  r"head\..*",
+  r"fc_norm\..*",
+  r"bert.*",
+  r"cls\..*",
+  r".*position_ids",
+  r"text_.*",
+  r"mlm.*",
+  r"pooler.*",
 )
 
 
@@ -32,11 +40,11 @@ def build_plan(params: dict) -> common.Plan:
   head_dim = hidden // heads
   I = ("image_tower",)
   plan: common.Plan = {
-      I + ("cls_token",): ("cls_token", lambda w: w.reshape(1, -1)),
-      I + ("patch_embed_kernel",): ("patch_embed.proj.weight", patch_kernel),
-      I + ("patch_embed_bias",): ("patch_embed.proj.bias", common.identity),
-      I + ("norm", "scale"): ("norm.weight", common.identity),
-      I + ("norm", "bias"): ("norm.bias", common.identity),
+    I + ("cls_token",): ("cls_token", lambda w: w.reshape(1, -1)),
+    I + ("patch_embed_kernel",): ("patch_embed.proj.weight", patch_kernel),
+    I + ("patch_embed_bias",): ("patch_embed.proj.bias", common.identity),
+    I + ("norm", "scale"): ("norm.weight", common.identity),
+    I + ("norm", "bias"): ("norm.bias", common.identity),
   }
   if "pos_embedding" in tower:
     plan[I + ("pos_embedding",)] = ("pos_embed", lambda w: w.reshape(w.shape[-2], w.shape[-1]))
@@ -65,8 +73,11 @@ def _check_fixed_position_embedding(state, tower) -> None:
     return
   diff = float(np.max(np.abs(pos - sincos_2d_position_embedding(grid, pos.shape[1]))))
   if diff > 1e-3:
-    logging.warning("the checkpoint's pos_embed differs from the fixed sin-cos table by up to %.3g; "
-                    "set model.image.pos_embed='learned' to load it instead", diff)
+    logging.warning(
+      "the checkpoint's pos_embed differs from the fixed sin-cos table by up to %.3g; "
+      "set model.image.pos_embed='learned' to load it instead",
+      diff,
+    )
 
 
 def load_image_weights(variables: Dict, source) -> Dict:

@@ -45,8 +45,7 @@ def _is_dicom(path: PathLike) -> bool:
   return len(head) == 132 and head[128:] == b"DICM"
 
 
-def rescale_to_uint8(arr: np.ndarray, lo: float | None = None,
-                     hi: float | None = None) -> np.ndarray:
+def rescale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
   """Linearly maps [lo, hi] (default: the data range) to [0, 255]."""
   arr = np.asarray(arr, np.float64)
   lo = float(np.min(arr)) if lo is None else lo
@@ -106,6 +105,7 @@ def load_dicom(path: PathLike) -> np.ndarray:
   """
   import pydicom  # pylint: disable=g-import-not-at-top
   from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pylint: disable=g-import-not-at-top
+
   try:
     ds = pydicom.dcmread(path)
   except FileNotFoundError as e:
@@ -165,7 +165,7 @@ def resize(arr: np.ndarray, size: int = records.IMAGE_SIZE, pad: bool = False) -
   nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
   canvas = np.zeros((size, size), np.uint8)
   top, left = (size - nh) // 2, (size - nw) // 2
-  canvas[top:top + nh, left:left + nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR))
+  canvas[top : top + nh, left : left + nw] = np.asarray(img.resize((nw, nh), Image.BILINEAR))
   return canvas
 
 
@@ -186,8 +186,7 @@ def frontal_score(arr: np.ndarray) -> float:
   columns with the two lung-field bands, over the thoracic rows.  Measured on
   real IU X-ray images: frontals 0.16-0.28, laterals -0.02-0.10 (threshold 0.13).
   """
-  small = np.asarray(Image.fromarray(np.asarray(arr, np.uint8)).resize((128, 128), Image.BILINEAR),
-                     np.float32) / 255.0
+  small = np.asarray(Image.fromarray(np.asarray(arr, np.uint8)).resize((128, 128), Image.BILINEAR), np.float32) / 255.0
   profile = small[24:96].mean(0)
   centre = profile[58:70].mean()
   lungs = 0.5 * (profile[24:44].mean() + profile[84:104].mean())

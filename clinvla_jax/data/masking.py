@@ -54,15 +54,15 @@ def patchify(images, patch_size: int = records.PATCH_SIZE, channels_last: bool =
   return x.reshape(*lead, gh * gw, patch_size * patch_size * c)
 
 
-def unpatchify(patches: np.ndarray, image_size: int = records.IMAGE_SIZE,
-               patch_size: int = records.PATCH_SIZE) -> np.ndarray:
+def unpatchify(
+  patches: np.ndarray, image_size: int = records.IMAGE_SIZE, patch_size: int = records.PATCH_SIZE
+) -> np.ndarray:
   """Inverse of ``patchify`` for square images: [..., N, p*p] -> [..., H, W]."""
   patches = np.asarray(patches)
   g = image_size // patch_size
   *lead, n, d = patches.shape
   if n != g * g or d != patch_size * patch_size:
-    raise ValueError(
-        f"expected [..., {g * g}, {patch_size ** 2}] patches, got {patches.shape}")
+    raise ValueError(f"expected [..., {g * g}, {patch_size**2}] patches, got {patches.shape}")
   x = patches.reshape(*lead, g, g, patch_size, patch_size)
   x = np.swapaxes(x, -3, -2)  # [..., g, p, g, p]
   return x.reshape(*lead, image_size, image_size)
@@ -84,8 +84,9 @@ def _check_non_negative(**values):
       raise ValueError(f"{name} must be non-negative, got {value}")
 
 
-def patch_keys(*, seed: int, epoch, index, num_views: int = records.NUM_VIEWS,
-               num_patches: int = records.NUM_PATCHES) -> np.ndarray:
+def patch_keys(
+  *, seed: int, epoch, index, num_views: int = records.NUM_VIEWS, num_patches: int = records.NUM_PATCHES
+) -> np.ndarray:
   """uint64 [..., num_views, num_patches] masking keys of records.
 
   Args:
@@ -111,9 +112,9 @@ def patch_keys(*, seed: int, epoch, index, num_views: int = records.NUM_VIEWS,
     return _mix(_mix(h ^ (view * _GOLDEN)) + patch * _GOLDEN)
 
 
-def keep_indices_batch(num_kept: int, *, seed: int, epoch, index,
-                       num_views: int = records.NUM_VIEWS,
-                       num_patches: int = records.NUM_PATCHES) -> np.ndarray:
+def keep_indices_batch(
+  num_kept: int, *, seed: int, epoch, index, num_views: int = records.NUM_VIEWS, num_patches: int = records.NUM_PATCHES
+) -> np.ndarray:
   """Sorted kept patch indices, int32 [..., num_views, num_kept], of records.
 
   ``epoch`` and ``index`` are ints or arrays (broadcast together); row ``r``,
@@ -125,10 +126,8 @@ def keep_indices_batch(num_kept: int, *, seed: int, epoch, index,
   shape = np.broadcast(np.asarray(epoch), np.asarray(index)).shape
   if num_kept == num_patches:
     _check_non_negative(seed=seed, epoch=epoch, index=index)
-    return np.broadcast_to(np.arange(num_patches, dtype=np.int32),
-                           shape + (num_views, num_patches)).copy()
-  keys = patch_keys(seed=seed, epoch=epoch, index=index, num_views=num_views,
-                    num_patches=num_patches)
+    return np.broadcast_to(np.arange(num_patches, dtype=np.int32), shape + (num_views, num_patches)).copy()
+  keys = patch_keys(seed=seed, epoch=epoch, index=index, num_views=num_views, num_patches=num_patches)
   # The top 32 bits partition about 1.7x faster than all 64; a tie (odds about
   # 1e-5 per view) still resolves the same way every time.
   keys = (keys >> np.uint64(32)).astype(np.uint32)
@@ -137,9 +136,9 @@ def keep_indices_batch(num_kept: int, *, seed: int, epoch, index,
   return kept.astype(np.int32)
 
 
-def keep_indices(num_kept: int, *, seed: int, epoch: int, index: int,
-                 view: int, num_patches: int = records.NUM_PATCHES
-                 ) -> np.ndarray:
+def keep_indices(
+  num_kept: int, *, seed: int, epoch: int, index: int, view: int, num_patches: int = records.NUM_PATCHES
+) -> np.ndarray:
   """Sorted indices of the ``num_kept`` patches one view keeps.
 
   Args:
@@ -155,9 +154,9 @@ def keep_indices(num_kept: int, *, seed: int, epoch: int, index: int,
     patch is kept.
   """
   _check_non_negative(view=view)
-  return keep_indices_batch(num_kept, seed=seed, epoch=int(epoch),
-                            index=int(index), num_views=int(view) + 1,
-                            num_patches=num_patches)[int(view)]
+  return keep_indices_batch(
+    num_kept, seed=seed, epoch=int(epoch), index=int(index), num_views=int(view) + 1, num_patches=num_patches
+  )[int(view)]
 
 
 def gather_patches(views: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -176,8 +175,9 @@ def gather_patches(views: np.ndarray, idx: np.ndarray) -> np.ndarray:
   return kept.reshape(num_views, num_kept, p * p)
 
 
-def mask_views(images: np.ndarray, num_kept: int, *, seed: int, epoch: int,
-               index: int) -> tuple[np.ndarray, np.ndarray]:
+def mask_views(
+  images: np.ndarray, num_kept: int, *, seed: int, epoch: int, index: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Patchifies every view of one study and keeps ``num_kept`` patches of each.
 
   Each view draws its own mask (``keep_indices`` with its view number), also
@@ -197,6 +197,7 @@ def mask_views(images: np.ndarray, num_kept: int, *, seed: int, epoch: int,
   images = np.asarray(images)
   num_views, h, w = images.shape
   p = records.PATCH_SIZE
-  idx = keep_indices_batch(num_kept, seed=seed, epoch=epoch, index=index,
-                           num_views=num_views, num_patches=(h // p) * (w // p))
+  idx = keep_indices_batch(
+    num_kept, seed=seed, epoch=epoch, index=index, num_views=num_views, num_patches=(h // p) * (w // p)
+  )
   return gather_patches(images, idx), idx

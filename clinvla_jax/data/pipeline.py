@@ -95,6 +95,7 @@ class LoaderInfo:
     num_epochs: None repeats forever.
     training: True for the training loader.
   """
+
   num_records: int
   global_batch_size: int
   batch_size: int
@@ -114,10 +115,10 @@ def _ensure_flags_parsed():
     flags.FLAGS(sys.argv[:1])
 
 
-def _shard_args(shard_index: int | None, shard_count: int | None
-                ) -> tuple[int, int]:
+def _shard_args(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None and shard_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     return jax.process_index(), jax.process_count()
   if shard_index is None or shard_count is None:
     raise ValueError("give both shard_index and shard_count, or neither")
@@ -129,20 +130,18 @@ def _shard_args(shard_index: int | None, shard_count: int | None
 def _per_process_batch(global_batch_size: int, shard_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % shard_count:
     raise ValueError(
-        f"global_batch_size {global_batch_size} must be a positive multiple of "
-        f"the process count {shard_count}")
+      f"global_batch_size {global_batch_size} must be a positive multiple of the process count {shard_count}"
+    )
   return global_batch_size // shard_count
 
 
-def _as_source(paths: PathsLike | source_lib.ArrayRecordSource
-               ) -> source_lib.ArrayRecordSource:
+def _as_source(paths: PathsLike | source_lib.ArrayRecordSource) -> source_lib.ArrayRecordSource:
   if isinstance(paths, source_lib.ArrayRecordSource):
     return paths
   return source_lib.ArrayRecordSource(paths)
 
 
-def infer_num_labels(source: source_lib.ArrayRecordSource, *, probe: int = 16
-                     ) -> int:
+def infer_num_labels(source: source_lib.ArrayRecordSource, *, probe: int = 16) -> int:
   """Label count from a shard folder's manifest, else from the first records."""
   for path in source.paths:
     manifest = source_lib.read_manifest(os.path.dirname(path))
@@ -150,8 +149,7 @@ def infer_num_labels(source: source_lib.ArrayRecordSource, *, probe: int = 16
       return len(manifest["label_names"])
   for index in range(min(probe, len(source))):
     try:
-      return int(records.decode_record(source[index], with_images=False)
-                 ["labels"].shape[0])
+      return int(records.decode_record(source[index], with_images=False)["labels"].shape[0])
     except Exception:  # pylint: disable=broad-exception-caught
       continue
   raise ValueError(f"cannot infer the label count from {source!r}")
@@ -165,8 +163,7 @@ class _Stream:
   at or past ``num_records`` within an epoch are evaluation padding.
   """
 
-  def __init__(self, *, num_records: int, epoch_len: int, shuffle: bool,
-               seed: int):
+  def __init__(self, *, num_records: int, epoch_len: int, shuffle: bool, seed: int):
     if epoch_len <= 0:
       raise ValueError(f"empty epoch ({num_records} records)")
     self._num_records = num_records
@@ -189,17 +186,18 @@ class _Stream:
     self._init_cache()
 
   def __repr__(self) -> str:
-    return (f"_Stream(num_records={self._num_records}, "
-            f"epoch_len={self._epoch_len}, shuffle={self._shuffle}, "
-            f"seed={self._seed})")
+    return (
+      f"_Stream(num_records={self._num_records}, "
+      f"epoch_len={self._epoch_len}, shuffle={self._shuffle}, "
+      f"seed={self._seed})"
+    )
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order of the studies in one epoch (cached for the last two)."""
     with self._lock:
       perm = self._perms.get(epoch)
       if perm is None:
-        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence(
-            [_SHUFFLE_STREAM, self._seed, epoch])))
+        rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([_SHUFFLE_STREAM, self._seed, epoch])))
         perm = rng.permutation(self._num_records)
         for old in sorted(self._perms)[:-1]:
           del self._perms[old]
@@ -227,8 +225,7 @@ class _ChunkSource:
   and reported downstream, never raised.
   """
 
-  def __init__(self, source: source_lib.ArrayRecordSource, stream: _Stream,
-               size: int, limit: int | None = None):
+  def __init__(self, source: source_lib.ArrayRecordSource, stream: _Stream, size: int, limit: int | None = None):
     self._source = source
     self._stream = stream
     self._size = size
@@ -239,8 +236,7 @@ class _ChunkSource:
     return 2**62
 
   def __repr__(self) -> str:
-    return (f"_ChunkSource({self._source!r}, {self._stream!r}, "
-            f"size={self._size}, limit={self._limit})")
+    return f"_ChunkSource({self._source!r}, {self._stream!r}, size={self._size}, limit={self._limit})"
 
   def __getitem__(self, key: int) -> dict[str, Any]:
     key = int(key)
@@ -283,15 +279,14 @@ class _ChunkSampler:
     return grain.RecordMetadata(index=index, record_key=index)
 
 
-def _parse(data: bytes, slots: tuple[int, ...], num_labels: int
-           ) -> records.BatchParts:
+def _parse(data: bytes, slots: tuple[int, ...], num_labels: int) -> records.BatchParts:
   parts = records.decode_for_batch(data, slots)
   fields = parts.fields
   expected = {
-      "view_valid": (records.NUM_VIEWS,),
-      "input_ids": (records.MAX_TEXT_LEN,),
-      "attention_mask": (records.MAX_TEXT_LEN,),
-      "labels": (num_labels,),
+    "view_valid": (records.NUM_VIEWS,),
+    "input_ids": (records.MAX_TEXT_LEN,),
+    "attention_mask": (records.MAX_TEXT_LEN,),
+    "labels": (num_labels,),
   }
   for name, shape in expected.items():
     if name not in fields or fields[name].shape != shape:
@@ -311,8 +306,7 @@ class _MakeChunk(grain.transforms.Map):
   ("not mentioned"), patch indices the first K patches.
   """
 
-  def __init__(self, *, num_kept: int, seed: int, num_labels: int,
-               view_slots: tuple[int, ...], drop_failed: bool):
+  def __init__(self, *, num_kept: int, seed: int, num_labels: int, view_slots: tuple[int, ...], drop_failed: bool):
     self._num_kept = num_kept
     self._seed = seed
     self._num_labels = num_labels
@@ -340,19 +334,18 @@ class _MakeChunk(grain.transforms.Map):
     if k == records.NUM_PATCHES:
       patch_idx = np.broadcast_to(np.arange(k, dtype=np.int32), (n, v, k)).copy()
     else:
-      patch_idx = masking.keep_indices_batch(
-          k, seed=self._seed, epoch=epoch[rows], index=np.maximum(record_index, 0))
+      patch_idx = masking.keep_indices_batch(k, seed=self._seed, epoch=epoch[rows], index=np.maximum(record_index, 0))
       patch_idx = patch_idx[:, list(self._slots)]
       patch_idx[~real] = np.arange(k, dtype=np.int32)
     out = {
-        "patches": np.empty((n, v, k, records.PATCH_SIZE ** 2), np.uint8),
-        "patch_idx": patch_idx,
-        "view_valid": np.zeros((n, v), np.bool_),
-        "input_ids": np.zeros((n, records.MAX_TEXT_LEN), np.int32),
-        "attention_mask": np.zeros((n, records.MAX_TEXT_LEN), np.int32),
-        "labels": np.full((n, self._num_labels), np.nan, np.float32),
-        "example_valid": real,
-        "record_index": record_index,
+      "patches": np.empty((n, v, k, records.PATCH_SIZE**2), np.uint8),
+      "patch_idx": patch_idx,
+      "view_valid": np.zeros((n, v), np.bool_),
+      "input_ids": np.zeros((n, records.MAX_TEXT_LEN), np.int32),
+      "attention_mask": np.zeros((n, records.MAX_TEXT_LEN), np.int32),
+      "labels": np.full((n, self._num_labels), np.nan, np.float32),
+      "example_valid": real,
+      "record_index": record_index,
     }
     patches, valid = out["patches"], out["view_valid"]
     for j, r in enumerate(rows):
@@ -363,20 +356,18 @@ class _MakeChunk(grain.transforms.Map):
       out["input_ids"][j] = fields["input_ids"]
       out["attention_mask"][j] = fields["attention_mask"]
       out["labels"][j] = fields["labels"]
-      present = [start >= 0 and bool(fields["view_valid"][slot])
-                 for slot, start in zip(self._slots, row_start)]
+      present = [start >= 0 and bool(fields["view_valid"][slot]) for slot, start in zip(self._slots, row_start)]
       valid[j] = present
       if k < records.NUM_PATCHES and all(present):
         # One gather serves every view: their rows lie in one array.
         flat = patch_idx[j] + np.asarray(row_start, np.int32)[:, None]
-        np.take(all_rows, flat.reshape(-1), axis=0,
-                out=patches[j].reshape(v * k, -1))
+        np.take(all_rows, flat.reshape(-1), axis=0, out=patches[j].reshape(v * k, -1))
         continue
       for s, (start, ok) in enumerate(zip(row_start, present)):
         if not ok:
           patches[j, s] = 0
         elif k == records.NUM_PATCHES:
-          patches[j, s] = all_rows[start:start + k]
+          patches[j, s] = all_rows[start : start + k]
         else:
           np.take(all_rows, patch_idx[j, s] + start, axis=0, out=patches[j, s])
     out[_SKIPPED_KEY] = np.array(skipped, np.int32)
@@ -433,8 +424,7 @@ class BatchIterator(grain.DataLoaderIterator):
         self._pending = None
     if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == len(parts[0][0]["record_index"]):
       return {k: np.asarray(parts[0][0][k]) for k in records.BATCH_KEYS}
-    return {k: np.concatenate([np.asarray(c[k])[a:b] for c, a, b in parts])
-            for k in records.BATCH_KEYS}
+    return {k: np.concatenate([np.asarray(c[k])[a:b] for c, a, b in parts]) for k in records.BATCH_KEYS}
 
   def get_state(self) -> bytes:
     if self._pending is not None:
@@ -452,10 +442,11 @@ class BatchIterator(grain.DataLoaderIterator):
     state = json.loads(state.decode())
     if state.pop(_STATE_FORMAT_KEY, None) != _STATE_FORMAT:
       raise ValueError(
-          "this data iterator state was saved by an earlier input pipeline, which "
-          "moved one study per Grain element; it cannot position the chunked stream "
-          "of this one.  Resume from a checkpoint written by this version, or start "
-          "the data stream afresh.")
+        "this data iterator state was saved by an earlier input pipeline, which "
+        "moved one study per Grain element; it cannot position the chunked stream "
+        "of this one.  Resume from a checkpoint written by this version, or start "
+        "the data stream afresh."
+      )
     skipped = int(state.pop(_STATE_SKIPPED_KEY, 0))
     offset = int(state.pop(_STATE_OFFSET_KEY, 0))
     self._pending = None
@@ -482,44 +473,51 @@ class Loader(grain.DataLoader):
     return BatchIterator(self, state)
 
 
-def _build(src: source_lib.ArrayRecordSource, *, stream: _Stream,
-           num_positions: int | None, operation: _MakeChunk, info: LoaderInfo,
-           worker_count: int, worker_buffer_size: int, read_threads: int,
-           read_buffer_size: int) -> Loader:
+def _build(
+  src: source_lib.ArrayRecordSource,
+  *,
+  stream: _Stream,
+  num_positions: int | None,
+  operation: _MakeChunk,
+  info: LoaderInfo,
+  worker_count: int,
+  worker_buffer_size: int,
+  read_threads: int,
+  read_buffer_size: int,
+) -> Loader:
   if worker_count:
     _ensure_flags_parsed()
   return Loader(
-      info=info,
-      data_source=_ChunkSource(src, stream, info.batch_size, num_positions),
-      sampler=_ChunkSampler(None if num_positions is None
-                            else -(-num_positions // info.batch_size)),
-      operations=[operation],
-      worker_count=worker_count,
-      worker_buffer_size=worker_buffer_size,
-      shard_options=grain.sharding.ShardOptions(
-          shard_index=info.shard_index, shard_count=info.shard_count,
-          drop_remainder=True),
-      read_options=grain.ReadOptions(
-          num_threads=read_threads,
-          prefetch_buffer_size=max(1, -(-read_buffer_size // info.batch_size))),
+    info=info,
+    data_source=_ChunkSource(src, stream, info.batch_size, num_positions),
+    sampler=_ChunkSampler(None if num_positions is None else -(-num_positions // info.batch_size)),
+    operations=[operation],
+    worker_count=worker_count,
+    worker_buffer_size=worker_buffer_size,
+    shard_options=grain.sharding.ShardOptions(
+      shard_index=info.shard_index, shard_count=info.shard_count, drop_remainder=True
+    ),
+    read_options=grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=max(1, -(-read_buffer_size // info.batch_size))
+    ),
   )
 
 
 def make_train_loader(
-    paths: PathsLike | source_lib.ArrayRecordSource,
-    *,
-    global_batch_size: int,
-    seed: int,
-    mask_ratio: float = 0.75,
-    num_epochs: int | None = None,
-    shuffle: bool = True,
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_labels: int | None = None,
-    read_threads: int = 2,
-    read_buffer_size: int = 64,
+  paths: PathsLike | source_lib.ArrayRecordSource,
+  *,
+  global_batch_size: int,
+  seed: int,
+  mask_ratio: float = 0.75,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  worker_count: int = 0,
+  worker_buffer_size: int = 2,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_labels: int | None = None,
+  read_threads: int = 2,
+  read_buffer_size: int = 64,
 ) -> Loader:
   """Shuffled, masked, repeating training batches for this process.
 
@@ -559,39 +557,51 @@ def make_train_loader(
   epoch_len = (len(src) // shard_count) * shard_count
   if epoch_len == 0:
     raise ValueError(f"{len(src)} records cannot feed {shard_count} processes")
-  stream = _Stream(num_records=len(src), epoch_len=epoch_len, shuffle=shuffle,
-                   seed=seed)
+  stream = _Stream(num_records=len(src), epoch_len=epoch_len, shuffle=shuffle, seed=seed)
   per_process = epoch_len // shard_count
   info = LoaderInfo(
-      num_records=len(src), global_batch_size=global_batch_size,
-      batch_size=batch_size, num_kept=num_kept, shard_index=shard_index,
-      shard_count=shard_count, examples_per_epoch=per_process,
-      batches_per_epoch=per_process // batch_size, num_epochs=num_epochs,
-      training=True)
-  operation = _MakeChunk(num_kept=num_kept, seed=seed, num_labels=num_labels,
-                         view_slots=tuple(range(records.NUM_VIEWS)),
-                         drop_failed=True)
+    num_records=len(src),
+    global_batch_size=global_batch_size,
+    batch_size=batch_size,
+    num_kept=num_kept,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    examples_per_epoch=per_process,
+    batches_per_epoch=per_process // batch_size,
+    num_epochs=num_epochs,
+    training=True,
+  )
+  operation = _MakeChunk(
+    num_kept=num_kept, seed=seed, num_labels=num_labels, view_slots=tuple(range(records.NUM_VIEWS)), drop_failed=True
+  )
   # A finite stream ends on a partial chunk: its studies can still top up a
   # batch that lost undecodable ones.
   num_positions = None if num_epochs is None else num_epochs * epoch_len
-  return _build(src, stream=stream, num_positions=num_positions, operation=operation,
-                info=info, worker_count=worker_count,
-                worker_buffer_size=worker_buffer_size,
-                read_threads=read_threads, read_buffer_size=read_buffer_size)
+  return _build(
+    src,
+    stream=stream,
+    num_positions=num_positions,
+    operation=operation,
+    info=info,
+    worker_count=worker_count,
+    worker_buffer_size=worker_buffer_size,
+    read_threads=read_threads,
+    read_buffer_size=read_buffer_size,
+  )
 
 
 def make_eval_loader(
-    paths: PathsLike | source_lib.ArrayRecordSource,
-    *,
-    global_batch_size: int,
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_labels: int | None = None,
-    read_threads: int = 2,
-    read_buffer_size: int = 64,
-    view_slots: Sequence[int] | None = None,
+  paths: PathsLike | source_lib.ArrayRecordSource,
+  *,
+  global_batch_size: int,
+  worker_count: int = 0,
+  worker_buffer_size: int = 2,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  num_labels: int | None = None,
+  read_threads: int = 2,
+  read_buffer_size: int = 64,
+  view_slots: Sequence[int] | None = None,
 ) -> Loader:
   """One unmasked pass over every study, in a fixed order, in full batches.
 
@@ -624,27 +634,37 @@ def make_eval_loader(
   batch_size = _per_process_batch(global_batch_size, shard_count)
   if num_labels is None:
     num_labels = infer_num_labels(src)
-  slots = tuple(range(records.NUM_VIEWS)) if view_slots is None else tuple(
-      int(s) for s in view_slots)
+  slots = tuple(range(records.NUM_VIEWS)) if view_slots is None else tuple(int(s) for s in view_slots)
   if not slots or any(not 0 <= s < records.NUM_VIEWS for s in slots):
     raise ValueError(f"view_slots {view_slots} must be slots in [0, {records.NUM_VIEWS})")
   # Chunks are whole batches, so padding only has to even out the processes.
   unit = shard_count * batch_size
   epoch_len = -(-len(src) // unit) * unit
-  stream = _Stream(num_records=len(src), epoch_len=epoch_len, shuffle=False,
-                   seed=0)
+  stream = _Stream(num_records=len(src), epoch_len=epoch_len, shuffle=False, seed=0)
   per_process = epoch_len // shard_count
   info = LoaderInfo(
-      num_records=len(src), global_batch_size=global_batch_size,
-      batch_size=batch_size, num_kept=records.NUM_PATCHES,
-      shard_index=shard_index, shard_count=shard_count,
-      examples_per_epoch=per_process,
-      batches_per_epoch=per_process // batch_size, num_epochs=1,
-      training=False)
-  operation = _MakeChunk(num_kept=records.NUM_PATCHES, seed=0,
-                         num_labels=num_labels, view_slots=slots,
-                         drop_failed=False)
-  return _build(src, stream=stream, num_positions=epoch_len,
-                operation=operation, info=info, worker_count=worker_count,
-                worker_buffer_size=worker_buffer_size,
-                read_threads=read_threads, read_buffer_size=read_buffer_size)
+    num_records=len(src),
+    global_batch_size=global_batch_size,
+    batch_size=batch_size,
+    num_kept=records.NUM_PATCHES,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    examples_per_epoch=per_process,
+    batches_per_epoch=per_process // batch_size,
+    num_epochs=1,
+    training=False,
+  )
+  operation = _MakeChunk(
+    num_kept=records.NUM_PATCHES, seed=0, num_labels=num_labels, view_slots=slots, drop_failed=False
+  )
+  return _build(
+    src,
+    stream=stream,
+    num_positions=epoch_len,
+    operation=operation,
+    info=info,
+    worker_count=worker_count,
+    worker_buffer_size=worker_buffer_size,
+    read_threads=read_threads,
+    read_buffer_size=read_buffer_size,
+  )

@@ -75,8 +75,14 @@ NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
 MAX_TEXT_LEN = 128
 
 BATCH_KEYS = (
-    "patches", "patch_idx", "view_valid", "input_ids", "attention_mask",
-    "labels", "example_valid", "record_index",
+  "patches",
+  "patch_idx",
+  "view_valid",
+  "input_ids",
+  "attention_mask",
+  "labels",
+  "example_valid",
+  "record_index",
 )
 
 
@@ -95,8 +101,15 @@ _GRID = IMAGE_SIZE // PATCH_SIZE
 _VIEW_BYTES = IMAGE_SIZE * IMAGE_SIZE
 
 REQUIRED_FIELDS = (
-    "images", "view_valid", "input_ids", "attention_mask", "text", "labels",
-    "patient_id", "study_id", "split",
+  "images",
+  "view_valid",
+  "input_ids",
+  "attention_mask",
+  "text",
+  "labels",
+  "patient_id",
+  "study_id",
+  "split",
 )
 _STR_FIELDS = ("text", "patient_id", "study_id", "split", "dataset")
 
@@ -109,8 +122,7 @@ def _as_array(example, name, dtype, shape):
   """Returns ``example[name]`` as an array of ``dtype``/``shape`` or raises."""
   value = np.asarray(example[name])
   if shape is not None and value.shape != tuple(shape):
-    raise RecordError(
-        f"{name}: expected shape {tuple(shape)}, got {value.shape}")
+    raise RecordError(f"{name}: expected shape {tuple(shape)}, got {value.shape}")
   if value.dtype != dtype:
     # Only lossless casts are accepted silently: a float image or a negative id
     # would otherwise be wrapped around without anyone noticing.
@@ -142,6 +154,7 @@ def _encode_image(view: np.ndarray, codec: str, jpeg_quality: int) -> bytes:
   if codec == "patches":
     return to_patch_major(view).tobytes()
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   buf = io.BytesIO()
   img = Image.fromarray(view, mode="L")
   if codec == "png":
@@ -158,6 +171,7 @@ def _decode_image(data: bytes, codec: str) -> np.ndarray:
   if codec == "patches":
     return from_patch_major(np.frombuffer(data, np.uint8).reshape(NUM_PATCHES, -1))
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(io.BytesIO(data)) as img:
     arr = np.asarray(img.convert("L") if img.mode != "L" else img, np.uint8)
   if arr.shape != (IMAGE_SIZE, IMAGE_SIZE):
@@ -165,8 +179,9 @@ def _decode_image(data: bytes, codec: str) -> np.ndarray:
   return arr
 
 
-def encode_record(example: Mapping[str, Any], *, image_codec: str = DEFAULT_IMAGE_CODEC,
-                  jpeg_quality: int = 95) -> bytes:
+def encode_record(
+  example: Mapping[str, Any], *, image_codec: str = DEFAULT_IMAGE_CODEC, jpeg_quality: int = 95
+) -> bytes:
   """Serialises one study (a dict following the record schema) to bytes.
 
   Args:
@@ -190,10 +205,10 @@ def encode_record(example: Mapping[str, Any], *, image_codec: str = DEFAULT_IMAG
   images = _as_array(example, "images", np.uint8, (NUM_VIEWS, IMAGE_SIZE, IMAGE_SIZE))
   view_valid = _as_array(example, "view_valid", np.bool_, (NUM_VIEWS,))
   arrays = {
-      "input_ids": _as_array(example, "input_ids", np.int32, (MAX_TEXT_LEN,)),
-      "attention_mask": _as_array(example, "attention_mask", np.int32, (MAX_TEXT_LEN,)),
-      "labels": _as_array(example, "labels", np.float32, None).reshape(-1),
-      "view_valid": view_valid,
+    "input_ids": _as_array(example, "input_ids", np.int32, (MAX_TEXT_LEN,)),
+    "attention_mask": _as_array(example, "attention_mask", np.int32, (MAX_TEXT_LEN,)),
+    "labels": _as_array(example, "labels", np.float32, None).reshape(-1),
+    "view_valid": view_valid,
   }
   header = {k: str(example.get(k, "")) for k in _STR_FIELDS}
   image_ids = tuple(str(x) for x in example.get("image_ids", ("",) * NUM_VIEWS))
@@ -235,10 +250,10 @@ def _tfds_record(data: bytes) -> dict[str, Any]:
   """A TFDS example of ``tfds_format.features`` (a TFDS-only folder's record)."""
   try:
     from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
+
     return tfds_format.decode_example(data)
   except ImportError as e:
-    raise RecordError("a TFDS record: reading it needs tensorflow-datasets "
-                      "(pip install -e '.[tfds]')") from e
+    raise RecordError("a TFDS record: reading it needs tensorflow-datasets (pip install -e '.[tfds]')") from e
   except Exception as e:  # pylint: disable=broad-exception-caught
     raise RecordError(f"neither a ClinVLA record nor a readable TFDS example ({e})") from e
 
@@ -249,8 +264,8 @@ def decode_header(data: bytes) -> tuple[dict[str, Any], memoryview]:
     raise RecordError(f"not a ClinVLA record (magic {bytes(data[:4])!r})")
   (n,) = _HEADER_LEN.unpack_from(data, 4)
   start = 4 + _HEADER_LEN.size
-  header = json.loads(bytes(data[start:start + n]).decode("utf-8"))
-  return header, memoryview(data)[start + n:]
+  header = json.loads(bytes(data[start : start + n]).decode("utf-8"))
+  return header, memoryview(data)[start + n :]
 
 
 def decode_record(data: bytes, *, with_images: bool = True) -> dict[str, Any]:
@@ -273,7 +288,7 @@ def decode_record(data: bytes, *, with_images: bool = True) -> dict[str, Any]:
   header, payload = decode_header(data)
   out: dict[str, Any] = {}
   for name, (dtype, shape, off, n) in header["arrays"].items():
-    arr = np.frombuffer(payload[off:off + n], dtype=np.dtype(dtype)).reshape(shape)
+    arr = np.frombuffer(payload[off : off + n], dtype=np.dtype(dtype)).reshape(shape)
     out[name] = arr.astype(arr.dtype.newbyteorder("="))  # copies: writable, native
   for k in _STR_FIELDS:
     out[k] = header.get(k, "")
@@ -286,7 +301,7 @@ def decode_record(data: bytes, *, with_images: bool = True) -> dict[str, Any]:
     for v, loc in enumerate(header["views"]):
       if loc is not None:
         off, n = loc
-        images[v] = _decode_image(bytes(payload[off:off + n]), codec)
+        images[v] = _decode_image(bytes(payload[off : off + n]), codec)
     out["images"] = images
   return out
 
@@ -302,6 +317,7 @@ class BatchParts(NamedTuple):
   row_start: per requested slot, the first row of its view in ``rows``, or -1
     where the view is missing.
   """
+
   fields: dict[str, np.ndarray]
   rows: np.ndarray
   row_start: tuple[int, ...]
@@ -322,8 +338,7 @@ def _layout(tail: bytes, view_slots: tuple[int, ...]):
   if layout is not None:
     return layout
   header = json.loads(b"{" + tail)
-  arrays = tuple((name, np.dtype(dtype), off, size)
-                 for name, (dtype, _, off, size) in header["arrays"].items())
+  arrays = tuple((name, np.dtype(dtype), off, size) for name, (dtype, _, off, size) in header["arrays"].items())
   codec, locs = header["image_codec"], header["views"]
   span, row_start = None, None
   if codec == "patches":
@@ -341,16 +356,14 @@ def _layout(tail: bytes, view_slots: tuple[int, ...]):
     if first is None:
       first = end = 0
     span = (first, end)
-    row_start = tuple(-1 if locs[slot] is None else (locs[slot][0] - first) // _PATCH_BYTES
-                      for slot in view_slots)
+    row_start = tuple(-1 if locs[slot] is None else (locs[slot][0] - first) // _PATCH_BYTES for slot in view_slots)
   layout = (arrays, codec, locs, span, row_start)
   if len(_LAYOUTS) < 4096:  # a few view patterns x label counts; bounded anyway
     _LAYOUTS[key] = layout
   return layout
 
 
-def decode_for_batch(data: bytes, view_slots: Sequence[int] = tuple(range(NUM_VIEWS))
-                     ) -> BatchParts:
+def decode_for_batch(data: bytes, view_slots: Sequence[int] = tuple(range(NUM_VIEWS))) -> BatchParts:
   """The parts of a record a batch needs, copying as little as possible.
 
   With the "patches" codec nothing is copied; other codecs decode the
@@ -364,27 +377,30 @@ def decode_for_batch(data: bytes, view_slots: Sequence[int] = tuple(range(NUM_VI
     rec = _tfds_record(data)
     fields = {k: rec[k] for k in ("view_valid", "input_ids", "attention_mask", "labels")}
     present = [slot for slot in view_slots if rec["view_valid"][slot]]
-    rows = np.concatenate([to_patch_major(rec["images"][slot]) for slot in present]) if present \
-        else np.zeros((0, _PATCH_BYTES), np.uint8)
+    rows = (
+      np.concatenate([to_patch_major(rec["images"][slot]) for slot in present])
+      if present
+      else np.zeros((0, _PATCH_BYTES), np.uint8)
+    )
     starts = {slot: q * NUM_PATCHES for q, slot in enumerate(present)}
     return BatchParts(fields, rows, tuple(starts.get(slot, -1) for slot in view_slots))
   (n,) = _HEADER_LEN.unpack_from(data, 4)
   start = 4 + _HEADER_LEN.size
   mark = data.rfind(_LAYOUT_MARK, start, start + n)
   if mark >= 0:
-    tail = bytes(data[mark:start + n])
+    tail = bytes(data[mark : start + n])
   else:  # not written by encode_record's key order: rebuild the tail
-    header = json.loads(bytes(data[start:start + n]))
-    tail = json.dumps({"image_codec": header.get("image_codec", "png"),
-                       "arrays": header["arrays"], "views": header["views"]},
-                      separators=(",", ":")).encode()[1:]
+    header = json.loads(bytes(data[start : start + n]))
+    tail = json.dumps(
+      {"image_codec": header.get("image_codec", "png"), "arrays": header["arrays"], "views": header["views"]},
+      separators=(",", ":"),
+    ).encode()[1:]
   arrays, codec, locs, span, row_start = _layout(tail, tuple(view_slots))
   start += n
   buf = np.frombuffer(data, np.uint8)
-  fields = {name: buf[start + off:start + off + size].view(dtype)
-            for name, dtype, off, size in arrays}
+  fields = {name: buf[start + off : start + off + size].view(dtype) for name, dtype, off, size in arrays}
   if codec == "patches":
-    rows = buf[start + span[0]:start + span[1]].reshape(-1, _PATCH_BYTES)
+    rows = buf[start + span[0] : start + span[1]].reshape(-1, _PATCH_BYTES)
     return BatchParts(fields, rows, row_start)
   decoded, starts = [], []
   for slot in view_slots:
@@ -393,15 +409,12 @@ def decode_for_batch(data: bytes, view_slots: Sequence[int] = tuple(range(NUM_VI
       starts.append(-1)
       continue
     starts.append(len(decoded) * NUM_PATCHES)
-    decoded.append(to_patch_major(_decode_image(
-        bytes(data[start + loc[0]:start + loc[0] + loc[1]]), codec)))
-  rows = (np.concatenate(decoded) if decoded
-          else np.zeros((0, _PATCH_BYTES), np.uint8))
+    decoded.append(to_patch_major(_decode_image(bytes(data[start + loc[0] : start + loc[0] + loc[1]]), codec)))
+  rows = np.concatenate(decoded) if decoded else np.zeros((0, _PATCH_BYTES), np.uint8)
   return BatchParts(fields, rows, tuple(starts))
 
 
-def fit_token_length(input_ids: np.ndarray, attention_mask: np.ndarray,
-                     max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_token_length(input_ids: np.ndarray, attention_mask: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
   """Shortens record tokens ([CLS] ... [SEP] [PAD]...) to the model's length.
 
   Records hold MAX_TEXT_LEN tokens, smaller models read fewer.  A row longer

@@ -59,8 +59,9 @@ def _shards_from_manifest(folder: str, manifest: dict[str, Any]) -> list[str]:
   return paths
 
 
-def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-                split: str | None = None) -> list[str]:
+def list_shards(
+  paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], split: str | None = None
+) -> list[str]:
   """Expands a folder, a glob pattern, a shard file or a list of these to shards.
 
   A folder lists the shards named in its ``manifest.json`` (key ``shards`` or
@@ -86,10 +87,10 @@ def list_shards(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     if os.path.isdir(path) and read_manifest(path) is None and _is_tfds_dir(path):
       # A TFDS builder directory alone (no converter manifest): its own shards.
       from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
+
       found = tfds_format.split_files(path, split)
       if not found:
-        raise FileNotFoundError(f"{path}: TFDS dataset has no shards"
-                                + (f" of split {split!r}" if split else ""))
+        raise FileNotFoundError(f"{path}: TFDS dataset has no shards" + (f" of split {split!r}" if split else ""))
     elif os.path.isdir(path):
       manifest = read_manifest(path)
       found = _shards_from_manifest(path, manifest) if manifest else []
@@ -147,8 +148,7 @@ class ArrayRecordSource:
   ArrayRecord reader is thread-safe) and reopened after pickling or forking.
   """
 
-  def __init__(self, paths: str | os.PathLike[str] | Sequence[str],
-               *, reader_options: str = DEFAULT_READER_OPTIONS):
+  def __init__(self, paths: str | os.PathLike[str] | Sequence[str], *, reader_options: str = DEFAULT_READER_OPTIONS):
     """Lists the shards and counts their records (opens each once).
 
     Args:
@@ -195,8 +195,7 @@ class ArrayRecordSource:
     # Grain compares this string when restoring an iterator, so it names the
     # shards by file name only: moving the data folder must not break resume.
     names = ",".join(os.path.basename(p) for p in self._paths)
-    return (f"ArrayRecordSource(num_records={self._len}, "
-            f"shards=[{names}], shard_sizes={list(self._counts)})")
+    return f"ArrayRecordSource(num_records={self._len}, shards=[{names}], shard_sizes={list(self._counts)})"
 
   def locate(self, index: int) -> tuple[int, int]:
     """Returns (shard number, position in that shard) of a global index."""

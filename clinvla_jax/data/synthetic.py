@@ -55,27 +55,27 @@ from clinvla_jax.data import records
 
 GRID = 4
 NUM_ZONES = GRID * GRID
-ZONE_PATCHES = 3                       # patches per zone side
-FIELD_OFFSET = 1                       # patches of plain border around the lung field
+ZONE_PATCHES = 3  # patches per zone side
+FIELD_OFFSET = 1  # patches of plain border around the lung field
 BACKGROUND_MEAN, BACKGROUND_STD = 40.0, 12.0
-BLOCK_MEAN, BLOCK_CONTRAST, BLOCK_STD = 140.0, 80.0, 12.0   # block pixel = mean +- contrast + noise
+BLOCK_MEAN, BLOCK_CONTRAST, BLOCK_STD = 140.0, 80.0, 12.0  # block pixel = mean +- contrast + noise
 TEXTURE_SEED = 7
 
 ROW_WORDS = ("apical", "upper", "lower", "basal")
 COLUMN_WORDS = ("right lateral", "right medial", "left medial", "left lateral")
 # Zone-free wording around the zone name: the model must read the zone words.
 TEMPLATES = (
-    "bright opacity in the {zone} zone.",
-    "there is a focal opacity in the {zone} zone.",
-    "dense consolidation projecting over the {zone} zone. no pneumothorax.",
-    "findings: new opacity, {zone} zone.",
+  "bright opacity in the {zone} zone.",
+  "there is a focal opacity in the {zone} zone.",
+  "dense consolidation projecting over the {zone} zone. no pneumothorax.",
+  "findings: new opacity, {zone} zone.",
 )
 
 VIEW_MODES = ("all", "frontal")
 
 
 def zone_name(zone: int) -> str:
-  """"upper right medial" for zone 5 (row 1, image column 1)."""
+  """ "upper right medial" for zone 5 (row 1, image column 1)."""
   if not 0 <= zone < NUM_ZONES:
     raise ValueError(f"zone must be in [0, {NUM_ZONES}), got {zone}")
   row, col = divmod(int(zone), GRID)
@@ -97,8 +97,9 @@ def draw_image(zone: int, rng: np.random.Generator) -> np.ndarray:
   y0 = (FIELD_OFFSET + row * ZONE_PATCHES) * p
   x0 = (FIELD_OFFSET + col * ZONE_PATCHES) * p
   texture = np.tile(zone_texture(zone), (ZONE_PATCHES, ZONE_PATCHES))
-  image[y0:y0 + zone_px, x0:x0 + zone_px] = (BLOCK_MEAN + BLOCK_CONTRAST * texture
-                                             + rng.normal(0.0, BLOCK_STD, (zone_px, zone_px)))
+  image[y0 : y0 + zone_px, x0 : x0 + zone_px] = (
+    BLOCK_MEAN + BLOCK_CONTRAST * texture + rng.normal(0.0, BLOCK_STD, (zone_px, zone_px))
+  )
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
@@ -117,6 +118,7 @@ class Studies:
     zones: int32 [N], the planted zone of each study.
     texts: the N reports.
   """
+
   images: np.ndarray
   view_valid: np.ndarray
   zones: np.ndarray
@@ -152,8 +154,15 @@ def distinct_zones(num: int, rng: np.random.Generator) -> np.ndarray:
   return rng.permutation(NUM_ZONES)[:num].astype(np.int32)
 
 
-def to_batch(studies: Studies, tokenizer, num_kept: int = records.NUM_PATCHES, *, seed: int = 0,
-             epoch: int = 0, indices: Optional[Sequence[int]] = None) -> dict:
+def to_batch(
+  studies: Studies,
+  tokenizer,
+  num_kept: int = records.NUM_PATCHES,
+  *,
+  seed: int = 0,
+  epoch: int = 0,
+  indices: Optional[Sequence[int]] = None,
+) -> dict:
   """Studies -> the pipeline's batch dict (``records.BATCH_KEYS``).
 
   ``num_kept`` patches per view are kept exactly as the training pipeline
@@ -163,31 +172,35 @@ def to_batch(studies: Studies, tokenizer, num_kept: int = records.NUM_PATCHES, *
   """
   n = len(studies)
   indices = np.arange(n) if indices is None else np.asarray(indices, np.int64)
-  patches, patch_idx = zip(*(masking.mask_views(studies.images[i], num_kept, seed=seed, epoch=epoch,
-                                                index=int(indices[i])) for i in range(n)))
+  patches, patch_idx = zip(
+    *(masking.mask_views(studies.images[i], num_kept, seed=seed, epoch=epoch, index=int(indices[i])) for i in range(n))
+  )
   tokens = tokenizer(list(studies.texts))
   return {
-      "patches": np.stack(patches),
-      "patch_idx": np.stack(patch_idx).astype(np.int32),
-      "view_valid": studies.view_valid.copy(),
-      "input_ids": tokens["input_ids"],
-      "attention_mask": tokens["attention_mask"],
-      "labels": np.eye(NUM_ZONES, dtype=np.float32)[studies.zones],
-      "example_valid": np.ones((n,), bool),
-      "record_index": indices.astype(np.int64),
+    "patches": np.stack(patches),
+    "patch_idx": np.stack(patch_idx).astype(np.int32),
+    "view_valid": studies.view_valid.copy(),
+    "input_ids": tokens["input_ids"],
+    "attention_mask": tokens["attention_mask"],
+    "labels": np.eye(NUM_ZONES, dtype=np.float32)[studies.zones],
+    "example_valid": np.ones((n,), bool),
+    "record_index": indices.astype(np.int64),
   }
 
 
-def train_batch(step: int, batch_size: int, tokenizer, num_kept: int, *, seed: int = 0,
-                views: str = "all") -> dict:
+def train_batch(step: int, batch_size: int, tokenizer, num_kept: int, *, seed: int = 0, views: str = "all") -> dict:
   """The masked training batch of one step: distinct zones, fresh images, a fresh mask.
 
   A pure function of (seed, step): the studies are drawn from a generator
   seeded by both, and masks use the step as the epoch.
   """
   rng = np.random.default_rng([int(seed), int(step)])
-  zones = distinct_zones(batch_size, rng) if batch_size <= NUM_ZONES else rng.integers(
-      0, NUM_ZONES, batch_size).astype(np.int32)
+  zones = (
+    distinct_zones(batch_size, rng)
+    if batch_size <= NUM_ZONES
+    else rng.integers(0, NUM_ZONES, batch_size).astype(np.int32)
+  )
   studies = make_studies(zones, rng, views)
-  return to_batch(studies, tokenizer, num_kept, seed=seed, epoch=step,
-                  indices=np.arange(batch_size) + int(step) * batch_size)
+  return to_batch(
+    studies, tokenizer, num_kept, seed=seed, epoch=step, indices=np.arange(batch_size) + int(step) * batch_size
+  )

@@ -26,43 +26,43 @@ from typing import Callable, Mapping, Optional
 # Matching is on whole words, case-insensitive unless the key is listed in
 # ``_CASE_SENSITIVE`` (short forms that are also ordinary words).
 ABBREVIATIONS: dict[str, str] = {
-    "PTX": "pneumothorax",
-    "ILD": "interstitial lung disease",
-    "CHF": "congestive heart failure",
-    "COPD": "chronic obstructive pulmonary disease",
-    "ARDS": "acute respiratory distress syndrome",
-    "ETT": "endotracheal tube",
-    "ET tube": "endotracheal tube",
-    "ET-tube": "endotracheal tube",
-    "NGT": "nasogastric tube",
-    "NG tube": "nasogastric tube",
-    "NG-tube": "nasogastric tube",
-    "OGT": "orogastric tube",
-    "OG tube": "orogastric tube",
-    "PICC": "peripherally inserted central catheter",
-    "IJ": "internal jugular",
-    "SVC": "superior vena cava",
-    "IVC": "inferior vena cava",
-    "CABG": "coronary artery bypass graft",
-    "AICD": "automatic implantable cardioverter defibrillator",
-    "ICD": "implantable cardioverter defibrillator",
-    "GGO": "ground-glass opacity",
-    "GGOs": "ground-glass opacities",
-    "PNA": "pneumonia",
-    "TB": "tuberculosis",
-    "CXR": "chest radiograph",
-    "RUL": "right upper lobe",
-    "RML": "right middle lobe",
-    "RLL": "right lower lobe",
-    "LUL": "left upper lobe",
-    "LLL": "left lower lobe",
-    "s/p": "status post",
-    "w/": "with",
-    "c/w": "consistent with",
-    "b/l": "bilateral",
-    "bilat": "bilateral",
-    "pt": "patient",
-    "cm2": "square centimetres",
+  "PTX": "pneumothorax",
+  "ILD": "interstitial lung disease",
+  "CHF": "congestive heart failure",
+  "COPD": "chronic obstructive pulmonary disease",
+  "ARDS": "acute respiratory distress syndrome",
+  "ETT": "endotracheal tube",
+  "ET tube": "endotracheal tube",
+  "ET-tube": "endotracheal tube",
+  "NGT": "nasogastric tube",
+  "NG tube": "nasogastric tube",
+  "NG-tube": "nasogastric tube",
+  "OGT": "orogastric tube",
+  "OG tube": "orogastric tube",
+  "PICC": "peripherally inserted central catheter",
+  "IJ": "internal jugular",
+  "SVC": "superior vena cava",
+  "IVC": "inferior vena cava",
+  "CABG": "coronary artery bypass graft",
+  "AICD": "automatic implantable cardioverter defibrillator",
+  "ICD": "implantable cardioverter defibrillator",
+  "GGO": "ground-glass opacity",
+  "GGOs": "ground-glass opacities",
+  "PNA": "pneumonia",
+  "TB": "tuberculosis",
+  "CXR": "chest radiograph",
+  "RUL": "right upper lobe",
+  "RML": "right middle lobe",
+  "RLL": "right lower lobe",
+  "LUL": "left upper lobe",
+  "LLL": "left lower lobe",
+  "s/p": "status post",
+  "w/": "with",
+  "c/w": "consistent with",
+  "b/l": "bilateral",
+  "bilat": "bilateral",
+  "pt": "patient",
+  "cm2": "square centimetres",
 }
 _CASE_SENSITIVE = frozenset({"ICD", "TB", "IJ", "pt"})
 
@@ -71,43 +71,58 @@ _CASE_SENSITIVE = frozenset({"ICD", "TB", "IJ", "pt"})
 # replaced by the plain statement it qualifies.  "Cannot be excluded" and
 # negations are kept: they carry findings, not vagueness.
 HEDGES: dict[str, str] = {
-    "may have": "has",
-    "may be": "is",
-    "may represent": "represents",
-    "could represent": "represents",
-    "might represent": "represents",
-    "may reflect": "reflects",
-    "could reflect": "reflects",
-    "possibly": "",
-    "possible": "",
-    "probably": "",
-    "probable": "",
-    "presumably": "",
-    "perhaps": "",
-    "questionable": "",
-    "likely": "",
-    "potentially": "",
+  "may have": "has",
+  "may be": "is",
+  "may represent": "represents",
+  "could represent": "represents",
+  "might represent": "represents",
+  "may reflect": "reflects",
+  "could reflect": "reflects",
+  "possibly": "",
+  "possible": "",
+  "probably": "",
+  "probable": "",
+  "presumably": "",
+  "perhaps": "",
+  "questionable": "",
+  "likely": "",
+  "potentially": "",
 }
 
 # Sections whose text is kept, in output order, and the headers that alias them.
 _SECTION_ALIASES = {
-    "findings": "findings",
-    "finding": "findings",
-    "impression": "impression",
-    "impressions": "impression",
-    "conclusion": "impression",
-    "conclusions": "impression",
-    "findings and impression": "findings_impression",
-    "findings/impression": "findings_impression",
-    "impression/findings": "findings_impression",
+  "findings": "findings",
+  "finding": "findings",
+  "impression": "impression",
+  "impressions": "impression",
+  "conclusion": "impression",
+  "conclusions": "impression",
+  "findings and impression": "findings_impression",
+  "findings/impression": "findings_impression",
+  "impression/findings": "findings_impression",
 }
 
 # Sections that are never report content (history, request, technique).
-_DROPPED_SECTIONS = frozenset({
-    "indication", "history", "clinical history", "clinical information", "reason for exam",
-    "reason for examination", "comparison", "comparisons", "technique", "examination",
-    "exam", "procedure", "notification", "recommendation", "recommendations", "wet read",
-})
+_DROPPED_SECTIONS = frozenset(
+  {
+    "indication",
+    "history",
+    "clinical history",
+    "clinical information",
+    "reason for exam",
+    "reason for examination",
+    "comparison",
+    "comparisons",
+    "technique",
+    "examination",
+    "exam",
+    "procedure",
+    "notification",
+    "recommendation",
+    "recommendations",
+    "wet read",
+  }
+)
 
 _HEADER_RE = re.compile(r"(?m)^[ \t]*([A-Z][A-Z /&()-]{2,40}):")
 _ANON_RE = re.compile(r"X{3,}|_{2,}")
@@ -131,7 +146,7 @@ def extract_sections(report: str) -> dict[str, str]:
   for i, m in enumerate(matches):
     end = matches[i + 1].start() if i + 1 < len(matches) else len(report)
     name = " ".join(m.group(1).lower().split())
-    body = report[m.end():end].strip()
+    body = report[m.end() : end].strip()
     sections[name] = (sections[name] + " " + body).strip() if name in sections else body
   return sections
 
@@ -141,8 +156,7 @@ def _last_paragraph(text: str) -> str:
   return paragraphs[-1] if paragraphs else ""
 
 
-def select_findings_impression(sections: Mapping[str, str],
-                               full_text: Optional[str] = None) -> CleanedReport:
+def select_findings_impression(sections: Mapping[str, str], full_text: Optional[str] = None) -> CleanedReport:
   """Keeps FINDINGS + IMPRESSION; returns raw (uncleaned) text and its source.
 
   Fallbacks, in order: whichever of the two exists; a combined
@@ -169,7 +183,7 @@ def select_findings_impression(sections: Mapping[str, str],
   if header and header.group(1).strip().lower() in _DROPPED_SECTIONS:
     last = ""  # the last paragraph is history/indication: nothing usable
   elif header:
-    last = last[header.end():].strip()
+    last = last[header.end() :].strip()
   return CleanedReport(last, "last_paragraph" if last else "none")
 
 
@@ -178,8 +192,7 @@ def select_findings_impression(sections: Mapping[str, str],
 
 # Dotted short forms after which a full stop does not end the sentence
 # (matched against the text before that full stop).
-_NO_SPLIT_AFTER = re.compile(r"(?:\b[a-z]\.[a-z]|\b(?:dr|mr|mrs|ms|vs|approx|fig|cf|etc))$",
-                             re.IGNORECASE)
+_NO_SPLIT_AFTER = re.compile(r"(?:\b[a-z]\.[a-z]|\b(?:dr|mr|mrs|ms|vs|approx|fig|cf|etc))$", re.IGNORECASE)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -223,9 +236,9 @@ def _phrase_pattern(phrase: str, case_sensitive: bool) -> re.Pattern[str]:
 
 
 _ABBREV_PATTERNS = [
-    (_phrase_pattern(k, k in _CASE_SENSITIVE), v)
-    # Longest first so "ET tube" wins over any shorter key.
-    for k, v in sorted(ABBREVIATIONS.items(), key=lambda kv: -len(kv[0]))
+  (_phrase_pattern(k, k in _CASE_SENSITIVE), v)
+  # Longest first so "ET tube" wins over any shorter key.
+  for k, v in sorted(ABBREVIATIONS.items(), key=lambda kv: -len(kv[0]))
 ]
 
 
@@ -235,9 +248,7 @@ def _hedge_pattern(phrase: str) -> re.Pattern[str]:
   return re.compile(rf"(?<!\w)(?<!less )(?<!more )(?<!most ){escaped}(?!\w)", re.IGNORECASE)
 
 
-_HEDGE_PATTERNS = [
-    (_hedge_pattern(k), v) for k, v in sorted(HEDGES.items(), key=lambda kv: -len(kv[0]))
-]
+_HEDGE_PATTERNS = [(_hedge_pattern(k), v) for k, v in sorted(HEDGES.items(), key=lambda kv: -len(kv[0]))]
 
 
 def expand_abbreviations(text: str) -> str:
@@ -263,8 +274,8 @@ def _strip_formatting(text: str) -> str:
 
 def _tidy_punctuation(text: str) -> str:
   text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-  text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)      # ", ," -> ","
-  text = re.sub(r"[,;:]\s*([.!?])", r"\1", text)          # ", ." -> "."
+  text = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", text)  # ", ," -> ","
+  text = re.sub(r"[,;:]\s*([.!?])", r"\1", text)  # ", ." -> "."
   text = re.sub(r"\.{2,}", ".", text)
   text = re.sub(r"\(\s*\)", "", text)
   text = re.sub(r"\s+", " ", text).strip()
@@ -311,8 +322,9 @@ def truncate_to_sentences(text: str, num_tokens: Callable[[str], int], max_token
   return " ".join(kept)
 
 
-def report_text(*, findings: Optional[str] = None, impression: Optional[str] = None,
-                full_report: Optional[str] = None) -> CleanedReport:
+def report_text(
+  *, findings: Optional[str] = None, impression: Optional[str] = None, full_report: Optional[str] = None
+) -> CleanedReport:
   """Cleaned FINDINGS + IMPRESSION text of one report.
 
   Pass either the two sections (IU X-ray XML) or ``full_report`` (MIMIC-CXR .txt,
@@ -321,8 +333,7 @@ def report_text(*, findings: Optional[str] = None, impression: Optional[str] = N
   if full_report is not None:
     chosen = select_findings_impression(extract_sections(full_report), full_report)
   else:
-    chosen = select_findings_impression({"findings": findings or "",
-                                         "impression": impression or ""})
+    chosen = select_findings_impression({"findings": findings or "", "impression": impression or ""})
   cleaned = clean_text(chosen.text)
   return CleanedReport(cleaned, chosen.source if cleaned else "none")
 

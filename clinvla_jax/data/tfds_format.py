@@ -43,18 +43,24 @@ DATASET_INFO = "dataset_info.json"
 def features():
   """The TFDS feature spec of one study (``tfds.features.FeaturesDict``)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   f = tfds.features
   v, s, n = records.NUM_VIEWS, records.IMAGE_SIZE, records.MAX_TEXT_LEN
-  return f.FeaturesDict({
-      "images": f.Tensor(shape=(v, s, s), dtype=np.uint8, encoding=f.Encoding.ZLIB,
-                         doc="grayscale views " + ", ".join(records.VIEW_NAMES)
-                         + "; zeros where a view is missing"),
+  return f.FeaturesDict(
+    {
+      "images": f.Tensor(
+        shape=(v, s, s),
+        dtype=np.uint8,
+        encoding=f.Encoding.ZLIB,
+        doc="grayscale views " + ", ".join(records.VIEW_NAMES) + "; zeros where a view is missing",
+      ),
       "view_valid": f.Tensor(shape=(v,), dtype=np.bool_),
       "input_ids": f.Tensor(shape=(n,), dtype=np.int32, doc="BERT WordPiece ids of text"),
       "attention_mask": f.Tensor(shape=(n,), dtype=np.int32),
       # Any label count: one reader serves every dataset; names in metadata.json.
-      "labels": f.Tensor(shape=(None,), dtype=np.float32,
-                         doc="1 positive, 0 negative, -1 uncertain, NaN not mentioned"),
+      "labels": f.Tensor(
+        shape=(None,), dtype=np.float32, doc="1 positive, 0 negative, -1 uncertain, NaN not mentioned"
+      ),
       "text": f.Text(doc="cleaned report text that was tokenised"),
       "patient_id": f.Text(),
       "study_id": f.Text(),
@@ -62,24 +68,25 @@ def features():
       "dataset": f.Text(),
       "image_ids": f.Sequence(f.Text(), length=v),
       "prior_days": f.Scalar(dtype=np.float32, doc="days from the prior study (NaN: none)"),
-  })
+    }
+  )
 
 
 def to_example(rec: Mapping[str, Any]) -> dict[str, Any]:
   """A decoded record (``records.decode_record``) as a TFDS example dict."""
   return {
-      "images": rec["images"],
-      "view_valid": np.asarray(rec["view_valid"], np.bool_),
-      "input_ids": np.asarray(rec["input_ids"], np.int32),
-      "attention_mask": np.asarray(rec["attention_mask"], np.int32),
-      "labels": np.asarray(rec["labels"], np.float32).reshape(-1),
-      "text": rec["text"],
-      "patient_id": rec["patient_id"],
-      "study_id": rec["study_id"],
-      "split": rec["split"],
-      "dataset": rec.get("dataset", ""),
-      "image_ids": list(rec.get("image_ids", ("",) * records.NUM_VIEWS)),
-      "prior_days": np.float32(rec.get("prior_days", math.nan)),
+    "images": rec["images"],
+    "view_valid": np.asarray(rec["view_valid"], np.bool_),
+    "input_ids": np.asarray(rec["input_ids"], np.int32),
+    "attention_mask": np.asarray(rec["attention_mask"], np.int32),
+    "labels": np.asarray(rec["labels"], np.float32).reshape(-1),
+    "text": rec["text"],
+    "patient_id": rec["patient_id"],
+    "study_id": rec["study_id"],
+    "split": rec["split"],
+    "dataset": rec.get("dataset", ""),
+    "image_ids": list(rec.get("image_ids", ("",) * records.NUM_VIEWS)),
+    "prior_days": np.float32(rec.get("prior_days", math.nan)),
   }
 
 
@@ -94,18 +101,18 @@ def decode_example(data: bytes) -> dict[str, Any]:
   ex = _FEATURES.deserialize_example_np(data)
   text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x)
   return {
-      "images": np.array(ex["images"], np.uint8),
-      "view_valid": np.array(ex["view_valid"], np.bool_),
-      "input_ids": np.array(ex["input_ids"], np.int32),
-      "attention_mask": np.array(ex["attention_mask"], np.int32),
-      "labels": np.array(ex["labels"], np.float32),
-      "text": text(ex["text"]),
-      "patient_id": text(ex["patient_id"]),
-      "study_id": text(ex["study_id"]),
-      "split": text(ex["split"]),
-      "dataset": text(ex["dataset"]),
-      "image_ids": tuple(text(x) for x in ex["image_ids"]),
-      "prior_days": np.float32(ex["prior_days"]),
+    "images": np.array(ex["images"], np.uint8),
+    "view_valid": np.array(ex["view_valid"], np.bool_),
+    "input_ids": np.array(ex["input_ids"], np.int32),
+    "attention_mask": np.array(ex["attention_mask"], np.int32),
+    "labels": np.array(ex["labels"], np.float32),
+    "text": text(ex["text"]),
+    "patient_id": text(ex["patient_id"]),
+    "study_id": text(ex["study_id"]),
+    "split": text(ex["split"]),
+    "dataset": text(ex["dataset"]),
+    "image_ids": tuple(text(x) for x in ex["image_ids"]),
+    "prior_days": np.float32(ex["prior_days"]),
   }
 
 
@@ -125,18 +132,29 @@ def split_files(folder: str, split: str | None = None) -> list[str]:
     lengths = entry.get("shardLengths", [])
     template = entry.get("filepathTemplate") or TEMPLATE
     for k in range(len(lengths)):
-      rel = (template.replace("{DATASET}", name).replace("{SPLIT}", entry["name"])
-             .replace("{FILEFORMAT}", info.get("fileFormat", FILE_FORMAT))
-             .replace("{SHARD_X_OF_Y}", f"{k:05d}-of-{len(lengths):05d}")
-             .replace("{SHARD_INDEX}", f"{k:05d}").replace("{NUM_SHARDS}", f"{len(lengths):05d}"))
+      rel = (
+        template.replace("{DATASET}", name)
+        .replace("{SPLIT}", entry["name"])
+        .replace("{FILEFORMAT}", info.get("fileFormat", FILE_FORMAT))
+        .replace("{SHARD_X_OF_Y}", f"{k:05d}-of-{len(lengths):05d}")
+        .replace("{SHARD_INDEX}", f"{k:05d}")
+        .replace("{NUM_SHARDS}", f"{len(lengths):05d}")
+      )
       out.append(os.path.join(folder, rel))
   return out
 
 
-def write_builder_dir(folder: str, *, dataset: str, splits: Mapping[str, Sequence[str]],
-                      label_names: Sequence[str], description: str = "",
-                      homepage: str = "", citation: str = "", licence: str = ""
-                      ) -> dict[str, int]:
+def write_builder_dir(
+  folder: str,
+  *,
+  dataset: str,
+  splits: Mapping[str, Sequence[str]],
+  label_names: Sequence[str],
+  description: str = "",
+  homepage: str = "",
+  citation: str = "",
+  licence: str = "",
+) -> dict[str, int]:
   """Writes TFDS shards and metadata for the records in ``splits``.
 
   Args:
@@ -152,12 +170,13 @@ def write_builder_dir(folder: str, *, dataset: str, splits: Mapping[str, Sequenc
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
+
   feats = features()
   split_infos, counts = [], {}
   for split, shards in sorted(splits.items()):
     template = tfds.core.ShardedFileTemplate(
-        data_dir=folder, template=TEMPLATE, dataset_name=dataset, split=split,
-        filetype_suffix=FILE_FORMAT)
+      data_dir=folder, template=TEMPLATE, dataset_name=dataset, split=split, filetype_suffix=FILE_FORMAT
+    )
     lengths, num_bytes = [], 0
     for k, shard in enumerate(shards):
       path = os.fspath(template.sharded_filepath(shard_index=k, num_shards=len(shards)))
@@ -171,15 +190,22 @@ def write_builder_dir(folder: str, *, dataset: str, splits: Mapping[str, Sequenc
       os.replace(tmp, path)
       lengths.append(n)
       num_bytes += os.path.getsize(path)
-    split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths,
-                                           num_bytes=num_bytes, filename_template=template))
+    split_infos.append(
+      tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes, filename_template=template)
+    )
     counts[split] = sum(lengths)
-  metadata = tfds.core.MetadataDict(label_names=list(label_names),
-                                    view_names=list(records.VIEW_NAMES))
+  metadata = tfds.core.MetadataDict(label_names=list(label_names), view_names=list(records.VIEW_NAMES))
   # check_data would read the files back through tf.data (TensorFlow).
   tfds.folder_dataset.write_metadata(
-      data_dir=folder, features=feats, split_infos=split_infos, filename_template=TEMPLATE,
-      check_data=False, description=description or dataset, homepage=homepage or None,
-      citation=citation or None, license=licence or None, metadata=metadata)
+    data_dir=folder,
+    features=feats,
+    split_infos=split_infos,
+    filename_template=TEMPLATE,
+    check_data=False,
+    description=description or dataset,
+    homepage=homepage or None,
+    citation=citation or None,
+    license=licence or None,
+    metadata=metadata,
+  )
   return counts
-

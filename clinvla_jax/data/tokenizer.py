@@ -15,8 +15,7 @@ import numpy as np
 
 from clinvla_jax.data import records
 
-DEFAULT_VOCAB = str(Path(__file__).resolve().parents[1] / "assets" / "vocab" /
-                    "bert-base-uncased-vocab.txt")
+DEFAULT_VOCAB = str(Path(__file__).resolve().parents[1] / "assets" / "vocab" / "bert-base-uncased-vocab.txt")
 
 
 def read_vocab(vocab_path: Union[str, os.PathLike]) -> list[str]:
@@ -48,20 +47,26 @@ class Tokenizer:
     lowercase: whether text is lower-cased (and accents stripped) first.
   """
 
-  def __init__(self, vocab_path: Union[str, os.PathLike, None] = None,
-               max_len: int = records.MAX_TEXT_LEN, lowercase: bool | None = None):
+  def __init__(
+    self,
+    vocab_path: Union[str, os.PathLike, None] = None,
+    max_len: int = records.MAX_TEXT_LEN,
+    lowercase: bool | None = None,
+  ):
     from transformers import BertTokenizerFast  # pylint: disable=g-import-not-at-top
+
     self.vocab_path = str(vocab_path or DEFAULT_VOCAB)
     if not os.path.isfile(self.vocab_path):
       raise FileNotFoundError(f"vocabulary not found: {self.vocab_path}")
     vocab = read_vocab(self.vocab_path)
     self.lowercase = infer_lowercase(vocab) if lowercase is None else bool(lowercase)
     self.max_len = int(max_len)
-    self._tok = BertTokenizerFast(vocab=self.vocab_path, do_lower_case=self.lowercase,
-                                  model_max_length=self.max_len)
+    self._tok = BertTokenizerFast(vocab=self.vocab_path, do_lower_case=self.lowercase, model_max_length=self.max_len)
     if self._tok.vocab_size != len(vocab):
-      raise ValueError(f"{self.vocab_path}: tokenizer kept {self._tok.vocab_size} of "
-                       f"{len(vocab)} vocabulary entries (duplicate lines?)")
+      raise ValueError(
+        f"{self.vocab_path}: tokenizer kept {self._tok.vocab_size} of "
+        f"{len(vocab)} vocabulary entries (duplicate lines?)"
+      )
     self.pad_id = self._tok.pad_token_id
     self.cls_id = self._tok.cls_token_id
     self.sep_id = self._tok.sep_token_id
@@ -75,11 +80,15 @@ class Tokenizer:
   def __call__(self, texts: Union[str, Sequence[str]]) -> dict[str, np.ndarray]:
     if isinstance(texts, str):
       texts = [texts]
-    enc = self._tok(list(texts), padding="max_length", truncation=True,
-                    max_length=self.max_len, return_tensors="np",
-                    return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"].astype(np.int32),
-            "attention_mask": enc["attention_mask"].astype(np.int32)}
+    enc = self._tok(
+      list(texts),
+      padding="max_length",
+      truncation=True,
+      max_length=self.max_len,
+      return_tensors="np",
+      return_token_type_ids=False,
+    )
+    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
 
   def num_tokens(self, text: str) -> int:
     """WordPiece count of ``text`` without special tokens (for truncation rules)."""

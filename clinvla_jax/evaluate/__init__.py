@@ -55,24 +55,24 @@ TextEmbedFn = Callable[[list[str]], np.ndarray]
 
 # Defaults of the config keys read by `run_evaluators`.
 DEFAULT_CONFIG = {
-    # Folder holding the image-retrieval/ and text-retrieval/ lists.
-    "chexpert_8x200_dir": None,
-    "chexpert_8x200_ks": retrieval.CHEXPERT_8X200_KS,
-    "chexpert_5x200_ks": retrieval.CHEXPERT_5X200_KS,
-    "zero_shot_max_prompts": None,  # None: every GLoRIA prompt combination
-    "zero_shot_seed": 0,
-    "rsna_prompt_set": "alta_rsna",
-    "rsna_logit_scale": 1.0,        # 1.0: raw cosines, as the protocol says
-    "rsna_folds": 10,
-    "rsna_seed": 0,
-    "linear_probe_folds": 5,
-    "linear_probe_seed": 0,
-    "linear_probe_l2": 1e-3,
-    "retrieval_ks": (5, 10, 50),
-    "recall_ks": retrieval.RECALL_KS,
-    # Percentile bootstrap of every interval; 0 resamples: no interval keys.
-    "bootstrap_resamples": retrieval.BOOTSTRAP_RESAMPLES,
-    "bootstrap_seed": retrieval.BOOTSTRAP_SEED,
+  # Folder holding the image-retrieval/ and text-retrieval/ lists.
+  "chexpert_8x200_dir": None,
+  "chexpert_8x200_ks": retrieval.CHEXPERT_8X200_KS,
+  "chexpert_5x200_ks": retrieval.CHEXPERT_5X200_KS,
+  "zero_shot_max_prompts": None,  # None: every GLoRIA prompt combination
+  "zero_shot_seed": 0,
+  "rsna_prompt_set": "alta_rsna",
+  "rsna_logit_scale": 1.0,  # 1.0: raw cosines, as the protocol says
+  "rsna_folds": 10,
+  "rsna_seed": 0,
+  "linear_probe_folds": 5,
+  "linear_probe_seed": 0,
+  "linear_probe_l2": 1e-3,
+  "retrieval_ks": (5, 10, 50),
+  "recall_ks": retrieval.RECALL_KS,
+  # Percentile bootstrap of every interval; 0 resamples: no interval keys.
+  "bootstrap_resamples": retrieval.BOOTSTRAP_RESAMPLES,
+  "bootstrap_seed": retrieval.BOOTSTRAP_SEED,
 }
 
 
@@ -88,6 +88,7 @@ class EmbeddingSet:
     ids: optional [N] identifiers (e.g. image paths) for aligning rows.
     texts: optional [N] report texts (for figures).
   """
+
   image: Optional[np.ndarray] = None
   text: Optional[np.ndarray] = None
   labels: Optional[np.ndarray] = None
@@ -106,23 +107,20 @@ def _prefixed(prefix: str, results: Mapping[str, float]) -> dict[str, float]:
 
 
 def _bootstrap(config: Optional[Mapping[str, Any]]) -> dict[str, int]:
-  return {"num_resamples": int(_cfg(config, "bootstrap_resamples")),
-          "seed": int(_cfg(config, "bootstrap_seed"))}
+  return {"num_resamples": int(_cfg(config, "bootstrap_resamples")), "seed": int(_cfg(config, "bootstrap_seed"))}
 
 
 def _rows_in_order(emb: EmbeddingSet, wanted: Sequence[str]) -> np.ndarray:
   if emb.ids is None:
     if np.shape(emb.image)[0] != len(wanted):
-      raise ValueError(f"{np.shape(emb.image)[0]} rows without ids for "
-                       f"{len(wanted)} listed images")
+      raise ValueError(f"{np.shape(emb.image)[0]} rows without ids for {len(wanted)} listed images")
     return np.asarray(emb.image)
   return retrieval.align_rows(list(emb.ids), emb.image, wanted)
 
 
-def eval_chexpert_8x200(emb: Mapping[str, EmbeddingSet],
-                        text_embed_fn: Optional[TextEmbedFn],
-                        config: Optional[Mapping[str, Any]]
-                        ) -> dict[str, float]:
+def eval_chexpert_8x200(
+  emb: Mapping[str, EmbeddingSet], text_embed_fn: Optional[TextEmbedFn], config: Optional[Mapping[str, Any]]
+) -> dict[str, float]:
   list_dir = _cfg(config, "chexpert_8x200_dir")
   if list_dir is None:
     raise ValueError("config['chexpert_8x200_dir'] must name the 8x200 lists")
@@ -131,81 +129,105 @@ def eval_chexpert_8x200(emb: Mapping[str, EmbeddingSet],
   queries = None
   if "image_queries" in emb:
     queries = _rows_in_order(emb["image_queries"], lists.image_query_paths)
-  return retrieval.chexpert_8x200(candidates, queries, text_embed_fn, lists,
-                                  _cfg(config, "chexpert_8x200_ks"),
-                                  **_bootstrap(config))
+  return retrieval.chexpert_8x200(
+    candidates, queries, text_embed_fn, lists, _cfg(config, "chexpert_8x200_ks"), **_bootstrap(config)
+  )
 
 
-def eval_chexpert_5x200(emb: EmbeddingSet,
-                        text_embed_fn: Optional[TextEmbedFn],
-                        config: Optional[Mapping[str, Any]]
-                        ) -> dict[str, float]:
+def eval_chexpert_5x200(
+  emb: EmbeddingSet, text_embed_fn: Optional[TextEmbedFn], config: Optional[Mapping[str, Any]]
+) -> dict[str, float]:
   results = {}
   if emb.text is not None:
-    results.update(retrieval.chexpert_5x200_image_to_text(
-        emb.image, emb.text, emb.labels, _cfg(config, "chexpert_5x200_ks"),
-        **_bootstrap(config)))
+    results.update(
+      retrieval.chexpert_5x200_image_to_text(
+        emb.image, emb.text, emb.labels, _cfg(config, "chexpert_5x200_ks"), **_bootstrap(config)
+      )
+    )
   if text_embed_fn is not None:
     boot = _bootstrap(config)
-    results.update(_prefixed("zero_shot", zeroshot.chexpert_5x200_zero_shot(
-        emb.image, emb.labels, text_embed_fn,
-        max_per_class=_cfg(config, "zero_shot_max_prompts"),
-        seed=_cfg(config, "zero_shot_seed"),
-        num_resamples=boot["num_resamples"], bootstrap_seed=boot["seed"])))
+    results.update(
+      _prefixed(
+        "zero_shot",
+        zeroshot.chexpert_5x200_zero_shot(
+          emb.image,
+          emb.labels,
+          text_embed_fn,
+          max_per_class=_cfg(config, "zero_shot_max_prompts"),
+          seed=_cfg(config, "zero_shot_seed"),
+          num_resamples=boot["num_resamples"],
+          bootstrap_seed=boot["seed"],
+        ),
+      )
+    )
   return results
 
 
-def eval_rsna(emb: EmbeddingSet, text_embed_fn: Optional[TextEmbedFn],
-              config: Optional[Mapping[str, Any]]) -> dict[str, float]:
+def eval_rsna(
+  emb: EmbeddingSet, text_embed_fn: Optional[TextEmbedFn], config: Optional[Mapping[str, Any]]
+) -> dict[str, float]:
   if text_embed_fn is None:
     raise ValueError("RSNA zero-shot needs text_embed_fn")
-  return _prefixed("zero_shot", zeroshot.rsna_zero_shot(
-      emb.image, emb.labels, text_embed_fn,
+  return _prefixed(
+    "zero_shot",
+    zeroshot.rsna_zero_shot(
+      emb.image,
+      emb.labels,
+      text_embed_fn,
       prompt_set=_cfg(config, "rsna_prompt_set"),
       logit_scale=_cfg(config, "rsna_logit_scale"),
-      n_splits=_cfg(config, "rsna_folds"), seed=_cfg(config, "rsna_seed")))
+      n_splits=_cfg(config, "rsna_folds"),
+      seed=_cfg(config, "rsna_seed"),
+    ),
+  )
 
 
-def eval_ms_cxr_t(emb: Mapping[str, EmbeddingSet],
-                  text_embed_fn: Optional[TextEmbedFn],
-                  config: Optional[Mapping[str, Any]]) -> dict[str, float]:
+def eval_ms_cxr_t(
+  emb: Mapping[str, EmbeddingSet], text_embed_fn: Optional[TextEmbedFn], config: Optional[Mapping[str, Any]]
+) -> dict[str, float]:
   del text_embed_fn  # A linear probe needs no text.
   results = {}
   for finding, subset in emb.items():
     probe = zeroshot.linear_probe_cv(
-        subset.image, subset.labels,
-        n_splits=_cfg(config, "linear_probe_folds"),
-        seed=_cfg(config, "linear_probe_seed"),
-        l2=_cfg(config, "linear_probe_l2"))
+      subset.image,
+      subset.labels,
+      n_splits=_cfg(config, "linear_probe_folds"),
+      seed=_cfg(config, "linear_probe_seed"),
+      l2=_cfg(config, "linear_probe_l2"),
+    )
     results[f"linear_probe/{finding}/ACC"] = probe["mean"]
     results[f"linear_probe/{finding}/ACC_std"] = probe["std"]
   return results
 
 
-def eval_generic_retrieval(emb: EmbeddingSet,
-                           text_embed_fn: Optional[TextEmbedFn],
-                           config: Optional[Mapping[str, Any]]
-                           ) -> dict[str, float]:
+def eval_generic_retrieval(
+  emb: EmbeddingSet, text_embed_fn: Optional[TextEmbedFn], config: Optional[Mapping[str, Any]]
+) -> dict[str, float]:
   del text_embed_fn  # Reports are already embedded.
-  return retrieval.evaluate_retrieval(emb.labels, emb.image, emb.text,
-                                      _cfg(config, "retrieval_ks"),
-                                      recall_ks=_cfg(config, "recall_ks"),
-                                      **_bootstrap(config))
+  return retrieval.evaluate_retrieval(
+    emb.labels,
+    emb.image,
+    emb.text,
+    _cfg(config, "retrieval_ks"),
+    recall_ks=_cfg(config, "recall_ks"),
+    **_bootstrap(config),
+  )
 
 
 EVALUATORS = {
-    "chexpert_8x200": eval_chexpert_8x200,
-    "chexpert_5x200": eval_chexpert_5x200,
-    "rsna": eval_rsna,
-    "ms_cxr_t": eval_ms_cxr_t,
+  "chexpert_8x200": eval_chexpert_8x200,
+  "chexpert_5x200": eval_chexpert_5x200,
+  "rsna": eval_rsna,
+  "ms_cxr_t": eval_ms_cxr_t,
 }
 
 
-def run_evaluators(names: Sequence[str],
-                   embeddings: Mapping[str, Any],
-                   text_embed_fn: Optional[TextEmbedFn] = None,
-                   config: Optional[Mapping[str, Any]] = None
-                   ) -> dict[str, float]:
+def run_evaluators(
+  names: Sequence[str],
+  embeddings: Mapping[str, Any],
+  text_embed_fn: Optional[TextEmbedFn] = None,
+  config: Optional[Mapping[str, Any]] = None,
+) -> dict[str, float]:
   """Runs the named evaluators; see the module docstring for the inputs.
 
   Args:
@@ -222,31 +244,39 @@ def run_evaluators(names: Sequence[str],
   results = {}
   for name in names:
     evaluator = EVALUATORS.get(name, eval_generic_retrieval)
-    results.update(_prefixed(name, evaluator(embeddings[name], text_embed_fn,
-                                             config)))
+    results.update(_prefixed(name, evaluator(embeddings[name], text_embed_fn, config)))
   return results
 
 
 # The model-running entry points load JAX and Grain, so they are imported on
 # first use: code that only scores saved embeddings stays numpy-only.
 _LAZY_EXPORTS = {
-    "embed_dataset": "embed",
-    "make_text_embed_fn": "embed",
-    "run_evaluation": "run",
-    "write_embeddings": "run",
+  "embed_dataset": "embed",
+  "make_text_embed_fn": "embed",
+  "run_evaluation": "run",
+  "write_embeddings": "run",
 }
 
 
 def __getattr__(name: str) -> Any:
   if name in _LAZY_EXPORTS:
     import importlib  # pylint: disable=g-import-not-at-top
+
     module = importlib.import_module(f"{__name__}.{_LAZY_EXPORTS[name]}")
     return getattr(module, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "DEFAULT_CONFIG", "EVALUATORS", "EmbeddingSet", "embed_dataset",
-    "make_text_embed_fn", "metrics", "retrieval", "run_evaluation",
-    "run_evaluators", "write_embeddings", "zeroshot",
+  "DEFAULT_CONFIG",
+  "EVALUATORS",
+  "EmbeddingSet",
+  "embed_dataset",
+  "make_text_embed_fn",
+  "metrics",
+  "retrieval",
+  "run_evaluation",
+  "run_evaluators",
+  "write_embeddings",
+  "zeroshot",
 ]

@@ -66,6 +66,7 @@ class DatasetEmbeddings(EmbeddingSet):
     paths: the shard files read.
     label_names: names of the label columns, from the manifest (or empty).
   """
+
   record_index: Optional[np.ndarray] = None
   paths: tuple[str, ...] = ()
   label_names: tuple[str, ...] = ()
@@ -98,13 +99,11 @@ def split_paths(folder: str | os.PathLike[str], split: str) -> list[str]:
   splits = manifest.get("splits", {})
   shards = splits.get(split, {}).get("shards", [])
   if not shards:
-    raise ValueError(f"{folder}: no shards for split {split!r} "
-                     f"(splits: {sorted(splits)})")
+    raise ValueError(f"{folder}: no shards for split {split!r} (splits: {sorted(splits)})")
   return [os.path.join(folder, s) for s in shards]
 
 
-def resolve_paths(data: DataLike, split: Optional[str] = None
-                  ) -> tuple[str, ...]:
+def resolve_paths(data: DataLike, split: Optional[str] = None) -> tuple[str, ...]:
   """Shard files of ``data``; a folder with ``split`` reads that split only."""
   if isinstance(data, source_lib.ArrayRecordSource):
     if split:
@@ -131,8 +130,7 @@ def label_names_of(paths: Sequence[str]) -> tuple[str, ...]:
   return ()
 
 
-def eval_view_slots(config, view_slots: Optional[Sequence[int]] = None
-                    ) -> Optional[tuple[int, ...]]:
+def eval_view_slots(config, view_slots: Optional[Sequence[int]] = None) -> Optional[tuple[int, ...]]:
   """Record view slots to embed; None means all the model is configured for.
 
   An explicit ``view_slots`` wins over ``config.eval.views``.
@@ -141,8 +139,7 @@ def eval_view_slots(config, view_slots: Optional[Sequence[int]] = None
     return tuple(int(s) for s in view_slots)
   views = _eval_get(config, "views", "frontal")
   if views not in VIEW_MODES:
-    raise ValueError(f"config.eval.views must be one of {VIEW_MODES}, "
-                     f"got {views!r}")
+    raise ValueError(f"config.eval.views must be one of {VIEW_MODES}, got {views!r}")
   return (FRONTAL_SLOT,) if views == "frontal" else None
 
 
@@ -192,8 +189,9 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _encoders(mcfg: ClinVLAConfig, view_slots: Optional[tuple[int, ...]],
-              mesh: Mesh) -> tuple[Callable[..., jax.Array], ...]:
+def _encoders(
+  mcfg: ClinVLAConfig, view_slots: Optional[tuple[int, ...]], mesh: Mesh
+) -> tuple[Callable[..., jax.Array], ...]:
   """(image_fn, text_fn) -> global embeddings, batch split over the mesh.
 
   Only the global embeddings leave the functions, so XLA drops the local
@@ -204,19 +202,15 @@ def _encoders(mcfg: ClinVLAConfig, view_slots: Optional[tuple[int, ...]],
   rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
   def image(variables, patches, patch_idx, view_valid):
-    out = model.apply(variables, patches, patch_idx, view_valid, view_slots,
-                      method=ClinVLA.encode_image)
+    out = model.apply(variables, patches, patch_idx, view_valid, view_slots, method=ClinVLA.encode_image)
     return out["global"]
 
   def text(variables, input_ids, attention_mask):
-    out = model.apply(variables, input_ids, attention_mask,
-                      method=ClinVLA.encode_text)
+    out = model.apply(variables, input_ids, attention_mask, method=ClinVLA.encode_text)
     return out["global"]
 
-  image_fn = jax.jit(image, in_shardings=(replicated, rows, rows, rows),
-                     out_shardings=rows)
-  text_fn = jax.jit(text, in_shardings=(replicated, rows, rows),
-                    out_shardings=rows)
+  image_fn = jax.jit(image, in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
+  text_fn = jax.jit(text, in_shardings=(replicated, rows, rows), out_shardings=rows)
   return image_fn, text_fn
 
 
@@ -250,11 +244,10 @@ def _gather_host(local: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
-def _select_views(batch: Mapping[str, np.ndarray],
-                  view_slots: Optional[tuple[int, ...]]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  patches, idx, valid = (batch["patches"], batch["patch_idx"],
-                         batch["view_valid"])
+def _select_views(
+  batch: Mapping[str, np.ndarray], view_slots: Optional[tuple[int, ...]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  patches, idx, valid = (batch["patches"], batch["patch_idx"], batch["view_valid"])
   if view_slots is not None:
     sel = list(view_slots)
     patches, idx, valid = patches[:, sel], idx[:, sel], valid[:, sel]
@@ -266,13 +259,17 @@ def _select_views(batch: Mapping[str, np.ndarray],
 # ---------------------------------------------------------------------------
 
 
-def iterate_embeddings(config, variables, data: DataLike, *,
-                       split: Optional[str] = None,
-                       batch_size: Optional[int] = None,
-                       view_slots: Optional[Sequence[int]] = None,
-                       mesh: Optional[Mesh] = None,
-                       with_text: bool = True,
-                       ) -> Iterator[dict[str, np.ndarray]]:
+def iterate_embeddings(
+  config,
+  variables,
+  data: DataLike,
+  *,
+  split: Optional[str] = None,
+  batch_size: Optional[int] = None,
+  view_slots: Optional[Sequence[int]] = None,
+  mesh: Optional[Mesh] = None,
+  with_text: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
   """Per batch: {"image", "text", "labels", "record_index"} of the real rows.
 
   The streaming form of `embed_dataset`, for sets too large to keep whole.
@@ -281,25 +278,19 @@ def iterate_embeddings(config, variables, data: DataLike, *,
   mesh = mesh or data_mesh()
   slots = eval_view_slots(config, view_slots)
   paths = resolve_paths(data, split)
-  global_batch = padded_batch_size(
-      batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
+  global_batch = padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
   # The loader reads only the slots the encoder uses (frontal-only evaluation
   # skips three quarters of the pixels).
-  loader = pipeline.make_eval_loader(list(paths),
-                                     global_batch_size=global_batch,
-                                     view_slots=slots)
+  loader = pipeline.make_eval_loader(list(paths), global_batch_size=global_batch, view_slots=slots)
   image_fn, text_fn = _encoders(mcfg, slots, mesh)
   variables = replicate(variables, mesh, mcfg)
   for batch in loader:
     patches, idx, valid = _select_views(batch, None)
-    image = image_fn(variables, _global_rows(patches, mesh),
-                     _global_rows(idx, mesh), _global_rows(valid, mesh))
+    image = image_fn(variables, _global_rows(patches, mesh), _global_rows(idx, mesh), _global_rows(valid, mesh))
     out = {"image": image}
     if with_text:
-      ids, mask = fit_token_length(batch["input_ids"], batch["attention_mask"],
-                                   mcfg.text.max_len)
-      out["text"] = text_fn(variables, _global_rows(ids, mesh),
-                            _global_rows(mask, mesh))
+      ids, mask = fit_token_length(batch["input_ids"], batch["attention_mask"], mcfg.text.max_len)
+      out["text"] = text_fn(variables, _global_rows(ids, mesh), _global_rows(mask, mesh))
     keep = _gather_host(batch["example_valid"]).astype(bool)
     rows = {k: _to_host(v)[keep] for k, v in out.items()}
     rows["labels"] = _gather_host(batch["labels"])[keep]
@@ -307,8 +298,7 @@ def iterate_embeddings(config, variables, data: DataLike, *,
     yield rows
 
 
-def read_study_info(paths: Sequence[str], record_index: np.ndarray
-                    ) -> tuple[list[str], list[str]]:
+def read_study_info(paths: Sequence[str], record_index: np.ndarray) -> tuple[list[str], list[str]]:
   """(study ids, report texts) of the given records, without their images."""
   src = source_lib.ArrayRecordSource(list(paths))
   ids, texts = [], []
@@ -320,12 +310,17 @@ def read_study_info(paths: Sequence[str], record_index: np.ndarray
   return ids, texts
 
 
-def embed_dataset(config, variables, data: DataLike, *,
-                  split: Optional[str] = None,
-                  batch_size: Optional[int] = None,
-                  view_slots: Optional[Sequence[int]] = None,
-                  mesh: Optional[Mesh] = None,
-                  with_text: bool = True) -> DatasetEmbeddings:
+def embed_dataset(
+  config,
+  variables,
+  data: DataLike,
+  *,
+  split: Optional[str] = None,
+  batch_size: Optional[int] = None,
+  view_slots: Optional[Sequence[int]] = None,
+  mesh: Optional[Mesh] = None,
+  with_text: bool = True,
+) -> DatasetEmbeddings:
   """Embeds every study of a converted dataset.
 
   Args:
@@ -345,9 +340,11 @@ def embed_dataset(config, variables, data: DataLike, *,
     `DatasetEmbeddings` with rows in record order.
   """
   paths = resolve_paths(data, split)
-  parts = list(iterate_embeddings(
-      config, variables, list(paths), batch_size=batch_size,
-      view_slots=view_slots, mesh=mesh, with_text=with_text))
+  parts = list(
+    iterate_embeddings(
+      config, variables, list(paths), batch_size=batch_size, view_slots=view_slots, mesh=mesh, with_text=with_text
+    )
+  )
   if not parts:
     raise ValueError(f"no decodable studies in {list(paths)}")
 
@@ -358,10 +355,15 @@ def embed_dataset(config, variables, data: DataLike, *,
   ids, texts = read_study_info(paths, record_index)
   logging.info("Embedded %d studies from %d shard(s)", len(ids), len(paths))
   return DatasetEmbeddings(
-      image=cat("image"), text=cat("text") if with_text else None,
-      labels=cat("labels"), ids=tuple(ids), texts=tuple(texts),
-      record_index=record_index, paths=tuple(paths),
-      label_names=label_names_of(paths))
+    image=cat("image"),
+    text=cat("text") if with_text else None,
+    labels=cat("labels"),
+    ids=tuple(ids),
+    texts=tuple(texts),
+    record_index=record_index,
+    paths=tuple(paths),
+    label_names=label_names_of(paths),
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -385,14 +387,12 @@ def tokenizer_from_config(config) -> tokenizer_lib.Tokenizer:
     folder = weights if os.path.isdir(weights) else os.path.dirname(weights)
     candidate = os.path.join(folder, "vocab.txt")
     vocab = candidate if os.path.isfile(candidate) else ""
-  return tokenizer_lib.Tokenizer(vocab or None,
-                                 max_len=api.model_config(config).text.max_len)
+  return tokenizer_lib.Tokenizer(vocab or None, max_len=api.model_config(config).text.max_len)
 
 
-def make_text_embed_fn(config, variables, tokenizer=None, *,
-                       batch_size: Optional[int] = None,
-                       mesh: Optional[Mesh] = None
-                       ) -> Callable[[Sequence[str]], np.ndarray]:
+def make_text_embed_fn(
+  config, variables, tokenizer=None, *, batch_size: Optional[int] = None, mesh: Optional[Mesh] = None
+) -> Callable[[Sequence[str]], np.ndarray]:
   """list[str] -> float [N, P] global text embeddings, batched and sharded.
 
   Every call runs fixed-size batches (the last one padded by repeating its
@@ -401,8 +401,7 @@ def make_text_embed_fn(config, variables, tokenizer=None, *,
   mcfg = api.model_config(config)
   mesh = mesh or data_mesh()
   tokenizer = tokenizer or tokenizer_from_config(config)
-  size = padded_batch_size(
-      batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
+  size = padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
   _, text_fn = _encoders(mcfg, eval_view_slots(config), mesh)
   placed = replicate(variables, mesh, mcfg)
 
@@ -411,19 +410,17 @@ def make_text_embed_fn(config, variables, tokenizer=None, *,
     if not texts:
       return np.zeros((0, mcfg.proj_dim), np.float32)
     tokens = tokenizer(texts)
-    ids, mask = fit_token_length(tokens["input_ids"], tokens["attention_mask"],
-                                 mcfg.text.max_len)
+    ids, mask = fit_token_length(tokens["input_ids"], tokens["attention_mask"], mcfg.text.max_len)
     out = []
     for start in range(0, len(texts), size):
       n = min(size, len(texts) - start)
       pad = ((0, size - n), (0, 0))
-      b_ids = np.pad(ids[start:start + n], pad, mode="edge")
-      b_mask = np.pad(mask[start:start + n], pad, mode="edge")
+      b_ids = np.pad(ids[start : start + n], pad, mode="edge")
+      b_mask = np.pad(mask[start : start + n], pad, mode="edge")
       # Every process embeds the same prompts: its local rows are its share.
       share = size // jax.process_count()
       lo = jax.process_index() * share
-      emb = text_fn(placed, _global_rows(b_ids[lo:lo + share], mesh),
-                    _global_rows(b_mask[lo:lo + share], mesh))
+      emb = text_fn(placed, _global_rows(b_ids[lo : lo + share], mesh), _global_rows(b_mask[lo : lo + share], mesh))
       out.append(_to_host(emb)[:n])
     return np.concatenate(out, axis=0)
 

@@ -36,8 +36,7 @@ THRESHOLD_GRID = np.round(np.arange(201) * 0.005, 3)
 # ---------------------------------------------------------------------------
 
 
-def relevance_matrix(query_labels: np.ndarray,
-                     gallery_labels: np.ndarray) -> np.ndarray:
+def relevance_matrix(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
   """Which gallery items are relevant to which queries.
 
   Two label formats are accepted, and both sides must use the same one:
@@ -60,8 +59,7 @@ def relevance_matrix(query_labels: np.ndarray,
   q = np.asarray(query_labels)
   g = np.asarray(gallery_labels)
   if q.ndim != g.ndim or q.ndim not in (1, 2):
-    raise ValueError(
-        f"labels must both be 1-D or both 2-D, got {q.shape} and {g.shape}")
+    raise ValueError(f"labels must both be 1-D or both 2-D, got {q.shape} and {g.shape}")
   if q.ndim == 1:
     return q[:, None] == g[None, :]
   if q.shape[1] != g.shape[1]:
@@ -71,8 +69,7 @@ def relevance_matrix(query_labels: np.ndarray,
   return (q_pos.astype(np.int64) @ g_pos.T.astype(np.int64)) > 0
 
 
-def rank_gallery(similarity: np.ndarray,
-                 exclude_index: Optional[np.ndarray] = None) -> np.ndarray:
+def rank_gallery(similarity: np.ndarray, exclude_index: Optional[np.ndarray] = None) -> np.ndarray:
   """Gallery indices of each query, best first.
 
   Sorted by descending similarity; ties keep gallery order (stable sort).  An
@@ -97,13 +94,11 @@ def rank_gallery(similarity: np.ndarray,
     return order
   excluded = _exclusion_mask(sim.shape, exclude_index)
   # A second stable sort on the excluded flag keeps the score order of the rest.
-  moved = np.argsort(np.take_along_axis(excluded, order, axis=1),
-                     axis=1, kind="stable")
+  moved = np.argsort(np.take_along_axis(excluded, order, axis=1), axis=1, kind="stable")
   return np.take_along_axis(order, moved, axis=1)
 
 
-def _exclusion_mask(shape: tuple[int, int],
-                    exclude_index: np.ndarray) -> np.ndarray:
+def _exclusion_mask(shape: tuple[int, int], exclude_index: np.ndarray) -> np.ndarray:
   """bool [Q, G], True at each query's excluded gallery item."""
   idx = np.asarray(exclude_index, dtype=np.int64)
   if idx.shape != (shape[0],):
@@ -117,10 +112,10 @@ def _exclusion_mask(shape: tuple[int, int],
 
 
 def precision_at_k_per_query(
-    similarity: np.ndarray,
-    relevant: np.ndarray,
-    ks: Sequence[int],
-    exclude_index: Optional[np.ndarray] = None,
+  similarity: np.ndarray,
+  relevant: np.ndarray,
+  ks: Sequence[int],
+  exclude_index: Optional[np.ndarray] = None,
 ) -> np.ndarray:
   """P@K of every query.
 
@@ -137,8 +132,7 @@ def precision_at_k_per_query(
   """
   relevant = np.asarray(relevant, dtype=bool)
   if relevant.shape != np.shape(similarity):
-    raise ValueError(
-        f"relevance {relevant.shape} != similarity {np.shape(similarity)}")
+    raise ValueError(f"relevance {relevant.shape} != similarity {np.shape(similarity)}")
   num_gallery = relevant.shape[1]
   rankable = num_gallery
   if exclude_index is not None:
@@ -153,11 +147,11 @@ def precision_at_k_per_query(
 
 
 def precision_at_k(
-    similarity: np.ndarray,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    ks: Sequence[int] = (5, 10, 50),
-    exclude_self: bool = False,
+  similarity: np.ndarray,
+  query_labels: np.ndarray,
+  gallery_labels: np.ndarray,
+  ks: Sequence[int] = (5, 10, 50),
+  exclude_self: bool = False,
 ) -> dict[int, float]:
   """Mean P@K over queries, with relevance by shared label.
 
@@ -178,8 +172,7 @@ def precision_at_k(
   return {k: float(v) for k, v in zip(ks, per_query.mean(axis=0))}
 
 
-def _self_exclusion(shape: tuple[int, int],
-                    exclude_self: bool) -> Optional[np.ndarray]:
+def _self_exclusion(shape: tuple[int, int], exclude_self: bool) -> Optional[np.ndarray]:
   """exclude_index that drops query i from its own gallery, or None."""
   if not exclude_self:
     return None
@@ -189,9 +182,7 @@ def _self_exclusion(shape: tuple[int, int],
   return np.arange(q)
 
 
-def chance_precision_per_query(
-    relevant: np.ndarray,
-    exclude_index: Optional[np.ndarray] = None) -> np.ndarray:
+def chance_precision_per_query(relevant: np.ndarray, exclude_index: Optional[np.ndarray] = None) -> np.ndarray:
   """Expected P@K of each query under a uniformly random gallery ranking.
 
   A random ranking puts each rankable item in the top K with probability
@@ -219,9 +210,9 @@ def chance_precision_per_query(
   return relevant.sum(axis=1) / rankable
 
 
-def bootstrap_ci(per_item: np.ndarray, num_resamples: int = 1000,
-                 seed: int = 0, level: float = 0.95
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_ci(
+  per_item: np.ndarray, num_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
   """Percentile bootstrap interval of a mean over items (e.g. queries).
 
   Every resample draws Q items with replacement from
@@ -263,8 +254,9 @@ def bootstrap_ci(per_item: np.ndarray, num_resamples: int = 1000,
   return low, high
 
 
-def summarize(name: str, per_item: np.ndarray, chance: Optional[float],
-              num_resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+def summarize(
+  name: str, per_item: np.ndarray, chance: Optional[float], num_resamples: int = 1000, seed: int = 0
+) -> dict[str, float]:
   """{name: mean, name_chance, name_ci_low, name_ci_high} of one score.
 
   ``chance`` None leaves out the chance key; ``num_resamples`` 0 leaves out
@@ -282,13 +274,13 @@ def summarize(name: str, per_item: np.ndarray, chance: Optional[float],
 
 
 def precision_at_k_summary(
-    similarity: np.ndarray,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    ks: Sequence[int] = (5, 10, 50),
-    exclude_self: bool = False,
-    num_resamples: int = 1000,
-    seed: int = 0,
+  similarity: np.ndarray,
+  query_labels: np.ndarray,
+  gallery_labels: np.ndarray,
+  ks: Sequence[int] = (5, 10, 50),
+  exclude_self: bool = False,
+  num_resamples: int = 1000,
+  seed: int = 0,
 ) -> dict[str, float]:
   """Mean P@K with its chance level and bootstrap interval over queries.
 
@@ -336,8 +328,7 @@ def rank_of(similarity: np.ndarray, target_index: np.ndarray) -> np.ndarray:
     raise ValueError("similarity contains NaN")
   target = np.asarray(target_index, dtype=np.int64)
   if target.shape != (sim.shape[0],):
-    raise ValueError(f"target_index must be [{sim.shape[0]}], got "
-                     f"{target.shape}")
+    raise ValueError(f"target_index must be [{sim.shape[0]}], got {target.shape}")
   if ((target < 0) | (target >= sim.shape[1])).any():
     raise ValueError("target_index outside the gallery")
   own = sim[np.arange(sim.shape[0]), target][:, None]
@@ -346,9 +337,9 @@ def rank_of(similarity: np.ndarray, target_index: np.ndarray) -> np.ndarray:
   return ahead.sum(axis=1) + 1
 
 
-def recall_at_k_per_query(similarity: np.ndarray, ks: Sequence[int],
-                          target_index: Optional[np.ndarray] = None
-                          ) -> np.ndarray:
+def recall_at_k_per_query(
+  similarity: np.ndarray, ks: Sequence[int], target_index: Optional[np.ndarray] = None
+) -> np.ndarray:
   """Instance-level R@K: is each query's own item among its top K?
 
   Args:
@@ -363,8 +354,7 @@ def recall_at_k_per_query(similarity: np.ndarray, ks: Sequence[int],
   sim = np.asarray(similarity)
   if target_index is None:
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
-      raise ValueError(f"paired recall needs a square similarity, got "
-                       f"{sim.shape}")
+      raise ValueError(f"paired recall needs a square similarity, got {sim.shape}")
     target_index = np.arange(sim.shape[0])
   for k in ks:
     if not 1 <= k <= sim.shape[1]:
@@ -479,8 +469,7 @@ def _as_binary(y: np.ndarray) -> np.ndarray:
 
 def _check_same_length(a: np.ndarray, b: np.ndarray) -> None:
   if a.ndim != 1 or a.shape != b.shape:
-    raise ValueError(f"expected two 1-D arrays of one length, got {a.shape} "
-                     f"and {b.shape}")
+    raise ValueError(f"expected two 1-D arrays of one length, got {a.shape} and {b.shape}")
 
 
 # ---------------------------------------------------------------------------
@@ -488,8 +477,7 @@ def _check_same_length(a: np.ndarray, b: np.ndarray) -> None:
 # ---------------------------------------------------------------------------
 
 
-def stratified_folds(y: np.ndarray, n_splits: int = 10,
-                     seed: int = 0) -> np.ndarray:
+def stratified_folds(y: np.ndarray, n_splits: int = 10, seed: int = 0) -> np.ndarray:
   """Deterministic stratified assignment of samples to folds.
 
   Each class's members are shuffled with ``np.random.default_rng(seed)``
@@ -519,8 +507,7 @@ def stratified_folds(y: np.ndarray, n_splits: int = 10,
   return folds
 
 
-def f1_per_threshold(y_true: np.ndarray, scores: np.ndarray,
-                     thresholds: np.ndarray) -> np.ndarray:
+def f1_per_threshold(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
   """F1 at each threshold (positive when ``score >= threshold``)."""
   t = _as_binary(y_true)
   s = np.asarray(scores, dtype=np.float64)
@@ -532,8 +519,7 @@ def f1_per_threshold(y_true: np.ndarray, scores: np.ndarray,
   return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
 
 
-def best_f1_threshold(y_true: np.ndarray, scores: np.ndarray,
-                      thresholds: np.ndarray = THRESHOLD_GRID) -> float:
+def best_f1_threshold(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray = THRESHOLD_GRID) -> float:
   """The threshold with the highest F1; the smallest one among equals.
 
   Taking the first maximum (a plain argmax over the grid) puts the threshold
@@ -545,11 +531,11 @@ def best_f1_threshold(y_true: np.ndarray, scores: np.ndarray,
 
 
 def threshold_cv(
-    y_true: np.ndarray,
-    scores: np.ndarray,
-    n_splits: int = 10,
-    seed: int = 0,
-    thresholds: np.ndarray = THRESHOLD_GRID,
+  y_true: np.ndarray,
+  scores: np.ndarray,
+  n_splits: int = 10,
+  seed: int = 0,
+  thresholds: np.ndarray = THRESHOLD_GRID,
 ) -> dict[str, float | list[float]]:
   """ACC and F1 with a threshold tuned by stratified cross-validation.
 
@@ -580,16 +566,15 @@ def threshold_cv(
     f1s.append(f1_score(t[test], pred))
     chosen.append(threshold)
   return {
-      "ACC": float(np.mean(accs)),
-      "F1": float(np.mean(f1s)),
-      "ACC_std": float(np.std(accs)),
-      "F1_std": float(np.std(f1s)),
-      "thresholds": chosen,
+    "ACC": float(np.mean(accs)),
+    "F1": float(np.mean(f1s)),
+    "ACC_std": float(np.std(accs)),
+    "F1_std": float(np.std(f1s)),
+    "thresholds": chosen,
   }
 
 
-def threshold_cv_baselines(y_true: np.ndarray, n_splits: int = 10,
-                           seed: int = 0) -> dict[str, float]:
+def threshold_cv_baselines(y_true: np.ndarray, n_splits: int = 10, seed: int = 0) -> dict[str, float]:
   """What `threshold_cv` reports for two predictors that ignore the image.
 
   Scored on the same folds and averaged the same way as `threshold_cv`:
@@ -607,5 +592,4 @@ def threshold_cv_baselines(y_true: np.ndarray, n_splits: int = 10,
     test = folds == fold
     accs.append(accuracy(t[test], np.full(int(test.sum()), majority)))
     f1s.append(f1_score(t[test], np.ones(int(test.sum()), dtype=bool)))
-  return {"ACC_majority": float(np.mean(accs)),
-          "F1_all_positive": float(np.mean(f1s))}
+  return {"ACC_majority": float(np.mean(accs)), "F1_all_positive": float(np.mean(f1s))}

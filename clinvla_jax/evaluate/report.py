@@ -37,31 +37,28 @@ import numpy as np
 
 from clinvla_jax.evaluate import metrics  # pylint: disable=g-import-not-at-top
 
-PAPER_RESULTS_PATH = (pathlib.Path(__file__).resolve().parent.parent
-                      / "assets" / "paper_results.json")
+PAPER_RESULTS_PATH = pathlib.Path(__file__).resolve().parent.parent / "assets" / "paper_results.json"
 MISSING = "\u2014"  # em dash
 OURS_LABEL = "ClinVLA (this implementation)"
 
 _DATASET_LABELS = {
-    "chexpert_8x200": "CheXpert 8x200",
-    "chexpert_5x200": "CheXpert 5x200",
-    "rsna": "RSNA Pneumonia",
-    "ms_cxr_t": "MS-CXR-T",
+  "chexpert_8x200": "CheXpert 8x200",
+  "chexpert_5x200": "CheXpert 5x200",
+  "rsna": "RSNA Pneumonia",
+  "ms_cxr_t": "MS-CXR-T",
 }
 _TASK_LABELS = {
-    "image_to_image": "I\u2192I",
-    "text_to_image": "T\u2192I",
-    "image_to_text": "I\u2192T",
-    "zero_shot": "ZS",
-    "linear_probe": "",
+  "image_to_image": "I\u2192I",
+  "text_to_image": "T\u2192I",
+  "image_to_text": "I\u2192T",
+  "zero_shot": "ZS",
+  "linear_probe": "",
 }
 
 # Metric-name suffixes of companion keys, and how a cell names the baseline
 # ones; "ci" joins the two interval ends.
-QUALIFIERS = ("_ci_low", "_ci_high", "_chance", "_majority", "_all_positive",
-              "_std")
-_BASELINE_WORDS = {"chance": "chance", "majority": "majority",
-                   "all_positive": "all-positive"}
+QUALIFIERS = ("_ci_low", "_ci_high", "_chance", "_majority", "_all_positive", "_std")
+_BASELINE_WORDS = {"chance": "chance", "majority": "majority", "all_positive": "all-positive"}
 EN_DASH = "\u2013"
 
 
@@ -70,8 +67,7 @@ EN_DASH = "\u2013"
 # ---------------------------------------------------------------------------
 
 
-def flatten_results(results: Mapping[str, Any], prefix: str = ""
-                    ) -> dict[str, float]:
+def flatten_results(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
   """Nested {"a": {"b": x}} -> {"a/b": x}; keys already holding "/" pass."""
   flat = {}
   for key, value in results.items():
@@ -83,8 +79,7 @@ def flatten_results(results: Mapping[str, Any], prefix: str = ""
   return flat
 
 
-def write_results_json(results: Mapping[str, Any],
-                       path: str | pathlib.Path) -> dict[str, float]:
+def write_results_json(results: Mapping[str, Any], path: str | pathlib.Path) -> dict[str, float]:
   """Writes the flat, key-sorted results; returns what was written.
 
   Values must be finite numbers (fractions for scores).  Non-numeric entries
@@ -109,8 +104,7 @@ def read_results_json(path: str | pathlib.Path) -> dict[str, float]:
 
 
 def load_paper_results(path: Optional[str | pathlib.Path] = None) -> dict:
-  return json.loads(pathlib.Path(path or PAPER_RESULTS_PATH).read_text(
-      encoding="utf-8"))
+  return json.loads(pathlib.Path(path or PAPER_RESULTS_PATH).read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------
@@ -119,10 +113,9 @@ def load_paper_results(path: Optional[str | pathlib.Path] = None) -> dict:
 
 
 def column_label(key: str) -> str:
-  """"chexpert_8x200/image_to_image/P@5" -> "CheXpert 8x200 I→I P@5"."""
+  """ "chexpert_8x200/image_to_image/P@5" -> "CheXpert 8x200 I→I P@5"."""
   dataset, task, *rest = key.split("/")
-  parts = [_DATASET_LABELS.get(dataset, dataset),
-           _TASK_LABELS.get(task, task), *rest]
+  parts = [_DATASET_LABELS.get(dataset, dataset), _TASK_LABELS.get(task, task), *rest]
   return " ".join(p for p in parts if p)
 
 
@@ -135,10 +128,10 @@ def format_cell(value: Optional[float], std: Optional[float] = None) -> str:
 
 
 def split_metric(metric: str) -> tuple[str, str]:
-  """"P@5_ci_low" -> ("P@5", "ci_low"); a base metric -> (metric, "")."""
+  """ "P@5_ci_low" -> ("P@5", "ci_low"); a base metric -> (metric, "")."""
   for suffix in QUALIFIERS:
     if metric.endswith(suffix) and len(metric) > len(suffix):
-      return metric[:-len(suffix)], suffix[1:]
+      return metric[: -len(suffix)], suffix[1:]
   return metric, ""
 
 
@@ -175,8 +168,7 @@ def _markdown_row(cells: Sequence[str]) -> str:
   return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
-def markdown_table(table: Mapping[str, Any],
-                   ours: Optional[Mapping[str, float]] = None) -> str:
+def markdown_table(table: Mapping[str, Any], ours: Optional[Mapping[str, float]] = None) -> str:
   """One paper table with our row first.
 
   Args:
@@ -189,8 +181,7 @@ def markdown_table(table: Mapping[str, Any],
   """
   ours = ours or {}
   columns = list(table["columns"])
-  extra = [c for c in ("pretraining", "input_size")
-           if any(c in r for r in table["rows"])]
+  extra = [c for c in ("pretraining", "input_size") if any(c in r for r in table["rows"])]
   header = ["Method"] + [c.replace("_", " ").capitalize() for c in extra]
   header += [column_label(c) for c in columns]
 
@@ -199,16 +190,19 @@ def markdown_table(table: Mapping[str, Any],
 
   our_row = [OURS_LABEL] + [MISSING] * len(extra)
   our_row += [format_cell(pct(c), pct(f"{c}_std")) for c in columns]
-  lines = [f"**{table['title']}**", "", _markdown_row(header),
-           _markdown_row(["---"] * len(header)), _markdown_row(our_row)]
+  lines = [
+    f"**{table['title']}**",
+    "",
+    _markdown_row(header),
+    _markdown_row(["---"] * len(header)),
+    _markdown_row(our_row),
+  ]
   for row in table["rows"]:
     name = row["method"] + (" (paper)" if row.get("ours") else "")
-    cells = [name] + [MISSING if row.get(c) is None else str(row[c])
-                      for c in extra]
+    cells = [name] + [MISSING if row.get(c) is None else str(row[c]) for c in extra]
     marks = row.get("marks", {})
     stds = row.get("std", {})
-    cells += [format_cell(row["values"].get(c), stds.get(c)) + marks.get(c, "")
-              for c in columns]
+    cells += [format_cell(row["values"].get(c), stds.get(c)) + marks.get(c, "") for c in columns]
     lines.append(_markdown_row(cells))
   lines += _our_context_lines(columns, ours)
   notes = table.get("notes", [])
@@ -217,8 +211,7 @@ def markdown_table(table: Mapping[str, Any],
   return "\n".join(lines) + "\n"
 
 
-def _our_context_lines(columns: Sequence[str],
-                       ours: Mapping[str, float]) -> list[str]:
+def _our_context_lines(columns: Sequence[str], ours: Mapping[str, float]) -> list[str]:
   """Chance levels and intervals of our row, where the results hold them."""
   chance, intervals = [], []
   for c in columns:
@@ -228,41 +221,44 @@ def _our_context_lines(columns: Sequence[str],
         what = "" if suffix == "chance" else f" ({word})"
         chance.append(f"{label} {_fmt(100.0 * ours[f'{c}_{suffix}'])}{what}")
     if f"{c}_ci_low" in ours and f"{c}_ci_high" in ours:
-      intervals.append(f"{label} [{_fmt(100.0 * ours[f'{c}_ci_low'])}"
-                       f"{EN_DASH}{_fmt(100.0 * ours[f'{c}_ci_high'])}]")
+      intervals.append(f"{label} [{_fmt(100.0 * ours[f'{c}_ci_low'])}{EN_DASH}{_fmt(100.0 * ours[f'{c}_ci_high'])}]")
   lines = []
   if chance:
-    lines += ["", "Chance level of our row on the same sets (random ranking; "
-              "majority: always the most frequent class; all-positive: "
-              "always positive): " + ", ".join(chance) + "."]
+    lines += [
+      "",
+      "Chance level of our row on the same sets (random ranking; "
+      "majority: always the most frequent class; all-positive: "
+      "always positive): " + ", ".join(chance) + ".",
+    ]
   if intervals:
-    lines += ["", "95 % bootstrap intervals of our row: "
-              + ", ".join(intervals) + "."]
+    lines += ["", "95 % bootstrap intervals of our row: " + ", ".join(intervals) + "."]
   return lines
 
 
-def markdown_report(results: Mapping[str, float],
-                    paper: Optional[Mapping[str, Any]] = None,
-                    tables: Sequence[str] = ("table3", "table4", "table5"),
-                    ) -> str:
+def markdown_report(
+  results: Mapping[str, float],
+  paper: Optional[Mapping[str, Any]] = None,
+  tables: Sequence[str] = ("table3", "table4", "table5"),
+) -> str:
   """Our results beside the paper's, one Markdown table per paper table."""
   paper = paper or load_paper_results()
   ours = flatten_results(results)
   parts = [
-      "# Results beside the paper",
-      "",
-      f"Scores in percent. Paper: {paper['source']} "
-      f"{MISSING}: not measured (ours) or not published (paper).",
+    "# Results beside the paper",
+    "",
+    f"Scores in percent. Paper: {paper['source']} {MISSING}: not measured (ours) or not published (paper).",
   ]
   for name in tables:
     parts += ["", markdown_table(paper["tables"][name], ours).rstrip("\n")]
   return "\n".join(parts) + "\n"
 
 
-def write_markdown(results: Mapping[str, float], path: str | pathlib.Path,
-                   paper: Optional[Mapping[str, Any]] = None,
-                   tables: Sequence[str] = ("table3", "table4", "table5")
-                   ) -> str:
+def write_markdown(
+  results: Mapping[str, float],
+  path: str | pathlib.Path,
+  paper: Optional[Mapping[str, Any]] = None,
+  tables: Sequence[str] = ("table3", "table4", "table5"),
+) -> str:
   text = markdown_report(results, paper, tables)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,24 +274,23 @@ def write_markdown(results: Mapping[str, float], path: str | pathlib.Path,
 @dataclasses.dataclass(frozen=True)
 class Hit:
   """One retrieved item: an image [H, W] / [H, W, C] or a report string."""
+
   item: Any
   score: float
   relevant: Optional[bool] = None
 
 
-def top_hits(scores: np.ndarray, items: Sequence[Any], k: int = 5,
-             relevant: Optional[np.ndarray] = None) -> list[Hit]:
+def top_hits(scores: np.ndarray, items: Sequence[Any], k: int = 5, relevant: Optional[np.ndarray] = None) -> list[Hit]:
   """The k best items of one query, ranked as the retrieval metrics rank."""
   order = metrics.rank_gallery(np.asarray(scores)[None, :])[0][:k]
-  return [Hit(items[i], float(scores[i]),
-              None if relevant is None else bool(relevant[i])) for i in order]
+  return [Hit(items[i], float(scores[i]), None if relevant is None else bool(relevant[i])) for i in order]
 
 
 def snippet(text: str, max_chars: int = 160, width: int = 34) -> str:
   """A report shortened to max_chars and wrapped for a figure panel."""
   text = " ".join(str(text).split())
   if len(text) > max_chars:
-    text = text[:max_chars - 1].rstrip() + "\u2026"
+    text = text[: max_chars - 1].rstrip() + "\u2026"
   return textwrap.fill(text, width)
 
 
@@ -304,8 +299,7 @@ def _frame(ax, relevant: Optional[bool]) -> None:
   ax.set_axis_on()
   ax.set_xticks([])
   ax.set_yticks([])
-  colour, width = {True: ("tab:green", 3), False: ("tab:red", 3),
-                   None: ("0.6", 1)}[relevant]
+  colour, width = {True: ("tab:green", 3), False: ("tab:red", 3), None: ("0.6", 1)}[relevant]
   for spine in ax.spines.values():
     spine.set_edgecolor(colour)
     spine.set_linewidth(width)
@@ -316,11 +310,9 @@ def _show_image(ax, image: Any) -> None:
   ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
 
 
-def retrieval_captions(text_scores: np.ndarray,
-                       report_scores: np.ndarray,
-                       own_report: int,
-                       paired: Optional[Mapping[str, float]] = None
-                       ) -> tuple[str, str]:
+def retrieval_captions(
+  text_scores: np.ndarray, report_scores: np.ndarray, own_report: int, paired: Optional[Mapping[str, float]] = None
+) -> tuple[str, str]:
   """Caption lines that tell informative retrieval scores from noise.
 
   Top-k scores alone look alike for a trained and an untrained model; what
@@ -340,27 +332,29 @@ def retrieval_captions(text_scores: np.ndarray,
   """
   t = np.asarray(text_scores, dtype=np.float64)
   r = np.asarray(report_scores, dtype=np.float64)
-  t2i = (f"Text \u2192 image: scores over all {t.size} images span "
-         f"{t.max() - t.min():.4f} (max \u2212 min; near 0: the query does "
-         "not tell images apart).")
+  t2i = (
+    f"Text \u2192 image: scores over all {t.size} images span "
+    f"{t.max() - t.min():.4f} (max \u2212 min; near 0: the query does "
+    "not tell images apart)."
+  )
   rank = int(metrics.rank_of(r[None, :], np.array([own_report]))[0])
-  i2t = (f"Image \u2192 report: own report ranked {rank} of {r.size} "
-         f"(random ranking: {(r.size + 1) / 2:.1f} on average)")
+  i2t = f"Image \u2192 report: own report ranked {rank} of {r.size} (random ranking: {(r.size + 1) / 2:.1f} on average)"
   if paired is not None:
-    i2t += (f"; mean cosine paired {paired['paired']:.4f} vs. unpaired "
-            f"{paired['unpaired']:.4f}")
+    i2t += f"; mean cosine paired {paired['paired']:.4f} vs. unpaired {paired['unpaired']:.4f}"
   return t2i, i2t + "."
 
 
-def retrieval_figure(path: str | pathlib.Path,
-                     text_query: Optional[str] = None,
-                     image_hits: Sequence[Hit] = (),
-                     image_query: Optional[np.ndarray] = None,
-                     report_hits: Sequence[Hit] = (),
-                     dpi: int = 100,
-                     *,
-                     t2i_caption: Optional[str] = None,
-                     i2t_caption: Optional[str] = None) -> pathlib.Path:
+def retrieval_figure(
+  path: str | pathlib.Path,
+  text_query: Optional[str] = None,
+  image_hits: Sequence[Hit] = (),
+  image_query: Optional[np.ndarray] = None,
+  report_hits: Sequence[Hit] = (),
+  dpi: int = 100,
+  *,
+  t2i_caption: Optional[str] = None,
+  i2t_caption: Optional[str] = None,
+) -> pathlib.Path:
   """Saves a PNG with up to two rows, in the manner of the paper's figures.
 
   Row 1 (text->image): the query text, then the retrieved images with their
@@ -379,20 +373,18 @@ def retrieval_figure(path: str | pathlib.Path,
     rows.append("i2t")
   if not rows:
     raise ValueError("give a text query, an image query or both")
-  cols = 1 + max(len(image_hits) if "t2i" in rows else 0,
-                 len(report_hits) if "i2t" in rows else 0, 1)
-  captions = [c for kind, c in (("t2i", t2i_caption), ("i2t", i2t_caption))
-              if c and kind in rows]
+  cols = 1 + max(len(image_hits) if "t2i" in rows else 0, len(report_hits) if "i2t" in rows else 0, 1)
+  captions = [c for kind, c in (("t2i", t2i_caption), ("i2t", i2t_caption)) if c and kind in rows]
   width = int(2.6 * cols * 11)  # characters per line at the title's size
   title = "\n".join(textwrap.fill(c, width) for c in captions)
-  fig, axes = plt.subplots(len(rows), cols, squeeze=False,
-                           figsize=(2.6 * cols, 3.0 * len(rows)))
+  fig, axes = plt.subplots(len(rows), cols, squeeze=False, figsize=(2.6 * cols, 3.0 * len(rows)))
   for r, kind in enumerate(rows):
     for ax in axes[r]:
       ax.set_axis_off()
     if kind == "t2i":
-      axes[r, 0].text(0.5, 0.5, "Query:\n" + snippet(text_query, 120, 22),
-                      ha="center", va="center", wrap=True, fontsize=10)
+      axes[r, 0].text(
+        0.5, 0.5, "Query:\n" + snippet(text_query, 120, 22), ha="center", va="center", wrap=True, fontsize=10
+      )
       for c, hit in enumerate(image_hits, start=1):
         ax = axes[r, c]
         _show_image(ax, hit.item)
@@ -405,8 +397,7 @@ def retrieval_figure(path: str | pathlib.Path,
       ax.set_title("Query image", fontsize=10)
       for c, hit in enumerate(report_hits, start=1):
         ax = axes[r, c]
-        ax.text(0.03, 0.97, snippet(hit.item, 160, 26), ha="left", va="top",
-                fontsize=8, transform=ax.transAxes)
+        ax.text(0.03, 0.97, snippet(hit.item, 160, 26), ha="left", va="top", fontsize=8, transform=ax.transAxes)
         _frame(ax, hit.relevant)
         ax.set_title(f"#{c}  {hit.score:.4f}", fontsize=10)
   fig.tight_layout()
@@ -426,10 +417,8 @@ def _add_title_strip(fig, title: str, fontsize: float = 10.0) -> None:
   params = fig.subplotpars
   top, bottom = params.top * height, params.bottom * height
   fig.set_size_inches(width, height + strip)
-  fig.subplots_adjust(top=top / (height + strip),
-                      bottom=bottom / (height + strip))
-  fig.suptitle(title, fontsize=fontsize, y=1.0 - 0.075 / (height + strip),
-               va="top")
+  fig.subplots_adjust(top=top / (height + strip), bottom=bottom / (height + strip))
+  fig.suptitle(title, fontsize=fontsize, y=1.0 - 0.075 / (height + strip), va="top")
 
 
 def _save(fig, path: str | os.PathLike[str], dpi: int) -> pathlib.Path:
@@ -448,8 +437,7 @@ LOSS_KEYS = ("loss", "loss_global", "loss_local")
 EVAL_PREFIX = "eval/"
 
 
-def read_metrics_jsonl(path: str | os.PathLike[str]
-                       ) -> dict[str, dict[int, float]]:
+def read_metrics_jsonl(path: str | os.PathLike[str]) -> dict[str, dict[int, float]]:
   """{key: {step: value}} of a training run's metrics.jsonl.
 
   Training and evaluation write separate lines that may share a step, so
@@ -478,10 +466,12 @@ def _curve(points: Mapping[int, float]) -> tuple[np.ndarray, np.ndarray]:
   return steps, np.array([points[s] for s in steps], dtype=np.float64)
 
 
-def learning_curves_figure(metrics_jsonl: str | os.PathLike[str],
-                           path: str | os.PathLike[str],
-                           metric_keys: Optional[Sequence[str]] = None,
-                           dpi: int = 100) -> pathlib.Path:
+def learning_curves_figure(
+  metrics_jsonl: str | os.PathLike[str],
+  path: str | os.PathLike[str],
+  metric_keys: Optional[Sequence[str]] = None,
+  dpi: int = 100,
+) -> pathlib.Path:
   """Saves a PNG of training loss and held-out scores against steps.
 
   (a) the training losses ("loss", "loss_global", "loss_local") per step;
@@ -502,18 +492,15 @@ def learning_curves_figure(metrics_jsonl: str | os.PathLike[str],
   """
   series = read_metrics_jsonl(metrics_jsonl)
   if metric_keys is None:
-    keys = sorted(k for k in series if k.startswith(EVAL_PREFIX)
-                  and k.endswith(("/P@5", "/R@5")))
+    keys = sorted(k for k in series if k.startswith(EVAL_PREFIX) and k.endswith(("/P@5", "/R@5")))
   else:
-    keys = [k if k.startswith(EVAL_PREFIX) else EVAL_PREFIX + k
-            for k in metric_keys]
+    keys = [k if k.startswith(EVAL_PREFIX) else EVAL_PREFIX + k for k in metric_keys]
     keys = [k for k in keys if k in series]
   fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(13.0, 4.8))
 
   losses = [k for k in LOSS_KEYS if k in series]
   for key in losses:
-    loss_ax.plot(*_curve(series[key]), label=key,
-                 linewidth=2.0 if key == "loss" else 1.2)
+    loss_ax.plot(*_curve(series[key]), label=key, linewidth=2.0 if key == "loss" else 1.2)
   loss_ax.set_title("(a) training loss")
   loss_ax.set_xlabel("step")
   if losses:
@@ -525,22 +512,21 @@ def learning_curves_figure(metrics_jsonl: str | os.PathLike[str],
   for key in keys:
     steps, values = _curve(series[key])
     # Squares for instance recall, dots for class-level precision.
-    (line,) = eval_ax.plot(steps, 100.0 * values, markersize=3,
-                           marker="s" if "/R@" in key else "o",
-                           label=key[len(EVAL_PREFIX):])
+    (line,) = eval_ax.plot(
+      steps, 100.0 * values, markersize=3, marker="s" if "/R@" in key else "o", label=key[len(EVAL_PREFIX) :]
+    )
     colour = line.get_color()
     low, high = series.get(f"{key}_ci_low"), series.get(f"{key}_ci_high")
     if low and high:
       both = sorted(set(low) & set(high))
-      eval_ax.fill_between(both, [100.0 * low[s] for s in both],
-                           [100.0 * high[s] for s in both], color=colour,
-                           alpha=0.15, linewidth=0)
+      eval_ax.fill_between(
+        both, [100.0 * low[s] for s in both], [100.0 * high[s] for s in both], color=colour, alpha=0.15, linewidth=0
+      )
     chance = series.get(f"{key}_chance")
     if chance:
       # The chance level depends on the held-out set alone; the latest
       # evaluation's value stands for the run.
-      eval_ax.axhline(100.0 * chance[max(chance)], color=colour,
-                      linestyle="--", linewidth=1.0)
+      eval_ax.axhline(100.0 * chance[max(chance)], color=colour, linestyle="--", linewidth=1.0)
   eval_ax.set_title("(b) held-out score (dashed: chance; band: 95 % CI)")
   eval_ax.set_xlabel("step")
   if keys:
@@ -553,7 +539,6 @@ def learning_curves_figure(metrics_jsonl: str | os.PathLike[str],
 
 
 def _say(ax, text: str) -> None:
-  ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12,
-          color="0.4", transform=ax.transAxes)
+  ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="0.4", transform=ax.transAxes)
   ax.set_xticks([])
   ax.set_yticks([])

@@ -29,9 +29,16 @@ from clinvla_jax.evaluate import metrics
 
 TextEmbedFn = Callable[[list[str]], np.ndarray]
 
-CHEXPERT_8X200_CLASSES = ("No Finding", "Cardiomegaly", "Edema", "Pneumonia",
-                          "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                          "Fracture")
+CHEXPERT_8X200_CLASSES = (
+  "No Finding",
+  "Cardiomegaly",
+  "Edema",
+  "Pneumonia",
+  "Atelectasis",
+  "Pneumothorax",
+  "Pleural Effusion",
+  "Fracture",
+)
 CHEXPERT_8X200_KS = (5, 10, 50)
 CHEXPERT_5X200_KS = (5, 10, 100)
 DIRECTIONS = ("image_to_text", "text_to_image", "image_to_image")
@@ -51,16 +58,18 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def retrieval_precision(query_emb: np.ndarray,
-                        gallery_emb: np.ndarray,
-                        query_labels: np.ndarray,
-                        gallery_labels: np.ndarray,
-                        ks: Sequence[int],
-                        exclude_self: bool = False,
-                        prefix: str = "",
-                        *,
-                        num_resamples: int = BOOTSTRAP_RESAMPLES,
-                        seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+def retrieval_precision(
+  query_emb: np.ndarray,
+  gallery_emb: np.ndarray,
+  query_labels: np.ndarray,
+  gallery_labels: np.ndarray,
+  ks: Sequence[int],
+  exclude_self: bool = False,
+  prefix: str = "",
+  *,
+  num_resamples: int = BOOTSTRAP_RESAMPLES,
+  seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float]:
   """P@K of one query set against one gallery, with chance and interval.
 
   Returns:
@@ -69,18 +78,19 @@ def retrieval_precision(query_emb: np.ndarray,
     ``num_resamples`` 0 leaves out the interval).
   """
   sim = cosine_similarity(query_emb, gallery_emb)
-  p = metrics.precision_at_k_summary(sim, query_labels, gallery_labels, ks,
-                                     exclude_self, num_resamples, seed)
+  p = metrics.precision_at_k_summary(sim, query_labels, gallery_labels, ks, exclude_self, num_resamples, seed)
   return {f"{prefix}{k}": v for k, v in p.items()}
 
 
-def retrieval_recall(query_emb: np.ndarray,
-                     gallery_emb: np.ndarray,
-                     ks: Sequence[int] = RECALL_KS,
-                     prefix: str = "",
-                     *,
-                     num_resamples: int = BOOTSTRAP_RESAMPLES,
-                     seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+def retrieval_recall(
+  query_emb: np.ndarray,
+  gallery_emb: np.ndarray,
+  ks: Sequence[int] = RECALL_KS,
+  prefix: str = "",
+  *,
+  num_resamples: int = BOOTSTRAP_RESAMPLES,
+  seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float]:
   """Instance-level R@K of paired sets: row i's own item is gallery row i.
 
   Unlike P@K, which any item of the right class satisfies, R@K asks for the
@@ -95,13 +105,11 @@ def retrieval_recall(query_emb: np.ndarray,
   hits = metrics.recall_at_k_per_query(sim, ks)
   out = {}
   for j, k in enumerate(ks):
-    out.update(metrics.summarize(f"{prefix}R@{k}", hits[:, j],
-                                 k / sim.shape[1], num_resamples, seed))
+    out.update(metrics.summarize(f"{prefix}R@{k}", hits[:, j], k / sim.shape[1], num_resamples, seed))
   return out
 
 
-def paired_cosine_summary(image_emb: np.ndarray,
-                          text_emb: np.ndarray) -> dict[str, float]:
+def paired_cosine_summary(image_emb: np.ndarray, text_emb: np.ndarray) -> dict[str, float]:
   """Mean cosine of paired (row i, row i) and of all unpaired rows.
 
   A model that learned the pairing scores its own pairs well above the rest;
@@ -114,8 +122,9 @@ def paired_cosine_summary(image_emb: np.ndarray,
     NaN for a single pair.
   """
   if np.shape(image_emb) != np.shape(text_emb) or np.ndim(image_emb) != 2:
-    raise ValueError(f"paired embeddings must share one [N, P] shape, got "
-                     f"{np.shape(image_emb)} and {np.shape(text_emb)}")
+    raise ValueError(
+      f"paired embeddings must share one [N, P] shape, got {np.shape(image_emb)} and {np.shape(text_emb)}"
+    )
   a, b = _unit_rows(image_emb), _unit_rows(text_emb)
   n = a.shape[0]
   paired = np.sum(a * b, axis=1)
@@ -129,15 +138,17 @@ def paired_cosine_summary(image_emb: np.ndarray,
 # ---------------------------------------------------------------------------
 
 
-def evaluate_retrieval(labels: np.ndarray,
-                       image_emb: Optional[np.ndarray] = None,
-                       text_emb: Optional[np.ndarray] = None,
-                       ks: Sequence[int] = (5, 10, 50),
-                       directions: Sequence[str] = DIRECTIONS,
-                       *,
-                       recall_ks: Sequence[int] = RECALL_KS,
-                       num_resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+def evaluate_retrieval(
+  labels: np.ndarray,
+  image_emb: Optional[np.ndarray] = None,
+  text_emb: Optional[np.ndarray] = None,
+  ks: Sequence[int] = (5, 10, 50),
+  directions: Sequence[str] = DIRECTIONS,
+  *,
+  recall_ks: Sequence[int] = RECALL_KS,
+  num_resamples: int = BOOTSTRAP_RESAMPLES,
+  seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float]:
   """Retrieval P@K and R@K within one labelled set of paired images and reports.
 
   Row i of ``image_emb`` and ``text_emb`` belong to the same study, whose
@@ -170,23 +181,23 @@ def evaluate_retrieval(labels: np.ndarray,
   if unknown:
     raise ValueError(f"unknown retrieval directions {sorted(unknown)}")
   pairs = {
-      "image_to_text": (image_emb, text_emb, False),
-      "text_to_image": (text_emb, image_emb, False),
-      "image_to_image": (image_emb, image_emb, True),
+    "image_to_text": (image_emb, text_emb, False),
+    "text_to_image": (text_emb, image_emb, False),
+    "image_to_image": (image_emb, image_emb, True),
   }
   results = {}
   for direction in directions:
     queries, gallery, exclude_self = pairs[direction]
     if queries is None or gallery is None:
       continue
-    results.update(retrieval_precision(
-        queries, gallery, labels, labels, ks, exclude_self, f"{direction}/",
-        num_resamples=num_resamples, seed=seed))
+    results.update(
+      retrieval_precision(
+        queries, gallery, labels, labels, ks, exclude_self, f"{direction}/", num_resamples=num_resamples, seed=seed
+      )
+    )
     r_ks = [k for k in recall_ks if k < np.shape(gallery)[0]]
     if direction in PAIRED_DIRECTIONS and r_ks:
-      results.update(retrieval_recall(
-          queries, gallery, r_ks, f"{direction}/",
-          num_resamples=num_resamples, seed=seed))
+      results.update(retrieval_recall(queries, gallery, r_ks, f"{direction}/", num_resamples=num_resamples, seed=seed))
   return results
 
 
@@ -195,14 +206,15 @@ def evaluate_retrieval(labels: np.ndarray,
 # ---------------------------------------------------------------------------
 
 
-def chexpert_5x200_image_to_text(image_emb: np.ndarray,
-                                 text_emb: np.ndarray,
-                                 labels: np.ndarray,
-                                 ks: Sequence[int] = CHEXPERT_5X200_KS,
-                                 *,
-                                 num_resamples: int = BOOTSTRAP_RESAMPLES,
-                                 seed: int = BOOTSTRAP_SEED
-                                 ) -> dict[str, float]:
+def chexpert_5x200_image_to_text(
+  image_emb: np.ndarray,
+  text_emb: np.ndarray,
+  labels: np.ndarray,
+  ks: Sequence[int] = CHEXPERT_5X200_KS,
+  *,
+  num_resamples: int = BOOTSTRAP_RESAMPLES,
+  seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float]:
   """CheXpert 5x200 image->report P@K.
 
   All 1000 images query all 1000 report impressions; a hit is a report of the
@@ -221,9 +233,9 @@ def chexpert_5x200_image_to_text(image_emb: np.ndarray,
   """
   if np.shape(image_emb)[0] != np.shape(text_emb)[0]:
     raise ValueError("images and reports must be paired row by row")
-  return retrieval_precision(image_emb, text_emb, labels, labels, ks,
-                             prefix="image_to_text/",
-                             num_resamples=num_resamples, seed=seed)
+  return retrieval_precision(
+    image_emb, text_emb, labels, labels, ks, prefix="image_to_text/", num_resamples=num_resamples, seed=seed
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -244,6 +256,7 @@ class Chexpert8x200Lists:
     text_queries: [40] expert-written query sentences.
     text_query_classes: [40] their class names.
   """
+
   candidate_paths: tuple[str, ...]
   candidate_labels: np.ndarray
   image_query_paths: tuple[str, ...]
@@ -271,24 +284,21 @@ def load_chexpert_8x200(list_dir: str | pathlib.Path) -> Chexpert8x200Lists:
   def positive(value: str) -> float:
     return 1.0 if value.strip() and float(value) == 1.0 else 0.0
 
-  labels = np.array([[positive(r[c]) for c in CHEXPERT_8X200_CLASSES]
-                     for r in candidates], dtype=np.float32)
+  labels = np.array([[positive(r[c]) for c in CHEXPERT_8X200_CLASSES] for r in candidates], dtype=np.float32)
   for q in image_queries + text_queries:
     if q["Variable"] not in CHEXPERT_8X200_CLASSES:
       raise ValueError(f"unknown 8x200 query class {q['Variable']!r}")
   return Chexpert8x200Lists(
-      candidate_paths=tuple(r["Path"] for r in candidates),
-      candidate_labels=labels,
-      image_query_paths=tuple(r["Path"] for r in image_queries),
-      image_query_classes=tuple(r["Variable"] for r in image_queries),
-      text_queries=tuple(r["Text"] for r in text_queries),
-      text_query_classes=tuple(r["Variable"] for r in text_queries),
+    candidate_paths=tuple(r["Path"] for r in candidates),
+    candidate_labels=labels,
+    image_query_paths=tuple(r["Path"] for r in image_queries),
+    image_query_classes=tuple(r["Variable"] for r in image_queries),
+    text_queries=tuple(r["Text"] for r in text_queries),
+    text_query_classes=tuple(r["Variable"] for r in text_queries),
   )
 
 
-def one_hot_classes(class_names: Sequence[str],
-                    columns: Sequence[str] = CHEXPERT_8X200_CLASSES
-                    ) -> np.ndarray:
+def one_hot_classes(class_names: Sequence[str], columns: Sequence[str] = CHEXPERT_8X200_CLASSES) -> np.ndarray:
   """float [N, C] with a single 1 at each name's column."""
   index = {c: i for i, c in enumerate(columns)}
   out = np.zeros((len(class_names), len(columns)), dtype=np.float32)
@@ -296,8 +306,7 @@ def one_hot_classes(class_names: Sequence[str],
   return out
 
 
-def align_rows(ids: Sequence[str], emb: np.ndarray,
-               wanted: Sequence[str]) -> np.ndarray:
+def align_rows(ids: Sequence[str], emb: np.ndarray, wanted: Sequence[str]) -> np.ndarray:
   """Rows of ``emb`` reordered from ``ids`` order to ``wanted`` order.
 
   Lets an embedding run process images in any order (or a superset of them).
@@ -313,14 +322,16 @@ def align_rows(ids: Sequence[str], emb: np.ndarray,
   return emb[[where[w] for w in wanted]]
 
 
-def chexpert_8x200(candidate_emb: np.ndarray,
-                   image_query_emb: Optional[np.ndarray],
-                   text_embed_fn: Optional[TextEmbedFn],
-                   lists: Chexpert8x200Lists,
-                   ks: Sequence[int] = CHEXPERT_8X200_KS,
-                   *,
-                   num_resamples: int = BOOTSTRAP_RESAMPLES,
-                   seed: int = BOOTSTRAP_SEED) -> dict[str, float]:
+def chexpert_8x200(
+  candidate_emb: np.ndarray,
+  image_query_emb: Optional[np.ndarray],
+  text_embed_fn: Optional[TextEmbedFn],
+  lists: Chexpert8x200Lists,
+  ks: Sequence[int] = CHEXPERT_8X200_KS,
+  *,
+  num_resamples: int = BOOTSTRAP_RESAMPLES,
+  seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float]:
   """CheXpert 8x200 image->image and text->image P@K.
 
   The query images are not among the candidates, so nothing is excluded.  A
@@ -344,14 +355,30 @@ def chexpert_8x200(candidate_emb: np.ndarray,
   """
   results = {}
   if image_query_emb is not None:
-    results.update(retrieval_precision(
-        image_query_emb, candidate_emb,
-        one_hot_classes(lists.image_query_classes), lists.candidate_labels,
-        ks, prefix="image_to_image/", num_resamples=num_resamples, seed=seed))
+    results.update(
+      retrieval_precision(
+        image_query_emb,
+        candidate_emb,
+        one_hot_classes(lists.image_query_classes),
+        lists.candidate_labels,
+        ks,
+        prefix="image_to_image/",
+        num_resamples=num_resamples,
+        seed=seed,
+      )
+    )
   if text_embed_fn is not None:
     text_emb = np.asarray(text_embed_fn(list(lists.text_queries)))
-    results.update(retrieval_precision(
-        text_emb, candidate_emb,
-        one_hot_classes(lists.text_query_classes), lists.candidate_labels,
-        ks, prefix="text_to_image/", num_resamples=num_resamples, seed=seed))
+    results.update(
+      retrieval_precision(
+        text_emb,
+        candidate_emb,
+        one_hot_classes(lists.text_query_classes),
+        lists.candidate_labels,
+        ks,
+        prefix="text_to_image/",
+        num_resamples=num_resamples,
+        seed=seed,
+      )
+    )
   return results

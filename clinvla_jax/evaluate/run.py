@@ -76,8 +76,7 @@ from clinvla_jax.evaluate import zeroshot
 
 TextEmbedFn = Callable[[Sequence[str]], np.ndarray]
 
-LABEL_PROMPTS = (pathlib.Path(__file__).resolve().parent.parent / "assets"
-                 / "prompts" / "label_prompts.json")
+LABEL_PROMPTS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "prompts" / "label_prompts.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 FIGURE_PNG = "retrieval_examples.png"
@@ -92,13 +91,10 @@ CHEXPERT_5X200_CLASSES = zeroshot.CHEXPERT_5X200_CLASSES
 
 
 def load_label_prompts(path: Optional[str | os.PathLike[str]] = None) -> dict:
-  return json.loads(pathlib.Path(path or LABEL_PROMPTS).read_text(
-      encoding="utf-8"))
+  return json.loads(pathlib.Path(path or LABEL_PROMPTS).read_text(encoding="utf-8"))
 
 
-def label_prompts(label_names: Sequence[str],
-                  prompt_file: Optional[Mapping[str, Any]] = None
-                  ) -> dict[str, list[str]]:
+def label_prompts(label_names: Sequence[str], prompt_file: Optional[Mapping[str, Any]] = None) -> dict[str, list[str]]:
   """{label: prompts} for named labels (see the prompt file's "about")."""
   data = prompt_file or load_label_prompts()
   explicit = data.get("prompts", {})
@@ -119,11 +115,16 @@ def positive_labels(labels: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.asarray(labels, np.float64), nan=0.0) > 0
 
 
-def label_zero_shot(image_emb: np.ndarray, labels: np.ndarray,
-                    label_names: Sequence[str], text_embed_fn: TextEmbedFn,
-                    prompt_file: Optional[Mapping[str, Any]] = None,
-                    *, num_resamples: int = retrieval.BOOTSTRAP_RESAMPLES,
-                    seed: int = retrieval.BOOTSTRAP_SEED) -> dict[str, float]:
+def label_zero_shot(
+  image_emb: np.ndarray,
+  labels: np.ndarray,
+  label_names: Sequence[str],
+  text_embed_fn: TextEmbedFn,
+  prompt_file: Optional[Mapping[str, Any]] = None,
+  *,
+  num_resamples: int = retrieval.BOOTSTRAP_RESAMPLES,
+  seed: int = retrieval.BOOTSTRAP_SEED,
+) -> dict[str, float]:
   """Zero-shot over a dataset's own label names.
 
   Returns:
@@ -138,8 +139,7 @@ def label_zero_shot(image_emb: np.ndarray, labels: np.ndarray,
   """
   pos = positive_labels(labels)
   if pos.shape[1] != len(label_names):
-    raise ValueError(f"{pos.shape[1]} label columns for {len(label_names)} "
-                     "names")
+    raise ValueError(f"{pos.shape[1]} label columns for {len(label_names)} names")
   prompts = label_prompts(label_names, prompt_file)
   class_emb = zeroshot.class_embeddings(prompts, text_embed_fn, label_names)
   pred, cos = zeroshot.zero_shot_predict(image_emb, class_emb)
@@ -147,12 +147,11 @@ def label_zero_shot(image_emb: np.ndarray, labels: np.ndarray,
   labelled = pos.any(axis=1)
   if labelled.any():
     hit = pos[np.arange(len(pred)), pred]
-    results.update({f"zero_shot/{k}": v for k, v in metrics.summarize(
-        "ACC", hit[labelled], None, num_resamples, seed).items()})
-    results["zero_shot/ACC_majority"] = float(
-        metrics.majority_label_hits(pos[labelled]).mean())
-  aucs = [metrics.roc_auc(pos[:, c], cos[:, c]) for c in range(pos.shape[1])
-          if 0 < pos[:, c].sum() < len(pos)]
+    results.update(
+      {f"zero_shot/{k}": v for k, v in metrics.summarize("ACC", hit[labelled], None, num_resamples, seed).items()}
+    )
+    results["zero_shot/ACC_majority"] = float(metrics.majority_label_hits(pos[labelled]).mean())
+  aucs = [metrics.roc_auc(pos[:, c], cos[:, c]) for c in range(pos.shape[1]) if 0 < pos[:, c].sum() < len(pos)]
   if aucs:
     results["zero_shot/AUC"] = float(np.mean(aucs))
     results["zero_shot/AUC_chance"] = 0.5
@@ -164,8 +163,7 @@ def label_zero_shot(image_emb: np.ndarray, labels: np.ndarray,
 # ---------------------------------------------------------------------------
 
 
-def usable_ks(ks: Sequence[int], num_items: int
-              ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def usable_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(kept, skipped) cut-offs: K must be below the set size.
 
   Image->image search leaves the query out, so N - 1 items are rankable.
@@ -185,8 +183,7 @@ def generic_datasets(config) -> dict[str, tuple[str, Optional[str]]]:
   out = {}
   for name, spec in config.eval.get("datasets", {}).items():
     if name in EVALUATORS:
-      raise ValueError(f"eval.datasets.{name}: the name is reserved for the "
-                       f"{name} protocol; set eval.{name} instead")
+      raise ValueError(f"eval.datasets.{name}: the name is reserved for the {name} protocol; set eval.{name} instead")
     if isinstance(spec, (str, os.PathLike)):
       path, split = os.fspath(spec), default_split
     else:
@@ -204,15 +201,13 @@ def _texts_or_none(emb: embed_lib.DatasetEmbeddings) -> Optional[np.ndarray]:
   return emb.text
 
 
-def class_names_of(labels: np.ndarray, label_names: Sequence[str],
-                   classes: Sequence[str]) -> np.ndarray:
+def class_names_of(labels: np.ndarray, label_names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
   """[N] class of each row; exactly one of ``classes`` must be positive."""
   cols = [list(label_names).index(c) for c in classes]
   pos = positive_labels(labels)[:, cols]
   bad = np.flatnonzero(pos.sum(axis=1) != 1)
   if bad.size:
-    raise ValueError(f"{bad.size} rows do not have exactly one of {classes} "
-                     f"positive (first: row {bad[0]})")
+    raise ValueError(f"{bad.size} rows do not have exactly one of {classes} positive (first: row {bad[0]})")
   return np.asarray(classes)[pos.argmax(axis=1)]
 
 
@@ -223,8 +218,7 @@ def read_temporal_labels(path: str) -> dict[str, dict[str, str]]:
   if not rows or "study_id" not in rows[0]:
     raise ValueError(f"{path}: expected a study_id column")
   findings = [c for c in rows[0] if c != "study_id"]
-  return {c: {r["study_id"]: r[c].strip() for r in rows if r[c].strip()}
-          for c in findings}
+  return {c: {r["study_id"]: r[c].strip() for r in rows if r[c].strip()} for c in findings}
 
 
 # ---------------------------------------------------------------------------
@@ -247,28 +241,39 @@ def evaluator_config(config) -> dict[str, Any]:
   return out
 
 
-def _evaluate_generic(name: str, emb: embed_lib.DatasetEmbeddings,
-                      text_fn: TextEmbedFn, ev_cfg: Mapping[str, Any],
-                      prompt_file: Mapping[str, Any],
-                      notes: list[str]) -> dict[str, float]:
+def _evaluate_generic(
+  name: str,
+  emb: embed_lib.DatasetEmbeddings,
+  text_fn: TextEmbedFn,
+  ev_cfg: Mapping[str, Any],
+  prompt_file: Mapping[str, Any],
+  notes: list[str],
+) -> dict[str, float]:
   ks, skipped = usable_ks(ev_cfg["retrieval_ks"], len(emb))
   if skipped:
-    note = (f"{name}: P@{', P@'.join(map(str, skipped))} skipped: "
-            f"{len(emb)} studies leave fewer than K rankable items.")
+    note = f"{name}: P@{', P@'.join(map(str, skipped))} skipped: {len(emb)} studies leave fewer than K rankable items."
     logging.warning(note)
     notes.append(note)
   results = {}
-  generic = EmbeddingSet(image=emb.image, text=_texts_or_none(emb),
-                         labels=emb.labels, ids=emb.ids, texts=emb.texts)
+  generic = EmbeddingSet(image=emb.image, text=_texts_or_none(emb), labels=emb.labels, ids=emb.ids, texts=emb.texts)
   if ks:
-    results.update(run_evaluators([name], {name: generic}, text_fn,
-                                  {**ev_cfg, "retrieval_ks": ks}))
+    results.update(run_evaluators([name], {name: generic}, text_fn, {**ev_cfg, "retrieval_ks": ks}))
   if emb.label_names:
-    results.update(report.flatten_results({name: label_zero_shot(
-        emb.image, emb.labels, emb.label_names, text_fn, prompt_file,
-        num_resamples=int(ev_cfg.get("bootstrap_resamples",
-                                     retrieval.BOOTSTRAP_RESAMPLES)),
-        seed=int(ev_cfg.get("bootstrap_seed", retrieval.BOOTSTRAP_SEED)))}))
+    results.update(
+      report.flatten_results(
+        {
+          name: label_zero_shot(
+            emb.image,
+            emb.labels,
+            emb.label_names,
+            text_fn,
+            prompt_file,
+            num_resamples=int(ev_cfg.get("bootstrap_resamples", retrieval.BOOTSTRAP_RESAMPLES)),
+            seed=int(ev_cfg.get("bootstrap_seed", retrieval.BOOTSTRAP_SEED)),
+          )
+        }
+      )
+    )
   else:
     notes.append(f"{name}: no label names in the manifest, no zero-shot.")
   return results
@@ -280,50 +285,48 @@ def _protocol_inputs(config, variables, mesh) -> dict[str, Any]:
   inputs = {}
 
   def embed(path, split, **kw):
-    return embed_lib.embed_dataset(config, variables, path, split=split or None,
-                                   mesh=mesh, **kw)
+    return embed_lib.embed_dataset(config, variables, path, split=split or None, mesh=mesh, **kw)
 
   if ev.get("chexpert_5x200"):
     emb = embed(ev.chexpert_5x200, ev.get("chexpert_5x200_split"))
     inputs["chexpert_5x200"] = EmbeddingSet(
-        image=emb.image, text=_texts_or_none(emb), ids=emb.ids,
-        labels=class_names_of(emb.labels, emb.label_names,
-                              CHEXPERT_5X200_CLASSES))
+      image=emb.image,
+      text=_texts_or_none(emb),
+      ids=emb.ids,
+      labels=class_names_of(emb.labels, emb.label_names, CHEXPERT_5X200_CLASSES),
+    )
   if ev.get("chexpert_8x200"):
     if not ev.get("chexpert_8x200_lists"):
       raise ValueError("eval.chexpert_8x200 needs eval.chexpert_8x200_lists")
     sets = {"candidates": embed(ev.chexpert_8x200, None, with_text=False)}
     if ev.get("chexpert_8x200_queries"):
-      sets["image_queries"] = embed(ev.chexpert_8x200_queries, None,
-                                    with_text=False)
+      sets["image_queries"] = embed(ev.chexpert_8x200_queries, None, with_text=False)
     inputs["chexpert_8x200"] = sets
   if ev.get("rsna"):
     emb = embed(ev.rsna, ev.get("rsna_split"), with_text=False)
-    col = (list(emb.label_names).index("Pneumonia")
-           if "Pneumonia" in emb.label_names else 0)
+    col = list(emb.label_names).index("Pneumonia") if "Pneumonia" in emb.label_names else 0
     inputs["rsna"] = EmbeddingSet(
-        image=emb.image, ids=emb.ids,
-        labels=positive_labels(emb.labels)[:, col].astype(np.int64))
+      image=emb.image, ids=emb.ids, labels=positive_labels(emb.labels)[:, col].astype(np.int64)
+    )
   if ev.get("ms_cxr_t"):
     if not ev.get("ms_cxr_t_labels"):
       raise ValueError("eval.ms_cxr_t needs eval.ms_cxr_t_labels")
     # Temporal classification needs the prior views whatever eval.views says.
-    emb = embed(ev.ms_cxr_t, ev.get("ms_cxr_t_split"), with_text=False,
-                view_slots=api.model_config(config).view_slots)
+    emb = embed(ev.ms_cxr_t, ev.get("ms_cxr_t_split"), with_text=False, view_slots=api.model_config(config).view_slots)
     row = {sid: i for i, sid in enumerate(emb.ids)}
     sets = {}
     for finding, by_study in read_temporal_labels(ev.ms_cxr_t_labels).items():
       found = [(row[s], lab) for s, lab in by_study.items() if s in row]
       if found:
         idx, labs = zip(*sorted(found))
-        sets[finding] = EmbeddingSet(image=emb.image[list(idx)],
-                                     labels=np.asarray(labs))
+        sets[finding] = EmbeddingSet(image=emb.image[list(idx)], labels=np.asarray(labs))
     inputs["ms_cxr_t"] = sets
   return inputs
 
 
-def run_evaluation(config, variables, workdir: str | os.PathLike[str], *,
-                   tokenizer=None, mesh=None) -> dict[str, float]:
+def run_evaluation(
+  config, variables, workdir: str | os.PathLike[str], *, tokenizer=None, mesh=None
+) -> dict[str, float]:
   """Embeds and evaluates every dataset of ``config.eval``; writes outputs.
 
   Args:
@@ -341,17 +344,13 @@ def run_evaluation(config, variables, workdir: str | os.PathLike[str], *,
   workdir.mkdir(parents=True, exist_ok=True)
   ev_cfg = evaluator_config(config)
   prompt_file = load_label_prompts(config.eval.get("label_prompts") or None)
-  text_fn = embed_lib.make_text_embed_fn(config, variables, tokenizer,
-                                         mesh=mesh)
+  text_fn = embed_lib.make_text_embed_fn(config, variables, tokenizer, mesh=mesh)
   results, notes, generic = {}, [], {}
   for name, (path, split) in generic_datasets(config).items():
-    emb = embed_lib.embed_dataset(config, variables, path, split=split,
-                                  mesh=mesh)
+    emb = embed_lib.embed_dataset(config, variables, path, split=split, mesh=mesh)
     generic[name] = emb
-    notes.append(f"{name}: {len(emb)} studies ({split or 'all shards'}), "
-                 f"views: {config.eval.get('views', 'frontal')}.")
-    results.update(_evaluate_generic(name, emb, text_fn, ev_cfg, prompt_file,
-                                     notes))
+    notes.append(f"{name}: {len(emb)} studies ({split or 'all shards'}), views: {config.eval.get('views', 'frontal')}.")
+    results.update(_evaluate_generic(name, emb, text_fn, ev_cfg, prompt_file, notes))
   protocols = _protocol_inputs(config, variables, mesh)
   if protocols:
     results.update(run_evaluators(list(protocols), protocols, text_fn, ev_cfg))
@@ -359,15 +358,12 @@ def run_evaluation(config, variables, workdir: str | os.PathLike[str], *,
     raise ValueError("config.eval names no dataset to evaluate")
 
   written = report.write_results_json(results, workdir / RESULTS_JSON)
-  text = (report.markdown_report(written, tables=PAPER_TABLES)
-          + other_results_markdown(written, notes))
+  text = report.markdown_report(written, tables=PAPER_TABLES) + other_results_markdown(written, notes)
   (workdir / RESULTS_MD).write_text(text, encoding="utf-8")
   if config.eval.get("figure", True):
-    shown = next((e for e in generic.values()
-                  if _texts_or_none(e) is not None and e.label_names), None)
+    shown = next((e for e in generic.values() if _texts_or_none(e) is not None and e.label_names), None)
     if shown is not None:
-      retrieval_examples_figure(shown, text_fn, workdir / FIGURE_PNG,
-                                prompt_file)
+      retrieval_examples_figure(shown, text_fn, workdir / FIGURE_PNG, prompt_file)
   logging.info("Wrote %d results to %s", len(written), workdir)
   return written
 
@@ -378,16 +374,16 @@ def run_evaluation(config, variables, workdir: str | os.PathLike[str], *,
 
 
 OTHER_RESULTS_LEGEND = (
-    "Cells: score [95 % bootstrap interval over queries or studies] "
-    "\u00b7 chance: a uniformly random ranking (P@K: mean share of relevant "
-    "items in the gallery; R@K: K / N), 50.0 for AUC; majority: always the "
-    "most frequent label; all-positive: always positive.  A score whose "
-    "interval contains its chance level is no evidence that the model "
-    "learned.")
+  "Cells: score [95 % bootstrap interval over queries or studies] "
+  "\u00b7 chance: a uniformly random ranking (P@K: mean share of relevant "
+  "items in the gallery; R@K: K / N), 50.0 for AUC; majority: always the "
+  "most frequent label; all-positive: always positive.  A score whose "
+  "interval contains its chance level is no evidence that the model "
+  "learned."
+)
 
 
-def other_results_markdown(results: Mapping[str, float],
-                           notes: Sequence[str] = ()) -> str:
+def other_results_markdown(results: Mapping[str, float], notes: Sequence[str] = ()) -> str:
   """Tables of the datasets the paper does not report (task x metric, %).
 
   One column per base metric (P@5, R@1, ACC, ...); its companion keys
@@ -402,15 +398,17 @@ def other_results_markdown(results: Mapping[str, float],
     base, _ = report.split_metric(metric)
     if "/".join([dataset, *task, base]) in shown:
       continue
-    by_dataset.setdefault(dataset, {}).setdefault(
-        "/".join(task), {})[metric] = value
+    by_dataset.setdefault(dataset, {}).setdefault("/".join(task), {})[metric] = value
   lines = []
   for dataset, tasks in by_dataset.items():
-    bases = sorted({report.split_metric(m)[0] for t in tasks.values()
-                    for m in t}, key=_metric_order)
-    lines += ["", f"**{dataset}** (this implementation; no published numbers)",
-              "", "| Task | " + " | ".join(bases) + " |",
-              "| --- |" + " --- |" * len(bases)]
+    bases = sorted({report.split_metric(m)[0] for t in tasks.values() for m in t}, key=_metric_order)
+    lines += [
+      "",
+      f"**{dataset}** (this implementation; no published numbers)",
+      "",
+      "| Task | " + " | ".join(bases) + " |",
+      "| --- |" + " --- |" * len(bases),
+    ]
     for task, scores in tasks.items():
       cells = [report.score_cell(scores, b) for b in bases]
       lines.append(f"| {task} | " + " | ".join(cells) + " |")
@@ -442,11 +440,13 @@ class _LazyImages:
     return len(self._emb)
 
 
-def retrieval_examples_figure(emb: embed_lib.DatasetEmbeddings,
-                              text_fn: TextEmbedFn,
-                              path: str | os.PathLike[str],
-                              prompt_file: Optional[Mapping[str, Any]] = None,
-                              k: int = FIGURE_TOP_K) -> pathlib.Path:
+def retrieval_examples_figure(
+  emb: embed_lib.DatasetEmbeddings,
+  text_fn: TextEmbedFn,
+  path: str | os.PathLike[str],
+  prompt_file: Optional[Mapping[str, Any]] = None,
+  k: int = FIGURE_TOP_K,
+) -> pathlib.Path:
   """Text query -> top-k images; image query -> top-k reports.
 
   The text query is the first prompt of the dataset's most frequent label;
@@ -462,24 +462,28 @@ def retrieval_examples_figure(emb: embed_lib.DatasetEmbeddings,
   query = label_prompts([name], prompt_file)[name][0]
   k = min(k, len(emb))
   text_scores = retrieval.cosine_similarity(text_fn([query]), emb.image)[0]
-  image_hits = report.top_hits(text_scores, _LazyImages(emb), k,
-                               relevant=pos[:, label])
+  image_hits = report.top_hits(text_scores, _LazyImages(emb), k, relevant=pos[:, label])
   row = int(np.flatnonzero(pos[:, label])[0]) if pos[:, label].any() else 0
-  scores = retrieval.cosine_similarity(emb.image[row:row + 1], emb.text)[0]
+  scores = retrieval.cosine_similarity(emb.image[row : row + 1], emb.text)[0]
   shares = (pos & pos[row]).any(axis=1)
   report_hits = report.top_hits(scores, list(emb.texts), k, relevant=shares)
   t2i_caption, i2t_caption = report.retrieval_captions(
-      text_scores, scores, row, retrieval.paired_cosine_summary(emb.image,
-                                                                emb.text))
+    text_scores, scores, row, retrieval.paired_cosine_summary(emb.image, emb.text)
+  )
   return report.retrieval_figure(
-      path, text_query=query, image_hits=image_hits,
-      image_query=emb.frontal_image(row), report_hits=report_hits,
-      t2i_caption=t2i_caption, i2t_caption=i2t_caption)
+    path,
+    text_query=query,
+    image_hits=image_hits,
+    image_query=emb.frontal_image(row),
+    report_hits=report_hits,
+    t2i_caption=t2i_caption,
+    i2t_caption=i2t_caption,
+  )
 
 
-def write_embeddings(config, variables, data, output_npz: str | os.PathLike,
-                     split: Optional[str] = None, *, mesh=None
-                     ) -> dict[str, np.ndarray]:
+def write_embeddings(
+  config, variables, data, output_npz: str | os.PathLike, split: Optional[str] = None, *, mesh=None
+) -> dict[str, np.ndarray]:
   """Writes one dataset's global embeddings for offline metrics.
 
   The .npz holds image_global [N, P], text_global [N, P], study_id [N],
@@ -490,16 +494,15 @@ def write_embeddings(config, variables, data, output_npz: str | os.PathLike,
   Returns:
     The arrays written.
   """
-  emb = embed_lib.embed_dataset(config, variables, data, split=split,
-                                mesh=mesh)
+  emb = embed_lib.embed_dataset(config, variables, data, split=split, mesh=mesh)
   arrays = {
-      "image_global": np.asarray(emb.image, np.float32),
-      "text_global": np.asarray(emb.text, np.float32),
-      "study_id": np.asarray(emb.ids, dtype=str),
-      "labels": np.asarray(emb.labels, np.float32),
-      "label_names": np.asarray(emb.label_names, dtype=str),
-      "report_text": np.asarray(emb.texts, dtype=str),
-      "record_index": np.asarray(emb.record_index, np.int64),
+    "image_global": np.asarray(emb.image, np.float32),
+    "text_global": np.asarray(emb.text, np.float32),
+    "study_id": np.asarray(emb.ids, dtype=str),
+    "labels": np.asarray(emb.labels, np.float32),
+    "label_names": np.asarray(emb.label_names, dtype=str),
+    "report_text": np.asarray(emb.texts, dtype=str),
+    "record_index": np.asarray(emb.record_index, np.int64),
   }
   output_npz = pathlib.Path(output_npz)
   output_npz.parent.mkdir(parents=True, exist_ok=True)

@@ -24,16 +24,13 @@ from clinvla_jax.evaluate import metrics
 
 TextEmbedFn = Callable[[list[str]], np.ndarray]
 
-PROMPTS_DIR = (pathlib.Path(__file__).resolve().parent.parent / "assets"
-               / "prompts")
+PROMPTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "prompts"
 CHEXPERT_5X200_PROMPTS = "chexpert_5x200_prompt_parts.json"
 PNEUMONIA_PROMPTS = "pneumonia_prompts.json"
-CHEXPERT_5X200_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation",
-                          "Edema", "Pleural Effusion")
+CHEXPERT_5X200_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 
 
-def load_prompt_file(name: str,
-                     prompts_dir: Optional[pathlib.Path] = None) -> dict:
+def load_prompt_file(name: str, prompts_dir: Optional[pathlib.Path] = None) -> dict:
   """Reads one prompt JSON file from the bundled prompt folder (or another)."""
   path = pathlib.Path(prompts_dir or PROMPTS_DIR) / name
   with open(path, encoding="utf-8") as f:
@@ -56,9 +53,9 @@ def join_prompt(parts: Sequence[str]) -> str:
   return " ".join(" ".join(parts).split())
 
 
-def combine_prompt_parts(groups: Sequence[Sequence[str]],
-                         max_prompts: Optional[int] = None,
-                         seed: int = 0) -> list[str]:
+def combine_prompt_parts(
+  groups: Sequence[Sequence[str]], max_prompts: Optional[int] = None, seed: int = 0
+) -> list[str]:
   """Every prompt formed by one entry of each group, in product order.
 
   Duplicate entries in the groups give duplicate prompts; they are kept, since
@@ -77,16 +74,14 @@ def combine_prompt_parts(groups: Sequence[Sequence[str]],
   """
   prompts = [join_prompt(p) for p in itertools.product(*groups)]
   if max_prompts is not None and max_prompts < len(prompts):
-    keep = np.random.default_rng(seed).choice(
-        len(prompts), size=max_prompts, replace=False)
+    keep = np.random.default_rng(seed).choice(len(prompts), size=max_prompts, replace=False)
     prompts = [prompts[i] for i in np.sort(keep)]
   return prompts
 
 
-def chexpert_5x200_prompts(max_per_class: Optional[int] = None,
-                           seed: int = 0,
-                           prompt_file: Optional[dict] = None
-                           ) -> dict[str, list[str]]:
+def chexpert_5x200_prompts(
+  max_per_class: Optional[int] = None, seed: int = 0, prompt_file: Optional[dict] = None
+) -> dict[str, list[str]]:
   """The GLoRIA prompts of each CheXpert 5x200 class.
 
   Args:
@@ -100,19 +95,16 @@ def chexpert_5x200_prompts(max_per_class: Optional[int] = None,
   """
   data = prompt_file or load_prompt_file(CHEXPERT_5X200_PROMPTS)
   return {
-      name: combine_prompt_parts(groups, max_per_class, seed + i)
-      for i, (name, groups) in enumerate(data["classes"].items())
+    name: combine_prompt_parts(groups, max_per_class, seed + i)
+    for i, (name, groups) in enumerate(data["classes"].items())
   }
 
 
-def pneumonia_prompts(prompt_set: str = "alta_rsna",
-                      prompt_file: Optional[dict] = None
-                      ) -> dict[str, list[str]]:
+def pneumonia_prompts(prompt_set: str = "alta_rsna", prompt_file: Optional[dict] = None) -> dict[str, list[str]]:
   """{"positive": [...], "negative": [...]} pneumonia prompts of one set."""
   data = prompt_file or load_prompt_file(PNEUMONIA_PROMPTS)
   chosen = data[prompt_set]
-  return {"positive": list(chosen["positive"]),
-          "negative": list(chosen["negative"])}
+  return {"positive": list(chosen["positive"]), "negative": list(chosen["negative"])}
 
 
 # ---------------------------------------------------------------------------
@@ -120,9 +112,9 @@ def pneumonia_prompts(prompt_set: str = "alta_rsna",
 # ---------------------------------------------------------------------------
 
 
-def class_embeddings(prompts_by_class: Mapping[str, Sequence[str]],
-                     text_embed_fn: TextEmbedFn,
-                     class_names: Optional[Sequence[str]] = None) -> np.ndarray:
+def class_embeddings(
+  prompts_by_class: Mapping[str, Sequence[str]], text_embed_fn: TextEmbedFn, class_names: Optional[Sequence[str]] = None
+) -> np.ndarray:
   """One unit vector per class: the normalised mean of its prompt embeddings.
 
   Each prompt embedding is L2-normalised before averaging (a no-op for the
@@ -144,16 +136,13 @@ def class_embeddings(prompts_by_class: Mapping[str, Sequence[str]],
   flat = [p for group in prompts for p in group]
   emb = l2_normalize(np.asarray(text_embed_fn(flat)))
   if emb.shape[0] != len(flat):
-    raise ValueError(f"text_embed_fn returned {emb.shape[0]} rows for "
-                     f"{len(flat)} prompts")
+    raise ValueError(f"text_embed_fn returned {emb.shape[0]} rows for {len(flat)} prompts")
   bounds = np.cumsum([0] + [len(p) for p in prompts])
-  means = np.stack([emb[a:b].mean(axis=0)
-                    for a, b in zip(bounds[:-1], bounds[1:])])
+  means = np.stack([emb[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
   return l2_normalize(means)
 
 
-def zero_shot_predict(image_emb: np.ndarray,
-                      class_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def zero_shot_predict(image_emb: np.ndarray, class_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Argmax-cosine class of each image.
 
   Returns:
@@ -164,16 +153,17 @@ def zero_shot_predict(image_emb: np.ndarray,
   return np.argmax(cos, axis=1), cos
 
 
-def chexpert_5x200_zero_shot(image_emb: np.ndarray,
-                             labels: np.ndarray,
-                             text_embed_fn: TextEmbedFn,
-                             class_names: Sequence[str] = (
-                                 CHEXPERT_5X200_CLASSES),
-                             max_per_class: Optional[int] = None,
-                             seed: int = 0,
-                             *,
-                             num_resamples: int = 1000,
-                             bootstrap_seed: int = 0) -> dict[str, float]:
+def chexpert_5x200_zero_shot(
+  image_emb: np.ndarray,
+  labels: np.ndarray,
+  text_embed_fn: TextEmbedFn,
+  class_names: Sequence[str] = (CHEXPERT_5X200_CLASSES),
+  max_per_class: Optional[int] = None,
+  seed: int = 0,
+  *,
+  num_resamples: int = 1000,
+  bootstrap_seed: int = 0,
+) -> dict[str, float]:
   """CheXpert 5x200 zero-shot accuracy, its majority baseline and interval.
 
   Args:
@@ -195,16 +185,14 @@ def chexpert_5x200_zero_shot(image_emb: np.ndarray,
   class_emb = class_embeddings(prompts, text_embed_fn, class_names)
   pred, _ = zero_shot_predict(image_emb, class_emb)
   y = _class_indices(labels, class_names)
-  out = {"ACC": metrics.accuracy(y, pred),
-         "ACC_majority": metrics.majority_accuracy(y)}
+  out = {"ACC": metrics.accuracy(y, pred), "ACC_majority": metrics.majority_accuracy(y)}
   if num_resamples:
     low, high = metrics.bootstrap_ci(y == pred, num_resamples, bootstrap_seed)
     out.update({"ACC_ci_low": float(low), "ACC_ci_high": float(high)})
   return out
 
 
-def _class_indices(labels: np.ndarray,
-                   class_names: Sequence[str]) -> np.ndarray:
+def _class_indices(labels: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.dtype.kind in "iu":
     return labels
@@ -212,9 +200,9 @@ def _class_indices(labels: np.ndarray,
   return np.array([lookup[str(name)] for name in labels])
 
 
-def binary_probability(image_emb: np.ndarray, positive_emb: np.ndarray,
-                       negative_emb: np.ndarray,
-                       logit_scale: float = 1.0) -> np.ndarray:
+def binary_probability(
+  image_emb: np.ndarray, positive_emb: np.ndarray, negative_emb: np.ndarray, logit_scale: float = 1.0
+) -> np.ndarray:
   """p = softmax(s * [cos_pos, cos_neg])[0] = sigmoid(s * (cos_pos - cos_neg)).
 
   The protocol uses the raw cosines (``logit_scale`` = 1), so p stays near 0.5
@@ -227,13 +215,15 @@ def binary_probability(image_emb: np.ndarray, positive_emb: np.ndarray,
   return 1.0 / (1.0 + np.exp(-logit_scale * diff))
 
 
-def rsna_zero_shot(image_emb: np.ndarray,
-                   labels: np.ndarray,
-                   text_embed_fn: TextEmbedFn,
-                   prompt_set: str = "alta_rsna",
-                   logit_scale: float = 1.0,
-                   n_splits: int = 10,
-                   seed: int = 0) -> dict[str, float]:
+def rsna_zero_shot(
+  image_emb: np.ndarray,
+  labels: np.ndarray,
+  text_embed_fn: TextEmbedFn,
+  prompt_set: str = "alta_rsna",
+  logit_scale: float = 1.0,
+  n_splits: int = 10,
+  seed: int = 0,
+) -> dict[str, float]:
   """RSNA pneumonia zero-shot: AUC on all images, ACC/F1 by threshold CV.
 
   A prompt set with several prompts per side uses the normalised mean of its
@@ -257,9 +247,12 @@ def rsna_zero_shot(image_emb: np.ndarray,
   pos, neg = class_embeddings(prompts, text_embed_fn, ("positive", "negative"))
   p = binary_probability(image_emb, pos, neg, logit_scale)
   cv = metrics.threshold_cv(labels, p, n_splits, seed)
-  return {"AUC": metrics.roc_auc(labels, p), "AUC_chance": 0.5,
-          **{k: cv[k] for k in ("ACC", "F1", "ACC_std", "F1_std")},
-          **metrics.threshold_cv_baselines(labels, n_splits, seed)}
+  return {
+    "AUC": metrics.roc_auc(labels, p),
+    "AUC_chance": 0.5,
+    **{k: cv[k] for k in ("ACC", "F1", "ACC_std", "F1_std")},
+    **metrics.threshold_cv_baselines(labels, n_splits, seed),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -267,9 +260,9 @@ def rsna_zero_shot(image_emb: np.ndarray,
 # ---------------------------------------------------------------------------
 
 
-def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
-                            l2: float = 1e-3, max_iter: int = 100,
-                            tol: float = 1e-9) -> dict[str, np.ndarray]:
+def fit_logistic_regression(
+  x: np.ndarray, y: np.ndarray, num_classes: int, l2: float = 1e-3, max_iter: int = 100, tol: float = 1e-9
+) -> dict[str, np.ndarray]:
   """Multinomial logistic regression by damped Newton steps (numpy).
 
   Objective: mean_i CE(softmax(x_i W + b), y_i) + l2 / 2 * ||W||^2, the bias
@@ -301,8 +294,7 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
   def objective(t):
     logits = xb @ t
     logz = _logsumexp(logits)
-    return (np.mean(logz - np.sum(logits * onehot, axis=1))
-            + 0.5 * l2 * np.sum(penalty * t * t))
+    return np.mean(logz - np.sum(logits * onehot, axis=1)) + 0.5 * l2 * np.sum(penalty * t * t)
 
   size = (dim + 1) * num_classes
   for _ in range(max_iter):
@@ -319,8 +311,7 @@ def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int,
     hess = hess.reshape(size, size) + np.diag(l2 * penalty.ravel())
     # The bias is shift-invariant across classes: a tiny ridge keeps the
     # system solvable without moving the minimum.
-    step = np.linalg.solve(hess + 1e-10 * np.eye(size),
-                           grad.ravel()).reshape(theta.shape)
+    step = np.linalg.solve(hess + 1e-10 * np.eye(size), grad.ravel()).reshape(theta.shape)
     f0, rate = objective(theta), 1.0
     slope = float(np.sum(grad * step))
     while objective(theta - rate * step) > f0 - 1e-4 * rate * slope:
@@ -336,14 +327,18 @@ def _logsumexp(logits: np.ndarray) -> np.ndarray:
   return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
 
 
-def predict_logistic_regression(params: Mapping[str, np.ndarray],
-                                x: np.ndarray) -> np.ndarray:
+def predict_logistic_regression(params: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
   return np.argmax(np.asarray(x) @ params["w"] + params["b"], axis=1)
 
 
-def linear_probe_cv(features: np.ndarray, labels: np.ndarray,
-                    n_splits: int = 5, seed: int = 0, l2: float = 1e-3,
-                    metric: str = "macro_accuracy") -> dict[str, Any]:
+def linear_probe_cv(
+  features: np.ndarray,
+  labels: np.ndarray,
+  n_splits: int = 5,
+  seed: int = 0,
+  l2: float = 1e-3,
+  metric: str = "macro_accuracy",
+) -> dict[str, Any]:
   """Cross-validated linear probe on frozen embeddings.
 
   Folds come from `metrics.stratified_folds` (seeded).  In each fold the
@@ -362,8 +357,7 @@ def linear_probe_cv(features: np.ndarray, labels: np.ndarray,
     {"mean": float, "std": float (population std over folds),
      "folds": per-fold scores}.
   """
-  score_fn = {"macro_accuracy": metrics.macro_accuracy,
-              "accuracy": metrics.accuracy}[metric]
+  score_fn = {"macro_accuracy": metrics.macro_accuracy, "accuracy": metrics.accuracy}[metric]
   x = np.asarray(features, dtype=np.float64)
   classes, y = np.unique(np.asarray(labels), return_inverse=True)
   folds = metrics.stratified_folds(y, n_splits, seed)
@@ -372,9 +366,7 @@ def linear_probe_cv(features: np.ndarray, labels: np.ndarray,
     test = folds == fold
     mean = x[~test].mean(axis=0)
     std = np.maximum(x[~test].std(axis=0), 1e-8)
-    params = fit_logistic_regression((x[~test] - mean) / std, y[~test],
-                                     len(classes), l2)
+    params = fit_logistic_regression((x[~test] - mean) / std, y[~test], len(classes), l2)
     pred = predict_logistic_regression(params, (x[test] - mean) / std)
     scores.append(score_fn(y[test], pred))
-  return {"mean": float(np.mean(scores)), "std": float(np.std(scores)),
-          "folds": [float(s) for s in scores]}
+  return {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "folds": [float(s) for s in scores]}

@@ -16,6 +16,7 @@ from clinvla_jax.model import layers
 
 class _Coupling(nn.Module):
   """x (h/2) -> Linear(h/4) -> ReLU -> Linear(h/2)."""
+
   init_scheme: str = "identity"
   precision: layers.Precision = layers.Precision()
 
@@ -23,10 +24,10 @@ class _Coupling(nn.Module):
   def __call__(self, x):
     half = x.shape[-1]
     down_init, up_init = layers.adapter_initializers(self.init_scheme)
-    y = layers.dense(half // 2, ("embed", "adapter"), name="down", precision=self.precision,
-                     kernel_init=down_init)(x)
-    return layers.dense(half, ("adapter", "embed"), name="up", precision=self.precision,
-                        kernel_init=up_init)(nn.relu(y))
+    y = layers.dense(half // 2, ("embed", "adapter"), name="down", precision=self.precision, kernel_init=down_init)(x)
+    return layers.dense(half, ("adapter", "embed"), name="up", precision=self.precision, kernel_init=up_init)(
+      nn.relu(y)
+    )
 
 
 class InvertibleAdapter(nn.Module):
@@ -36,6 +37,7 @@ class InvertibleAdapter(nn.Module):
   inverse are the identity; with "bert" (the adapters library default) or
   "he" the map is a non-trivial bijection from the start.
   """
+
   init_scheme: str = "identity"
   precision: layers.Precision = layers.Precision()
 

@@ -28,22 +28,22 @@ class TextTowerConfig:
   hidden_size: int = 768
   num_heads: int = 12
   mlp_dim: int = 3072
-  vocab_size: int = 28996            # BioBERT v1.1 (cased BERT-base vocabulary)
+  vocab_size: int = 28996  # BioBERT v1.1 (cased BERT-base vocabulary)
   max_len: int = 128
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   dropout: float = 0.1
   attention_dropout: float = 0.1
-  use_adapters: bool = True          # language + task adapters ("Transformer-Adapt")
+  use_adapters: bool = True  # language + task adapters ("Transformer-Adapt")
   adapter_dim: int = 64
   invertible_adapter: bool = True
   adapter_init: str = "identity"
-  dtype: str = "float32"             # legacy: the 16-bit policy of this dtype when precision is ""
-  precision: str = ""                # a layers.precision_policy spec; "" follows dtype
-  remat: bool = False                # legacy switch: True is remat_policy "full"
-  remat_policy: str = ""             # layers.REMAT_POLICIES name; "" follows remat
+  dtype: str = "float32"  # legacy: the 16-bit policy of this dtype when precision is ""
+  precision: str = ""  # a layers.precision_policy spec; "" follows dtype
+  remat: bool = False  # legacy switch: True is remat_policy "full"
+  remat_policy: str = ""  # layers.REMAT_POLICIES name; "" follows remat
   residual_grad_barrier: bool = False  # layers.residual_grad_barrier after each block (model.residual_grad_barrier)
-  attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
+  attention_impl: str = "xla"  # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
 
 class Embeddings(nn.Module):
@@ -55,13 +55,21 @@ class Embeddings(nn.Module):
     prec = layers.tower_precision(cfg)
 
     def embed(num, name):
-      return nn.Embed(num, cfg.hidden_size, dtype=prec.activations_dtype, param_dtype=jnp.float32,
-                      embedding_init=layers.with_axes(layers.normal_02, ("vocab", "embed")), name=name)
+      return nn.Embed(
+        num,
+        cfg.hidden_size,
+        dtype=prec.activations_dtype,
+        param_dtype=jnp.float32,
+        embedding_init=layers.with_axes(layers.normal_02, ("vocab", "embed")),
+        name=name,
+      )
 
     positions = jnp.arange(input_ids.shape[1])[None, :]
-    x = (embed(cfg.vocab_size, "word_embeddings")(input_ids)
-         + embed(cfg.max_len, "position_embeddings")(positions)
-         + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids))
+    x = (
+      embed(cfg.vocab_size, "word_embeddings")(input_ids)
+      + embed(cfg.max_len, "position_embeddings")(positions)
+      + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+    )
     x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="LayerNorm")(x)
     return layers.Dropout(cfg.dropout)(x, deterministic=deterministic)
 
@@ -74,18 +82,24 @@ class SelfAttention(nn.Module):
     cfg = self.config
     prec = layers.tower_precision(cfg)
     head_dim = cfg.hidden_size // cfg.num_heads
-    proj = lambda name: layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), name=name,
-                                     precision=prec)
+    proj = lambda name: layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), name=name, precision=prec)
     q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
     q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
     dropout_rng = None
     if not deterministic and cfg.attention_dropout > 0:
       dropout_rng = self.make_rng("dropout")
-    ctx = layers.dot_product_attention(q, k, v, bias, precision=prec, dropout_rng=dropout_rng,
-                                       dropout_rate=cfg.attention_dropout, deterministic=deterministic,
-                                       implementation=cfg.attention_impl)
-    return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", precision=prec,
-                        axis=(-2, -1))(ctx)
+    ctx = layers.dot_product_attention(
+      q,
+      k,
+      v,
+      bias,
+      precision=prec,
+      dropout_rng=dropout_rng,
+      dropout_rate=cfg.attention_dropout,
+      deterministic=deterministic,
+      implementation=cfg.attention_impl,
+    )
+    return layers.dense(cfg.hidden_size, ("heads", "kv", "embed"), name="output", precision=prec, axis=(-2, -1))(ctx)
 
 
 class BertLayer(nn.Module):
@@ -97,8 +111,7 @@ class BertLayer(nn.Module):
     prec = layers.tower_precision(cfg)
     drop = layers.Dropout(cfg.dropout)
     attn = SelfAttention(cfg, name="attention")(x, bias, deterministic)
-    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="attention_norm")(
-        drop(attn, deterministic=deterministic) + x)
+    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="attention_norm")(drop(attn, deterministic=deterministic) + x)
     y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="intermediate", precision=prec)(x)
     y = layers.gelu_exact(y)
     y = layers.constrain(y, ("batch", "act_length", "act_mlp"))
@@ -115,6 +128,7 @@ class BertLayer(nn.Module):
 
 class TextTower(nn.Module):
   """__call__(input_ids [B, T], attention_mask [B, T]) -> last hidden state [B, T, h]."""
+
   config: TextTowerConfig
 
   @nn.compact

@@ -34,13 +34,13 @@ class ClinVLAConfig:
   image: ImageTowerConfig = ImageTowerConfig()
   text: TextTowerConfig = TextTowerConfig()
   proj_dim: int = 128
-  multiview: bool = True          # use lateral views
-  temporal: bool = True           # use prior-study views
+  multiview: bool = True  # use lateral views
+  temporal: bool = True  # use prior-study views
   logit_scale_init: float = math.log(1 / 0.07)
   # A learnable logit bias for the sigmoid global loss; None (every other loss) adds no parameter,
   # so the parameter tree, and checkpoints, stay as they were.
   logit_bias_init: Optional[float] = None
-  local_temperatures: Tuple[float, float, float] = (4.0, 5.0, 10.0)   # GLoRIA temp1, temp2, temp3
+  local_temperatures: Tuple[float, float, float] = (4.0, 5.0, 10.0)  # GLoRIA temp1, temp2, temp3
   learn_local_temperatures: bool = False
 
   @classmethod
@@ -112,7 +112,7 @@ def matmul_ready_params(params, mcfg: ClinVLAConfig):
 
   def cast(path, x):
     keys = [str(getattr(k, "key", k)) for k in path]
-    if keys and keys[0] == "params":   # a variables dict
+    if keys and keys[0] == "params":  # a variables dict
       keys = keys[1:]
     precision = towers.get(keys[0].split("_")[0]) if keys else None
     # Dense kernels only: the patch embedding sums its kernel over colour
@@ -120,18 +120,22 @@ def matmul_ready_params(params, mcfg: ClinVLAConfig):
     if precision is None or keys[-1] != "kernel" or x.dtype == precision.matmul_dtype:
       return x
     return x.astype(precision.matmul_dtype)
+
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _loss_parameter_fields(loss_cfg) -> dict:
   if loss_cfg is None or loss_cfg.get("global_type") != "sigmoid":
     return {}
-  return {"logit_scale_init": float(loss_cfg.get("sigmoid_logit_scale_init", math.log(10.0))),
-          "logit_bias_init": float(loss_cfg.get("sigmoid_logit_bias_init", -10.0))}
+  return {
+    "logit_scale_init": float(loss_cfg.get("sigmoid_logit_scale_init", math.log(10.0))),
+    "logit_bias_init": float(loss_cfg.get("sigmoid_logit_bias_init", -10.0)),
+  }
 
 
 class ProjectionHead(nn.Module):
   """h -> Dense(h) -> LayerNorm -> GELU -> Dense(P)."""
+
   proj_dim: int
   precision: layers.Precision
   eps: float = 1e-6
@@ -144,8 +148,7 @@ class ProjectionHead(nn.Module):
     y = layers.gelu_exact(y)
     # Embeddings leave the model in float32 whatever the policy: the losses and
     # the L2 normalisation run in float32.
-    return layers.dense(self.proj_dim, ("mlp", "proj"), name="dense2",
-                        precision=self.precision)(y).astype(jnp.float32)
+    return layers.dense(self.proj_dim, ("mlp", "proj"), name="dense2", precision=self.precision)(y).astype(jnp.float32)
 
 
 def l2_normalize(x, eps=1e-6):
@@ -173,15 +176,18 @@ class ClinVLA(nn.Module):
     self.image_local_head = ProjectionHead(cfg.proj_dim, image_precision)
     self.text_global_head = ProjectionHead(cfg.proj_dim, text_precision)
     self.text_local_head = ProjectionHead(cfg.proj_dim, text_precision)
-    self.logit_scale = self.param("logit_scale", layers.with_axes(
-        nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32)
+    self.logit_scale = self.param(
+      "logit_scale", layers.with_axes(nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32
+    )
     if cfg.logit_bias_init is not None:
-      self.logit_bias = self.param("logit_bias", layers.with_axes(
-          nn.initializers.constant(cfg.logit_bias_init), ()), (), jnp.float32)
+      self.logit_bias = self.param(
+        "logit_bias", layers.with_axes(nn.initializers.constant(cfg.logit_bias_init), ()), (), jnp.float32
+      )
     if cfg.learn_local_temperatures:
       init = jnp.log(jnp.asarray(cfg.local_temperatures, jnp.float32))
       self.local_log_temperatures = self.param(
-          "local_log_temperatures", layers.with_axes(lambda *_: init, (None,)), (3,), jnp.float32)
+        "local_log_temperatures", layers.with_axes(lambda *_: init, (None,)), (3,), jnp.float32
+      )
 
   def local_temperatures(self):
     if self.config.learn_local_temperatures:
@@ -223,15 +229,14 @@ class ClinVLA(nn.Module):
     hidden = self.text_tower(input_ids, attention_mask, deterministic=deterministic)
     global_emb = l2_normalize(self.text_global_head(hidden[:, 0, :]))
     local = self.text_local_head(hidden)
-    return {"global": global_emb, "local": local, "local_mask": text_local_mask(attention_mask),
-            "hidden": hidden}
+    return {"global": global_emb, "local": local, "local_mask": text_local_mask(attention_mask), "hidden": hidden}
 
   def __call__(self, patches, patch_idx, view_valid, input_ids, attention_mask, deterministic: bool = True):
     out = {
-        "image": self.encode_image(patches, patch_idx, view_valid),
-        "text": self.encode_text(input_ids, attention_mask, deterministic),
-        "logit_scale": self.logit_scale,
-        "local_temperatures": self.local_temperatures(),
+      "image": self.encode_image(patches, patch_idx, view_valid),
+      "text": self.encode_text(input_ids, attention_mask, deterministic),
+      "logit_scale": self.logit_scale,
+      "local_temperatures": self.local_temperatures(),
     }
     if self.config.logit_bias_init is not None:
       out["logit_bias"] = self.logit_bias

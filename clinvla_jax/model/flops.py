@@ -15,8 +15,8 @@ from clinvla_jax.model.clinvla import ClinVLAConfig
 
 def transformer_layer_flops(seq: int, width: int, mlp: int, adapters: int = 0, adapter_dim: int = 0) -> int:
   """Forward FLOPs of one transformer layer on one sequence of ``seq`` tokens."""
-  projections = 2 * seq * width * (4 * width)        # q, k, v, output
-  attention = 2 * 2 * seq * seq * width              # QK^T and AV
+  projections = 2 * seq * width * (4 * width)  # q, k, v, output
+  attention = 2 * 2 * seq * seq * width  # QK^T and AV
   feed_forward = 2 * 2 * seq * width * mlp
   adapter = adapters * 2 * 2 * seq * width * adapter_dim
   return projections + attention + feed_forward + adapter
@@ -46,20 +46,21 @@ def forward_flops_per_study(cfg: ClinVLAConfig, *, num_views: int, kept_patches:
   """Forward FLOPs of one study (image views + report), by part."""
   image = num_views * vit_forward_flops(cfg, 1 + kept_patches)
   text = bert_forward_flops(cfg, text_tokens)
-  heads = (head_flops(cfg.image.hidden_size, cfg.proj_dim, 1 + num_views * kept_patches)
-           + head_flops(cfg.text.hidden_size, cfg.proj_dim, 1 + text_tokens))
+  heads = head_flops(cfg.image.hidden_size, cfg.proj_dim, 1 + num_views * kept_patches) + head_flops(
+    cfg.text.hidden_size, cfg.proj_dim, 1 + text_tokens
+  )
   return {"image": image, "text": text, "heads": heads, "total": image + text + heads}
 
 
 def train_forward_flops(cfg: ClinVLAConfig, *, kept_patches: int) -> dict:
   """Forward FLOPs of one training study: every used view with ``kept_patches`` patches (the data's masking)."""
-  return forward_flops_per_study(cfg, num_views=len(cfg.view_slots), kept_patches=kept_patches,
-                                 text_tokens=cfg.text.max_len)
+  return forward_flops_per_study(
+    cfg, num_views=len(cfg.view_slots), kept_patches=kept_patches, text_tokens=cfg.text.max_len
+  )
 
 
 def eval_forward_flops(cfg: ClinVLAConfig) -> dict:
-  return forward_flops_per_study(cfg, num_views=1, kept_patches=cfg.image.num_patches,
-                                 text_tokens=cfg.text.max_len)
+  return forward_flops_per_study(cfg, num_views=1, kept_patches=cfg.image.num_patches, text_tokens=cfg.text.max_len)
 
 
 def train_step_flops_per_study(cfg: ClinVLAConfig, *, kept_patches: int, frozen_backbone: bool = True) -> int:

@@ -48,6 +48,7 @@ class Precision:
   Softmax, LayerNorm statistics, the L2 normalisation of embeddings and the losses run in
   float32 under every policy.
   """
+
   name: str = "float32"
   matmul: str = "float32"
   products: str = "float32"
@@ -67,8 +68,10 @@ class Precision:
     return as_dtype(self.activations)
 
   def describe(self) -> str:
-    return (f"{self.name} (matmul operands {self.matmul}, products {self.products}, "
-            f"activations {self.activations}, parameters {self.params})")
+    return (
+      f"{self.name} (matmul operands {self.matmul}, products {self.products}, "
+      f"activations {self.activations}, parameters {self.params})"
+    )
 
 
 # Named policies.  XLA:CPU runs a bf16 x bf16 product fast only when it returns
@@ -78,10 +81,10 @@ class Precision:
 # whatever the result dtype, so there a bf16 result and bf16 activations halve
 # the memory traffic at no cost in accumulation.
 POLICIES = {
-    "float32": Precision("float32"),
-    "bf16_fp32_out": Precision("bf16_fp32_out", matmul="bfloat16"),
-    "bfloat16": Precision("bfloat16", matmul="bfloat16", products="bfloat16", activations="bfloat16"),
-    "float16": Precision("float16", matmul="float16", products="float16", activations="float16"),
+  "float32": Precision("float32"),
+  "bf16_fp32_out": Precision("bf16_fp32_out", matmul="bfloat16"),
+  "bfloat16": Precision("bfloat16", matmul="bfloat16", products="bfloat16", activations="bfloat16"),
+  "float16": Precision("float16", matmul="float16", products="float16", activations="float16"),
 }
 PRECISION_NAMES = ("auto", *POLICIES)
 
@@ -126,12 +129,12 @@ def precision_policy(spec: str | Precision, backend: Optional[str] = None) -> Pr
     for item in filter(None, re.split(r"[,\s]+", spec)):
       key, _, value = item.partition("=")
       if key not in ("matmul", "products", "activations") or value not in _DTYPES:
-        raise ValueError(f"precision {spec!r}: {item!r} is not matmul|products|activations="
-                         f"{'|'.join(_DTYPES)}")
+        raise ValueError(f"precision {spec!r}: {item!r} is not matmul|products|activations={'|'.join(_DTYPES)}")
       fields[key] = value
     return Precision(name=spec, **fields)
-  raise ValueError(f"unknown precision {spec!r}; expected one of {PRECISION_NAMES} or "
-                   "'matmul=...,products=...,activations=...'")
+  raise ValueError(
+    f"unknown precision {spec!r}; expected one of {PRECISION_NAMES} or 'matmul=...,products=...,activations=...'"
+  )
 
 
 def tower_precision(tower_config) -> Precision:
@@ -152,15 +155,15 @@ def einsum(spec: str, x: jax.Array, y: jax.Array, precision: Precision) -> jax.A
   if precision.matmul == precision.products:
     dtype = precision.matmul_dtype
     return jnp.einsum(spec, x.astype(dtype), y.astype(dtype))
-  return _mixed_einsum(spec, precision.matmul_dtype, precision.products_dtype,
-                       jnp.dtype(x.dtype), jnp.dtype(y.dtype), x, y)
+  return _mixed_einsum(
+    spec, precision.matmul_dtype, precision.products_dtype, jnp.dtype(x.dtype), jnp.dtype(y.dtype), x, y
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
 def _mixed_einsum(spec, operand_dtype, product_dtype, x_dtype, y_dtype, x, y):
   del x_dtype, y_dtype
-  return jnp.einsum(spec, x.astype(operand_dtype), y.astype(operand_dtype),
-                    preferred_element_type=product_dtype)
+  return jnp.einsum(spec, x.astype(operand_dtype), y.astype(operand_dtype), preferred_element_type=product_dtype)
 
 
 def _mixed_einsum_fwd(spec, operand_dtype, product_dtype, x_dtype, y_dtype, x, y):
@@ -271,6 +274,7 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
 class LayerNorm(nn.Module):
   """LayerNorm with named parameters; statistics always in float32, output in the activation dtype."""
+
   eps: float
   precision: Precision = Precision()
 
@@ -293,6 +297,7 @@ class DenseGeneral(nn.Module):
   ([*inputs, *features]), so its logical axis names always match its rank, also
   when Flax re-evaluates initialisers to check shapes under sharding rules.
   """
+
   features: Tuple[int, ...]
   axes: Tuple[Optional[str], ...]
   num_in: int = 1
@@ -302,15 +307,17 @@ class DenseGeneral(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    in_shape = x.shape[-self.num_in:]
-    kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), tuple(in_shape) + tuple(self.features),
-                        jnp.float32)
-    in_letters = "abcdefgh"[:self.num_in]
-    out_letters = "stuvw"[:len(self.features)]
+    in_shape = x.shape[-self.num_in :]
+    kernel = self.param(
+      "kernel", with_axes(self.kernel_init, self.axes), tuple(in_shape) + tuple(self.features), jnp.float32
+    )
+    in_letters = "abcdefgh"[: self.num_in]
+    out_letters = "stuvw"[: len(self.features)]
     y = einsum(f"...{in_letters},{in_letters}{out_letters}->...{out_letters}", x, kernel, self.precision)
     if self.use_bias:
-      bias = self.param("bias", with_axes(nn.initializers.zeros, self.axes[-len(self.features):]),
-                        tuple(self.features), jnp.float32)
+      bias = self.param(
+        "bias", with_axes(nn.initializers.zeros, self.axes[-len(self.features) :]), tuple(self.features), jnp.float32
+      )
       y = y + bias.astype(y.dtype)
     return y.astype(self.precision.activations_dtype)
 
@@ -323,15 +330,32 @@ def dense(features, axes, *, name, precision: Precision, kernel_init=normal_02, 
   """
   features = (features,) if isinstance(features, int) else tuple(features)
   num_in = 1 if isinstance(axis, int) else len(axis)
-  return DenseGeneral(features=features, axes=tuple(axes), num_in=num_in, precision=precision, kernel_init=kernel_init,
-                      use_bias=use_bias, name=name)
+  return DenseGeneral(
+    features=features,
+    axes=tuple(axes),
+    num_in=num_in,
+    precision=precision,
+    kernel_init=kernel_init,
+    use_bias=use_bias,
+    name=name,
+  )
 
 
 ATTENTION_IMPLS = ("xla", "cudnn", "jax")
 
 
-def dot_product_attention(q, k, v, bias, *, precision: Precision, dropout_rng=None, dropout_rate=0.0, deterministic=True,
-                          implementation: str = "xla"):
+def dot_product_attention(
+  q,
+  k,
+  v,
+  bias,
+  *,
+  precision: Precision,
+  dropout_rng=None,
+  dropout_rate=0.0,
+  deterministic=True,
+  implementation: str = "xla",
+):
   """Multi-head attention core.
 
   q: [B, Q, H, D]; k, v: [B, K, H, D]; bias: additive, broadcastable to
@@ -353,7 +377,7 @@ def dot_product_attention(q, k, v, bias, *, precision: Precision, dropout_rng=No
   fused_ok = not dropout_active
   dtype = precision.matmul_dtype
   if implementation == "cudnn" and (dtype == jnp.float32 or jax.default_backend() != "gpu"):
-    fused_ok = False   # cuDNN's kernel needs a GPU and 16-bit inputs
+    fused_ok = False  # cuDNN's kernel needs a GPU and 16-bit inputs
   if implementation != "xla" and fused_ok:
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     if implementation == "cudnn":
@@ -365,7 +389,7 @@ def dot_product_attention(q, k, v, bias, *, precision: Precision, dropout_rng=No
       out = jax.nn.dot_product_attention(q, k, v, bias=bias)
     return out.astype(precision.activations_dtype)
   depth = q.shape[-1]
-  q = q * jnp.asarray(depth ** -0.5, q.dtype)
+  q = q * jnp.asarray(depth**-0.5, q.dtype)
   logits = einsum("bqhd,bkhd->bhqk", q, k, dataclasses.replace(precision, products="float32"))
   if bias is not None:
     logits = logits + bias
@@ -396,6 +420,7 @@ def dropout_keep_mask(rng: jax.Array, rate: float, shape) -> Tuple[jax.Array, fl
 
 class Dropout(nn.Module):
   """Inverted dropout (``nn.Dropout``'s interface) with 16-bit random draws (``dropout_keep_mask``)."""
+
   rate: float
 
   @nn.compact
@@ -418,6 +443,7 @@ class BottleneckAdapter(nn.Module):
   network starts exactly as the pretrained one; "bert" draws every weight from
   N(0, 0.02); "he" uses He-normal weights (the paper's Algorithm 1).
   """
+
   bottleneck: int
   init_scheme: str = "identity"
   precision: Precision = Precision()
@@ -426,8 +452,7 @@ class BottleneckAdapter(nn.Module):
   def __call__(self, x):
     features = x.shape[-1]
     down_init, up_init = adapter_initializers(self.init_scheme)
-    y = dense(self.bottleneck, ("embed", "adapter"), name="down", precision=self.precision,
-              kernel_init=down_init)(x)
+    y = dense(self.bottleneck, ("embed", "adapter"), name="down", precision=self.precision, kernel_init=down_init)(x)
     y = nn.relu(y)
     return dense(features, ("adapter", "embed"), name="up", precision=self.precision, kernel_init=up_init)(y)
 
@@ -453,10 +478,10 @@ def adapter_initializers(init: str):
 #   dots_no_batch: save only products without batch dimensions (the dense
 #     layers), recompute attention's batched products as well.
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -482,5 +507,3 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def as_dtype(name: str) -> Dtype:
   return _DTYPES[name]
-
-

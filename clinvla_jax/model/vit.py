@@ -23,8 +23,8 @@ from clinvla_jax.model import layers
 
 # View slot -> (view type, time) for the four record views:
 # current frontal, current lateral, prior frontal, prior lateral.
-VIEW_TYPE = (0, 1, 0, 1)   # 0 frontal, 1 lateral
-VIEW_TIME = (0, 0, 1, 1)   # 0 current, 1 prior
+VIEW_TYPE = (0, 1, 0, 1)  # 0 frontal, 1 lateral
+VIEW_TIME = (0, 0, 1, 1)  # 0 current, 1 prior
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,18 +36,18 @@ class ImageTowerConfig:
   patch_size: int = 16
   image_size: int = 224
   channels: int = 3
-  pos_embed: str = "sincos"          # "sincos" (fixed, MAE) or "learned"
-  adapter_dim: int = 64              # 0 disables the per-block adapters
+  pos_embed: str = "sincos"  # "sincos" (fixed, MAE) or "learned"
+  adapter_dim: int = 64  # 0 disables the per-block adapters
   adapter_init: str = "identity"
   layer_norm_eps: float = 1e-6
   pixel_mean: float = 0.4785
   pixel_std: float = 0.2834
-  dtype: str = "float32"             # legacy: the 16-bit policy of this dtype when precision is ""
-  precision: str = ""                # a layers.precision_policy spec; "" follows dtype
-  remat: bool = False                # legacy switch: True is remat_policy "full"
-  remat_policy: str = ""             # layers.REMAT_POLICIES name; "" follows remat
+  dtype: str = "float32"  # legacy: the 16-bit policy of this dtype when precision is ""
+  precision: str = ""  # a layers.precision_policy spec; "" follows dtype
+  remat: bool = False  # legacy switch: True is remat_policy "full"
+  remat_policy: str = ""  # layers.REMAT_POLICIES name; "" follows remat
   residual_grad_barrier: bool = False  # layers.residual_grad_barrier after each block (model.residual_grad_barrier)
-  attention_impl: str = "xla"        # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
+  attention_impl: str = "xla"  # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
 
   @property
   def grid_size(self) -> int:
@@ -55,7 +55,7 @@ class ImageTowerConfig:
 
   @property
   def num_patches(self) -> int:
-    return self.grid_size ** 2
+    return self.grid_size**2
 
 
 def sincos_2d_position_embedding(grid_size: int, dim: int) -> np.ndarray:
@@ -68,12 +68,13 @@ def sincos_2d_position_embedding(grid_size: int, dim: int) -> np.ndarray:
   """
   if dim % 4:
     raise ValueError(f"sin-cos position embedding needs hidden_size % 4 == 0, got {dim}")
-  rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
-                           indexing="ij")
+  rows, cols = np.meshgrid(
+    np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij"
+  )
 
   def one_axis(pos):
     omega = np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)
-    omega = 1.0 / 10000 ** omega
+    omega = 1.0 / 10000**omega
     angles = pos.reshape(-1)[:, None] * omega[None, :]
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
@@ -90,14 +91,13 @@ class Attention(nn.Module):
   def __call__(self, x):
     dim = x.shape[-1]
     head_dim = dim // self.num_heads
-    qkv = layers.dense((3, self.num_heads, head_dim), ("embed", None, "heads", "kv"),
-                       name="qkv", precision=self.precision)(x)
+    qkv = layers.dense(
+      (3, self.num_heads, head_dim), ("embed", None, "heads", "kv"), name="qkv", precision=self.precision
+    )(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = layers.constrain(q, ("batch", "act_length", "act_heads", "act_kv"))
-    out = layers.dot_product_attention(q, k, v, None, precision=self.precision,
-                                       implementation=self.implementation)
-    return layers.dense(dim, ("heads", "kv", "embed"), name="proj", precision=self.precision,
-                        axis=(-2, -1))(out)
+    out = layers.dot_product_attention(q, k, v, None, precision=self.precision, implementation=self.implementation)
+    return layers.dense(dim, ("heads", "kv", "embed"), name="proj", precision=self.precision, axis=(-2, -1))(out)
 
 
 class Mlp(nn.Module):
@@ -114,6 +114,7 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   """Pre-LN transformer block; the adapter follows the MLP inside its residual."""
+
   config: ImageTowerConfig
 
   @nn.compact
@@ -144,6 +145,7 @@ class ImageTower(nn.Module):
   3-channel model: summing the kernel over channels is exactly the same as
   feeding the gray value replicated to every channel.
   """
+
   config: ImageTowerConfig
 
   @nn.compact
@@ -156,8 +158,10 @@ class ImageTower(nn.Module):
       raise ValueError(f"{num_views} views given but view_slots={view_slots}")
     pixels_per_channel = cfg.patch_size * cfg.patch_size
     if patch_dim not in (pixels_per_channel, pixels_per_channel * cfg.channels):
-      raise ValueError(f"patch vector length {patch_dim} fits neither 1 nor {cfg.channels} channels "
-                       f"of {cfg.patch_size}x{cfg.patch_size} patches")
+      raise ValueError(
+        f"patch vector length {patch_dim} fits neither 1 nor {cfg.channels} channels "
+        f"of {cfg.patch_size}x{cfg.patch_size} patches"
+      )
     width = cfg.hidden_size
 
     if patches.dtype == jnp.uint8:
@@ -166,10 +170,13 @@ class ImageTower(nn.Module):
       x = patches.astype(jnp.float32)
     x = x.reshape(batch * num_views, num_kept, patch_dim)
 
-    kernel = self.param("patch_embed_kernel", layers.with_axes(layers.trunc_normal_02, ("patch", "embed")),
-                        (pixels_per_channel * cfg.channels, width), jnp.float32)
-    bias = self.param("patch_embed_bias", layers.with_axes(nn.initializers.zeros, ("embed",)), (width,),
-                      jnp.float32)
+    kernel = self.param(
+      "patch_embed_kernel",
+      layers.with_axes(layers.trunc_normal_02, ("patch", "embed")),
+      (pixels_per_channel * cfg.channels, width),
+      jnp.float32,
+    )
+    bias = self.param("patch_embed_bias", layers.with_axes(nn.initializers.zeros, ("embed",)), (width,), jnp.float32)
     if patch_dim == pixels_per_channel and cfg.channels > 1:
       kernel = kernel.reshape(pixels_per_channel, cfg.channels, width).sum(axis=1)
     tokens = (layers.einsum("bkp,pd->bkd", x, kernel, prec) + bias).astype(dtype)
@@ -177,15 +184,20 @@ class ImageTower(nn.Module):
     if cfg.pos_embed == "sincos":
       pos_table = jnp.asarray(sincos_2d_position_embedding(cfg.grid_size, width))
     elif cfg.pos_embed == "learned":
-      pos_table = self.param("pos_embedding", layers.with_axes(layers.trunc_normal_02, (None, "embed")),
-                             (1 + cfg.num_patches, width), jnp.float32)
+      pos_table = self.param(
+        "pos_embedding",
+        layers.with_axes(layers.trunc_normal_02, (None, "embed")),
+        (1 + cfg.num_patches, width),
+        jnp.float32,
+      )
     else:
       raise ValueError(f"Unknown pos_embed {cfg.pos_embed!r}")
     flat_idx = patch_idx.reshape(batch * num_views, num_kept)
     tokens = tokens + jnp.take(pos_table, flat_idx + 1, axis=0).astype(dtype)
 
-    cls = self.param("cls_token", layers.with_axes(nn.initializers.normal(1e-6), (None, "embed")),
-                     (1, width), jnp.float32)
+    cls = self.param(
+      "cls_token", layers.with_axes(nn.initializers.normal(1e-6), (None, "embed")), (1, width), jnp.float32
+    )
     cls = (cls + pos_table[:1]).astype(dtype)
     tokens = jnp.concatenate([jnp.broadcast_to(cls[None], (batch * num_views, 1, width)), tokens], axis=1)
     tokens = tokens.reshape(batch, num_views, 1 + num_kept, width)
@@ -195,15 +207,14 @@ class ImageTower(nn.Module):
     # and its outputs are masked out of pooling and local features downstream.
     missing = self.param("missing_token", layers.with_axes(layers.normal_02, ("embed",)), (width,), jnp.float32)
     missing_seq = missing.astype(dtype) + jnp.concatenate(
-        [jnp.broadcast_to(pos_table[:1], (batch, num_views, 1, width)),
-         jnp.take(pos_table, patch_idx + 1, axis=0)], axis=2).astype(dtype)
+      [jnp.broadcast_to(pos_table[:1], (batch, num_views, 1, width)), jnp.take(pos_table, patch_idx + 1, axis=0)],
+      axis=2,
+    ).astype(dtype)
     valid = view_valid.astype(bool)[:, :, None, None]
     tokens = jnp.where(valid, tokens, missing_seq)
 
-    view_embed = self.param("view_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width),
-                            jnp.float32)
-    time_embed = self.param("time_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width),
-                            jnp.float32)
+    view_embed = self.param("view_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width), jnp.float32)
+    time_embed = self.param("time_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width), jnp.float32)
     slot_type = jnp.asarray([VIEW_TYPE[s] for s in view_slots])
     slot_time = jnp.asarray([VIEW_TIME[s] for s in view_slots])
     tokens = tokens + (view_embed[slot_type] + time_embed[slot_time]).astype(dtype)[None, :, None, :]

@@ -4,6 +4,7 @@ A random model scores at chance; these tests check the machinery (embedding,
 padding, sharding, outputs), not the numbers.
 """
 
+import copy
 import json
 import os
 import pathlib
@@ -207,3 +208,23 @@ def test_class_names_and_label_prompts():
   assert "Findings suggesting COVID-19 pneumonia." in prompts["COVID-19"]
   assert "Findings suggesting Edema." in prompts["Edema"]
   assert "The lungs are clear." in prompts["No Finding"]
+
+
+def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
+  """Evaluation on the config's training mesh (FSDP over 4 devices) shards the variables like training."""
+  cfg, variables = model
+  cfg = copy.deepcopy(cfg)
+  cfg.mesh.update(data=2, fsdp=4, tensor=1)
+  mesh = embed_lib.eval_mesh(cfg)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  mcfg = api.model_config(cfg)
+  rules = embed_lib._logical_rules(cfg, mesh)  # pylint: disable=protected-access
+  placed = embed_lib.place_variables(variables, mesh, mcfg, rules)
+  kernel = placed["params"]["text_tower"]["layer_0"]["intermediate"]["kernel"]
+  # The embed dimension lies on the fsdp axis: each device holds a quarter of it.
+  assert "fsdp" in str(kernel.sharding.spec)
+  assert {s.data.shape[0] for s in kernel.addressable_shards} == {kernel.shape[0] // 4}
+  sharded = _evaluate(cfg, variables)  # mesh=None: the training mesh of the config
+  one = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:1]))
+  for key in ("image", "text", "prompts"):
+    np.testing.assert_allclose(sharded[key], one[key], atol=1e-5)

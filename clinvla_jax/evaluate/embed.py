@@ -38,7 +38,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+import flax.linen as nn
+
 from clinvla_jax import api
+from clinvla_jax import sharding
 from clinvla_jax.convert import common as convert_common
 from clinvla_jax.data import pipeline
 from clinvla_jax.data import records
@@ -177,9 +180,36 @@ def _cached_source(paths: tuple[str, ...]) -> _FrontalReader:
 
 
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A 1-D mesh named "data" over ``devices`` (default: all of them)."""
+  """A 1-D mesh named "data" over ``devices`` (default: all of them); the variables are replicated on it."""
   devices = list(jax.devices() if devices is None else devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def eval_mesh(config, mesh: Optional[Mesh] = None) -> Mesh:
+  """The mesh evaluation runs on: ``mesh``, else the training mesh of ``config.mesh``.
+
+  On the training mesh the variables keep the training's FSDP / tensor
+  shardings (the config's logical rules), so a sharded model is never
+  gathered onto every device to be evaluated.
+  """
+  if mesh is not None:
+    return mesh
+  if hasattr(config, "get") and config.get("mesh") is not None:
+    return sharding.make_mesh(config.mesh)
+  return data_mesh()
+
+
+def _logical_rules(config, mesh: Mesh) -> Optional[tuple]:
+  """The config's logical axis rules when ``mesh`` has the training axes, else None (replicated variables)."""
+  if hasattr(config, "get") and config.get("sharding") is not None and set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return sharding.logical_rules(config)
+  return None
+
+
+def _row_spec(mesh: Mesh) -> PartitionSpec:
+  # Rows split like the training batch: over the batch axes the mesh has.
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names) or (mesh.axis_names[0],)
+  return PartitionSpec(axes if len(axes) > 1 else axes[0])
 
 
 def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
@@ -188,18 +218,28 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
   return max(1, -(-int(batch_size) // n)) * n
 
 
+def _variable_shardings(mcfg: ClinVLAConfig, mesh: Mesh, rules: Optional[tuple]):
+  """Shardings of {"params": ...}: the logical rules' (as in training), or replicated without rules."""
+  if rules is None:
+    return NamedSharding(mesh, PartitionSpec())
+  boxed = jax.eval_shape(api.init_fn(mcfg, boxed=True), jax.random.key(0))
+  return {"params": sharding.param_shardings(boxed["params"], mesh, rules)}
+
+
 @functools.lru_cache(maxsize=None)
 def _encoders(
-  mcfg: ClinVLAConfig, view_slots: Optional[tuple[int, ...]], mesh: Mesh
+  mcfg: ClinVLAConfig, view_slots: Optional[tuple[int, ...]], mesh: Mesh, rules: Optional[tuple] = None
 ) -> tuple[Callable[..., jax.Array], ...]:
   """(image_fn, text_fn) -> global embeddings, batch split over the mesh.
 
-  Only the global embeddings leave the functions, so XLA drops the local
-  heads that evaluation does not need.
+  The one prediction function of evaluation, embedding and search: variables
+  sharded by ``rules`` (the training's) or replicated, rows split over the
+  batch axes.  Only the global embeddings leave the functions, so XLA drops
+  the local heads that evaluation does not need.
   """
   model = ClinVLA(mcfg)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  variables_sharding = _variable_shardings(mcfg, mesh, rules)
+  rows = NamedSharding(mesh, _row_spec(mesh))
 
   def image(variables, patches, patch_idx, view_valid):
     out = model.apply(variables, patches, patch_idx, view_valid, view_slots, method=ClinVLA.encode_image)
@@ -209,27 +249,37 @@ def _encoders(
     out = model.apply(variables, input_ids, attention_mask, method=ClinVLA.encode_text)
     return out["global"]
 
-  image_fn = jax.jit(image, in_shardings=(replicated, rows, rows, rows), out_shardings=rows)
-  text_fn = jax.jit(text, in_shardings=(replicated, rows, rows), out_shardings=rows)
-  return image_fn, text_fn
+  image_jit = jax.jit(image, in_shardings=(variables_sharding, rows, rows, rows), out_shardings=rows)
+  text_jit = jax.jit(text, in_shardings=(variables_sharding, rows, rows), out_shardings=rows)
+  if rules is None:
+    return image_jit, text_jit
+
+  def in_context(fn):
+    # Traced under the mesh and the logical rules, so the model's activation
+    # constraints shard as they do in training.
+    def run(*args):
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return fn(*args)
+
+    return run
+
+  return in_context(image_jit), in_context(text_jit)
 
 
-def replicate(variables, mesh: Mesh, mcfg: Optional[ClinVLAConfig] = None):
-  """Places the variables on every device of the mesh (once per evaluation).
+def place_variables(variables, mesh: Mesh, mcfg: ClinVLAConfig, rules: Optional[tuple] = None):
+  """Puts the variables where the encoders want them (once per evaluation).
 
-  With ``mcfg`` the kernels are cast to the matmul dtype of its precision
-  policy first, once, instead of inside every embedding call.
+  Sharded by ``rules`` on a training mesh, else replicated.  The kernels are
+  cast to the matmul dtype of the precision policy first, once, instead of
+  inside every embedding call.
   """
-  if mcfg is not None:
-    variables = matmul_ready_params(variables, mcfg)
-  return jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+  return jax.device_put(matmul_ready_params(variables, mcfg), _variable_shardings(mcfg, mesh, rules))
 
 
 def _global_rows(local: np.ndarray, mesh: Mesh) -> jax.Array:
   # Each process holds its own rows; this stitches them into one array
-  # split over the data axis (a plain device_put with one process).
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  return jax.make_array_from_process_local_data(sharding, local)
+  # split over the batch axes (a plain device_put with one process).
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, _row_spec(mesh)), local)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -275,15 +325,16 @@ def iterate_embeddings(
   The streaming form of `embed_dataset`, for sets too large to keep whole.
   """
   mcfg = api.model_config(config)
-  mesh = mesh or data_mesh()
+  mesh = eval_mesh(config, mesh)
+  rules = _logical_rules(config, mesh)
   slots = eval_view_slots(config, view_slots)
   paths = resolve_paths(data, split)
   global_batch = padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
   # The loader reads only the slots the encoder uses (frontal-only evaluation
   # skips three quarters of the pixels).
   loader = pipeline.make_eval_loader(list(paths), global_batch_size=global_batch, view_slots=slots)
-  image_fn, text_fn = _encoders(mcfg, slots, mesh)
-  variables = replicate(variables, mesh, mcfg)
+  image_fn, text_fn = _encoders(mcfg, slots, mesh, rules)
+  variables = place_variables(variables, mesh, mcfg, rules)
   for batch in loader:
     patches, idx, valid = _select_views(batch, None)
     image = image_fn(variables, _global_rows(patches, mesh), _global_rows(idx, mesh), _global_rows(valid, mesh))
@@ -399,11 +450,12 @@ def make_text_embed_fn(
   final row), so prompts of any count reuse one compiled function.
   """
   mcfg = api.model_config(config)
-  mesh = mesh or data_mesh()
+  mesh = eval_mesh(config, mesh)
+  rules = _logical_rules(config, mesh)
   tokenizer = tokenizer or tokenizer_from_config(config)
   size = padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
-  _, text_fn = _encoders(mcfg, eval_view_slots(config), mesh)
-  placed = replicate(variables, mesh, mcfg)
+  _, text_fn = _encoders(mcfg, eval_view_slots(config), mesh, rules)
+  placed = place_variables(variables, mesh, mcfg, rules)
 
   def embed(texts: Sequence[str]) -> np.ndarray:
     texts = list(texts)

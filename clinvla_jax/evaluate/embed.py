@@ -218,8 +218,13 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
   return max(1, -(-int(batch_size) // n)) * n
 
 
+@functools.lru_cache(maxsize=None)
 def _variable_shardings(mcfg: ClinVLAConfig, mesh: Mesh, rules: Optional[tuple]):
-  """Shardings of {"params": ...}: the logical rules' (as in training), or replicated without rules."""
+  """Shardings of {"params": ...}: the logical rules' (as in training), or replicated without rules.
+
+  Cached: the encoders and ``place_variables`` ask for the same tree at every
+  evaluation, and building it traces the model's initialisation.
+  """
   if rules is None:
     return NamedSharding(mesh, PartitionSpec())
   boxed = jax.eval_shape(api.init_fn(mcfg, boxed=True), jax.random.key(0))

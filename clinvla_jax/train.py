@@ -10,6 +10,7 @@ restored, so the run continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkp
 from clinvla_jax.model import flops as flops_lib
 from clinvla_jax.model import layers
 from clinvla_jax.model.clinvla import matmul_ready_params
+from clinvla_jax.predict import PredictFn
 
 MODEL_INPUTS = ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask")
 
@@ -200,6 +202,11 @@ class TrainSetup:
   def variables(self, state) -> Dict[str, Any]:
     return {"params": optim.merge_params(state["params"], self.frozen_params)}
 
+  @functools.cached_property
+  def predict_fn(self) -> PredictFn:
+    """Embeddings on this run's mesh with its logical rules: variables sharded as in training."""
+    return PredictFn(self.model_config, self.mesh, self.rules)
+
 
 def fit_text_length(batch, max_len: int):
   """Cuts token columns to the text tower's length (records carry 128 tokens).
@@ -305,8 +312,12 @@ def restore_variables(config, checkpoint: str, step: Optional[int] = None) -> Tu
   return setup.variables(state), int(step)
 
 
-def default_evaluate_fn(config):
-  """The periodic evaluation hook: the configured evaluators, or None if none are configured."""
+def default_evaluate_fn(config, predict_fn: Optional[PredictFn] = None):
+  """The periodic evaluation hook: the configured evaluators, or None if none are configured.
+
+  ``predict_fn``: the run's own (``TrainSetup.predict_fn``), so evaluation
+  embeds on the training mesh with the training's shardings.
+  """
   if "eval" not in config:
     return None
   from clinvla_jax.evaluate import run as eval_run  # pylint: disable=g-import-not-at-top
@@ -315,7 +326,7 @@ def default_evaluate_fn(config):
     config.eval.get(k) for k in ("chexpert_5x200", "chexpert_8x200", "rsna", "ms_cxr_t")
   ):
     return None
-  return lambda variables, outdir: eval_run.run_evaluation(config, variables, outdir)
+  return lambda variables, outdir: eval_run.run_evaluation(config, variables, outdir, predict_fn=predict_fn)
 
 
 def write_learning_curves(workdir: str) -> None:
@@ -550,7 +561,7 @@ def _loop(
   log_every, ckpt_every = int(train.log_every_steps), int(train.checkpoint_every_steps)
   eval_every = int(config.eval.every_steps) if "eval" in config else 0
   if evaluate_fn is None and eval_every:
-    evaluate_fn = default_evaluate_fn(config)
+    evaluate_fn = default_evaluate_fn(config, setup.predict_fn)
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
 
   kept = records.num_kept_patches(float(config.data.mask_ratio), setup.model_config.image.num_patches)

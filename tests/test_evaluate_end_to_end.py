@@ -23,6 +23,7 @@ from clinvla_jax.data import source as source_lib
 from clinvla_jax.evaluate import embed as embed_lib
 from clinvla_jax.evaluate import run_evaluators
 from clinvla_jax.evaluate import run as run_lib
+from clinvla_jax.predict import PredictFn
 from configs import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -215,11 +216,10 @@ def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
   cfg, variables = model
   cfg = copy.deepcopy(cfg)
   cfg.mesh.update(data=2, fsdp=4, tensor=1)
-  mesh = embed_lib.eval_mesh(cfg)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-  mcfg = api.model_config(cfg)
-  rules = embed_lib._logical_rules(cfg, mesh)  # pylint: disable=protected-access
-  placed = embed_lib.place_variables(variables, mesh, mcfg, rules)
+  predict = PredictFn.from_config(cfg)
+  assert dict(predict.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert predict.rules is not None
+  placed = predict.place(variables)
   kernel = placed["params"]["text_tower"]["layer_0"]["intermediate"]["kernel"]
   # The embed dimension lies on the fsdp axis: each device holds a quarter of it.
   assert "fsdp" in str(kernel.sharding.spec)
@@ -228,3 +228,22 @@ def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
   one = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:1]))
   for key in ("image", "text", "prompts"):
     np.testing.assert_allclose(sharded[key], one[key], atol=1e-5)
+
+
+def test_train_setup_predict_fn_embeds_like_a_fresh_one(model):
+  """The training's predict_fn runs on the training mesh and rules, and gives the default embeddings."""
+  from clinvla_jax import train  # pylint: disable=g-import-not-at-top
+
+  cfg, variables = model
+  cfg = copy.deepcopy(cfg)
+  cfg.mesh.update(data=-1, fsdp=2, tensor=1)
+  setup = train.TrainSetup(cfg)
+  predict = setup.predict_fn
+  assert predict.mesh is setup.mesh and predict.rules == setup.rules
+  assert setup.predict_fn is predict  # built once per run
+  ours = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=8, predict_fn=predict)
+  fresh = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=8)
+  np.testing.assert_allclose(ours.image, fresh.image, atol=1e-5)
+  np.testing.assert_allclose(ours.text, fresh.text, atol=1e-5)
+  with pytest.raises(ValueError, match="not both"):
+    embed_lib.embed_dataset(cfg, variables, COVID, split="val", predict_fn=predict, mesh=embed_lib.data_mesh())

@@ -10,9 +10,12 @@ here, so the model runs once per dataset:
   text_fn = make_text_embed_fn(config, variables, tokenizer)
   text_fn(["There is pneumonia"])  # float [1, P]
 
-Both encoders are jitted over a 1-D ``"data"`` mesh (all devices by default):
-the variables are replicated and each batch is split across the devices, so
-the global batch is rounded up to a multiple of the device count.  The loader
+The model runs through one `clinvla_jax.predict.PredictFn`: by default on the
+training mesh of ``config.mesh`` with the config's logical rules (an FSDP or
+tensor-sharded model stays sharded), or on a given ``mesh`` (a 1-D
+`data_mesh` replicates the variables), or a given ``predict_fn`` (training
+hands its own, ``TrainSetup.predict_fn``).  Each batch is split over the batch
+axes, so the global batch is rounded up to a multiple of the mesh size.  The loader
 pads the last batch; padding rows (``example_valid`` False) are dropped after
 the forward pass.  Rows never interact inside the encoders, so the padding
 does not change the embeddings of real rows.
@@ -29,29 +32,25 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Optional
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 import numpy as np
 
-import flax.linen as nn
-
 from clinvla_jax import api
-from clinvla_jax import sharding
+from clinvla_jax import predict as predict_lib
 from clinvla_jax.convert import common as convert_common
 from clinvla_jax.data import pipeline
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 from clinvla_jax.data import tokenizer as tokenizer_lib
-from clinvla_jax.data.records import fit_token_length  # pylint: disable=unused-import  (part of this module's API)
+from clinvla_jax.data.records import fit_token_length  # noqa: F401  (part of this module's API)
 from clinvla_jax.evaluate import EmbeddingSet
-from clinvla_jax.model.clinvla import ClinVLA, ClinVLAConfig, matmul_ready_params
+from clinvla_jax.predict import PredictFn, data_mesh, gather_host, padded_batch_size  # noqa: F401  (re-exported)
 
-DATA_AXIS = "data"
 VIEW_MODES = ("frontal", "all")
 FRONTAL_SLOT = 0
 DEFAULT_BATCH_SIZE = 32
@@ -175,14 +174,8 @@ def _cached_source(paths: tuple[str, ...]) -> _FrontalReader:
 
 
 # ---------------------------------------------------------------------------
-# Sharded encoders.
+# The prediction function (clinvla_jax/predict.py).
 # ---------------------------------------------------------------------------
-
-
-def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A 1-D mesh named "data" over ``devices`` (default: all of them); the variables are replicated on it."""
-  devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def eval_mesh(config, mesh: Optional[Mesh] = None) -> Mesh:
@@ -192,121 +185,15 @@ def eval_mesh(config, mesh: Optional[Mesh] = None) -> Mesh:
   shardings (the config's logical rules), so a sharded model is never
   gathered onto every device to be evaluated.
   """
-  if mesh is not None:
-    return mesh
-  if hasattr(config, "get") and config.get("mesh") is not None:
-    return sharding.make_mesh(config.mesh)
-  return data_mesh()
+  return predict_lib.config_mesh(config, mesh)
 
 
-def _logical_rules(config, mesh: Mesh) -> Optional[tuple]:
-  """The config's logical axis rules when ``mesh`` has the training axes, else None (replicated variables)."""
-  if hasattr(config, "get") and config.get("sharding") is not None and set(sharding.MESH_AXES) <= set(mesh.axis_names):
-    return sharding.logical_rules(config)
-  return None
-
-
-def _row_spec(mesh: Mesh) -> PartitionSpec:
-  # Rows split like the training batch: over the batch axes the mesh has.
-  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names) or (mesh.axis_names[0],)
-  return PartitionSpec(axes if len(axes) > 1 else axes[0])
-
-
-def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
-  """Smallest multiple of the mesh size that is >= batch_size."""
-  n = mesh.size
-  return max(1, -(-int(batch_size) // n)) * n
-
-
-@functools.lru_cache(maxsize=None)
-def _variable_shardings(mcfg: ClinVLAConfig, mesh: Mesh, rules: Optional[tuple]):
-  """Shardings of {"params": ...}: the logical rules' (as in training), or replicated without rules.
-
-  Cached: the encoders and ``place_variables`` ask for the same tree at every
-  evaluation, and building it traces the model's initialisation.
-  """
-  if rules is None:
-    return NamedSharding(mesh, PartitionSpec())
-  boxed = jax.eval_shape(api.init_fn(mcfg, boxed=True), jax.random.key(0))
-  return {"params": sharding.param_shardings(boxed["params"], mesh, rules)}
-
-
-@functools.lru_cache(maxsize=None)
-def _encoders(
-  mcfg: ClinVLAConfig, view_slots: Optional[tuple[int, ...]], mesh: Mesh, rules: Optional[tuple] = None
-) -> tuple[Callable[..., jax.Array], ...]:
-  """(image_fn, text_fn) -> global embeddings, batch split over the mesh.
-
-  The one prediction function of evaluation, embedding and search: variables
-  sharded by ``rules`` (the training's) or replicated, rows split over the
-  batch axes.  Only the global embeddings leave the functions, so XLA drops
-  the local heads that evaluation does not need.
-  """
-  model = ClinVLA(mcfg)
-  variables_sharding = _variable_shardings(mcfg, mesh, rules)
-  rows = NamedSharding(mesh, _row_spec(mesh))
-
-  def image(variables, patches, patch_idx, view_valid):
-    out = model.apply(variables, patches, patch_idx, view_valid, view_slots, method=ClinVLA.encode_image)
-    return out["global"]
-
-  def text(variables, input_ids, attention_mask):
-    out = model.apply(variables, input_ids, attention_mask, method=ClinVLA.encode_text)
-    return out["global"]
-
-  image_jit = jax.jit(image, in_shardings=(variables_sharding, rows, rows, rows), out_shardings=rows)
-  text_jit = jax.jit(text, in_shardings=(variables_sharding, rows, rows), out_shardings=rows)
-  if rules is None:
-    return image_jit, text_jit
-
-  def in_context(fn):
-    # Traced under the mesh and the logical rules, so the model's activation
-    # constraints shard as they do in training.
-    def run(*args):
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return fn(*args)
-
-    return run
-
-  return in_context(image_jit), in_context(text_jit)
-
-
-def place_variables(variables, mesh: Mesh, mcfg: ClinVLAConfig, rules: Optional[tuple] = None):
-  """Puts the variables where the encoders want them (once per evaluation).
-
-  Sharded by ``rules`` on a training mesh, else replicated.  The kernels are
-  cast to the matmul dtype of the precision policy first, once, instead of
-  inside every embedding call.
-  """
-  return jax.device_put(matmul_ready_params(variables, mcfg), _variable_shardings(mcfg, mesh, rules))
-
-
-def _global_rows(local: np.ndarray, mesh: Mesh) -> jax.Array:
-  # Each process holds its own rows; this stitches them into one array
-  # split over the batch axes (a plain device_put with one process).
-  return jax.make_array_from_process_local_data(NamedSharding(mesh, _row_spec(mesh)), local)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _gather_host(local: np.ndarray) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(local)
-  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
-
-
-def _select_views(
-  batch: Mapping[str, np.ndarray], view_slots: Optional[tuple[int, ...]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  patches, idx, valid = (batch["patches"], batch["patch_idx"], batch["view_valid"])
-  if view_slots is not None:
-    sel = list(view_slots)
-    patches, idx, valid = patches[:, sel], idx[:, sel], valid[:, sel]
-  return patches, idx, valid
+def resolve_predict_fn(config, mesh: Optional[Mesh], predict_fn: Optional[PredictFn]) -> PredictFn:
+  if predict_fn is not None:
+    if mesh is not None and mesh != predict_fn.mesh:
+      raise ValueError("give a mesh or a predict_fn, not both")
+    return predict_fn
+  return PredictFn.from_config(config, mesh)
 
 
 # ---------------------------------------------------------------------------
@@ -324,33 +211,29 @@ def iterate_embeddings(
   view_slots: Optional[Sequence[int]] = None,
   mesh: Optional[Mesh] = None,
   with_text: bool = True,
+  predict_fn: Optional[PredictFn] = None,
+  placed=None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Per batch: {"image", "text", "labels", "record_index"} of the real rows.
 
   The streaming form of `embed_dataset`, for sets too large to keep whole.
+  ``placed``: variables already put in place by ``predict_fn.place`` (then
+  ``variables`` is not read).
   """
-  mcfg = api.model_config(config)
-  mesh = eval_mesh(config, mesh)
-  rules = _logical_rules(config, mesh)
+  predict = resolve_predict_fn(config, mesh, predict_fn)
   slots = eval_view_slots(config, view_slots)
   paths = resolve_paths(data, split)
-  global_batch = padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
+  global_batch = predict.padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE))
   # The loader reads only the slots the encoder uses (frontal-only evaluation
   # skips three quarters of the pixels).
   loader = pipeline.make_eval_loader(list(paths), global_batch_size=global_batch, view_slots=slots)
-  image_fn, text_fn = _encoders(mcfg, slots, mesh, rules)
-  variables = place_variables(variables, mesh, mcfg, rules)
+  placed = predict.place(variables) if placed is None else placed
   for batch in loader:
-    patches, idx, valid = _select_views(batch, None)
-    image = image_fn(variables, _global_rows(patches, mesh), _global_rows(idx, mesh), _global_rows(valid, mesh))
-    out = {"image": image}
-    if with_text:
-      ids, mask = fit_token_length(batch["input_ids"], batch["attention_mask"], mcfg.text.max_len)
-      out["text"] = text_fn(variables, _global_rows(ids, mesh), _global_rows(mask, mesh))
-    keep = _gather_host(batch["example_valid"]).astype(bool)
-    rows = {k: _to_host(v)[keep] for k, v in out.items()}
-    rows["labels"] = _gather_host(batch["labels"])[keep]
-    rows["record_index"] = _gather_host(batch["record_index"])[keep]
+    rows = predict(placed, batch, view_slots=slots, with_text=with_text)
+    keep = gather_host(batch["example_valid"]).astype(bool)
+    rows = {k: v[keep] for k, v in rows.items()}
+    rows["labels"] = gather_host(batch["labels"])[keep]
+    rows["record_index"] = gather_host(batch["record_index"])[keep]
     yield rows
 
 
@@ -376,6 +259,8 @@ def embed_dataset(
   view_slots: Optional[Sequence[int]] = None,
   mesh: Optional[Mesh] = None,
   with_text: bool = True,
+  predict_fn: Optional[PredictFn] = None,
+  placed=None,
 ) -> DatasetEmbeddings:
   """Embeds every study of a converted dataset.
 
@@ -389,8 +274,12 @@ def embed_dataset(
       to a multiple of the mesh size.
     view_slots: record view slots to embed; default from
       ``config.eval.views`` (see module docstring).
-    mesh: 1-D "data" mesh; default every device.
+    mesh: the mesh to embed on; default the training mesh of ``config.mesh``
+      (`eval_mesh`).
     with_text: also embed the reports.
+    predict_fn: the `PredictFn` to embed with (e.g. ``TrainSetup.predict_fn``);
+      default one built from ``config`` and ``mesh``.
+    placed: ``variables`` already placed by ``predict_fn.place``.
 
   Returns:
     `DatasetEmbeddings` with rows in record order.
@@ -398,7 +287,15 @@ def embed_dataset(
   paths = resolve_paths(data, split)
   parts = list(
     iterate_embeddings(
-      config, variables, list(paths), batch_size=batch_size, view_slots=view_slots, mesh=mesh, with_text=with_text
+      config,
+      variables,
+      list(paths),
+      batch_size=batch_size,
+      view_slots=view_slots,
+      mesh=mesh,
+      with_text=with_text,
+      predict_fn=predict_fn,
+      placed=placed,
     )
   )
   if not parts:
@@ -447,27 +344,31 @@ def tokenizer_from_config(config) -> tokenizer_lib.Tokenizer:
 
 
 def make_text_embed_fn(
-  config, variables, tokenizer=None, *, batch_size: Optional[int] = None, mesh: Optional[Mesh] = None
+  config,
+  variables,
+  tokenizer=None,
+  *,
+  batch_size: Optional[int] = None,
+  mesh: Optional[Mesh] = None,
+  predict_fn: Optional[PredictFn] = None,
+  placed=None,
 ) -> Callable[[Sequence[str]], np.ndarray]:
   """list[str] -> float [N, P] global text embeddings, batched and sharded.
 
   Every call runs fixed-size batches (the last one padded by repeating its
   final row), so prompts of any count reuse one compiled function.
   """
-  mcfg = api.model_config(config)
-  mesh = eval_mesh(config, mesh)
-  rules = _logical_rules(config, mesh)
+  predict = resolve_predict_fn(config, mesh, predict_fn)
   tokenizer = tokenizer or tokenizer_from_config(config)
-  size = padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE), mesh)
-  _, text_fn = _encoders(mcfg, eval_view_slots(config), mesh, rules)
-  placed = place_variables(variables, mesh, mcfg, rules)
+  size = predict.padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE))
+  placed = predict.place(variables) if placed is None else placed
 
   def embed(texts: Sequence[str]) -> np.ndarray:
     texts = list(texts)
     if not texts:
-      return np.zeros((0, mcfg.proj_dim), np.float32)
+      return np.zeros((0, predict.proj_dim), np.float32)
     tokens = tokenizer(texts)
-    ids, mask = fit_token_length(tokens["input_ids"], tokens["attention_mask"], mcfg.text.max_len)
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
     out = []
     for start in range(0, len(texts), size):
       n = min(size, len(texts) - start)
@@ -477,8 +378,7 @@ def make_text_embed_fn(
       # Every process embeds the same prompts: its local rows are its share.
       share = size // jax.process_count()
       lo = jax.process_index() * share
-      emb = text_fn(placed, _global_rows(b_ids[lo : lo + share], mesh), _global_rows(b_mask[lo : lo + share], mesh))
-      out.append(_to_host(emb)[:n])
+      out.append(predict.texts(placed, b_ids[lo : lo + share], b_mask[lo : lo + share])[:n])
     return np.concatenate(out, axis=0)
 
   return embed

@@ -279,13 +279,13 @@ def _evaluate_generic(
   return results
 
 
-def _protocol_inputs(config, variables, mesh) -> dict[str, Any]:
+def _protocol_inputs(config, predict, placed) -> dict[str, Any]:
   """Embeddings of the published protocol sets whose paths are set."""
   ev = config.eval
   inputs = {}
 
   def embed(path, split, **kw):
-    return embed_lib.embed_dataset(config, variables, path, split=split or None, mesh=mesh, **kw)
+    return embed_lib.embed_dataset(config, None, path, split=split or None, predict_fn=predict, placed=placed, **kw)
 
   if ev.get("chexpert_5x200"):
     emb = embed(ev.chexpert_5x200, ev.get("chexpert_5x200_split"))
@@ -325,7 +325,7 @@ def _protocol_inputs(config, variables, mesh) -> dict[str, Any]:
 
 
 def run_evaluation(
-  config, variables, workdir: str | os.PathLike[str], *, tokenizer=None, mesh=None
+  config, variables, workdir: str | os.PathLike[str], *, tokenizer=None, mesh=None, predict_fn=None
 ) -> dict[str, float]:
   """Embeds and evaluates every dataset of ``config.eval``; writes outputs.
 
@@ -335,7 +335,11 @@ def run_evaluation(
     workdir: output folder (created).
     tokenizer: for prompts and text queries; default from ``config.init``
       (`embed.tokenizer_from_config`).
-    mesh: 1-D "data" mesh; default every device.
+    mesh: the mesh to evaluate on; default the training mesh of
+      ``config.mesh``.
+    predict_fn: the `clinvla_jax.predict.PredictFn` to embed with (training
+      passes ``TrainSetup.predict_fn``); default one built from ``config``
+      and ``mesh``.
 
   Returns:
     The flat results written to results.json.
@@ -344,14 +348,17 @@ def run_evaluation(
   workdir.mkdir(parents=True, exist_ok=True)
   ev_cfg = evaluator_config(config)
   prompt_file = load_label_prompts(config.eval.get("label_prompts") or None)
-  text_fn = embed_lib.make_text_embed_fn(config, variables, tokenizer, mesh=mesh)
+  predict = embed_lib.resolve_predict_fn(config, mesh, predict_fn)
+  # Placed once: every dataset and the prompts read the same sharded variables.
+  placed = predict.place(variables)
+  text_fn = embed_lib.make_text_embed_fn(config, None, tokenizer, predict_fn=predict, placed=placed)
   results, notes, generic = {}, [], {}
   for name, (path, split) in generic_datasets(config).items():
-    emb = embed_lib.embed_dataset(config, variables, path, split=split, mesh=mesh)
+    emb = embed_lib.embed_dataset(config, None, path, split=split, predict_fn=predict, placed=placed)
     generic[name] = emb
     notes.append(f"{name}: {len(emb)} studies ({split or 'all shards'}), views: {config.eval.get('views', 'frontal')}.")
     results.update(_evaluate_generic(name, emb, text_fn, ev_cfg, prompt_file, notes))
-  protocols = _protocol_inputs(config, variables, mesh)
+  protocols = _protocol_inputs(config, predict, placed)
   if protocols:
     results.update(run_evaluators(list(protocols), protocols, text_fn, ev_cfg))
   if not results:

@@ -64,7 +64,8 @@ def config_flags(overrides: dict) -> list:
 
 def run_variant(name: str, overrides: dict, config: str, workdir: str, steps: int | None, log_path: str) -> dict:
   """Trains and evaluates one variant; returns its results.json with the wall time."""
-  extra = config_flags(overrides) + ["--config.eval.every_steps=0", "--config.eval.figure=False"]
+  # The held-out set once, after training (the demo's evaluator is covid_cxr).
+  extra = config_flags(overrides) + ["--config.evals.covid_cxr.every_steps=0", "--config.evals.covid_cxr.figure=False"]
   if steps:
     extra.append(f"--config.train.num_steps={steps}")
   base = [sys.executable, "-m", "clinvla_jax.main", f"--config={config}", f"--workdir={workdir}"]

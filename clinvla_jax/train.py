@@ -312,21 +312,37 @@ def restore_variables(config, checkpoint: str, step: Optional[int] = None) -> Tu
   return setup.variables(state), int(step)
 
 
-def default_evaluate_fn(config, predict_fn: Optional[PredictFn] = None):
-  """The periodic evaluation hook: the configured evaluators, or None if none are configured.
+def eval_schedule(config) -> Dict[str, int]:
+  """{evaluator name: every_steps} of the ``config.evals`` entries that training runs (every_steps > 0)."""
+  from clinvla_jax.evaluate import evaluators  # pylint: disable=g-import-not-at-top
 
-  ``predict_fn``: the run's own (``TrainSetup.predict_fn``), so evaluation
-  embeds on the training mesh with the training's shardings.
+  return {name: ev.every_steps for name, ev in evaluators.build_evaluators(config).items() if ev.every_steps > 0}
+
+
+def periodic_evaluation(config, predict_fn: PredictFn, evaluate_fn=None, evaluate_every_steps: int = 0):
+  """step -> the evaluation due at that step, ``(variables, outdir) -> metrics``, or None.
+
+  By default each evaluator of ``config.evals`` runs every ``every_steps``,
+  through the run's own ``predict_fn``, and a step runs the evaluators due
+  together.  A custom ``evaluate_fn`` runs every ``evaluate_every_steps``.
   """
-  if "eval" not in config:
-    return None
+  if evaluate_fn is not None:
+    every = int(evaluate_every_steps)
+    return lambda step: evaluate_fn if every > 0 and step % every == 0 else None
+  schedule = eval_schedule(config)
+  if not schedule:
+    return lambda step: None
   from clinvla_jax.evaluate import run as eval_run  # pylint: disable=g-import-not-at-top
 
-  if not eval_run.generic_datasets(config) and not any(
-    config.eval.get(k) for k in ("chexpert_5x200", "chexpert_8x200", "rsna", "ms_cxr_t")
-  ):
-    return None
-  return lambda variables, outdir: eval_run.run_evaluation(config, variables, outdir, predict_fn=predict_fn)
+  def due(step: int):
+    names = [name for name, every in schedule.items() if step % every == 0]
+    if not names:
+      return None
+    return lambda variables, outdir: eval_run.run_evaluation(
+      config, variables, outdir, predict_fn=predict_fn, names=names
+    )
+
+  return due
 
 
 def write_learning_curves(workdir: str) -> None:
@@ -437,8 +453,14 @@ def _acquire_workdir_lock(workdir: str):
   return lock
 
 
-def train_and_evaluate(config, workdir: str, *, evaluate_fn=None, host_batches=None) -> Dict[str, float]:
+def train_and_evaluate(
+  config, workdir: str, *, evaluate_fn=None, evaluate_every_steps: int = 0, host_batches=None
+) -> Dict[str, float]:
   """Trains (resuming from ``workdir`` if it holds checkpoints); returns the last logged metrics.
+
+  Evaluation: each evaluator of ``config.evals`` every its ``every_steps``;
+  or, with ``evaluate_fn(variables, outdir) -> metrics``, that function every
+  ``evaluate_every_steps`` (0: never).
 
   ``host_batches``: an iterator of host batches to use instead of the
   configured training data (benchmarks); its position is not checkpointed
@@ -454,7 +476,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_fn=None, host_batches=N
   log_path = os.path.join(workdir, console.log_file_name(jax.process_index()))
   console.add_log_file(log_path)
   try:
-    return _train(config, workdir, evaluate_fn, host_batches)
+    return _train(config, workdir, (evaluate_fn, evaluate_every_steps), host_batches)
   finally:
     console.remove_log_file(log_path)
     if lock is not None:
@@ -467,13 +489,15 @@ def _eval_line(step: int, eval_metrics: Dict[str, float], best_metric: str) -> s
   return f"eval step {step}: " + ", ".join(f"{k} {eval_metrics[k]:.4f}" for k in keys)
 
 
-def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
+def _train(config, workdir: str, custom_evaluation, host_batches) -> Dict[str, float]:
   from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from clinvla_jax.data.prefetch import DevicePrefetcher  # pylint: disable=g-import-not-at-top
 
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   setup = TrainSetup(config)
+  # Built before the first step, so a bad evaluator config fails now, not at its first evaluation.
+  evaluation_due = periodic_evaluation(config, setup.predict_fn, *custom_evaluation)
   total, trainable = _param_counts(setup)
   logging.info(
     "parameters: %s total, %s trainable (%.2f %%); mesh %s",
@@ -534,7 +558,7 @@ def _train(config, workdir: str, evaluate_fn, host_batches) -> Dict[str, float]:
       DevicePrefetcher(data_iter, _placer(setup), depth=int(train.prefetch_to_device)),
       checkpointer,
       latest,
-      evaluate_fn,
+      evaluation_due,
       say,
     )
   finally:
@@ -548,7 +572,7 @@ def _placer(setup: TrainSetup):
 
 
 def _loop(
-  config, workdir, setup, state, checkpoint_data, batches, checkpointer, last_checkpoint, evaluate_fn, say
+  config, workdir, setup, state, checkpoint_data, batches, checkpointer, last_checkpoint, evaluation_due, say
 ) -> Dict[str, float]:
   is_main = jax.process_index() == 0
   train = config.train
@@ -559,9 +583,6 @@ def _loop(
     return {}
   batch_size = int(config.optim.batch_size)
   log_every, ckpt_every = int(train.log_every_steps), int(train.checkpoint_every_steps)
-  eval_every = int(config.eval.every_steps) if "eval" in config else 0
-  if evaluate_fn is None and eval_every:
-    evaluate_fn = default_evaluate_fn(config, setup.predict_fn)
   from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
 
   kept = records.num_kept_patches(float(config.data.mask_ratio), setup.model_config.image.num_patches)
@@ -638,7 +659,8 @@ def _loop(
         # Every process asks at every step (multi-process agreement); the last step just ends.
         stopping = watcher.should_stop(step) and step < num_steps
         # A grace period is short: a preempted step saves and leaves, without its evaluation.
-        is_eval = bool(evaluate_fn is not None and eval_every and step % eval_every == 0 and not stopping)
+        evaluate_fn = None if stopping else evaluation_due(step)
+        is_eval = evaluate_fn is not None
         is_ckpt = step % ckpt_every == 0 or step == num_steps or (is_eval and bool(train.best_metric))
         if is_eval or is_ckpt or stopping or step == num_steps:
           flush(step)  # values are needed now, and nothing is saved after a non-finite step

@@ -17,6 +17,7 @@ import math
 
 import ml_collections
 
+from clinvla_jax.evaluate.options import evaluator_options
 from clinvla_jax.model.clinvla import ClinVLAConfig
 
 
@@ -80,30 +81,21 @@ def get_config():
   config.data.eval = ""  # a converter output folder for --mode=embed (and a default evaluation set)
   config.data.eval_split = ""  # "" = every split of config.data.eval
 
-  # Evaluation (--mode=eval / --mode=embed, and periodically in training).
-  # Results are keyed "<dataset>/<task>/<metric>"; see clinvla_jax/evaluate/run.py.
+  # How studies are embedded: by every evaluator, --mode=embed and the search index.
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 32  # global; rounded up to a multiple of the device count
   config.eval.views = "frontal"  # "frontal": current frontal only (the protocols); "all": every view the model uses
-  config.eval.split = "val"  # split read from converted folders unless a dataset names its own
-  # Generic retrieval + label zero-shot: name -> ConfigDict(path=converted folder, split=...).
-  config.eval.datasets = ml_collections.ConfigDict()
-  config.eval.retrieval_ks = (5, 10, 50)  # P@K of the generic sets; K >= set size is skipped (noted in results.md)
-  config.eval.label_prompts = ""  # prompt file of the generic zero-shot; empty = assets/prompts/label_prompts.json
-  # The published protocols (protocols.md section 5); an empty path skips one.
-  config.eval.chexpert_5x200 = ""  # converted folder (data_prep.chexpert --mode=5x200)
-  config.eval.chexpert_5x200_split = "5x200"
-  config.eval.chexpert_8x200 = ""  # converted candidate list (data_prep.chexpert --mode=list)
-  config.eval.chexpert_8x200_queries = ""  # converted image query list; empty = text->image only
-  config.eval.chexpert_8x200_lists = ""  # folder of the published image-retrieval/ and text-retrieval/ CSVs
-  config.eval.rsna = ""  # converted RSNA Pneumonia folder
-  config.eval.rsna_split = "test"
-  config.eval.ms_cxr_t = ""  # converted MIMIC-CXR studies with priors, embedded with every view
-  config.eval.ms_cxr_t_split = "test"
-  config.eval.ms_cxr_t_labels = ""  # CSV: study_id + a column per finding named as in Table 5 ("Pleural Effusion")
-  config.eval.zero_shot_max_prompts = 0  # CheXpert 5x200 prompts per class; 0 = every combination
-  config.eval.every_steps = 0  # training: evaluate every N steps; 0 = never during training
-  config.eval.figure = True  # write retrieval_examples.png
+
+  # Evaluators by name (--mode=eval runs every one with a path; training runs each every
+  # `every_steps`).  Results are keyed "<name>/<task>/<metric>" (clinvla_jax/evaluate/run.py);
+  # each type's options and defaults: clinvla_jax/evaluate/options.py.  The published protocols
+  # (protocols.md section 5) are listed with empty paths: `--config.evals.rsna.path=DIR` enables one.
+  # A dataset of your own: config.evals.NAME = evaluator_options("retrieval", path=DIR, split="val").
+  config.evals = ml_collections.ConfigDict()
+  config.evals.chexpert_5x200 = evaluator_options("chexpert_5x200")  # data_prep.chexpert --mode=5x200
+  config.evals.chexpert_8x200 = evaluator_options("chexpert_8x200")  # --mode=list; + queries=, lists=
+  config.evals.rsna = evaluator_options("rsna")  # converted RSNA Pneumonia
+  config.evals.ms_cxr_t = evaluator_options("ms_cxr_t")  # MIMIC-CXR with priors; + labels= (CSV)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.batch_size = 32

@@ -32,6 +32,7 @@ Measured (seed 0, 36 held-out studies, default precision): global loss
 
 import os
 
+from clinvla_jax.evaluate.options import evaluator_options
 from configs import base
 
 # The bundled demo set, found relative to this file (no package import needed).
@@ -68,7 +69,8 @@ def get_config():
   config.train.data_workers = 0
 
   config.eval.batch_size = 16
-  config.eval.every_steps = 100
-  config.eval.retrieval_ks = (5, 10)
-  config.eval.datasets.covid_cxr = dict(path=DEMO_DATA, split="val")
+  # The held-out patients, every 100 steps and by --mode=eval.
+  config.evals.covid_cxr = evaluator_options(
+    "retrieval", path=DEMO_DATA, split="val", every_steps=100, retrieval_ks=(5, 10)
+  )
   return config

@@ -6,6 +6,7 @@ smaller; image size stays 224 so the data contract (196 patches of 16 x 16)
 holds.  How long it takes: init + one forward in about a second on 2 cores.
 """
 
+from clinvla_jax.evaluate.options import evaluator_options
 from configs import base
 from configs import demo
 
@@ -32,5 +33,5 @@ def get_config():
   # The bundled demo set: training data and held-out evaluation studies.
   config.data.train = demo.DEMO_DATA
   config.eval.batch_size = 16
-  config.eval.datasets.covid_cxr = dict(path=demo.DEMO_DATA, split="val")
+  config.evals.covid_cxr = evaluator_options("retrieval", path=demo.DEMO_DATA, split="val")
   return config

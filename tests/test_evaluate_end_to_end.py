@@ -23,6 +23,7 @@ from clinvla_jax.data import source as source_lib
 from clinvla_jax.evaluate import embed as embed_lib
 from clinvla_jax.evaluate import run_evaluators
 from clinvla_jax.evaluate import run as run_lib
+from clinvla_jax.evaluate.options import evaluator_options
 from clinvla_jax.predict import PredictFn
 from configs import tiny
 
@@ -35,7 +36,7 @@ def _config():
   cfg = tiny.get_config()
   cfg.model.text.vocab_size = 30522  # the bundled vocabulary
   cfg.eval.batch_size = 4
-  cfg.eval.datasets.covid_cxr = dict(path=str(COVID), split="val")
+  cfg.evals.covid_cxr = evaluator_options("retrieval", path=str(COVID), split="val")
   return cfg
 
 

@@ -27,7 +27,6 @@ def _tiny(**overrides):
     "train.log_every_steps": 1,
     "train.data_workers": 0,
     "optim.batch_size": 8,
-    "eval.every_steps": 0,
     "mesh.data": 1,
   }
   base.update(overrides)
@@ -256,10 +255,9 @@ def test_best_checkpoint_ranks_every_evaluated_step(tmp_path):
       "train.checkpoint_every_steps": 100,
       "train.keep_checkpoints": 1,
       "train.best_metric": "score",
-      "eval.every_steps": 2,
     }
   )
-  train.train_and_evaluate(config, str(tmp_path), evaluate_fn=evaluate)
+  train.train_and_evaluate(config, str(tmp_path), evaluate_fn=evaluate, evaluate_every_steps=2)
   assert calls == [2, 4, 6]
   kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert kept == [2, 6]

@@ -48,32 +48,16 @@ from typing import Any, Optional
 import numpy as np
 
 from clinvla_jax.evaluate import metrics
+from clinvla_jax.evaluate import options
 from clinvla_jax.evaluate import retrieval
 from clinvla_jax.evaluate import zeroshot
 
 TextEmbedFn = Callable[[list[str]], np.ndarray]
 
-# Defaults of the config keys read by `run_evaluators`.
-DEFAULT_CONFIG = {
-  # Folder holding the image-retrieval/ and text-retrieval/ lists.
-  "chexpert_8x200_dir": None,
-  "chexpert_8x200_ks": retrieval.CHEXPERT_8X200_KS,
-  "chexpert_5x200_ks": retrieval.CHEXPERT_5X200_KS,
-  "zero_shot_max_prompts": None,  # None: every GLoRIA prompt combination
-  "zero_shot_seed": 0,
-  "rsna_prompt_set": "alta_rsna",
-  "rsna_logit_scale": 1.0,  # 1.0: raw cosines, as the protocol says
-  "rsna_folds": 10,
-  "rsna_seed": 0,
-  "linear_probe_folds": 5,
-  "linear_probe_seed": 0,
-  "linear_probe_l2": 1e-3,
-  "retrieval_ks": (5, 10, 50),
-  "recall_ks": retrieval.RECALL_KS,
-  # Percentile bootstrap of every interval; 0 resamples: no interval keys.
-  "bootstrap_resamples": retrieval.BOOTSTRAP_RESAMPLES,
-  "bootstrap_seed": retrieval.BOOTSTRAP_SEED,
-}
+# Defaults of the flat overrides `run_evaluators` reads: the scoring options of
+# every evaluator type (evaluate/options.py, their one place), plus the folder
+# of the 8x200 lists under its numpy-level name.
+DEFAULT_CONFIG = {**options.scoring_defaults(), "chexpert_8x200_dir": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +137,7 @@ def eval_chexpert_5x200(
           emb.image,
           emb.labels,
           text_embed_fn,
-          max_per_class=_cfg(config, "zero_shot_max_prompts"),
+          max_per_class=_cfg(config, "zero_shot_max_prompts") or None,  # 0: every combination
           seed=_cfg(config, "zero_shot_seed"),
           num_resamples=boot["num_resamples"],
           bootstrap_seed=boot["seed"],
@@ -274,6 +258,7 @@ __all__ = [
   "embed_dataset",
   "make_text_embed_fn",
   "metrics",
+  "options",
   "retrieval",
   "run_evaluation",
   "run_evaluators",

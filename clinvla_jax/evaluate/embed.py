@@ -139,13 +139,14 @@ def eval_view_slots(config, view_slots: Optional[Sequence[int]] = None) -> Optio
   """
   if view_slots is not None:
     return tuple(int(s) for s in view_slots)
-  views = _eval_get(config, "views", "frontal")
+  views = eval_setting(config, "views", "frontal")
   if views not in VIEW_MODES:
     raise ValueError(f"config.eval.views must be one of {VIEW_MODES}, got {views!r}")
   return (FRONTAL_SLOT,) if views == "frontal" else None
 
 
-def _eval_get(config, key: str, default: Any) -> Any:
+def eval_setting(config, key: str, default: Any) -> Any:
+  """``config.eval.<key>`` (how studies are embedded: batch_size, views), else ``default``."""
   sub = config.get("eval") if hasattr(config, "get") else None
   if sub is not None and key in sub:
     return sub[key]
@@ -223,7 +224,7 @@ def iterate_embeddings(
   predict = resolve_predict_fn(config, mesh, predict_fn)
   slots = eval_view_slots(config, view_slots)
   paths = resolve_paths(data, split)
-  global_batch = predict.padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE))
+  global_batch = predict.padded_batch_size(batch_size or eval_setting(config, "batch_size", DEFAULT_BATCH_SIZE))
   # The loader reads only the slots the encoder uses (frontal-only evaluation
   # skips three quarters of the pixels).
   loader = pipeline.make_eval_loader(list(paths), global_batch_size=global_batch, view_slots=slots)
@@ -360,7 +361,7 @@ def make_text_embed_fn(
   """
   predict = resolve_predict_fn(config, mesh, predict_fn)
   tokenizer = tokenizer or tokenizer_from_config(config)
-  size = predict.padded_batch_size(batch_size or _eval_get(config, "batch_size", DEFAULT_BATCH_SIZE))
+  size = predict.padded_batch_size(batch_size or eval_setting(config, "batch_size", DEFAULT_BATCH_SIZE))
   placed = predict.place(variables) if placed is None else placed
 
   def embed(texts: Sequence[str]) -> np.ndarray:
@@ -382,3 +383,6 @@ def make_text_embed_fn(
     return np.concatenate(out, axis=0)
 
   return embed
+
+
+_eval_get = eval_setting  # the former name

@@ -1,9 +1,10 @@
-"""Evaluation of a model on the datasets named in ``config.eval``.
+"""Evaluation of a model with the evaluators named in ``config.evals``.
 
   results = run_evaluation(config, variables, workdir)
 
-embeds each configured dataset once (`embed.embed_dataset`), runs the
-evaluators on the embeddings and writes to ``workdir``:
+builds the evaluators (`evaluators.build_evaluators`), lets each embed its
+set once through the run's `clinvla_jax.predict.PredictFn`, scores the
+embeddings and writes to ``workdir``:
 
   results.json               every score under "<dataset>/<task>/<metric>"
                              (fractions in [0, 1], e.g.
@@ -14,15 +15,15 @@ evaluators on the embeddings and writes to ``workdir``:
                              published ones, then our other datasets as
                              "score [interval] · chance" cells
   retrieval_examples.png     text query -> top-5 images, image query ->
-                             top-5 reports, on the first generic dataset,
+                             top-5 reports, on the first retrieval set,
                              with the numbers that tell a trained model
                              from an untrained one (rank of the own report,
                              paired vs. unpaired cosine, score spread)
 
-Datasets (see ``configs/base.py``, block ``eval``):
+Evaluators (``config.evals.<name>``, options in `clinvla_jax.evaluate.options`):
 
-* ``eval.datasets``: name -> {path, split}.  Each is a converted folder with
-  named labels; it gets the generic retrieval evaluator (image<->text and
+* type "retrieval": a converted folder with named labels; it gets the
+  generic retrieval evaluator (image<->text and
   image->image P@K, relevance = a shared positive label) and a label
   zero-shot evaluator: one class vector per label from the prompt file
   (``assets/prompts/label_prompts.json``), top-1 accuracy ("ACC": the
@@ -44,9 +45,14 @@ Keys added beside each score (same "<dataset>/<task>/" prefix):
                                positive (5x200, RSNA: the majority class)
   zero_shot/AUC_chance         0.5
   rsna/zero_shot/F1_all_positive  always predicting pneumonia
-* ``eval.chexpert_5x200``, ``eval.chexpert_8x200`` (+ ``_queries``,
-  ``_lists``), ``eval.rsna``, ``eval.ms_cxr_t`` (+ ``_labels``): the
-  published protocols of protocols.md section 5, when their paths are set.
+* types "chexpert_5x200", "chexpert_8x200" (+ ``queries``, ``lists``),
+  "rsna", "ms_cxr_t" (+ ``labels``): the published protocols of
+  protocols.md section 5, named after their type so that the paper tables
+  of results.md find them.
+
+Results are keyed by the evaluator's name: ``config.evals.covid_cxr`` writes
+"covid_cxr/...".  Each evaluator has its own training cadence
+(``every_steps``); ``--mode=eval`` runs all of them.
 
 ``write_embeddings`` serves ``--mode=embed``: the global embeddings of one
 dataset in an .npz, so any metric can be recomputed without the model.
@@ -54,8 +60,6 @@ dataset in an .npz, so any metric can be recomputed without the model.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -64,273 +68,47 @@ from typing import Any, Optional
 from absl import logging
 import numpy as np
 
-from clinvla_jax import api
-from clinvla_jax.evaluate import EVALUATORS
-from clinvla_jax.evaluate import EmbeddingSet
 from clinvla_jax.evaluate import embed as embed_lib
-from clinvla_jax.evaluate import metrics
+from clinvla_jax.evaluate import evaluators as evaluators_lib
 from clinvla_jax.evaluate import report
 from clinvla_jax.evaluate import retrieval
-from clinvla_jax.evaluate import run_evaluators
-from clinvla_jax.evaluate import zeroshot
+from clinvla_jax.evaluate.evaluators import (  # noqa: F401  (re-exported: the label helpers lived here)
+  CHEXPERT_5X200_CLASSES,
+  LABEL_PROMPTS,
+  build_evaluators,
+  class_names_of,
+  label_prompts,
+  label_zero_shot,
+  load_label_prompts,
+  positive_labels,
+  read_temporal_labels,
+  usable_ks,
+)
 
 TextEmbedFn = Callable[[Sequence[str]], np.ndarray]
 
-LABEL_PROMPTS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "prompts" / "label_prompts.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 FIGURE_PNG = "retrieval_examples.png"
 FIGURE_TOP_K = 5
 PAPER_TABLES = ("table3", "table4", "table5")
-CHEXPERT_5X200_CLASSES = zeroshot.CHEXPERT_5X200_CLASSES
-
-
-# ---------------------------------------------------------------------------
-# Label zero-shot for generic datasets.
-# ---------------------------------------------------------------------------
-
-
-def load_label_prompts(path: Optional[str | os.PathLike[str]] = None) -> dict:
-  return json.loads(pathlib.Path(path or LABEL_PROMPTS).read_text(encoding="utf-8"))
-
-
-def label_prompts(label_names: Sequence[str], prompt_file: Optional[Mapping[str, Any]] = None) -> dict[str, list[str]]:
-  """{label: prompts} for named labels (see the prompt file's "about")."""
-  data = prompt_file or load_label_prompts()
-  explicit = data.get("prompts", {})
-  phrases = data.get("phrases", {})
-  out = {}
-  for name in label_names:
-    if name in explicit:
-      out[name] = list(explicit[name])
-    else:
-      phrase = phrases.get(name, name)
-      out[name] = [t.format(label=phrase) for t in data["templates"]]
-  return out
-
-
-def positive_labels(labels: np.ndarray) -> np.ndarray:
-  """bool [N, C]: value > 0 (uncertain -1, 0 and NaN are not positive)."""
-  with np.errstate(invalid="ignore"):
-    return np.nan_to_num(np.asarray(labels, np.float64), nan=0.0) > 0
-
-
-def label_zero_shot(
-  image_emb: np.ndarray,
-  labels: np.ndarray,
-  label_names: Sequence[str],
-  text_embed_fn: TextEmbedFn,
-  prompt_file: Optional[Mapping[str, Any]] = None,
-  *,
-  num_resamples: int = retrieval.BOOTSTRAP_RESAMPLES,
-  seed: int = retrieval.BOOTSTRAP_SEED,
-) -> dict[str, float]:
-  """Zero-shot over a dataset's own label names.
-
-  Returns:
-    {"zero_shot/ACC": top-1 hit rate over studies with a positive label,
-     "zero_shot/ACC_majority": the same hit rate for always predicting the
-     label most often positive among those studies,
-     "zero_shot/ACC_ci_low", "zero_shot/ACC_ci_high": 95 % bootstrap interval
-     over those studies (``num_resamples`` 0: none),
-     "zero_shot/AUC": mean one-vs-rest AUC over labels with both positive
-     and negative studies, "zero_shot/AUC_chance": 0.5}; a metric without
-    any eligible study is left out.
-  """
-  pos = positive_labels(labels)
-  if pos.shape[1] != len(label_names):
-    raise ValueError(f"{pos.shape[1]} label columns for {len(label_names)} names")
-  prompts = label_prompts(label_names, prompt_file)
-  class_emb = zeroshot.class_embeddings(prompts, text_embed_fn, label_names)
-  pred, cos = zeroshot.zero_shot_predict(image_emb, class_emb)
-  results = {}
-  labelled = pos.any(axis=1)
-  if labelled.any():
-    hit = pos[np.arange(len(pred)), pred]
-    results.update(
-      {f"zero_shot/{k}": v for k, v in metrics.summarize("ACC", hit[labelled], None, num_resamples, seed).items()}
-    )
-    results["zero_shot/ACC_majority"] = float(metrics.majority_label_hits(pos[labelled]).mean())
-  aucs = [metrics.roc_auc(pos[:, c], cos[:, c]) for c in range(pos.shape[1]) if 0 < pos[:, c].sum() < len(pos)]
-  if aucs:
-    results["zero_shot/AUC"] = float(np.mean(aucs))
-    results["zero_shot/AUC_chance"] = 0.5
-  return results
-
-
-# ---------------------------------------------------------------------------
-# Dataset specs.
-# ---------------------------------------------------------------------------
-
-
-def usable_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(kept, skipped) cut-offs: K must be below the set size.
-
-  Image->image search leaves the query out, so N - 1 items are rankable.
-  """
-  kept = tuple(int(k) for k in ks if 1 <= k <= num_items - 1)
-  skipped = tuple(int(k) for k in ks if k not in kept)
-  return kept, skipped
-
-
-def generic_datasets(config) -> dict[str, tuple[str, Optional[str]]]:
-  """{name: (path, split or None)} from ``config.eval.datasets``.
-
-  An entry is a path, or a mapping with ``path`` and optional ``split``
-  (default ``config.eval.split``; "" reads every shard).
-  """
-  default_split = config.eval.get("split", "") or None
-  out = {}
-  for name, spec in config.eval.get("datasets", {}).items():
-    if name in EVALUATORS:
-      raise ValueError(f"eval.datasets.{name}: the name is reserved for the {name} protocol; set eval.{name} instead")
-    if isinstance(spec, (str, os.PathLike)):
-      path, split = os.fspath(spec), default_split
-    else:
-      path = spec["path"]
-      split = spec.get("split", default_split) or None
-    out[name] = (path, split)
-  return out
-
-
-def _texts_or_none(emb: embed_lib.DatasetEmbeddings) -> Optional[np.ndarray]:
-  # Sets without report text (CheXpert, RSNA) still come with an embedding
-  # of the empty string; it must not enter text retrieval.
-  if emb.text is None or not any(t.strip() for t in emb.texts):
-    return None
-  return emb.text
-
-
-def class_names_of(labels: np.ndarray, label_names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
-  """[N] class of each row; exactly one of ``classes`` must be positive."""
-  cols = [list(label_names).index(c) for c in classes]
-  pos = positive_labels(labels)[:, cols]
-  bad = np.flatnonzero(pos.sum(axis=1) != 1)
-  if bad.size:
-    raise ValueError(f"{bad.size} rows do not have exactly one of {classes} positive (first: row {bad[0]})")
-  return np.asarray(classes)[pos.argmax(axis=1)]
-
-
-def read_temporal_labels(path: str) -> dict[str, dict[str, str]]:
-  """{finding: {study_id: label}} from a CSV with a study_id column."""
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
-  if not rows or "study_id" not in rows[0]:
-    raise ValueError(f"{path}: expected a study_id column")
-  findings = [c for c in rows[0] if c != "study_id"]
-  return {c: {r["study_id"]: r[c].strip() for r in rows if r[c].strip()} for c in findings}
-
-
-# ---------------------------------------------------------------------------
-# Running the evaluators.
-# ---------------------------------------------------------------------------
-
-
-def evaluator_config(config) -> dict[str, Any]:
-  """`run_evaluators` overrides from ``config.eval``."""
-  ev = config.eval
-  out = {"retrieval_ks": tuple(ev.get("retrieval_ks", (5, 10, 50)))}
-  for key in ("recall_ks", "bootstrap_resamples", "bootstrap_seed"):
-    if ev.get(key) is not None:
-      value = ev.get(key)
-      out[key] = tuple(value) if key == "recall_ks" else int(value)
-  if ev.get("chexpert_8x200_lists"):
-    out["chexpert_8x200_dir"] = ev.chexpert_8x200_lists
-  if ev.get("zero_shot_max_prompts"):
-    out["zero_shot_max_prompts"] = int(ev.zero_shot_max_prompts)
-  return out
-
-
-def _evaluate_generic(
-  name: str,
-  emb: embed_lib.DatasetEmbeddings,
-  text_fn: TextEmbedFn,
-  ev_cfg: Mapping[str, Any],
-  prompt_file: Mapping[str, Any],
-  notes: list[str],
-) -> dict[str, float]:
-  ks, skipped = usable_ks(ev_cfg["retrieval_ks"], len(emb))
-  if skipped:
-    note = f"{name}: P@{', P@'.join(map(str, skipped))} skipped: {len(emb)} studies leave fewer than K rankable items."
-    logging.warning(note)
-    notes.append(note)
-  results = {}
-  generic = EmbeddingSet(image=emb.image, text=_texts_or_none(emb), labels=emb.labels, ids=emb.ids, texts=emb.texts)
-  if ks:
-    results.update(run_evaluators([name], {name: generic}, text_fn, {**ev_cfg, "retrieval_ks": ks}))
-  if emb.label_names:
-    results.update(
-      report.flatten_results(
-        {
-          name: label_zero_shot(
-            emb.image,
-            emb.labels,
-            emb.label_names,
-            text_fn,
-            prompt_file,
-            num_resamples=int(ev_cfg.get("bootstrap_resamples", retrieval.BOOTSTRAP_RESAMPLES)),
-            seed=int(ev_cfg.get("bootstrap_seed", retrieval.BOOTSTRAP_SEED)),
-          )
-        }
-      )
-    )
-  else:
-    notes.append(f"{name}: no label names in the manifest, no zero-shot.")
-  return results
-
-
-def _protocol_inputs(config, predict, placed) -> dict[str, Any]:
-  """Embeddings of the published protocol sets whose paths are set."""
-  ev = config.eval
-  inputs = {}
-
-  def embed(path, split, **kw):
-    return embed_lib.embed_dataset(config, None, path, split=split or None, predict_fn=predict, placed=placed, **kw)
-
-  if ev.get("chexpert_5x200"):
-    emb = embed(ev.chexpert_5x200, ev.get("chexpert_5x200_split"))
-    inputs["chexpert_5x200"] = EmbeddingSet(
-      image=emb.image,
-      text=_texts_or_none(emb),
-      ids=emb.ids,
-      labels=class_names_of(emb.labels, emb.label_names, CHEXPERT_5X200_CLASSES),
-    )
-  if ev.get("chexpert_8x200"):
-    if not ev.get("chexpert_8x200_lists"):
-      raise ValueError("eval.chexpert_8x200 needs eval.chexpert_8x200_lists")
-    sets = {"candidates": embed(ev.chexpert_8x200, None, with_text=False)}
-    if ev.get("chexpert_8x200_queries"):
-      sets["image_queries"] = embed(ev.chexpert_8x200_queries, None, with_text=False)
-    inputs["chexpert_8x200"] = sets
-  if ev.get("rsna"):
-    emb = embed(ev.rsna, ev.get("rsna_split"), with_text=False)
-    col = list(emb.label_names).index("Pneumonia") if "Pneumonia" in emb.label_names else 0
-    inputs["rsna"] = EmbeddingSet(
-      image=emb.image, ids=emb.ids, labels=positive_labels(emb.labels)[:, col].astype(np.int64)
-    )
-  if ev.get("ms_cxr_t"):
-    if not ev.get("ms_cxr_t_labels"):
-      raise ValueError("eval.ms_cxr_t needs eval.ms_cxr_t_labels")
-    # Temporal classification needs the prior views whatever eval.views says.
-    emb = embed(ev.ms_cxr_t, ev.get("ms_cxr_t_split"), with_text=False, view_slots=api.model_config(config).view_slots)
-    row = {sid: i for i, sid in enumerate(emb.ids)}
-    sets = {}
-    for finding, by_study in read_temporal_labels(ev.ms_cxr_t_labels).items():
-      found = [(row[s], lab) for s, lab in by_study.items() if s in row]
-      if found:
-        idx, labs = zip(*sorted(found))
-        sets[finding] = EmbeddingSet(image=emb.image[list(idx)], labels=np.asarray(labs))
-    inputs["ms_cxr_t"] = sets
-  return inputs
 
 
 def run_evaluation(
-  config, variables, workdir: str | os.PathLike[str], *, tokenizer=None, mesh=None, predict_fn=None
+  config,
+  variables,
+  workdir: str | os.PathLike[str],
+  *,
+  tokenizer=None,
+  mesh=None,
+  predict_fn=None,
+  names: Optional[Sequence[str]] = None,
 ) -> dict[str, float]:
-  """Embeds and evaluates every dataset of ``config.eval``; writes outputs.
+  """Embeds and scores with the evaluators of ``config.evals``; writes outputs.
 
   Args:
-    config: full config with ``model`` and ``eval``.
+    config: full config with ``model``, ``eval`` (how studies are embedded)
+      and ``evals`` (the evaluators by name).
     variables: {"params": ...}.
     workdir: output folder (created).
     tokenizer: for prompts and text queries; default from ``config.init``
@@ -340,37 +118,38 @@ def run_evaluation(
     predict_fn: the `clinvla_jax.predict.PredictFn` to embed with (training
       passes ``TrainSetup.predict_fn``); default one built from ``config``
       and ``mesh``.
+    names: the evaluators to run (training passes those due at a step);
+      default every one with a path.
 
   Returns:
     The flat results written to results.json.
   """
+  evaluators = build_evaluators(config, names)
+  if not evaluators:
+    raise ValueError("config.evals names no evaluator with a path (see configs/base.py, block evals)")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  ev_cfg = evaluator_config(config)
-  prompt_file = load_label_prompts(config.eval.get("label_prompts") or None)
   predict = embed_lib.resolve_predict_fn(config, mesh, predict_fn)
-  # Placed once: every dataset and the prompts read the same sharded variables.
+  # Placed once: every evaluator and the prompts read the same sharded variables.
   placed = predict.place(variables)
   text_fn = embed_lib.make_text_embed_fn(config, None, tokenizer, predict_fn=predict, placed=placed)
-  results, notes, generic = {}, [], {}
-  for name, (path, split) in generic_datasets(config).items():
-    emb = embed_lib.embed_dataset(config, None, path, split=split, predict_fn=predict, placed=placed)
-    generic[name] = emb
-    notes.append(f"{name}: {len(emb)} studies ({split or 'all shards'}), views: {config.eval.get('views', 'frontal')}.")
-    results.update(_evaluate_generic(name, emb, text_fn, ev_cfg, prompt_file, notes))
-  protocols = _protocol_inputs(config, predict, placed)
-  if protocols:
-    results.update(run_evaluators(list(protocols), protocols, text_fn, ev_cfg))
+  context = evaluators_lib.EvalContext(config, predict, placed, text_fn)
+  results, notes, figure_source = {}, [], None
+  for evaluator in evaluators.values():
+    out = evaluator.run(context)
+    results.update(out.scores)
+    notes.extend(out.notes)
+    if figure_source is None and out.figure_set is not None:
+      figure_source = (out.figure_set, evaluator.options)
   if not results:
-    raise ValueError("config.eval names no dataset to evaluate")
+    raise ValueError(f"the evaluators {sorted(evaluators)} produced no score")
 
   written = report.write_results_json(results, workdir / RESULTS_JSON)
   text = report.markdown_report(written, tables=PAPER_TABLES) + other_results_markdown(written, notes)
   (workdir / RESULTS_MD).write_text(text, encoding="utf-8")
-  if config.eval.get("figure", True):
-    shown = next((e for e in generic.values() if _texts_or_none(e) is not None and e.label_names), None)
-    if shown is not None:
-      retrieval_examples_figure(shown, text_fn, workdir / FIGURE_PNG, prompt_file)
+  if figure_source is not None:
+    shown, opts = figure_source
+    retrieval_examples_figure(shown, text_fn, workdir / FIGURE_PNG, load_label_prompts(opts.label_prompts or None))
   logging.info("Wrote %d results to %s", len(written), workdir)
   return written
 

@@ -1,0 +1,392 @@
+"""Evaluators by name: ``config.evals.<name>`` -> an evaluator of the named ``type``.
+
+  evaluators = build_evaluators(config)          # {name: Evaluator}, in config order
+  result = evaluators["covid_cxr"].run(context)  # EvaluatorResult: scores, notes
+
+Each type (`EVALUATOR_TYPES`) embeds its data through the run's one
+`clinvla_jax.predict.PredictFn` and scores the embeddings with the numpy-level
+functions of `clinvla_jax.evaluate`.  Scores are keyed
+"<name>/<task>/<metric>"; the options and their defaults are in
+`clinvla_jax.evaluate.options`.  An evaluator whose ``path`` is empty is not
+built, so a config can list the protocols and a run enables one by giving
+its path (``--config.evals.rsna.path=DIR``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
+
+from absl import logging
+import numpy as np
+
+from clinvla_jax import api
+from clinvla_jax.evaluate import EmbeddingSet
+from clinvla_jax.evaluate import embed as embed_lib
+from clinvla_jax.evaluate import metrics
+from clinvla_jax.evaluate import options as options_lib
+from clinvla_jax.evaluate import report
+from clinvla_jax.evaluate import retrieval
+from clinvla_jax.evaluate import run_evaluators
+from clinvla_jax.evaluate import zeroshot
+from clinvla_jax.predict import PredictFn
+
+TextEmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+LABEL_PROMPTS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "prompts" / "label_prompts.json"
+CHEXPERT_5X200_CLASSES = zeroshot.CHEXPERT_5X200_CLASSES
+
+# Keys of the former flat ``config.eval`` block, each with the form that replaced it.
+LEGACY_EVAL_KEYS = {
+  "datasets": 'config.evals.NAME = evaluator_options("retrieval", path=DIR, split="val")',
+  "every_steps": "config.evals.NAME.every_steps (each evaluator has its own cadence)",
+  "split": "config.evals.NAME.split",
+  "retrieval_ks": "config.evals.NAME.retrieval_ks (a retrieval evaluator's option)",
+  "recall_ks": "config.evals.NAME.recall_ks",
+  "label_prompts": "config.evals.NAME.label_prompts",
+  "figure": "config.evals.NAME.figure",
+  "bootstrap_resamples": "config.evals.NAME.bootstrap_resamples",
+  "bootstrap_seed": "config.evals.NAME.bootstrap_seed",
+  "zero_shot_max_prompts": "config.evals.chexpert_5x200.zero_shot_max_prompts",
+  "chexpert_5x200": "config.evals.chexpert_5x200.path",
+  "chexpert_5x200_split": "config.evals.chexpert_5x200.split",
+  "chexpert_8x200": "config.evals.chexpert_8x200.path",
+  "chexpert_8x200_queries": "config.evals.chexpert_8x200.queries",
+  "chexpert_8x200_lists": "config.evals.chexpert_8x200.lists",
+  "rsna": "config.evals.rsna.path",
+  "rsna_split": "config.evals.rsna.split",
+  "ms_cxr_t": "config.evals.ms_cxr_t.path",
+  "ms_cxr_t_split": "config.evals.ms_cxr_t.split",
+  "ms_cxr_t_labels": "config.evals.ms_cxr_t.labels",
+}
+# What ``config.eval`` still holds: how studies are embedded, for every evaluator and --mode=embed.
+EVAL_KEYS = ("batch_size", "views")
+
+
+# ---------------------------------------------------------------------------
+# Label zero-shot and the label helpers of the generic sets.
+# ---------------------------------------------------------------------------
+
+
+def load_label_prompts(path: Optional[str] = None) -> dict:
+  return json.loads(pathlib.Path(path or LABEL_PROMPTS).read_text(encoding="utf-8"))
+
+
+def label_prompts(label_names: Sequence[str], prompt_file: Optional[Mapping[str, Any]] = None) -> dict[str, list[str]]:
+  """{label: prompts} for named labels (see the prompt file's "about")."""
+  data = prompt_file or load_label_prompts()
+  explicit = data.get("prompts", {})
+  phrases = data.get("phrases", {})
+  out = {}
+  for name in label_names:
+    if name in explicit:
+      out[name] = list(explicit[name])
+    else:
+      phrase = phrases.get(name, name)
+      out[name] = [t.format(label=phrase) for t in data["templates"]]
+  return out
+
+
+def positive_labels(labels: np.ndarray) -> np.ndarray:
+  """bool [N, C]: value > 0 (uncertain -1, 0 and NaN are not positive)."""
+  with np.errstate(invalid="ignore"):
+    return np.nan_to_num(np.asarray(labels, np.float64), nan=0.0) > 0
+
+
+def label_zero_shot(
+  image_emb: np.ndarray,
+  labels: np.ndarray,
+  label_names: Sequence[str],
+  text_embed_fn: TextEmbedFn,
+  prompt_file: Optional[Mapping[str, Any]] = None,
+  *,
+  num_resamples: int = retrieval.BOOTSTRAP_RESAMPLES,
+  seed: int = retrieval.BOOTSTRAP_SEED,
+) -> dict[str, float]:
+  """Zero-shot over a dataset's own label names.
+
+  Returns:
+    {"zero_shot/ACC": top-1 hit rate over studies with a positive label,
+     "zero_shot/ACC_majority": the same hit rate for always predicting the
+     label most often positive among those studies,
+     "zero_shot/ACC_ci_low", "zero_shot/ACC_ci_high": 95 % bootstrap interval
+     over those studies (``num_resamples`` 0: none),
+     "zero_shot/AUC": mean one-vs-rest AUC over labels with both positive
+     and negative studies, "zero_shot/AUC_chance": 0.5}; a metric without
+    any eligible study is left out.
+  """
+  pos = positive_labels(labels)
+  if pos.shape[1] != len(label_names):
+    raise ValueError(f"{pos.shape[1]} label columns for {len(label_names)} names")
+  prompts = label_prompts(label_names, prompt_file)
+  class_emb = zeroshot.class_embeddings(prompts, text_embed_fn, label_names)
+  pred, cos = zeroshot.zero_shot_predict(image_emb, class_emb)
+  results = {}
+  labelled = pos.any(axis=1)
+  if labelled.any():
+    hit = pos[np.arange(len(pred)), pred]
+    results.update(
+      {f"zero_shot/{k}": v for k, v in metrics.summarize("ACC", hit[labelled], None, num_resamples, seed).items()}
+    )
+    results["zero_shot/ACC_majority"] = float(metrics.majority_label_hits(pos[labelled]).mean())
+  aucs = [metrics.roc_auc(pos[:, c], cos[:, c]) for c in range(pos.shape[1]) if 0 < pos[:, c].sum() < len(pos)]
+  if aucs:
+    results["zero_shot/AUC"] = float(np.mean(aucs))
+    results["zero_shot/AUC_chance"] = 0.5
+  return results
+
+
+def usable_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(kept, skipped) cut-offs: K must be below the set size.
+
+  Image->image search leaves the query out, so N - 1 items are rankable.
+  """
+  kept = tuple(int(k) for k in ks if 1 <= k <= num_items - 1)
+  skipped = tuple(int(k) for k in ks if k not in kept)
+  return kept, skipped
+
+
+def texts_or_none(emb: embed_lib.DatasetEmbeddings) -> Optional[np.ndarray]:
+  """The report embeddings, or None for a set without report text.
+
+  Sets without report text (CheXpert, RSNA) still come with an embedding of
+  the empty string; it must not enter text retrieval.
+  """
+  if emb.text is None or not any(t.strip() for t in emb.texts):
+    return None
+  return emb.text
+
+
+def class_names_of(labels: np.ndarray, label_names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+  """[N] class of each row; exactly one of ``classes`` must be positive."""
+  cols = [list(label_names).index(c) for c in classes]
+  pos = positive_labels(labels)[:, cols]
+  bad = np.flatnonzero(pos.sum(axis=1) != 1)
+  if bad.size:
+    raise ValueError(f"{bad.size} rows do not have exactly one of {classes} positive (first: row {bad[0]})")
+  return np.asarray(classes)[pos.argmax(axis=1)]
+
+
+def read_temporal_labels(path: str) -> dict[str, dict[str, str]]:
+  """{finding: {study_id: label}} from a CSV with a study_id column."""
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "study_id" not in rows[0]:
+    raise ValueError(f"{path}: expected a study_id column")
+  findings = [c for c in rows[0] if c != "study_id"]
+  return {c: {r["study_id"]: r[c].strip() for r in rows if r[c].strip()} for c in findings}
+
+
+# ---------------------------------------------------------------------------
+# Evaluators.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What every evaluator of one evaluation shares: the model, placed once, and the prompt embedder."""
+
+  config: Any
+  predict: PredictFn
+  placed: Any
+  text_fn: TextEmbedFn
+
+  def embed(self, path: str, split: str, **kwargs) -> embed_lib.DatasetEmbeddings:
+    return embed_lib.embed_dataset(
+      self.config, None, path, split=split or None, predict_fn=self.predict, placed=self.placed, **kwargs
+    )
+
+
+@dataclasses.dataclass
+class EvaluatorResult:
+  """Scores keyed "<name>/<task>/<metric>", notes for results.md, and the set the figure may show."""
+
+  scores: dict[str, float]
+  notes: list[str] = dataclasses.field(default_factory=list)
+  figure_set: Optional[embed_lib.DatasetEmbeddings] = None
+
+
+class Evaluator:
+  """One named evaluator; subclasses say what to embed and how to score it."""
+
+  type_name: str = ""
+
+  def __init__(self, name: str, options: options_lib.EvaluatorOptions):
+    self.name = name
+    self.options = options
+
+  @property
+  def every_steps(self) -> int:
+    return int(self.options.every_steps)
+
+  def due(self, step: int) -> bool:
+    """Whether training evaluates it at ``step``."""
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  def scoring_config(self) -> dict[str, Any]:
+    """The options as the flat overrides of `run_evaluators`."""
+    return dataclasses.asdict(self.options)
+
+  def score(self, inputs: Any, text_fn: TextEmbedFn, **overrides) -> dict[str, float]:
+    """The numpy-level scorer of this type (`run_evaluators`), keys under this evaluator's name."""
+    key = self.type_name
+    scores = run_evaluators([key], {key: inputs}, text_fn, {**self.scoring_config(), **overrides})
+    return {self.name + k[len(key) :]: v for k, v in scores.items()}
+
+  def inputs(self, context: EvalContext) -> Any:
+    raise NotImplementedError
+
+  def run(self, context: EvalContext) -> EvaluatorResult:
+    return EvaluatorResult(self.score(self.inputs(context), context.text_fn))
+
+
+class RetrievalEvaluator(Evaluator):
+  """Generic retrieval in every direction the set allows, plus zero-shot over its label names."""
+
+  type_name = "retrieval"
+
+  def run(self, context: EvalContext) -> EvaluatorResult:
+    opts = self.options
+    emb = context.embed(opts.path, opts.split)
+    views = embed_lib.eval_setting(context.config, "views", "frontal")
+    notes = [f"{self.name}: {len(emb)} studies ({opts.split or 'all shards'}), views: {views}."]
+    ks, skipped = usable_ks(opts.retrieval_ks, len(emb))
+    if skipped:
+      note = f"{self.name}: P@{', P@'.join(map(str, skipped))} skipped: {len(emb)} studies leave fewer than K rankable items."
+      logging.warning(note)
+      notes.append(note)
+    scores = {}
+    generic = EmbeddingSet(image=emb.image, text=texts_or_none(emb), labels=emb.labels, ids=emb.ids, texts=emb.texts)
+    if ks:
+      scores.update(self.score(generic, None, retrieval_ks=ks))
+    if emb.label_names:
+      zero_shot = label_zero_shot(
+        emb.image,
+        emb.labels,
+        emb.label_names,
+        context.text_fn,
+        load_label_prompts(opts.label_prompts or None),
+        num_resamples=int(opts.bootstrap_resamples),
+        seed=int(opts.bootstrap_seed),
+      )
+      scores.update(report.flatten_results({self.name: zero_shot}))
+    else:
+      notes.append(f"{self.name}: no label names in the manifest, no zero-shot.")
+    shown = emb if (opts.figure and texts_or_none(emb) is not None and emb.label_names) else None
+    return EvaluatorResult(scores, notes, shown)
+
+
+class Chexpert5x200Evaluator(Evaluator):
+  type_name = "chexpert_5x200"
+
+  def inputs(self, context: EvalContext) -> EmbeddingSet:
+    emb = context.embed(self.options.path, self.options.split)
+    return EmbeddingSet(
+      image=emb.image,
+      text=texts_or_none(emb),
+      ids=emb.ids,
+      labels=class_names_of(emb.labels, emb.label_names, CHEXPERT_5X200_CLASSES),
+    )
+
+
+class Chexpert8x200Evaluator(Evaluator):
+  type_name = "chexpert_8x200"
+
+  def scoring_config(self) -> dict[str, Any]:
+    return {**super().scoring_config(), "chexpert_8x200_dir": self.options.lists}
+
+  def inputs(self, context: EvalContext) -> dict[str, EmbeddingSet]:
+    if not self.options.lists:
+      raise ValueError(f"config.evals.{self.name} needs lists= (the folder of the published 8x200 CSVs)")
+    sets = {"candidates": context.embed(self.options.path, self.options.split, with_text=False)}
+    if self.options.queries:
+      sets["image_queries"] = context.embed(self.options.queries, self.options.split, with_text=False)
+    return sets
+
+
+class RsnaEvaluator(Evaluator):
+  type_name = "rsna"
+
+  def inputs(self, context: EvalContext) -> EmbeddingSet:
+    emb = context.embed(self.options.path, self.options.split, with_text=False)
+    col = list(emb.label_names).index("Pneumonia") if "Pneumonia" in emb.label_names else 0
+    return EmbeddingSet(image=emb.image, ids=emb.ids, labels=positive_labels(emb.labels)[:, col].astype(np.int64))
+
+
+class MsCxrTEvaluator(Evaluator):
+  type_name = "ms_cxr_t"
+
+  def inputs(self, context: EvalContext) -> dict[str, EmbeddingSet]:
+    if not self.options.labels:
+      raise ValueError(f"config.evals.{self.name} needs labels= (the temporal labels CSV)")
+    # Temporal classification needs the prior views whatever config.eval.views says.
+    slots = api.model_config(context.config).view_slots
+    emb = context.embed(self.options.path, self.options.split, with_text=False, view_slots=slots)
+    row = {sid: i for i, sid in enumerate(emb.ids)}
+    sets = {}
+    for finding, by_study in read_temporal_labels(self.options.labels).items():
+      found = [(row[s], lab) for s, lab in by_study.items() if s in row]
+      if found:
+        idx, labs = zip(*sorted(found))
+        sets[finding] = EmbeddingSet(image=emb.image[list(idx)], labels=np.asarray(labs))
+    return sets
+
+
+EVALUATOR_TYPES: dict[str, type[Evaluator]] = {
+  cls.type_name: cls
+  for cls in (RetrievalEvaluator, Chexpert5x200Evaluator, Chexpert8x200Evaluator, RsnaEvaluator, MsCxrTEvaluator)
+}
+assert set(EVALUATOR_TYPES) == set(options_lib.OPTIONS_BY_TYPE)
+
+
+def check_no_legacy_keys(config) -> None:
+  """Fails on a key of the former flat ``config.eval`` block, naming the form that replaced it."""
+  eval_block = config.get("eval") if hasattr(config, "get") else None
+  if eval_block is None:
+    return
+  for key in eval_block:
+    if key in LEGACY_EVAL_KEYS:
+      raise ValueError(f"config.eval.{key} is no longer read; use {LEGACY_EVAL_KEYS[key]} (see configs/base.py)")
+    if key not in EVAL_KEYS:
+      raise ValueError(f"config.eval.{key} is not an evaluation setting; config.eval holds {', '.join(EVAL_KEYS)}")
+
+
+def legacy_flag_error(argv: Sequence[str]) -> Optional[str]:
+  """The message for a ``--config.eval.<former key>`` flag in ``argv`` (ml_collections would only say "not found")."""
+  for arg in argv:
+    if arg.startswith("--config.eval."):
+      key = arg[len("--config.eval.") :].split("=", 1)[0].split(".", 1)[0]
+      if key in LEGACY_EVAL_KEYS:
+        return f"{arg.split('=', 1)[0]} is no longer read; use {LEGACY_EVAL_KEYS[key]} (see configs/base.py)"
+  return None
+
+
+def build_evaluators(config, names: Optional[Sequence[str]] = None) -> dict[str, Evaluator]:
+  """{name: Evaluator} of ``config.evals`` entries that have a path, in config order.
+
+  ``names`` restricts to those entries (each must exist and have a path).
+  """
+  check_no_legacy_keys(config)
+  evals = config.get("evals") if hasattr(config, "get") else None
+  evals = evals if evals is not None else {}
+  out = {}
+  for name, spec in evals.items():
+    opts = options_lib.parse_options(name, spec)
+    if name in options_lib.PROTOCOL_TYPES and opts.type != name:
+      raise ValueError(
+        f"config.evals.{name} has type {opts.type!r}: the name {name!r} is the {name} protocol's, whose keys the "
+        "paper tables read; give the evaluator another name"
+      )
+    if not opts.path:
+      continue
+    out[name] = EVALUATOR_TYPES[opts.type](name, opts)
+  if names is not None:
+    missing = [n for n in names if n not in out]
+    if missing:
+      raise ValueError(f"no evaluator {', '.join(missing)} with a path in config.evals (configured: {sorted(out)})")
+    out = {n: out[n] for n in names}
+  return out

@@ -24,9 +24,21 @@ install_tcmalloc() {
   fi
 }
 
+install_chromium() {
+  # The search page test opens the page in a real headless browser
+  # (tests/test_search.py); it skips without one. Best effort: root with apt only.
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then return 0; fi
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+      || echo "note: chromium not installed; the headless page test will be skipped" >&2
+  fi
+}
+
 setup() {
   local extras="$1"
   install_tcmalloc
+  if [[ "$extras" == test ]]; then install_chromium; fi
   if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip

@@ -10,6 +10,8 @@ Public API::
     tok = cv.Tokenizer("path/to/vocab.txt", max_len=128)
     out = cv.encode_text(cfg, variables, ids, mask)
     out = cv.encode_images(cfg, variables, images, view_valid)
+    index = cv.Index.build(cfg, "archive/", "index/", checkpoint="runs/demo")
+    hits = cv.Index.load("index/", cfg).search_text("small left pleural effusion", k=10)
 """
 
 from clinvla_jax import convert
@@ -19,6 +21,7 @@ from clinvla_jax.losses import clinvla_loss
 
 __version__ = "0.1.0"
 __all__ = [
+  "Index",
   "Tokenizer",
   "abstract_params",
   "build_model",
@@ -38,4 +41,8 @@ def __getattr__(name):
     from clinvla_jax.data.tokenizer import Tokenizer
 
     return Tokenizer
+  if name == "Index":
+    from clinvla_jax.search.index import Index
+
+    return Index
   raise AttributeError(f"module 'clinvla_jax' has no attribute {name!r}")

@@ -4,6 +4,8 @@
   python -m clinvla_jax.main --config=configs/demo.py --workdir=runs/demo --mode=eval
   python -m clinvla_jax.main --config=configs/demo.py --mode=embed --config.data.eval=DIR --output=emb.npz
   python -m clinvla_jax.main --config=configs/base.py --mode=summary
+  python -m clinvla_jax.main --config=configs/demo.py --mode=index --checkpoint=runs/demo --input=DIR --output=INDEX
+  python -m clinvla_jax.main --config=configs/demo.py --mode=search --index=INDEX --query="small left pleural effusion"
 
 ``--config`` is an ml_collections config file; any field can be overridden
 with ``--config.<field>=value``.  The console shows warnings, progress and
@@ -26,7 +28,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "embed", "summary")
+MODES = ("train", "eval", "embed", "summary", "index", "search")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
@@ -34,10 +36,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, met
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint",
   None,
-  "eval/embed: a workdir, its checkpoints/ folder or one checkpoints/<step> folder "
-  "(default: --workdir's latest checkpoint).",
+  "eval/embed/index: a workdir, its checkpoints/ folder or one checkpoints/<step> folder "
+  "(default: --workdir's latest checkpoint; search: the index's own).",
 )
-_OUTPUT = flags.DEFINE_string("output", None, "embed: the .npz file to write.")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "embed: the .npz file to write; index: the index folder; search: a results .json file."
+)
+_INPUT = flags.DEFINE_string("input", None, "index: a converted dataset folder or a folder of study sub-folders.")
+_INDEX = flags.DEFINE_string("index", None, "search: the index folder (from --mode=index).")
+_QUERY = flags.DEFINE_string("query", None, "search: one text query.")
+_QUERIES = flags.DEFINE_string("queries", None, "search: a file of text queries, one per line.")
+_QUERY_IMAGE = flags.DEFINE_string("query_image", None, "search: a DICOM/PNG/JPEG image to find look-alikes of.")
+_K = flags.DEFINE_integer("k", 10, "search: results per query.")
+_TARGET = flags.DEFINE_enum(
+  "target", "image", ["image", "report"], "search: rank the studies' images or their reports (image -> report)."
+)
+_HTML = flags.DEFINE_string("html", None, "search: also write a results page (.html) with thumbnails.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
@@ -65,23 +79,22 @@ def run_train(config, workdir: str) -> None:
 
 def _variables_for_evaluation(config):
   """From --checkpoint or --workdir's checkpoints; else the (pretrained or seeded) initial weights."""
-  import jax
-  from clinvla_jax import api, convert, train
+  from clinvla_jax import train
 
-  source = _CHECKPOINT.value or (
+  source = _checkpoint_source()
+  variables, step = train.evaluation_variables(config, source)
+  if source:
+    print(f"evaluating checkpoint step {step} from {source}", flush=True)
+  else:
+    print("no checkpoint given: evaluating the initial (pretrained or seeded) weights", flush=True)
+  return variables
+
+
+def _checkpoint_source():
+  """--checkpoint, else --workdir when it holds checkpoints, else None."""
+  return _CHECKPOINT.value or (
     _WORKDIR.value if _WORKDIR.value and os.path.isdir(os.path.join(_WORKDIR.value, "checkpoints")) else None
   )
-  if source:
-    variables, step = train.restore_variables(config, source)
-    print(f"evaluating checkpoint step {step} from {source}", flush=True)
-    return variables
-  print("no checkpoint given: evaluating the initial (pretrained or seeded) weights", flush=True)
-  variables = api.init_params(config, jax.random.key(int(config.seed)))
-  if config.init.text_weights:
-    variables = convert.load_text_weights(variables, config.init.text_weights)
-  if config.init.image_weights:
-    variables = convert.load_image_weights(variables, config.init.image_weights)
-  return variables
 
 
 def run_eval(config) -> None:
@@ -116,6 +129,41 @@ def run_embed(config) -> None:
   print(f"embeddings written to {_OUTPUT.value}", flush=True)
 
 
+def run_index(config) -> None:
+  from clinvla_jax.search import cli, index
+
+  if not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError("--mode=index needs --input=<converted folder or folder of studies> and --output=INDEX_DIR")
+  try:
+    cli.run_index(config, _INPUT.value, _OUTPUT.value, _checkpoint_source())
+  except index.SearchIndexError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run_search(config) -> None:
+  from clinvla_jax.search import cli, index
+
+  if not _INDEX.value:
+    raise app.UsageError("--mode=search needs --index=INDEX_DIR")
+  try:
+    cli.run_search(
+      config,
+      _INDEX.value,
+      query=_QUERY.value,
+      queries_file=_QUERIES.value,
+      query_image=_QUERY_IMAGE.value,
+      k=_K.value,
+      target=_TARGET.value,
+      checkpoint=_CHECKPOINT.value,
+      output=_OUTPUT.value,
+      html_path=_HTML.value,
+    )
+  except index.SearchIndexError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -140,6 +188,10 @@ def main(argv) -> None:
     run_eval(config)
   elif _MODE.value == "embed":
     run_embed(config)
+  elif _MODE.value == "index":
+    run_index(config)
+  elif _MODE.value == "search":
+    run_search(config)
 
 
 def _make_config_siblings_importable(argv) -> None:
@@ -164,6 +216,13 @@ def entry() -> None:
 
   runtime.configure_host_runtime()
   _make_config_siblings_importable(sys.argv)
+  from clinvla_jax.evaluate import options
+
+  # ml_collections would only say that the key is not found.
+  legacy = options.legacy_flag_error(sys.argv[1:])
+  if legacy:
+    print(f"error: {legacy}", file=sys.stderr, flush=True)
+    sys.exit(2)
   flags.mark_flag_as_required("config")
   app.run(main)
 

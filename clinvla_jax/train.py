@@ -312,6 +312,27 @@ def restore_variables(config, checkpoint: str, step: Optional[int] = None) -> Tu
   return setup.variables(state), int(step)
 
 
+def initial_variables(config) -> Dict[str, Any]:
+  """The weights before any training: the seeded init, then the pretrained towers of ``config.init``."""
+  variables = api.init_params(config, jax.random.key(int(config.seed)))
+  if config.init.text_weights or config.init.image_weights:
+    from clinvla_jax import convert  # pylint: disable=g-import-not-at-top
+
+    if config.init.text_weights:
+      variables = convert.load_text_weights(variables, config.init.text_weights)
+    if config.init.image_weights:
+      variables = convert.load_image_weights(variables, config.init.image_weights)
+  return variables
+
+
+def evaluation_variables(config, checkpoint: Optional[str] = None) -> Tuple[Dict[str, Any], Optional[int]]:
+  """(variables, step) to evaluate, embed or index with: a checkpoint's (`restore_variables`), else
+  `initial_variables` with step None."""
+  if checkpoint:
+    return restore_variables(config, checkpoint)
+  return initial_variables(config), None
+
+
 def eval_schedule(config) -> Dict[str, int]:
   """{evaluator name: every_steps} of the ``config.evals`` entries that training runs (every_steps > 0)."""
   from clinvla_jax.evaluate import evaluators  # pylint: disable=g-import-not-at-top

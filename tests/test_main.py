@@ -63,3 +63,19 @@ def test_train_then_eval_and_embed_from_the_checkpoint(tmp_path):
     assert data["image_global"].shape == (36, 32) and data["text_global"].shape == (36, 32)
     assert len(data["study_id"]) == 36
     np.testing.assert_allclose(np.linalg.norm(data["image_global"], axis=1), 1.0, rtol=1e-5)
+
+
+def _run_main(*args):
+  cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}", *args]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_index_and_search_modes_name_what_is_missing(tmp_path):
+  out = _run_main("--mode=index", f"--output={tmp_path / 'idx'}")
+  assert out.returncode != 0 and "--mode=index needs --input" in out.stderr
+  out = _run_main("--mode=search", f"--index={tmp_path}", "--query=effusion")
+  assert out.returncode == 1 and f"error: {tmp_path}: no manifest.json" in out.stderr
+  (tmp_path / "manifest.json").write_text("{}")
+  out = _run_main("--mode=search", f"--index={tmp_path}", "--query=effusion")
+  assert out.returncode == 1 and "not a search index" in out.stderr

@@ -29,6 +29,7 @@ from clinvla_jax.evaluate import EmbeddingSet
 from clinvla_jax.evaluate import embed as embed_lib
 from clinvla_jax.evaluate import metrics
 from clinvla_jax.evaluate import options as options_lib
+from clinvla_jax.evaluate.options import LEGACY_EVAL_KEYS, legacy_flag_error  # noqa: F401  (re-exported)
 from clinvla_jax.evaluate import report
 from clinvla_jax.evaluate import retrieval
 from clinvla_jax.evaluate import run_evaluators
@@ -40,29 +41,6 @@ TextEmbedFn = Callable[[Sequence[str]], np.ndarray]
 LABEL_PROMPTS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "prompts" / "label_prompts.json"
 CHEXPERT_5X200_CLASSES = zeroshot.CHEXPERT_5X200_CLASSES
 
-# Keys of the former flat ``config.eval`` block, each with the form that replaced it.
-LEGACY_EVAL_KEYS = {
-  "datasets": 'config.evals.NAME = evaluator_options("retrieval", path=DIR, split="val")',
-  "every_steps": "config.evals.NAME.every_steps (each evaluator has its own cadence)",
-  "split": "config.evals.NAME.split",
-  "retrieval_ks": "config.evals.NAME.retrieval_ks (a retrieval evaluator's option)",
-  "recall_ks": "config.evals.NAME.recall_ks",
-  "label_prompts": "config.evals.NAME.label_prompts",
-  "figure": "config.evals.NAME.figure",
-  "bootstrap_resamples": "config.evals.NAME.bootstrap_resamples",
-  "bootstrap_seed": "config.evals.NAME.bootstrap_seed",
-  "zero_shot_max_prompts": "config.evals.chexpert_5x200.zero_shot_max_prompts",
-  "chexpert_5x200": "config.evals.chexpert_5x200.path",
-  "chexpert_5x200_split": "config.evals.chexpert_5x200.split",
-  "chexpert_8x200": "config.evals.chexpert_8x200.path",
-  "chexpert_8x200_queries": "config.evals.chexpert_8x200.queries",
-  "chexpert_8x200_lists": "config.evals.chexpert_8x200.lists",
-  "rsna": "config.evals.rsna.path",
-  "rsna_split": "config.evals.rsna.split",
-  "ms_cxr_t": "config.evals.ms_cxr_t.path",
-  "ms_cxr_t_split": "config.evals.ms_cxr_t.split",
-  "ms_cxr_t_labels": "config.evals.ms_cxr_t.labels",
-}
 # What ``config.eval`` still holds: how studies are embedded, for every evaluator and --mode=embed.
 EVAL_KEYS = ("batch_size", "views")
 
@@ -353,16 +331,6 @@ def check_no_legacy_keys(config) -> None:
       raise ValueError(f"config.eval.{key} is no longer read; use {LEGACY_EVAL_KEYS[key]} (see configs/base.py)")
     if key not in EVAL_KEYS:
       raise ValueError(f"config.eval.{key} is not an evaluation setting; config.eval holds {', '.join(EVAL_KEYS)}")
-
-
-def legacy_flag_error(argv: Sequence[str]) -> Optional[str]:
-  """The message for a ``--config.eval.<former key>`` flag in ``argv`` (ml_collections would only say "not found")."""
-  for arg in argv:
-    if arg.startswith("--config.eval."):
-      key = arg[len("--config.eval.") :].split("=", 1)[0].split(".", 1)[0]
-      if key in LEGACY_EVAL_KEYS:
-        return f"{arg.split('=', 1)[0]} is no longer read; use {LEGACY_EVAL_KEYS[key]} (see configs/base.py)"
-  return None
 
 
 def build_evaluators(config, names: Optional[Sequence[str]] = None) -> dict[str, Evaluator]:

@@ -19,7 +19,8 @@ This module imports no JAX, so config files can use it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from clinvla_jax.evaluate import retrieval
 
@@ -213,3 +214,38 @@ def scoring_defaults() -> dict[str, Any]:
       if f.name not in _PLACEMENT:
         out.setdefault(f.name, f.default)
   return out
+
+
+# Keys of the former flat ``config.eval`` block, each with the form that replaced it.
+LEGACY_EVAL_KEYS = {
+  "datasets": 'config.evals.NAME = evaluator_options("retrieval", path=DIR, split="val")',
+  "every_steps": "config.evals.NAME.every_steps (each evaluator has its own cadence)",
+  "split": "config.evals.NAME.split",
+  "retrieval_ks": "config.evals.NAME.retrieval_ks (a retrieval evaluator's option)",
+  "recall_ks": "config.evals.NAME.recall_ks",
+  "label_prompts": "config.evals.NAME.label_prompts",
+  "figure": "config.evals.NAME.figure",
+  "bootstrap_resamples": "config.evals.NAME.bootstrap_resamples",
+  "bootstrap_seed": "config.evals.NAME.bootstrap_seed",
+  "zero_shot_max_prompts": "config.evals.chexpert_5x200.zero_shot_max_prompts",
+  "chexpert_5x200": "config.evals.chexpert_5x200.path",
+  "chexpert_5x200_split": "config.evals.chexpert_5x200.split",
+  "chexpert_8x200": "config.evals.chexpert_8x200.path",
+  "chexpert_8x200_queries": "config.evals.chexpert_8x200.queries",
+  "chexpert_8x200_lists": "config.evals.chexpert_8x200.lists",
+  "rsna": "config.evals.rsna.path",
+  "rsna_split": "config.evals.rsna.split",
+  "ms_cxr_t": "config.evals.ms_cxr_t.path",
+  "ms_cxr_t_split": "config.evals.ms_cxr_t.split",
+  "ms_cxr_t_labels": "config.evals.ms_cxr_t.labels",
+}
+
+
+def legacy_flag_error(argv: Sequence[str]) -> Optional[str]:
+  """The message for a ``--config.eval.<former key>`` flag in ``argv`` (ml_collections would only say "not found")."""
+  for arg in argv:
+    if arg.startswith("--config.eval."):
+      key = arg[len("--config.eval.") :].split("=", 1)[0].split(".", 1)[0]
+      if key in LEGACY_EVAL_KEYS:
+        return f"{arg.split('=', 1)[0]} is no longer read; use {LEGACY_EVAL_KEYS[key]} (see configs/base.py)"
+  return None

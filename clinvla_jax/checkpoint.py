@@ -114,13 +114,15 @@ class Checkpointer:
       items[DATA_ITER] = _grain_checkpoint().CheckpointSave(data_iter)
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
-  def _check_compatible(self, step: int, abstract_state) -> None:
+  def _saved_shapes(self, step: int) -> Optional[Dict[str, tuple]]:
     try:
       meta = self.manager.item_metadata(step)[STATE]
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("could not read checkpoint metadata at step %d: %s", step, e)
-      return
-    saved = _shapes(meta)
+      return None
+    return _shapes(meta)
+
+  def _check_compatible(self, step: int, abstract_state, saved: Optional[Dict[str, tuple]]) -> None:
     wanted = _shapes(abstract_state)
     if saved is None:
       return
@@ -141,13 +143,23 @@ class Checkpointer:
       raise IncompatibleCheckpointError("\n".join(lines))
 
   def restore(self, step: int, abstract_state, data_iter=None):
-    """Restores (state, data_iter) at ``step`` into the shardings of ``abstract_state``."""
-    self._check_compatible(step, abstract_state)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    """Restores (state, data_iter) at ``step`` into the shardings of ``abstract_state``.
+
+    The block layout (``scan_layers``) is not part of what must fit: a state
+    saved in the loop layout restores into a scan-layout ``abstract_state`` and
+    the other way round, per tower, converted after reading.
+    """
+    saved = self._saved_shapes(step)
+    target, to_wanted = _in_saved_layout(abstract_state, saved)
+    self._check_compatible(step, target, saved)
+    items = {STATE: ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items[DATA_ITER] = _grain_checkpoint().CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored[STATE], (restored[DATA_ITER] if data_iter is not None else None)
+    state = restored[STATE]
+    if to_wanted is not None:
+      state = to_wanted(state)
+    return state, (restored[DATA_ITER] if data_iter is not None else None)
 
   def restore_latest_intact(self, abstract_state, data_iter=None) -> Tuple[Any, Any, Optional[int]]:
     """(state, data_iter, step) from the newest step that restores; (None, data_iter, None) if none exist.
@@ -214,6 +226,45 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _in_saved_layout(abstract_state, saved: Optional[Dict[str, tuple]]):
+  """(restore target, convert back or None): ``abstract_state`` in the block layout the checkpoint was saved in.
+
+  Each tower's layout is read from the saved paths (``image_tower/blocks_0/...``
+  or ``image_tower/blocks/...``); a tower without block parameters in either
+  tree needs nothing.  The conversion back runs under jit into the shardings
+  of ``abstract_state``.
+  """
+  from clinvla_jax.convert import layout  # pylint: disable=g-import-not-at-top
+
+  if saved is None:
+    return abstract_state, None
+  try:
+    saved_layouts = layout.path_layouts(saved)
+  except ValueError:
+    return abstract_state, None  # not a tree of ours; the shape check reports it
+  wanted_layouts = layout.layer_layouts(abstract_state)
+  differ = {
+    tower: kind
+    for tower, kind in saved_layouts.items()
+    if kind and wanted_layouts[tower] and kind != wanted_layouts[tower]
+  }
+  if not differ:
+    return abstract_state, None
+  try:
+    target = layout.to_layouts(abstract_state, differ)
+  except ValueError as e:
+    # Not damage: restore_latest_intact must not set such a checkpoint aside.
+    raise IncompatibleCheckpointError(f"cannot read blocks saved in the {differ} layout into this config: {e}") from e
+  back = {tower: wanted_layouts[tower] for tower in differ}
+  logging.info("checkpoint blocks in the %s layout; converting to %s", differ, back)
+  if all(getattr(x, "sharding", None) is not None for x in jax.tree_util.tree_leaves(abstract_state)):
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_state)
+    convert = jax.jit(lambda tree: layout.to_layouts(tree, back), out_shardings=shardings)
+  else:
+    convert = jax.jit(lambda tree: layout.to_layouts(tree, back))
+  return target, convert
 
 
 def _shapes(tree) -> Optional[Dict[str, tuple]]:

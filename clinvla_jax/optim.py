@@ -4,6 +4,11 @@ A parameter's path is its keys joined by "/" (e.g.
 "text_tower/layer_3/language_adapter/down/kernel").  ``config.optim.param_groups``
 is an ordered list of (regex, group); the first full match wins; the group
 "frozen" is not differentiated and has no optimizer state.
+
+With ``scan_layers`` a tower's blocks are one stacked subtree
+("text_tower/layer/language_adapter/down/kernel", every layer along the
+leading axis), so a rule sees all blocks at once: rules that pick out single
+blocks by number only apply to the loop layout.
 """
 
 from __future__ import annotations

@@ -18,12 +18,13 @@ PAPER_PARAMS_M = 112.3
 PAPER_TRAINABLE_PCT = 12.0
 PAPER_FLOPS_PER_SAMPLE = 2.8e12
 
-# Ordered: first match names the part.
+# Ordered: first match names the part.  Blocks are "layer_3" / "blocks_3" in the
+# loop layout and "layer" / "blocks" (stacked) with scan_layers.
 PARTS: Tuple[Tuple[str, str], ...] = (
-  ("language adapters", r"text_tower/layer_\d+/language_adapter/.*"),
-  ("task adapters", r"text_tower/layer_\d+/task_adapter/.*"),
+  ("language adapters", r"text_tower/layer(_\d+)?/language_adapter/.*"),
+  ("task adapters", r"text_tower/layer(_\d+)?/task_adapter/.*"),
   ("invertible adapter", r"text_tower/invertible_adapter/.*"),
-  ("image adapters", r"image_tower/blocks_\d+/adapter/.*"),
+  ("image adapters", r"image_tower/blocks(_\d+)?/adapter/.*"),
   ("view/time/CLS/missing embeddings", r"image_tower/(cls_token|view_embed|time_embed|missing_token|pos_embedding)"),
   ("heads + loss scales", r"(image|text)_(global|local)_head/.*|logit_scale|logit_bias|local_log_temperatures"),
   ("image tower (ViT backbone)", r"image_tower/.*"),

@@ -155,5 +155,6 @@ def get_config():
     ("patch", None),
     ("adapter", None),
     ("proj", None),
+    ("layers", None),
   )
   return config

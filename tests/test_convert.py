@@ -82,6 +82,25 @@ def test_wrong_tower_size_is_a_shape_error(minilm_state):
     convert.load_text_weights(small, minilm_state)
 
 
+def test_scan_layout_receives_the_same_weights_stacked(variables, minilm_state):
+  loop = convert.load_text_weights(variables, minilm_state)
+  scan = convert.load_text_weights(convert.stack_layers(variables), minilm_state)
+  assert convert.layer_layouts(scan)["text_tower"] == "scan"
+  expected = convert.stack_layers(loop)
+  assert jax.tree_util.tree_structure(scan) == jax.tree_util.tree_structure(expected)
+  for a, b in zip(jax.tree_util.tree_leaves(scan), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(
+    scan["params"]["text_tower"]["layer"]["intermediate"]["kernel"][5],
+    minilm_state["encoder.layer.5.intermediate.dense.weight"].T,
+  )
+  # Problems are named by the checkpoint's per-layer keys in either layout.
+  broken = dict(minilm_state)
+  del broken["encoder.layer.3.output.dense.weight"]
+  with pytest.raises(convert.CheckpointError, match="encoder.layer.3.output.dense.weight"):
+    convert.load_text_weights(convert.stack_layers(variables), broken)
+
+
 def test_missing_file_and_unsupported_format(variables, tmp_path):
   with pytest.raises(FileNotFoundError):
     convert.load_text_weights(variables, tmp_path / "nope.safetensors")

@@ -12,8 +12,9 @@ from clinvla_jax.config import load_config
 from clinvla_jax.model.vit import sincos_2d_position_embedding
 
 
-def _minilm_overrides(adapters: bool):
+def _minilm_overrides(adapters: bool, scan_layers: bool = False):
   return {
+    "model.text.scan_layers": scan_layers,
     "model.text.num_layers": 6,
     "model.text.hidden_size": 384,
     "model.text.num_heads": 12,
@@ -52,10 +53,15 @@ def _hf_hidden(hf_model, ids, mask):
   return out.last_hidden_state.numpy()
 
 
-def test_bert_matches_transformers_on_real_weights(hf_minilm, minilm_batch, minilm_dir):
+# Both block layouts (a Python loop of blocks, one nn.scan over stacked blocks) against the same peer.
+LAYOUTS = pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+
+
+@LAYOUTS
+def test_bert_matches_transformers_on_real_weights(hf_minilm, minilm_batch, minilm_dir, scan_layers):
   hf_model, _ = hf_minilm
   ids, mask = minilm_batch
-  cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=False))
+  cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=False, scan_layers=scan_layers))
   variables = convert.load_text_weights(api.init_params(cfg, jax.random.key(0)), minilm_dir)
   ours = np.asarray(api.encode_text(cfg, variables, ids, mask)["hidden"])
   theirs = _hf_hidden(hf_model, ids, mask)
@@ -66,10 +72,11 @@ def test_bert_matches_transformers_on_real_weights(hf_minilm, minilm_batch, mini
   assert np.abs(theirs[valid]).mean() > 0.05
 
 
-def test_identity_adapters_leave_bert_unchanged(minilm_batch, minilm_dir):
+@LAYOUTS
+def test_identity_adapters_leave_bert_unchanged(minilm_batch, minilm_dir, scan_layers):
   ids, mask = minilm_batch
-  plain_cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=False))
-  adapted_cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=True))
+  plain_cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=False, scan_layers=scan_layers))
+  adapted_cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=True, scan_layers=scan_layers))
   plain = convert.load_text_weights(api.init_params(plain_cfg, jax.random.key(0)), minilm_dir)
   adapted = convert.load_text_weights(api.init_params(adapted_cfg, jax.random.key(1)), minilm_dir)
   a = np.asarray(api.encode_text(plain_cfg, plain, ids, mask)["hidden"])
@@ -125,9 +132,10 @@ def _timm_vit(seed=0):
   return model
 
 
-def test_vit_matches_timm_with_random_weights():
+@LAYOUTS
+def test_vit_matches_timm_with_random_weights(scan_layers):
   model = _timm_vit()
-  cfg = load_config("configs/tiny.py", VIT_OVERRIDES)
+  cfg = load_config("configs/tiny.py", dict(VIT_OVERRIDES, **{"model.image.scan_layers": scan_layers}))
   variables = convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), model.state_dict())
   rng = np.random.RandomState(0)
   images = rng.normal(size=(2, 3, 224, 224)).astype(np.float32)

@@ -173,6 +173,22 @@ def apply_plan(
   return traverse_util.unflatten_dict(flat)
 
 
+def apply_plan_any_layout(params: dict, tower: str, build: Callable[[dict], Plan], state: StateDict, **kwargs) -> dict:
+  """``apply_plan`` for ``tower`` in either block layout.
+
+  Plans name the loop layout (one subtree per block, as peer checkpoints
+  number their blocks); a tower in the scan layout is split into blocks, loaded,
+  and stacked again, so a checkpoint fills both layouts with the same weights.
+  """
+  from clinvla_jax.convert import layout  # pylint: disable=g-import-not-at-top
+
+  scanned = layout.layer_layouts({tower: params.get(tower, {})})[tower] == layout.SCAN
+  if scanned:
+    params = layout.unstack_layers(params, [tower])
+  params = apply_plan(params, state, build(params), **kwargs)
+  return layout.stack_layers(params, [tower]) if scanned else params
+
+
 def linear_kernel(*out_shape: int):
   """torch Linear weight [out, in] -> our kernel [in, *out_shape]."""
 

@@ -88,18 +88,17 @@ def load_text_weights(variables: Dict, source) -> Dict:
   """Returns ``variables`` with the text backbone replaced by an HF BERT checkpoint.
 
   ``source``: a folder (model.safetensors / pytorch_model.bin), a file, or a
-  state dict.  Adapters, heads and everything outside the text backbone keep
+  state dict.  The text tower may be in either block layout (``scan_layers``).  Adapters, heads and everything outside the text backbone keep
   their current values.  Missing backbone weights, unknown keys (other than
   the pooler / MLM heads) and shape mismatches raise ``CheckpointError``.
   """
   state = common.read_state_dict(source)
   state = common.strip_prefixes(state, ("module.", "bert.", "model."))
-  params = variables["params"]
-  plan = build_plan(params, state)
-  new_params = common.apply_plan(
-    params,
+  new_params = common.apply_plan_any_layout(
+    variables["params"],
+    "text_tower",
+    lambda params: build_plan(params, state),
     state,
-    plan,
     ignore=IGNORED,
     what="BERT checkpoint",
     shape_fixers={"embeddings.position_embeddings.weight": _keep_first_positions},

@@ -87,7 +87,8 @@ def load_image_weights(variables: Dict, source) -> Dict:
   and text parts are ignored.  With ``pos_embed="sincos"`` the checkpoint's
   ``pos_embed`` is not loaded (the table is fixed) but compared, with a
   warning if it is not the same sin-cos table.  Adapters, view / time /
-  missing embeddings and heads keep their current values.
+  missing embeddings and heads keep their current values.  The image tower
+  may be in either block layout (``scan_layers``).
   """
   state = common.read_state_dict(source)
   state = common.strip_prefixes(state, ("module.", "visual.", "encoder.", "image_encoder.", "vit."))
@@ -97,5 +98,7 @@ def load_image_weights(variables: Dict, source) -> Dict:
   if "pos_embedding" not in tower:
     _check_fixed_position_embedding(state, tower)
     ignore = IGNORED + (r"pos_embed",)
-  new_params = common.apply_plan(params, state, build_plan(params), ignore=ignore, what="ViT checkpoint")
+  new_params = common.apply_plan_any_layout(
+    params, "image_tower", build_plan, state, ignore=ignore, what="ViT checkpoint"
+  )
   return {**variables, "params": new_params}

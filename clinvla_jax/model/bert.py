@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from clinvla_jax.model import layers
 from clinvla_jax.model.adapters import InvertibleAdapter
 
+# The layers' parameters: "layer_{i}" per layer (HF's encoder.layer.{i}), or "layer" stacked with scan_layers.
+LAYERS = "layer"
+
 
 @dataclasses.dataclass(frozen=True)
 class TextTowerConfig:
@@ -44,6 +47,7 @@ class TextTowerConfig:
   remat_policy: str = ""  # layers.REMAT_POLICIES name; "" follows remat
   residual_grad_barrier: bool = False  # layers.residual_grad_barrier after each block (model.residual_grad_barrier)
   attention_impl: str = "xla"  # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
+  scan_layers: bool = False  # one nn.scan over the layers (params "layer", stacked); see layers.apply_blocks
 
 
 class Embeddings(nn.Module):
@@ -144,7 +148,4 @@ class TextTower(nn.Module):
       x = InvertibleAdapter(cfg.adapter_init, prec, name="invertible_adapter")(x)
     x = layers.constrain(x, ("batch", "act_length", "act_embed"))
     bias = layers.mask_to_bias(attention_mask)
-    layer_cls = layers.maybe_remat(BertLayer, layers.remat_policy_name(cfg), static_argnums=(3,))
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layer_{i}")(x, bias, deterministic)
-    return x
+    return layers.apply_blocks(BertLayer, cfg, x, bias, deterministic, name=LAYERS, static_argnums=(3,))

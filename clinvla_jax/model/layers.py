@@ -5,7 +5,8 @@ Every parameter is created through ``param_with_axes`` style initialisers
 place it on a mesh by name; activations are annotated with logical names too.
 Logical axis names used in this package:
 
-  parameters:   embed, mlp, heads, kv, vocab, patch, adapter, proj
+  parameters:   embed, mlp, heads, kv, vocab, patch, adapter, proj; layers (the
+                leading axis of the stacked blocks under ``scan_layers``)
   activations:  batch, act_length, act_embed, act_mlp, act_heads, act_kv
 
 Parameters and activations have separate names so that FSDP can shard a
@@ -493,13 +494,64 @@ def remat_policy_name(tower_config) -> str:
   return name
 
 
-def maybe_remat(module_cls, policy: str, static_argnums=()):
+def maybe_remat(module_cls, policy: str, static_argnums=(), prevent_cse: bool = True):
   """``module_cls`` under the named remat policy (``REMAT_POLICIES``); "none" returns it unchanged."""
   if policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={policy!r}; expected one of {tuple(REMAT_POLICIES)}")
   if policy == "none":
     return module_cls
-  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums, prevent_cse=prevent_cse)
+
+
+# The logical name of the leading axis that ``scan_layers`` adds to every block parameter.
+LAYERS_AXIS = "layers"
+
+
+@functools.lru_cache(maxsize=None)
+def _carry_only(module_cls):
+  """``module_cls`` whose ``__call__`` returns ``(output, None)``: the (carry, ys) pair ``nn.scan`` expects."""
+
+  class Scanned(module_cls):
+    def __call__(self, x, *args):
+      return super().__call__(x, *args), None
+
+  # The class name is what Flax prints in errors and tabulations: keep the block's own.
+  Scanned.__name__ = Scanned.__qualname__ = module_cls.__name__
+  return Scanned
+
+
+def apply_blocks(block_cls, tower_config, x, *args, name: str, static_argnums=()):
+  """Runs ``tower_config.num_layers`` blocks ``block_cls(tower_config)(x, *args) -> x``; call from a compact method.
+
+  Loop layout (``scan_layers`` False): one module per block, named ``{name}_{i}``.
+  Scan layout: one ``nn.scan`` module named ``name`` whose parameters carry a
+  leading axis of length ``num_layers`` (logical name ``LAYERS_AXIS``), so the
+  block is traced and compiled once instead of once per layer.  Both run the
+  same function of the same weights (``clinvla_jax.convert.stack_layers`` moves
+  a tree between them).  ``args`` are passed unchanged to every block;
+  ``static_argnums`` counts ``self`` as 0, as ``nn.remat`` does.
+  """
+  policy = remat_policy_name(tower_config)
+  if not getattr(tower_config, "scan_layers", False):
+    block = maybe_remat(block_cls, policy, static_argnums=static_argnums)
+    for i in range(tower_config.num_layers):
+      x = block(tower_config, name=f"{name}_{i}")(x, *args)
+    return x
+  # Remat goes inside the scanned body, so the backward recomputes one block at
+  # a time.  Scan already keeps XLA from merging the recomputation with the
+  # forward, which is all prevent_cse guards against.
+  body = maybe_remat(_carry_only(block_cls), policy, static_argnums=static_argnums, prevent_cse=False)
+  stack = nn.scan(
+    body,
+    variable_axes={"params": 0},
+    # Each block draws its own initial weights and dropout masks, as every block does in the loop layout.
+    split_rngs={"params": True, "dropout": True},
+    in_axes=nn.broadcast,
+    length=tower_config.num_layers,
+    metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+  )
+  x, _ = stack(tower_config, name=name)(x, *args)
+  return x
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

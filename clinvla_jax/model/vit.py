@@ -26,6 +26,9 @@ from clinvla_jax.model import layers
 VIEW_TYPE = (0, 1, 0, 1)  # 0 frontal, 1 lateral
 VIEW_TIME = (0, 0, 1, 1)  # 0 current, 1 prior
 
+# The blocks' parameters: "blocks_{i}" per block, or "blocks" stacked with scan_layers.
+BLOCKS = "blocks"
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageTowerConfig:
@@ -48,6 +51,7 @@ class ImageTowerConfig:
   remat_policy: str = ""  # layers.REMAT_POLICIES name; "" follows remat
   residual_grad_barrier: bool = False  # layers.residual_grad_barrier after each block (model.residual_grad_barrier)
   attention_impl: str = "xla"  # "xla" | "cudnn" (fused, GPU bf16) | "jax"; see layers.dot_product_attention
+  scan_layers: bool = False  # one nn.scan over the blocks (params "blocks", stacked); see layers.apply_blocks
 
   @property
   def grid_size(self) -> int:
@@ -221,8 +225,6 @@ class ImageTower(nn.Module):
 
     x = tokens.reshape(batch * num_views, 1 + num_kept, width)
     x = layers.constrain(x, ("batch", "act_length", "act_embed"))
-    block_cls = layers.maybe_remat(Block, layers.remat_policy_name(cfg))
-    for i in range(cfg.num_layers):
-      x = block_cls(cfg, name=f"blocks_{i}")(x)
+    x = layers.apply_blocks(Block, cfg, x, name=BLOCKS)
     x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm")(x)
     return x.reshape(batch, num_views, 1 + num_kept, width)

@@ -33,7 +33,8 @@ class ImageError(ValueError):
     self.problem = problem
 
 
-def _is_dicom(path: PathLike) -> bool:
+def is_dicom(path: PathLike) -> bool:
+  """Whether ``path`` is a DICOM file: by its extension, else by the Part 10 "DICM" marker."""
   if os.fspath(path).lower().endswith(DICOM_EXTENSIONS):
     return True
   # DICOM Part 10 files carry "DICM" after a 128-byte preamble whatever their name.
@@ -142,7 +143,7 @@ def load_image(path: PathLike) -> np.ndarray:
     raise ImageError(path, "file not found")
   if os.path.getsize(path) == 0:
     raise ImageError(path, "file is empty")
-  arr = load_dicom(path) if _is_dicom(path) else load_raster(path)
+  arr = load_dicom(path) if is_dicom(path) else load_raster(path)
   if min(arr.shape) < 16:
     raise ImageError(path, f"image too small ({arr.shape[1]}x{arr.shape[0]})")
   return arr

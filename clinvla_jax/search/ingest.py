@@ -77,7 +77,7 @@ def _rel(root: str, path: str) -> str:
 
 
 def _is_image(path: str) -> bool:
-  return path.lower().endswith(IMAGE_EXTENSIONS) or images_lib._is_dicom(path)
+  return path.lower().endswith(IMAGE_EXTENSIONS) or images_lib.is_dicom(path)
 
 
 def find_study_folders(root: str) -> tuple[list[StudyFolder], list[common.Reject]]:
@@ -151,7 +151,7 @@ def _folder_tags(folder: StudyFolder) -> tuple[dict[str, dict[str, str]], dict[s
   """(tags per readable DICOM, problem per unreadable DICOM)."""
   tags, problems = {}, {}
   for path in folder.images:
-    if images_lib._is_dicom(path):
+    if images_lib.is_dicom(path):
       try:
         tags[path] = dicom_tags(path)
       except images_lib.ImageError as e:

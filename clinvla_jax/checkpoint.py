@@ -277,17 +277,10 @@ def _shapes(tree) -> Optional[Dict[str, tuple]]:
     shape = getattr(leaf, "shape", None)
     if shape is None:
       continue
-    flat["/".join(_key_name(k) for k in path)] = tuple(shape)
+    # Dict keys, attribute names (optax states) and indices print alike, so saved
+    # metadata and live trees compare by the same path.
+    flat[jax.tree_util.keystr(path, simple=True, separator="/")] = tuple(shape)
   return flat
-
-
-def _key_name(key) -> str:
-  # Dict keys, attribute names (optax NamedTuple states) and sequence indices
-  # print alike, so saved metadata and live trees compare by the same path.
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
 
 
 def checkpoint_bytes(state) -> int:

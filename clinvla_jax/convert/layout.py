@@ -200,17 +200,10 @@ def path_layouts(paths: Iterable[str]) -> Dict[str, Optional[str]]:
   return out
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def layer_layouts(tree) -> Dict[str, Optional[str]]:
   """{tower: "loop" | "scan" | None} of any tree holding tower subtrees (see ``path_layouts``)."""
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_box)
-  return path_layouts("/".join(_key_name(k) for k in path) for path, _ in leaves)
+  return path_layouts(jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in leaves)
 
 
 def model_layouts(mcfg) -> Dict[str, str]:

@@ -383,6 +383,3 @@ def make_text_embed_fn(
     return np.concatenate(out, axis=0)
 
   return embed
-
-
-_eval_get = eval_setting  # the former name

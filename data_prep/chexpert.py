@@ -11,11 +11,15 @@ Modes (``--mode``):
 * ``studies``: one record per study (train.csv -> train, valid.csv -> val),
   current frontal + lateral; the patient's previous study number gives the prior
   views.  Input rows are image rows of the CSVs.
-* ``5x200``: the CheXpert 5x200 zero-shot / retrieval set built by rule from
-  ``train.csv``: frontal images; for each of Atelectasis, Cardiomegaly,
-  Consolidation, Edema, Pleural Effusion, rows where that label is 1 and the 13
-  other labels are 0 (blank counts as 0, uncertain -1 excluded); ``--per_class``
-  (200) per class drawn with ``--seed``.  Input rows are the selected images.
+* ``5x200``: the CheXpert 5x200 zero-shot / retrieval set, split "5x200".
+  With ``--list_csv`` (the published list, e.g. GLoRIA's ``chexpert_5x200.csv``,
+  whose numbers compare with the papers'): its images and labels, each row
+  positive for exactly one of the five classes.  Without: a set built by a
+  seeded rule from ``train.csv`` (manifest notes ``selection: seeded_rule``):
+  frontal images; for each of Atelectasis, Cardiomegaly, Consolidation, Edema,
+  Pleural Effusion, rows where that label is 1 and the 13 other labels are 0
+  (blank counts as 0, uncertain -1 excluded); ``--per_class`` (200) per class
+  drawn with ``--seed``.  Input rows are the selected images.
 * ``list``: the images of a published list (``--list_csv``), e.g. the 8x200
   ``candidate.csv`` / ``query.csv`` or a 5x200 CSV; one record per row, split
   named by ``--split_name``.
@@ -24,7 +28,7 @@ Labels: the 14 CheXpert columns (1, 0, -1 uncertain, NaN blank).  For list rows
 that only name a class (``Variable`` column), that class is 1, the rest NaN.
 
 Usage:
-  python -m data_prep.chexpert --input=DIR --output=OUT --mode=5x200
+  python -m data_prep.chexpert --input=DIR --output=OUT --mode=5x200 --list_csv=chexpert_5x200.csv
 """
 
 import math
@@ -136,13 +140,28 @@ def _single_image_plan(input_dir, items, split, row_unit, notes) -> common.Plan:
   )
 
 
-def plan_5x200(input_dir: str, labels_csv: str = "", seed: int = 0, per_class: int = 200) -> common.Plan:
+def plan_5x200(
+  input_dir: str, labels_csv: str = "", seed: int = 0, per_class: int = 200, list_csv: str = ""
+) -> common.Plan:
+  if list_csv:
+    plan = plan_list(input_dir, list_csv, "5x200")
+    for study in plan.studies:
+      positive = [c for c in CLASSES_5X200 if study.labels[LABELS.index(c)] == 1.0]
+      if len(positive) != 1:
+        raise common.ConversionError(
+          f"{list_csv}: {study.study_id} is positive for {positive or 'none'} of {', '.join(CLASSES_5X200)}; "
+          "a 5x200 list has exactly one per image"
+        )
+    plan.notes["classes"] = list(CLASSES_5X200)
+    return plan
   labels_csv = labels_csv or os.path.join(input_dir, "train.csv")
   rows = common.read_table(labels_csv)
   chosen = select_5x200(rows, seed, per_class)
   items = [(f"{os.path.basename(labels_csv)}: {row['Path']}", row) for _, row in chosen]
   notes = {
-    "selection": f"5x200 rule, seed {seed}, {per_class} per class from {len(rows)} rows",
+    # Not the published list: numbers on this set do not compare with the papers'.
+    "selection": "seeded_rule",
+    "selection_detail": f"5x200 rule, seed {seed}, {per_class} per class from {len(rows)} rows",
     "classes": list(CLASSES_5X200),
     "views_decided_by": "Frontal/Lateral column",
   }
@@ -155,7 +174,13 @@ def plan_list(input_dir: str, list_csv: str, split_name: str = "") -> common.Pla
     raise common.ConversionError(f"{list_csv}: no Path column (text queries need no conversion)")
   split = split_name or os.path.splitext(os.path.basename(list_csv))[0]
   items = [(f"{os.path.basename(list_csv)} row {i}: {r['Path']}", r) for i, r in enumerate(rows, start=1)]
-  notes = {"selection": f"published list {list_csv}", "views_decided_by": "list (frontal images)"}
+  notes = {
+    "selection": "published_list",
+    "selection_detail": f"published list {list_csv}",
+    "list": list_csv,
+    "list_sha256": common.sha256_file(list_csv),
+    "views_decided_by": "list (frontal images)",
+  }
   return _single_image_plan(input_dir, items, split, "list row", notes)
 
 
@@ -230,7 +255,7 @@ def _main(argv):
   f = flags.FLAGS
   kw = {}
   if f.mode == "5x200":
-    kw = dict(labels_csv=f.labels_csv, seed=f.seed, per_class=f.per_class)
+    kw = dict(labels_csv=f.labels_csv, seed=f.seed, per_class=f.per_class, list_csv=f.list_csv)
   elif f.mode == "list":
     if not f.list_csv:
       raise app.UsageError("--mode=list needs --list_csv")
@@ -244,6 +269,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("labels_csv", "", "Label table for 5x200 (default --input/train.csv).")
   flags.DEFINE_integer("seed", 0, "Seed of the 5x200 draw.")
   flags.DEFINE_integer("per_class", 200, "Images per class in 5x200.")
-  flags.DEFINE_string("list_csv", "", "Published list for --mode=list.")
+  flags.DEFINE_string(
+    "list_csv", "", "Published list: the images of --mode=list, or of --mode=5x200 instead of the seeded rule."
+  )
   flags.DEFINE_string("split_name", "", "Split name for --mode=list (default: list file stem).")
   app.run(_main)

@@ -9,7 +9,8 @@ rows already rejected).  This module does the rest:
 
 * splits the plan into ``--num_parts`` independent parts (study ``i`` goes to
   part ``i % num_parts``, so parts can run on different machines);
-* loads and resizes images and tokenises text in a process pool, with a tqdm bar;
+* loads and resizes images (``--image_transform``, ``--dicom_scaling``: see
+  ``clinvla_jax.data.images``) and tokenises text in a process pool, with a tqdm bar;
 * writes ArrayRecord shards of at most ``--shard_size`` records, per split, each
   to a temporary name, fsync'ed, then renamed, with a small JSON sidecar; a
   shard counts as done only when its sidecar exists, so ``--resume`` redoes just
@@ -113,6 +114,8 @@ class Options:
   workers: int = 0  # 0: in this process; N: a pool of N processes
   shard_size: int = 1024
   pad: bool = False
+  image_transform: str = "paper"  # images.IMAGE_TRANSFORMS: "paper" stretch, or ALTA's resize + centre crop
+  dicom_scaling: str = "display"  # images.DICOM_SCALINGS: DICOM LUTs, or ALTA's 255 / max
   image_codec: str = records.DEFAULT_IMAGE_CODEC
   jpeg_quality: int = 95
   vocab: str = ""  # "" -> the bundled BERT uncased vocabulary
@@ -129,6 +132,12 @@ class Options:
       raise ConversionError("--shard_size must be >= 1")
     if self.require_view not in ("any", "frontal", "both"):
       raise ConversionError(f"--require_view={self.require_view!r}: use any, frontal or both")
+    if self.image_transform not in images_lib.IMAGE_TRANSFORMS:
+      raise ConversionError(f"--image_transform={self.image_transform!r}: use one of {images_lib.IMAGE_TRANSFORMS}")
+    if self.pad and self.image_transform != "paper":
+      raise ConversionError("--pad applies to --image_transform=paper; the alta transform crops instead")
+    if self.dicom_scaling not in images_lib.DICOM_SCALINGS:
+      raise ConversionError(f"--dicom_scaling={self.dicom_scaling!r}: use one of {images_lib.DICOM_SCALINGS}")
     if self.image_codec not in records.IMAGE_CODECS:
       raise ConversionError(f"--image_codec must be one of {records.IMAGE_CODECS}")
     if not 8 <= self.max_text_len <= records.MAX_TEXT_LEN:
@@ -157,7 +166,21 @@ def define_flags():
   flags.DEFINE_bool("resume", False, "Continue a conversion already in --output.")
   flags.DEFINE_integer("workers", os.cpu_count() or 1, "Worker processes (0 = run in this process).")
   flags.DEFINE_integer("shard_size", 1024, "Maximum records per ArrayRecord shard.")
-  flags.DEFINE_bool("pad", False, "Keep the aspect ratio and pad instead of stretching.")
+  flags.DEFINE_bool("pad", False, "Keep the aspect ratio and pad instead of stretching (--image_transform=paper).")
+  flags.DEFINE_enum(
+    "image_transform",
+    "paper",
+    list(images_lib.IMAGE_TRANSFORMS),
+    "paper: bilinear stretch to 224x224 (the default); alta: ALTA's evaluation transform, torchvision's "
+    "Resize(256, BICUBIC) + CenterCrop(224) + Grayscale, pixel for pixel.",
+  )
+  flags.DEFINE_enum(
+    "dicom_scaling",
+    "display",
+    list(images_lib.DICOM_SCALINGS),
+    "display: the DICOM's modality and VOI LUTs (the default); alta: ALTA's RSNA loader, raw pixels * 255 / max "
+    "(as cv2.convertScaleAbs), MONOCHROME1 inverted.",
+  )
   flags.DEFINE_enum(
     "image_codec",
     records.DEFAULT_IMAGE_CODEC,
@@ -186,6 +209,8 @@ def options_from_flags(**overrides) -> Options:
     workers=f.workers,
     shard_size=f.shard_size,
     pad=f.pad,
+    image_transform=f.image_transform,
+    dicom_scaling=f.dicom_scaling,
     image_codec=f.image_codec,
     jpeg_quality=f.jpeg_quality,
     vocab=f.vocab,
@@ -305,7 +330,9 @@ def build_record(study: Study, opts: Optional[Options] = None) -> tuple[Optional
     if ref is None:
       continue
     try:
-      pixels[v] = images_lib.preprocess(ref.path, size=size, pad=opts.pad)
+      pixels[v] = images_lib.preprocess(
+        ref.path, size=size, pad=opts.pad, transform=opts.image_transform, dicom_scaling=opts.dicom_scaling
+      )
       valid[v] = True
     except images_lib.ImageError as e:
       problems[v] = str(e)

@@ -3,13 +3,19 @@ r"""Converts the RSNA Pneumonia Detection Challenge (stage 2) to ClinVLA records
 Input: ``--input`` holding ``stage_2_train_images/<patientId>.dcm`` (or any
 folder given by ``--images``) and the label table ``stage_2_train_labels.csv``
 (plain or ``.zip``; several rows per patient when there are several boxes).
-``--test_list`` (one patientId per line, or a CSV with a ``patientId`` column)
-names the evaluation images (e.g. the 3,000-image zero-shot list): those go to
-split "test" and the rest to "train".
+``--test_list`` names the evaluation images: those go to split "test" and the
+rest to "train".  It is ALTA's list format (``test_list.txt`` /
+``val_list.txt``: ``<folder>/<patientId>.dcm <label>`` a line), a patientId a
+line, or a CSV with a ``patientId`` column.  A listed image with a label that
+the label table lacks (the published 3,000-image test list names
+``stage_2_test_images``, which have no public labels) is read from
+``--input/<folder>/<patientId>.dcm`` with the list's label; a listed label
+that contradicts the table rejects the image (``label_conflict``).
 
 One record per patientId (the input row unit), image as current frontal
-(RSNA images are frontal; DICOM rescale and MONOCHROME1 are applied), label
-``Pneumonia`` = Target, empty text.
+(RSNA images are frontal; DICOM rescale and MONOCHROME1 are applied, or ALTA's
+scaling with ``--dicom_scaling=alta``), label ``Pneumonia`` = Target, empty
+text.
 
 Usage:
   python -m data_prep.rsna_pneumonia --input=DIR --output=OUT [--test_list=FILE]
@@ -21,22 +27,21 @@ import os
 from absl import app
 from absl import flags
 
+from clinvla_jax.evaluate import lists
 from data_prep import common
 
 LABELS = ("Pneumonia",)
 
 
-def read_test_list(path: str) -> set[str]:
+def read_test_list(path: str) -> dict[str, lists.ListEntry]:
+  """{patientId: the list's entry (its name and, where given, its Pneumonia label)}, in list order."""
   if not path:
-    return set()
-  if not os.path.isfile(path):
-    raise common.ConversionError(f"{path}: test list not found")
-  with open(path, encoding="utf-8") as f:
-    first = f.readline()
-  if "patientId" in first:
-    return {r["patientId"].strip() for r in common.read_table(path)}
-  with open(path, encoding="utf-8") as f:
-    return {os.path.splitext(os.path.basename(l.strip()))[0] for l in f if l.strip()}
+    return {}
+  try:
+    published = lists.read_list(path, "rsna")
+  except lists.ListError as e:
+    raise common.ConversionError(str(e)) from e
+  return {e.key: e for e in published.entries}
 
 
 def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list: str = "") -> common.Plan:
@@ -53,6 +58,18 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list
   for r in rows:
     pid = (r.get("patientId") or "").strip()
     by_patient.setdefault(pid, []).append(r)
+
+  def study(pid: str, path: str, label: float, row_id: str) -> common.Study:
+    return common.Study(
+      study_id=pid,
+      patient_id=pid,
+      split="test" if pid in tests else "train",
+      text="",
+      labels=(label,),
+      views=(common.ViewRef(path, pid, row_id), None, None, None),
+      rows=(row_id,),
+    )
+
   studies = []
   for pid, rs in by_patient.items():
     row_id = f"patientId {pid or '(blank)'}"
@@ -63,19 +80,28 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list
     if not targets <= {"0", "1"} or len(targets) != 1:
       rejects.append(common.Reject(row_id, "unknown_label", f"Target values {sorted(targets)}"))
       continue
-    path = os.path.join(images, f"{pid}.dcm")
-    studies.append(
-      common.Study(
-        study_id=pid,
-        patient_id=pid,
-        split="test" if pid in tests else "train",
-        text="",
-        labels=(float(targets.pop()),),
-        views=(common.ViewRef(path, pid, row_id), None, None, None),
-        rows=(row_id,),
-      )
+    target = float(targets.pop())
+    listed = tests[pid].labels.get("Pneumonia") if pid in tests else None
+    if listed is not None and listed != target:
+      detail = f"Target {target:g} in {os.path.basename(labels_csv)}, {listed:g} in {test_list}"
+      rejects.append(common.Reject(row_id, "label_conflict", detail))
+      continue
+    studies.append(study(pid, os.path.join(images, f"{pid}.dcm"), target, row_id))
+  # Listed images the table lacks, with the list's label (the published test list's stage_2_test_images).
+  list_only = [e for pid, e in tests.items() if pid not in by_patient and "Pneumonia" in e.labels]
+  for e in list_only:
+    row_id = f"{os.path.basename(test_list)}: {e.name}"
+    if e.labels["Pneumonia"] not in (0.0, 1.0):
+      rejects.append(common.Reject(row_id, "unknown_label", f"label {e.labels['Pneumonia']:g}"))
+      continue
+    parts = e.name.replace("\\", "/").split("/")
+    path = common.find_first(
+      os.path.join(input_dir, *parts),
+      os.path.join(os.path.dirname(os.path.abspath(input_dir)), *parts),
+      os.path.join(images, f"{e.key}.dcm"),
     )
-  missing_tests = sorted(tests - set(by_patient))
+    studies.append(study(e.key, path, e.labels["Pneumonia"], row_id))
+  missing_tests = sorted(set(tests) - set(by_patient) - {e.key for e in list_only})
   notes = {
     "views_decided_by": "all RSNA images are frontal (PA/AP)",
     "label_rows": len(rows),
@@ -83,9 +109,16 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list
     "test_ids_not_in_labels": missing_tests[:20],
     "num_test_ids_not_in_labels": len(missing_tests),
   }
+  if test_list:
+    notes.update(
+      selection="published_list",
+      selection_split="test",
+      list_sha256=common.sha256_file(test_list),
+      test_labels_from_list=len(list_only),
+    )
   return common.Plan(
     dataset="rsna_pneumonia",
-    input_rows=len(by_patient),
+    input_rows=len(by_patient) + len(list_only),
     row_unit="patientId",
     studies=studies,
     rejects=rejects,
@@ -98,7 +131,7 @@ if __name__ == "__main__":
   common.define_flags()
   flags.DEFINE_string("labels_csv", "", "stage_2_train_labels.csv(.zip) (default: in --input).")
   flags.DEFINE_string("images", "", "DICOM folder (default: --input/stage_2_train_images).")
-  flags.DEFINE_string("test_list", "", "patientIds of the test split (optional).")
+  flags.DEFINE_string("test_list", "", "Images of the test split, e.g. the published test_list.txt (optional).")
   app.run(
     lambda argv: common.main_for(
       lambda d: build_plan(d, flags.FLAGS.labels_csv, flags.FLAGS.images, flags.FLAGS.test_list), require_text=False

@@ -5,6 +5,13 @@ conventional film display (bone bright, lungs dark).  Errors are raised as
 ``ImageError`` naming the file and what is wrong, so converters can write them to
 ``rejects.csv`` verbatim.
 
+Two ways to bring an image to model size (``preprocess(..., transform=)``):
+"paper" (the default) stretches it bilinearly to 224 x 224 (or, with ``pad``,
+fits it on a black square); "alta" is the evaluation transform of the ALTA
+release, torchvision's ``Resize(256, BICUBIC)`` (shorter side to 256) then
+``CenterCrop(224)`` then ``Grayscale``, reproduced pixel for pixel with PIL so
+that records equal what ALTA's scripts feed their model.
+
 The paper windows with "width 1500 HU, level -500 HU".  Projection radiographs
 have no Hounsfield scale, so that window cannot be applied literally; we use the
 window / VOI LUT the acquiring device stored in the DICOM (the radiologist's
@@ -22,6 +29,13 @@ from clinvla_jax.data import records
 PathLike = Union[str, os.PathLike]
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
+# preprocess(transform=...): see the module docstring.
+IMAGE_TRANSFORMS = ("paper", "alta")
+# load_dicom(scaling=...): "display" applies the DICOM's modality and VOI LUTs;
+# "alta" is ALTA's RSNA loader (raw pixel_array scaled by 255 / max).
+DICOM_SCALINGS = ("display", "alta")
+# ALTA's evaluation resize (shorter side) for a 224 crop.
+ALTA_RESIZE = 256
 
 
 class ImageError(ValueError):
@@ -98,12 +112,37 @@ def load_raster(path: PathLike) -> np.ndarray:
   return arr
 
 
-def load_dicom(path: PathLike) -> np.ndarray:
+def scale_abs_to_uint8(pixels: np.ndarray, alpha: float) -> np.ndarray:
+  """OpenCV's ``convertScaleAbs(pixels, alpha=alpha)`` in numpy: saturate(round-half-even(|x * alpha|)).
+
+  OpenCV computes in float32 for integer and float32 inputs, so this does too:
+  the product rounds exactly as there before the half-even rounding.
+  """
+  scaled = np.abs(np.asarray(pixels).astype(np.float32) * np.float32(alpha))
+  return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def alta_dicom_scaling(pixels: np.ndarray, photometric: str) -> np.ndarray:
+  """ALTA's RSNA loader on a DICOM ``pixel_array``: x * 255 / max(x) to uint8, MONOCHROME1 inverted.
+
+  No modality or VOI LUT is applied, as there.
+  """
+  peak = float(np.max(pixels))
+  if peak <= 0:
+    return np.zeros(np.shape(pixels), np.uint8)
+  out = scale_abs_to_uint8(pixels, 255.0 / peak)
+  return 255 - out if photometric == "MONOCHROME1" else out
+
+
+def load_dicom(path: PathLike, scaling: str = "display") -> np.ndarray:
   """Reads a DICOM radiograph as 2-D uint8 with display conventions applied.
 
-  Order: modality LUT (rescale slope/intercept), VOI LUT or window when the file
-  has one, then MONOCHROME1 inversion so that bone is bright.
+  Order (``scaling="display"``): modality LUT (rescale slope/intercept), VOI
+  LUT or window when the file has one, then MONOCHROME1 inversion so that bone
+  is bright.  ``scaling="alta"``: `alta_dicom_scaling` of the raw pixels.
   """
+  if scaling not in DICOM_SCALINGS:
+    raise ValueError(f"DICOM scaling {scaling!r}: use one of {DICOM_SCALINGS}")
   import pydicom  # pylint: disable=g-import-not-at-top
   from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pylint: disable=g-import-not-at-top
 
@@ -124,6 +163,8 @@ def load_dicom(path: PathLike) -> np.ndarray:
     pixels = pixels.astype(np.float64).mean(-1)
   elif pixels.ndim != 2:
     raise ImageError(path, f"expected one 2-D frame, got pixel array of shape {pixels.shape}")
+  if scaling == "alta":
+    return alta_dicom_scaling(pixels, photometric)
   arr = apply_modality_lut(pixels, ds).astype(np.float64)
   has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
   if has_voi:
@@ -137,13 +178,13 @@ def load_dicom(path: PathLike) -> np.ndarray:
   return out
 
 
-def load_image(path: PathLike) -> np.ndarray:
-  """Reads any supported radiograph file as 2-D uint8 (bone bright)."""
+def load_image(path: PathLike, dicom_scaling: str = "display") -> np.ndarray:
+  """Reads any supported radiograph file as 2-D uint8 (bone bright); DICOMs scaled by ``dicom_scaling``."""
   if not os.path.exists(path):
     raise ImageError(path, "file not found")
   if os.path.getsize(path) == 0:
     raise ImageError(path, "file is empty")
-  arr = load_dicom(path) if is_dicom(path) else load_raster(path)
+  arr = load_dicom(path, dicom_scaling) if is_dicom(path) else load_raster(path)
   if min(arr.shape) < 16:
     raise ImageError(path, f"image too small ({arr.shape[1]}x{arr.shape[0]})")
   return arr
@@ -170,11 +211,74 @@ def resize(arr: np.ndarray, size: int = records.IMAGE_SIZE, pad: bool = False) -
   return canvas
 
 
-def preprocess(path: PathLike, size: int = records.IMAGE_SIZE, pad: bool = False) -> np.ndarray:
-  """``load_image`` then ``resize``: what the converters store per view."""
-  arr = load_image(path)
+def alta_resize(
+  img: np.ndarray | Image.Image, size: int = records.IMAGE_SIZE, resize_to: int = ALTA_RESIZE
+) -> np.ndarray:
+  """torchvision's ``Resize(resize_to, BICUBIC)``, ``CenterCrop(size)``, ``Grayscale`` on a PIL image, as 2-D uint8.
+
+  Args:
+    img: 2-D uint8 array, or a PIL image (e.g. RGB, as torchvision's image
+      loader gives it: colour is resampled before it becomes gray).
+    size: output side (the crop).
+    resize_to: the shorter side after resizing; the longer becomes
+      ``int(resize_to * long / short)``, as torchvision computes it.
+  """
+  if not isinstance(img, Image.Image):
+    img = Image.fromarray(np.asarray(img, np.uint8), mode="L")
+  w, h = img.size
+  short, long = (w, h) if w <= h else (h, w)
+  new_short, new_long = resize_to, int(resize_to * long / short)
+  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  if (new_w, new_h) != (w, h):
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+  if min(new_w, new_h) < size:
+    raise ValueError(f"alta_resize: a {size} crop does not fit {new_w}x{new_h} (resize_to {resize_to})")
+  # torchvision's CenterCrop: Python's round() of the half margin.
+  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+  img = img.crop((left, top, left + size, top + size))
+  return np.asarray(img if img.mode == "L" else img.convert("L"), np.uint8)
+
+
+def _alta_input(path: PathLike, gray: np.ndarray) -> np.ndarray | Image.Image:
+  """What ALTA's transform starts from: the RGB image torchvision's loader makes of an 8-bit raster file.
+
+  DICOMs and high-bit rasters keep our 8-bit gray (``gray``): torchvision's
+  loader has no DICOM path and would clip 16-bit values.
+  """
+  if is_dicom(path):
+    return gray
+  with Image.open(path) as img:
+    if img.mode in ("L", "I;16", "I;16B", "I;16L", "I", "F"):
+      return gray
+    img.load()
+    return img.convert("RGB")
+
+
+def preprocess(
+  path: PathLike,
+  size: int = records.IMAGE_SIZE,
+  pad: bool = False,
+  transform: str = "paper",
+  dicom_scaling: str = "display",
+) -> np.ndarray:
+  """``load_image`` then ``resize`` ("paper") or `alta_resize` ("alta"): what the converters store per view.
+
+  Args:
+    path: the image file.
+    size: output side.
+    pad: "paper" only: keep the aspect ratio and pad (see `resize`).
+    transform: one of `IMAGE_TRANSFORMS`.
+    dicom_scaling: one of `DICOM_SCALINGS`.
+  """
+  if transform not in IMAGE_TRANSFORMS:
+    raise ValueError(f"image transform {transform!r}: use one of {IMAGE_TRANSFORMS}")
+  if pad and transform != "paper":
+    raise ValueError("pad applies to the paper transform; the alta transform crops")
+  arr = load_image(path, dicom_scaling)
   if arr.std() < 1.0:
     raise ImageError(path, "image is blank (constant intensity)")
+  if transform == "alta":
+    return alta_resize(_alta_input(path, arr), size)
   return resize(arr, size, pad)
 
 

@@ -250,6 +250,13 @@ def read_study_info(paths: Sequence[str], record_index: np.ndarray) -> tuple[lis
   return ids, texts
 
 
+def read_image_ids(paths: Sequence[str], record_index: np.ndarray, slot: int = FRONTAL_SLOT) -> list[str]:
+  """The source image id of view ``slot`` (default the current frontal) of the given records."""
+  src = source_lib.ArrayRecordSource(list(paths))
+  with src:
+    return [records.decode_record(src[int(i)], with_images=False)["image_ids"][slot] for i in record_index]
+
+
 def embed_dataset(
   config,
   variables,

@@ -9,7 +9,9 @@ functions of `clinvla_jax.evaluate`.  Scores are keyed
 "<name>/<task>/<metric>"; the options and their defaults are in
 `clinvla_jax.evaluate.options`.  An evaluator whose ``path`` is empty is not
 built, so a config can list the protocols and a run enables one by giving
-its path (``--config.evals.rsna.path=DIR``).
+its path (``--config.evals.rsna.path=DIR``).  The chexpert_5x200 and rsna
+types also take the published list their papers score on
+(``--config.evals.rsna.list=test_list.txt``, `ListedEvaluator`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -25,8 +28,10 @@ from absl import logging
 import numpy as np
 
 from clinvla_jax import api
+from clinvla_jax.data import source as source_lib
 from clinvla_jax.evaluate import EmbeddingSet
 from clinvla_jax.evaluate import embed as embed_lib
+from clinvla_jax.evaluate import lists as lists_lib
 from clinvla_jax.evaluate import metrics
 from clinvla_jax.evaluate import options as options_lib
 from clinvla_jax.evaluate.options import LEGACY_EVAL_KEYS, legacy_flag_error  # noqa: F401  (re-exported)
@@ -181,11 +186,17 @@ class EvalContext:
 
 @dataclasses.dataclass
 class EvaluatorResult:
-  """Scores keyed "<name>/<task>/<metric>", notes for results.md, and the set the figure may show."""
+  """Scores keyed "<name>/<task>/<metric>", notes for results.md, and the set the figure may show.
+
+  ``set_info`` says which images were scored, keyed "<name>/<field>" (e.g.
+  "rsna/list_sha256"): strings and counts that go to results.json and
+  results.md beside the scores, but are not scores.
+  """
 
   scores: dict[str, float]
   notes: list[str] = dataclasses.field(default_factory=list)
   figure_set: Optional[embed_lib.DatasetEmbeddings] = None
+  set_info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Evaluator:
@@ -258,11 +269,92 @@ class RetrievalEvaluator(Evaluator):
     return EvaluatorResult(scores, notes, shown)
 
 
-class Chexpert5x200Evaluator(Evaluator):
-  type_name = "chexpert_5x200"
+def _rows(emb: embed_lib.DatasetEmbeddings, rows: Optional[np.ndarray]) -> embed_lib.DatasetEmbeddings:
+  if rows is None:
+    return emb
+  take = lambda x: None if x is None else np.asarray(x)[rows]  # pylint: disable=unnecessary-lambda-assignment
+  pick = lambda x: None if x is None else tuple(x[int(i)] for i in rows)  # pylint: disable=unnecessary-lambda-assignment
+  return dataclasses.replace(
+    emb,
+    image=take(emb.image),
+    text=take(emb.text),
+    labels=take(emb.labels),
+    ids=pick(emb.ids),
+    texts=pick(emb.texts),
+    record_index=take(emb.record_index),
+  )
+
+
+class ListedEvaluator(Evaluator):
+  """A protocol that papers score on one published list (`options.PublishedListOptions`).
+
+  With ``list`` the embedded split is cut to the list's images, in list
+  order; ``set_info`` then carries the list's sha256, size and missing count.
+  Without, every record of the split is scored and ``set_info`` says how the
+  converter chose them.
+  """
+
+  list_kind: str = ""
+
+  def list_labels(self, emb: embed_lib.DatasetEmbeddings) -> tuple[np.ndarray, tuple[str, ...]]:
+    """[N, C] record labels and their names, as the list's labels are checked against them."""
+    return np.asarray(emb.labels), tuple(emb.label_names)
+
+  def listed(self, emb: embed_lib.DatasetEmbeddings) -> tuple[embed_lib.DatasetEmbeddings, dict[str, Any], list[str]]:
+    """(the rows to score, set_info keyed "<name>/<field>", notes)."""
+    opts = self.options
+    where = f"{opts.path} ({opts.split or 'all shards'})"
+    if not opts.list:
+      manifest = source_lib.read_manifest(opts.path) if os.path.isdir(opts.path) else None
+      selection = lists_lib.converter_selection(manifest, opts.split)
+      notes = [f"{self.name}: {len(emb)} images of {where}, selection {selection} (the converter's), no list given."]
+      if selection != lists_lib.PUBLISHED_LIST:
+        notes.append(
+          f"{self.name}: not scored on the published list, so its numbers do not compare with the papers'; "
+          f"give config.evals.{self.name}.list=PATH."
+        )
+      return emb, {f"{self.name}/selection": selection}, notes
+    labels, names = self.list_labels(emb)
+    published = lists_lib.read_list(opts.list, self.list_kind, names or None)
+    keys = [lists_lib.record_key(self.list_kind, i) for i in embed_lib.read_image_ids(emb.paths, emb.record_index)]
+    chosen = lists_lib.select_listed(
+      published, keys, labels, names, allow_missing=bool(opts.allow_missing), what=f"the records of {where}"
+    )
+    notes = [
+      f"{self.name}: {len(chosen.rows)} of the {len(published)} images of the list {opts.list} "
+      f"(sha256 {published.sha256}) from {where}; {chosen.unlisted} records of the split are not listed."
+    ]
+    if chosen.missing:
+      first = ", ".join(e.name for e in chosen.missing[: lists_lib.SHOWN])
+      note = (
+        f"{self.name}: {len(chosen.missing)} listed images are not in {where} and were not scored (first: {first})."
+      )
+      logging.warning(note)
+      notes.append(note)
+    if not len(chosen.rows):
+      raise ValueError(f"config.evals.{self.name}: none of the {len(published)} images of {opts.list} is in {where}")
+    info = {f"{self.name}/{k}": v for k, v in chosen.set_info.items()}
+    return _rows(emb, chosen.rows), info, notes
+
+  def embed(self, context: EvalContext, **kwargs) -> embed_lib.DatasetEmbeddings:
+    return context.embed(self.options.path, self.options.split, **kwargs)
+
+  def inputs_of(self, emb: embed_lib.DatasetEmbeddings) -> EmbeddingSet:
+    raise NotImplementedError
 
   def inputs(self, context: EvalContext) -> EmbeddingSet:
-    emb = context.embed(self.options.path, self.options.split)
+    return self.inputs_of(self.listed(self.embed(context))[0])
+
+  def run(self, context: EvalContext) -> EvaluatorResult:
+    emb, info, notes = self.listed(self.embed(context))
+    return EvaluatorResult(self.score(self.inputs_of(emb), context.text_fn), notes, set_info=info)
+
+
+class Chexpert5x200Evaluator(ListedEvaluator):
+  type_name = "chexpert_5x200"
+  list_kind = "chexpert"
+
+  def inputs_of(self, emb: embed_lib.DatasetEmbeddings) -> EmbeddingSet:
     return EmbeddingSet(
       image=emb.image,
       text=texts_or_none(emb),
@@ -286,13 +378,24 @@ class Chexpert8x200Evaluator(Evaluator):
     return sets
 
 
-class RsnaEvaluator(Evaluator):
+class RsnaEvaluator(ListedEvaluator):
   type_name = "rsna"
+  list_kind = "rsna"
 
-  def inputs(self, context: EvalContext) -> EmbeddingSet:
-    emb = context.embed(self.options.path, self.options.split, with_text=False)
+  def embed(self, context: EvalContext, **kwargs) -> embed_lib.DatasetEmbeddings:
+    return super().embed(context, with_text=False, **kwargs)
+
+  @staticmethod
+  def pneumonia(emb: embed_lib.DatasetEmbeddings) -> np.ndarray:
+    """int [N] 0/1: the Pneumonia column (the first when the records do not name theirs)."""
     col = list(emb.label_names).index("Pneumonia") if "Pneumonia" in emb.label_names else 0
-    return EmbeddingSet(image=emb.image, ids=emb.ids, labels=positive_labels(emb.labels)[:, col].astype(np.int64))
+    return positive_labels(emb.labels)[:, col].astype(np.int64)
+
+  def list_labels(self, emb: embed_lib.DatasetEmbeddings) -> tuple[np.ndarray, tuple[str, ...]]:
+    return self.pneumonia(emb)[:, None], ("Pneumonia",)
+
+  def inputs_of(self, emb: embed_lib.DatasetEmbeddings) -> EmbeddingSet:
+    return EmbeddingSet(image=emb.image, ids=emb.ids, labels=self.pneumonia(emb))
 
 
 class MsCxrTEvaluator(Evaluator):

@@ -72,8 +72,34 @@ class RetrievalOptions(EvaluatorOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class Chexpert5x200Options(EvaluatorOptions):
+class PublishedListOptions(EvaluatorOptions):
+  """Options of the protocols that papers score on one published image list.
+
+  Attributes:
+    list: the published list file; the evaluator then scores exactly its
+      images found in ``split``, in list order, after checking their labels
+      against the records (`clinvla_jax.evaluate.lists`), and results.json
+      carries "<name>/list_sha256" and "<name>/list_size".  Empty: every
+      record of ``split``, as the converter chose them ("<name>/selection"
+      says how, from the manifest); only numbers on the published list
+      compare with the papers'.
+    allow_missing: list images missing from the converted split are scored
+      without and counted in "<name>/list_missing" instead of failing.
+  """
+
+  list: str = ""
+  allow_missing: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Chexpert5x200Options(PublishedListOptions):
   """CheXpert 5x200 (protocols.md 5): image->text P@K and 5-class zero-shot.
+
+  The papers' numbers are on GLoRIA's published list of 1,000 images
+  (``list=chexpert_5x200.csv``; convert it with ``data_prep.chexpert
+  --mode=5x200 --list_csv=chexpert_5x200.csv``).  ``--mode=5x200`` without
+  ``--list_csv`` draws a set by the seeded 5x200 rule ("<name>/selection" =
+  "seeded_rule"), whose numbers do not compare with the papers'.
 
   Attributes:
     path: converted folder (``data_prep.chexpert --mode=5x200``).
@@ -107,8 +133,12 @@ class Chexpert8x200Options(EvaluatorOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class RsnaOptions(EvaluatorOptions):
+class RsnaOptions(PublishedListOptions):
   """RSNA Pneumonia zero-shot (protocols.md 5): AUC, ACC and F1 with their baselines.
+
+  The papers' numbers are on ALTA's 3,000-image test list (``list=test_list.txt``,
+  lines ``<folder>/<patientId>.dcm <label>``, matched by patientId; convert
+  with ``data_prep.rsna_pneumonia --test_list=test_list.txt``).
 
   Attributes:
     path: converted RSNA Pneumonia folder.
@@ -157,7 +187,19 @@ OPTIONS_BY_TYPE: dict[str, type[EvaluatorOptions]] = {
 # Evaluator types whose results the paper's tables read under their own name.
 PROTOCOL_TYPES = ("chexpert_5x200", "chexpert_8x200", "rsna", "ms_cxr_t")
 # Options that say where data is and when to run, rather than how to score.
-_PLACEMENT = ("type", "path", "split", "every_steps", "queries", "lists", "labels", "label_prompts", "figure")
+_PLACEMENT = (
+  "type",
+  "path",
+  "split",
+  "every_steps",
+  "queries",
+  "lists",
+  "labels",
+  "label_prompts",
+  "figure",
+  "list",
+  "allow_missing",
+)
 
 
 def option_fields(type_name: str) -> dict[str, Any]:

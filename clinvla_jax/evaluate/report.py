@@ -1,7 +1,9 @@
 """Evaluation outputs: results.json, paper-style Markdown tables, figures.
 
 Units: ``results.json`` stores every score as a fraction in [0, 1] (as the
-metrics return it); the Markdown tables print percents with one decimal, the
+metrics return it), beside a few "<name>/<field>" entries that are not scores
+but say which images were scored (strings and counts, e.g.
+"rsna/list_sha256", "rsna/list_size", "chexpert_5x200/selection"); the Markdown tables print percents with one decimal, the
 unit of the paper's tables.  ``assets/paper_results.json`` keeps the paper's
 numbers in percent, as published, under the same keys as ``results.json``
 ("<dataset>/<task>/<metric>", e.g. "chexpert_8x200/image_to_image/P@5").
@@ -79,28 +81,70 @@ def flatten_results(results: Mapping[str, Any], prefix: str = "") -> dict[str, f
   return flat
 
 
-def write_results_json(results: Mapping[str, Any], path: str | pathlib.Path) -> dict[str, float]:
+def _check_number(key: str, value: Any) -> None:
+  numeric = isinstance(value, (int, float, np.number))
+  if isinstance(value, (bool, np.bool_)) or not numeric:
+    raise TypeError(f"{key}: expected a number, got {type(value).__name__}")
+  if not math.isfinite(float(value)):
+    raise ValueError(f"{key}: not finite ({value})")
+
+
+def check_set_info(set_info: Mapping[str, Any]) -> dict[str, str | int | float]:
+  """``set_info`` as results.json writes it: strings, integers (counts) and finite numbers."""
+  out: dict[str, str | int | float] = {}
+  for key, value in set_info.items():
+    if isinstance(value, str):
+      out[key] = value
+      continue
+    _check_number(key, value)
+    is_int = isinstance(value, (int, np.integer))
+    out[key] = int(value) if is_int else float(value)
+  return out
+
+
+def write_results_json(
+  results: Mapping[str, Any], path: str | pathlib.Path, set_info: Optional[Mapping[str, Any]] = None
+) -> dict[str, Any]:
   """Writes the flat, key-sorted results; returns what was written.
 
-  Values must be finite numbers (fractions for scores).  Non-numeric entries
-  such as per-fold lists are rejected so that the file stays a flat table.
+  Scores (``results``) must be finite numbers (fractions).  Non-numeric
+  entries such as per-fold lists are rejected so that the file stays a flat
+  table.  ``set_info`` ("<name>/<field>": a string or a count, e.g.
+  "rsna/list_sha256", "rsna/list_size") says which images an evaluator
+  scored; it is written beside the scores, and must not reuse their keys.
   """
   flat = flatten_results(results)
   for key, value in flat.items():
-    numeric = isinstance(value, (int, float, np.number))
-    if isinstance(value, bool) or not numeric:
-      raise TypeError(f"{key}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(float(value)):
-      raise ValueError(f"{key}: not finite ({value})")
-  out = {k: float(flat[k]) for k in sorted(flat)}
+    _check_number(key, value)
+  out: dict[str, Any] = {k: float(v) for k, v in flat.items()}
+  info = check_set_info(flatten_results(set_info or {}))
+  clash = sorted(set(info) & set(out))
+  if clash:
+    raise ValueError(f"set_info reuses score keys: {', '.join(clash)}")
+  out.update(info)
+  out = {k: out[k] for k in sorted(out)}
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
   return out
 
 
-def read_results_json(path: str | pathlib.Path) -> dict[str, float]:
+def read_results_json(path: str | pathlib.Path) -> dict[str, Any]:
   return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+def set_info_markdown(set_info: Mapping[str, Any]) -> str:
+  """The "Evaluation sets" lines of results.md: which images each evaluator scored."""
+  by_name: dict[str, dict[str, Any]] = {}
+  for key, value in set_info.items():
+    name, _, field = key.partition("/")
+    by_name.setdefault(name, {})[field] = value
+  if not by_name:
+    return ""
+  lines = ["", "**Evaluation sets** (which images were scored)", ""]
+  for name, fields in by_name.items():
+    lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
+  return "\n".join(lines) + "\n"
 
 
 def load_paper_results(path: Optional[str | pathlib.Path] = None) -> dict:

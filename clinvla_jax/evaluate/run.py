@@ -50,6 +50,19 @@ Keys added beside each score (same "<dataset>/<task>/" prefix):
   protocols.md section 5, named after their type so that the paper tables
   of results.md find them.
 
+Which images were scored (results.json and results.md, not scores):
+
+  <name>/selection             chexpert_5x200, rsna: "published_list" when
+                               the evaluator was given ``list=PATH``, else
+                               how the converter chose the images
+                               ("seeded_rule", "published_list", "unknown")
+  <name>/list_sha256           with ``list``: sha256 of the list file
+  <name>/list_size             images in the list
+  <name>/list_missing          of those, not in the converted split
+                               (non-zero only with ``allow_missing=True``)
+
+Only numbers on the published lists compare with the papers'.
+
 Results are keyed by the evaluator's name: ``config.evals.covid_cxr`` writes
 "covid_cxr/...".  Each evaluator has its own training cadence
 (``every_steps``); ``--mode=eval`` runs all of them.
@@ -122,7 +135,9 @@ def run_evaluation(
       default every one with a path.
 
   Returns:
-    The flat results written to results.json.
+    The scores written to results.json (numbers, what training logs);
+    results.json also holds each evaluator's set description
+    ("<name>/selection", "<name>/list_sha256", ...), which is not a score.
   """
   evaluators = build_evaluators(config, names)
   if not evaluators:
@@ -134,24 +149,29 @@ def run_evaluation(
   placed = predict.place(variables)
   text_fn = embed_lib.make_text_embed_fn(config, None, tokenizer, predict_fn=predict, placed=placed)
   context = evaluators_lib.EvalContext(config, predict, placed, text_fn)
-  results, notes, figure_source = {}, [], None
+  results, set_info, notes, figure_source = {}, {}, [], None
   for evaluator in evaluators.values():
     out = evaluator.run(context)
     results.update(out.scores)
+    set_info.update(out.set_info)
     notes.extend(out.notes)
     if figure_source is None and out.figure_set is not None:
       figure_source = (out.figure_set, evaluator.options)
   if not results:
     raise ValueError(f"the evaluators {sorted(evaluators)} produced no score")
 
-  written = report.write_results_json(results, workdir / RESULTS_JSON)
-  text = report.markdown_report(written, tables=PAPER_TABLES) + other_results_markdown(written, notes)
+  written = report.write_results_json(results, workdir / RESULTS_JSON, set_info=set_info)
+  scores = {k: written[k] for k in results}
+  text = report.markdown_report(scores, tables=PAPER_TABLES) + other_results_markdown(scores, notes)
+  text += report.set_info_markdown({k: written[k] for k in set_info})
   (workdir / RESULTS_MD).write_text(text, encoding="utf-8")
+  for key, value in set_info.items():
+    logging.info("%s: %s", key, value)
   if figure_source is not None:
     shown, opts = figure_source
     retrieval_examples_figure(shown, text_fn, workdir / FIGURE_PNG, load_label_prompts(opts.label_prompts or None))
   logging.info("Wrote %d results to %s", len(written), workdir)
-  return written
+  return scores
 
 
 # ---------------------------------------------------------------------------

@@ -18,12 +18,18 @@ Weights come from an initialised JAX tree: the backbone through the inverse
 of the converters' plans (``convert.hf_bert`` / ``convert.timm_vit``), the rest
 through a direct name map.  Trainable / frozen follows the JAX path rules
 (``config.optim.param_groups``) applied to the JAX name of each tensor.
+
+``TorchALTA`` (end of the file) is a separate model: ALTA, the PyTorch peer,
+rebuilt with ALTA's state-dict names so that ALTA checkpoints load into it and
+the JAX port of ALTA can be checked against it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -480,3 +486,641 @@ def make_optimizer(model: TorchClinVLA, groups: Dict[str, str], learning_rates, 
 
 def to_torch_batch(batch: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
   return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- ALTA twin
+#
+# An independent PyTorch model with the function and the state-dict names of
+# ALTA (Lian et al., IEEE TMI 2025; github.com/DopamineLcy/ALTA): an MRM
+# ViT-B/16 with bottleneck adapters, a CXR-BERT-specialized text encoder with
+# the same adapters, and the MAE-style decoder / MLM head that only
+# pretraining uses.  ALTA's code is CC BY-NC 4.0, so none of it is reused
+# here; the twin exists to check that a converter reads ALTA checkpoints right.
+
+
+@dataclasses.dataclass(frozen=True)
+class AltaSizes:
+  """Every size TorchALTA and alta_key_names need; the defaults are ALTA's published model."""
+
+  image_size: int = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  image_layers: int = 12
+  image_hidden: int = 768
+  image_heads: int = 12
+  image_mlp_dim: int = 3072
+  image_adapter_ratio: float = 0.25
+  image_adapter_dim: Optional[int] = None  # None: int(image_hidden * image_adapter_ratio)
+  image_norm_eps: float = 1e-6
+  text_layers: int = 12
+  text_hidden: int = 768
+  text_heads: int = 12
+  text_intermediate: int = 3072
+  vocab_size: int = 30522
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  text_adapter_ratio: float = 0.25
+  text_adapter_dim: Optional[int] = None  # None: int(text_hidden * text_adapter_ratio)
+  pad_token_id: int = 0
+  proj_dim: int = 128
+  decoder_embed_dim: int = 768
+  decoder_depth: int = 4
+  decoder_num_heads: int = 6
+  decoder_mlp_dim: Optional[int] = None  # None: 4 * decoder_embed_dim
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+  @property
+  def image_bottleneck(self) -> int:
+    return self.image_adapter_dim or int(self.image_hidden * self.image_adapter_ratio)
+
+  @property
+  def text_bottleneck(self) -> int:
+    return self.text_adapter_dim or int(self.text_hidden * self.text_adapter_ratio)
+
+  @property
+  def decoder_hidden(self) -> int:
+    return self.decoder_mlp_dim or 4 * self.decoder_embed_dim
+
+  @property
+  def pred_dim(self) -> int:
+    # ALTA's decoder reconstructs the 448-pixel input: patches twice the encoder's side.
+    return (2 * self.patch_size) ** 2 * self.in_chans
+
+
+# Small enough for a test on two cores; every tensor kind of the published model is there.
+ALTA_TINY_SIZES = dict(
+  image_size=64,
+  patch_size=16,
+  image_layers=2,
+  image_hidden=64,
+  image_heads=4,
+  image_mlp_dim=128,
+  text_layers=2,
+  text_hidden=64,
+  text_heads=4,
+  text_intermediate=128,
+  vocab_size=97,
+  max_position_embeddings=24,
+  proj_dim=32,
+  decoder_embed_dim=32,
+  decoder_depth=1,
+  decoder_num_heads=2,
+)
+
+ALTA_VIEW_TYPE = (0, 1, 0, 1)  # current frontal, current lateral, prior frontal, prior lateral
+ALTA_VIEW_TIME = (0, 0, 1, 1)
+
+
+def _alta_sizes(sizes: Optional[AltaSizes], overrides) -> AltaSizes:
+  return dataclasses.replace(sizes or AltaSizes(), **overrides)
+
+
+def alta_key_names(
+  image_layers: Optional[int] = None,
+  text_layers: Optional[int] = None,
+  decoder_depth: Optional[int] = None,
+  sizes: Optional[AltaSizes] = None,
+  **overrides,
+) -> Dict[str, Tuple[int, ...]]:
+  """Name -> shape of every tensor in ALTA's state dict, in its order.
+
+  Sizes: ``sizes`` (default AltaSizes(), the published model) with any field
+  overridden by keyword, e.g. ``alta_key_names(**ALTA_TINY_SIZES)``.
+
+  Spelled out from the shapes ALTA's modules create, not from TorchALTA, so that
+  the two can be checked against each other.  transformers 4.31 and later keep
+  BertEmbeddings' position_ids / token_type_ids out of the state dict
+  (non-persistent buffers); the tied MLM decoder weight and bias are saved under
+  their own names as well as under word_embeddings / cls.predictions.bias.
+  """
+  depths = dict(image_layers=image_layers, text_layers=text_layers, decoder_depth=decoder_depth)
+  s = _alta_sizes(sizes, dict(overrides, **{k: v for k, v in depths.items() if v is not None}))
+  D, N, P = s.image_hidden, s.num_patches, s.proj_dim
+  out: Dict[str, Tuple[int, ...]] = {}
+
+  def linear(name, n_in, n_out):
+    out[f"{name}.weight"] = (n_out, n_in)
+    out[f"{name}.bias"] = (n_out,)
+
+  def norm(name, width):
+    out[f"{name}.weight"] = (width,)
+    out[f"{name}.bias"] = (width,)
+
+  def vit_block(name, width, hidden, bottleneck):
+    norm(f"{name}.norm1", width)
+    linear(f"{name}.attn.qkv", width, 3 * width)
+    linear(f"{name}.attn.proj", width, width)
+    norm(f"{name}.norm2", width)
+    linear(f"{name}.mlp.fc1", width, hidden)
+    linear(f"{name}.mlp.fc2", hidden, width)
+    if bottleneck:
+      for adapter in ("attn_adapter", "mlp_adapter"):
+        linear(f"{name}.{adapter}.D_fc1", width, bottleneck)
+        linear(f"{name}.{adapter}.D_fc2", bottleneck, width)
+
+  def head(name, width):
+    linear(f"{name}.dense_to_hidden", width, P)
+    norm(f"{name}.LayerNorm", P)
+    linear(f"{name}.dense_to_output", P, P)
+
+  # A module's own parameters come before its children's.
+  out["cls_token"] = (1, 1, D)
+  out["missing_token"] = (1, N, D)
+  out["pos_embed"] = (1, N + 1, D)
+  out["temporal_embedding"] = (1, 2, D)
+  out["view_embedding"] = (1, 2, D)
+  out["mask_token"] = (1, 1, s.decoder_embed_dim)
+  out["decoder_pos_embed"] = (1, N + 1, s.decoder_embed_dim)
+  for name in ("logit_scale", "logit_scale_local1", "logit_scale_local2", "logit_scale_local3"):
+    out[name] = ()
+  out["patch_embed.proj.weight"] = (D, s.in_chans, s.patch_size, s.patch_size)
+  out["patch_embed.proj.bias"] = (D,)
+  for i in range(s.image_layers):
+    vit_block(f"blocks.{i}", D, s.image_mlp_dim, s.image_bottleneck)
+  norm("norm", D)
+  linear("bert_embed", D, D)
+  linear("decoder_embed", D, s.decoder_embed_dim)
+  for i in range(s.decoder_depth):
+    vit_block(f"decoder_blocks.{i}", s.decoder_embed_dim, s.decoder_hidden, 0)
+  norm("decoder_norm", s.decoder_embed_dim)
+  linear("decoder_pred", s.decoder_embed_dim, s.pred_dim)
+  head("projection_head", D)
+  head("local_projection_head", D)
+
+  H, B = s.text_hidden, s.text_bottleneck
+  emb = "bert_encoder.bert.embeddings"
+  out[f"{emb}.word_embeddings.weight"] = (s.vocab_size, H)
+  out[f"{emb}.position_embeddings.weight"] = (s.max_position_embeddings, H)
+  out[f"{emb}.token_type_embeddings.weight"] = (s.type_vocab_size, H)
+  norm(f"{emb}.LayerNorm", H)
+  for i in range(s.text_layers):
+    layer = f"bert_encoder.bert.encoder.layer.{i}"
+    for part in ("query", "key", "value"):
+      linear(f"{layer}.attention.self.{part}", H, H)
+    linear(f"{layer}.attention.output.dense", H, H)
+    norm(f"{layer}.attention.output.LayerNorm", H)
+    linear(f"{layer}.intermediate.dense", H, s.text_intermediate)
+    linear(f"{layer}.output.dense", s.text_intermediate, H)
+    norm(f"{layer}.output.LayerNorm", H)
+    for adapter in ("attn_adapter", "mlp_adapter"):
+      linear(f"{layer}.{adapter}.D_fc1", H, B)
+      linear(f"{layer}.{adapter}.D_fc2", B, H)
+  out["bert_encoder.cls.predictions.bias"] = (s.vocab_size,)
+  linear("bert_encoder.cls.predictions.transform.dense", H, H)
+  norm("bert_encoder.cls.predictions.transform.LayerNorm", H)
+  linear("bert_encoder.cls.predictions.decoder", H, s.vocab_size)
+  head("bert_encoder.cls_projection_head", H)
+  head("bert_encoder.local_projection_head", H)
+  return out
+
+
+def alta_position_table(dim: int, grid: int) -> np.ndarray:
+  """ALTA's fixed sin-cos table, float32 [1 + grid**2, dim], row 0 (CLS) zeros.
+
+  Patch r * grid + c gets [sin(c w), cos(c w), sin(r w), cos(r w)] with
+  w_i = 10000**(-i / dim), i < dim / 4.  MAE's table uses 10000**(-4 i / dim);
+  MRM and ALTA shrink the exponent four-fold, and their weights were trained
+  with this narrower band, so it must be reproduced, not replaced by MAE's.
+  """
+  if dim % 4:
+    raise ValueError(f"the sin-cos table needs dim % 4 == 0, got {dim}")
+  freqs = 10000.0 ** (-np.arange(dim // 4, dtype=np.float64) / dim)
+  rows, cols = np.divmod(np.arange(grid * grid, dtype=np.float64), grid)
+
+  def axis(pos):
+    angles = pos[:, None] * freqs[None, :]
+    return [np.sin(angles), np.cos(angles)]
+
+  table = np.concatenate(axis(cols) + axis(rows), axis=1)
+  return np.concatenate([np.zeros((1, dim)), table], axis=0).astype(np.float32)
+
+
+class AltaAdapter(nn.Module):
+  """Bottleneck D_fc2(GELU(D_fc1(x))), plus x when ``skip``."""
+
+  def __init__(self, width: int, bottleneck: int, skip: bool):
+    super().__init__()
+    self.skip = skip
+    self.D_fc1 = nn.Linear(width, bottleneck)
+    self.D_fc2 = nn.Linear(bottleneck, width)
+
+  def forward(self, x):
+    y = self.D_fc2(F.gelu(self.D_fc1(x)))
+    return x + y if self.skip else y
+
+
+class _AltaAttention(nn.Module):
+  def __init__(self, width: int, heads: int):
+    super().__init__()
+    self.heads = heads
+    self.qkv = nn.Linear(width, 3 * width)
+    self.proj = nn.Linear(width, width)
+
+  def forward(self, x):
+    b, n, c = x.shape
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+    weights = torch.softmax((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5, dim=-1)
+    return self.proj((weights @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _AltaMlp(nn.Module):
+  def __init__(self, width: int, hidden: int):
+    super().__init__()
+    self.fc1 = nn.Linear(width, hidden)
+    self.fc2 = nn.Linear(hidden, width)
+
+  def forward(self, x):
+    return self.fc2(F.gelu(self.fc1(x)))
+
+
+class AltaBlock(nn.Module):
+  """Pre-LN ViT block (timm names); with ``bottleneck`` ALTA's two adapters join it.
+
+  x += attn_adapter(attn(norm1(x))) (adapter with skip), then
+  x += mlp(xn) + 0.5 * mlp_adapter(xn) with xn = norm2(x) (adapter without skip).
+  """
+
+  def __init__(self, width: int, heads: int, hidden: int, eps: float, bottleneck: int = 0):
+    super().__init__()
+    self.norm1 = nn.LayerNorm(width, eps=eps)
+    self.attn = _AltaAttention(width, heads)
+    self.norm2 = nn.LayerNorm(width, eps=eps)
+    self.mlp = _AltaMlp(width, hidden)
+    if bottleneck:
+      self.attn_adapter = AltaAdapter(width, bottleneck, skip=True)
+      self.mlp_adapter = AltaAdapter(width, bottleneck, skip=False)
+    else:
+      self.attn_adapter = self.mlp_adapter = None
+
+  def forward(self, x):
+    a = self.attn(self.norm1(x))
+    if self.attn_adapter is None:
+      x = x + a
+      return x + self.mlp(self.norm2(x))
+    x = x + self.attn_adapter(a)
+    xn = self.norm2(x)
+    return x + (self.mlp(xn) + 0.5 * self.mlp_adapter(xn))
+
+
+class _AltaPatchEmbed(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.image_size = s.image_size
+    self.proj = nn.Conv2d(s.in_chans, s.image_hidden, s.patch_size, stride=s.patch_size)
+
+  def forward(self, x):
+    if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+      raise ValueError(f"images must be {self.image_size}x{self.image_size}, got {tuple(x.shape[-2:])}")
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class AltaProjectionHead(nn.Module):
+  """Linear(width -> P), GELU, LayerNorm(P, eps 1e-12), Linear(P -> P): ALTA's image and text heads alike."""
+
+  def __init__(self, width: int, proj: int):
+    super().__init__()
+    self.dense_to_hidden = nn.Linear(width, proj)
+    self.LayerNorm = nn.LayerNorm(proj, eps=1e-12)
+    self.dense_to_output = nn.Linear(proj, proj)
+
+  def forward(self, x):
+    return self.dense_to_output(self.LayerNorm(F.gelu(self.dense_to_hidden(x))))
+
+
+class _BertEmbeddings(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.word_embeddings = nn.Embedding(s.vocab_size, s.text_hidden, padding_idx=s.pad_token_id)
+    self.position_embeddings = nn.Embedding(s.max_position_embeddings, s.text_hidden)
+    self.token_type_embeddings = nn.Embedding(s.type_vocab_size, s.text_hidden)
+    self.LayerNorm = nn.LayerNorm(s.text_hidden, eps=s.layer_norm_eps)
+
+  def forward(self, input_ids):
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    x = self.word_embeddings(input_ids) + self.token_type_embeddings(torch.zeros_like(input_ids))
+    return self.LayerNorm(x + self.position_embeddings(positions)[None])
+
+
+class _BertSelfAttention(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.heads = s.text_heads
+    self.query = nn.Linear(s.text_hidden, s.text_hidden)
+    self.key = nn.Linear(s.text_hidden, s.text_hidden)
+    self.value = nn.Linear(s.text_hidden, s.text_hidden)
+
+  def forward(self, x, additive_mask):
+    b, t, c = x.shape
+    d = c // self.heads
+
+    def split(y):
+      return y.reshape(b, t, self.heads, d).transpose(1, 2)
+
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(d) + additive_mask
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, t, c)
+
+
+class _BertResidualNorm(nn.Module):
+  """dense, then LayerNorm of (that + the residual input): BERT's SelfOutput and Output."""
+
+  def __init__(self, n_in: int, width: int, eps: float):
+    super().__init__()
+    self.dense = nn.Linear(n_in, width)
+    self.LayerNorm = nn.LayerNorm(width, eps=eps)
+
+  def forward(self, x, residual):
+    return self.LayerNorm(self.dense(x) + residual)
+
+
+class _BertAttention(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.self = _BertSelfAttention(s)
+    self.output = _BertResidualNorm(s.text_hidden, s.text_hidden, s.layer_norm_eps)
+
+  def forward(self, x, additive_mask):
+    return self.output(self.self(x, additive_mask), x)
+
+
+class _BertIntermediate(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.dense = nn.Linear(s.text_hidden, s.text_intermediate)
+
+  def forward(self, x):
+    return F.gelu(self.dense(x))
+
+
+class AltaBertLayer(nn.Module):
+  """Post-LN BERT layer with ALTA's adapters.
+
+  a = attn_adapter(attention(x)) (with skip; attention ends in its LayerNorm),
+  out = LN(dense(intermediate(a)) + a) + 0.5 * mlp_adapter(a) (adapter without skip,
+  added after the output LayerNorm, so the layer's output is not normalised).
+  """
+
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.attention = _BertAttention(s)
+    self.intermediate = _BertIntermediate(s)
+    self.output = _BertResidualNorm(s.text_intermediate, s.text_hidden, s.layer_norm_eps)
+    self.attn_adapter = AltaAdapter(s.text_hidden, s.text_bottleneck, skip=True)
+    self.mlp_adapter = AltaAdapter(s.text_hidden, s.text_bottleneck, skip=False)
+
+  def forward(self, x, additive_mask):
+    a = self.attn_adapter(self.attention(x, additive_mask))
+    return self.output(self.intermediate(a), a) + 0.5 * self.mlp_adapter(a)
+
+
+class _BertEncoder(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.layer = nn.ModuleList([AltaBertLayer(s) for _ in range(s.text_layers)])
+
+
+class _BertBody(nn.Module):
+  # BertForMaskedLM builds its BertModel without a pooler.
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.embeddings = _BertEmbeddings(s)
+    self.encoder = _BertEncoder(s)
+
+  def forward(self, input_ids, attention_mask):
+    x = self.embeddings(input_ids)
+    keep = attention_mask[:, None, None, :].to(x.dtype)
+    additive = (1.0 - keep) * torch.finfo(x.dtype).min
+    for layer in self.encoder.layer:
+      x = layer(x, additive)
+    return x
+
+
+class _MlmTransform(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.dense = nn.Linear(s.text_hidden, s.text_hidden)
+    self.LayerNorm = nn.LayerNorm(s.text_hidden, eps=s.layer_norm_eps)
+
+  def forward(self, x):
+    return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class _MlmPredictions(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    # Registered before the submodules so that it leads the state dict, as in transformers.
+    self.bias = nn.Parameter(torch.zeros(s.vocab_size))
+    self.transform = _MlmTransform(s)
+    self.decoder = nn.Linear(s.text_hidden, s.vocab_size, bias=False)
+    self.decoder.bias = self.bias
+
+  def forward(self, x):
+    return self.decoder(self.transform(x))
+
+
+class _MlmHead(nn.Module):
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.predictions = _MlmPredictions(s)
+
+
+class AltaTextEncoder(nn.Module):
+  """CXR-BERT-specialized with ALTA's adapters: BertForMaskedLM (bert + cls) and two projection heads."""
+
+  def __init__(self, s: AltaSizes):
+    super().__init__()
+    self.bert = _BertBody(s)
+    self.cls = _MlmHead(s)
+    self.cls_projection_head = AltaProjectionHead(s.text_hidden, s.proj_dim)
+    self.local_projection_head = AltaProjectionHead(s.text_hidden, s.proj_dim)
+    # The MLM decoder shares the word embedding matrix (tie_word_embeddings).
+    self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+
+class TorchALTA(nn.Module):
+  """ALTA's model in PyTorch, fp32, with ALTA's state-dict names (``alta_key_names``).
+
+  ``TorchALTA(**ALTA_TINY_SIZES, seed=0)`` is a small random one; without
+  arguments it has the published sizes (build it under ``torch.device("meta")``
+  to look at names and shapes only).  ``load_state_dict`` takes an ALTA
+  checkpoint's ``model`` entry (strict=False skips a ``position_ids`` buffer
+  that transformers before 4.31 saved).
+  """
+
+  def __init__(self, sizes: Optional[AltaSizes] = None, *, seed: Optional[int] = None, **overrides):
+    super().__init__()
+    s = self.sizes = _alta_sizes(sizes, overrides)
+    D, N = s.image_hidden, s.num_patches
+    # Own parameters first, in ALTA's order, then the submodules in ALTA's order.
+    self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+    # ALTA keeps this one in half precision (and never trains it); it is cast up where used.
+    self.missing_token = nn.Parameter(torch.zeros(1, N, D, dtype=torch.float16))
+    self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D), requires_grad=False)
+    self.temporal_embedding = nn.Parameter(torch.zeros(1, 2, D))
+    self.view_embedding = nn.Parameter(torch.zeros(1, 2, D))
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, s.decoder_embed_dim))
+    self.decoder_pos_embed = nn.Parameter(torch.zeros(1, N + 1, s.decoder_embed_dim), requires_grad=False)
+    init_scale = math.log(1 / 0.07)
+    self.logit_scale = nn.Parameter(torch.full((), init_scale))
+    self.logit_scale_local1 = nn.Parameter(torch.full((), init_scale))
+    self.logit_scale_local2 = nn.Parameter(torch.full((), init_scale))
+    self.logit_scale_local3 = nn.Parameter(torch.full((), init_scale))
+
+    self.patch_embed = _AltaPatchEmbed(s)
+    self.blocks = nn.ModuleList(
+      [
+        AltaBlock(D, s.image_heads, s.image_mlp_dim, s.image_norm_eps, s.image_bottleneck)
+        for _ in range(s.image_layers)
+      ]
+    )
+    self.norm = nn.LayerNorm(D, eps=s.image_norm_eps)
+    self.bert_embed = nn.Linear(D, D)
+    self.decoder_embed = nn.Linear(D, s.decoder_embed_dim)
+    self.decoder_blocks = nn.ModuleList(
+      [
+        AltaBlock(s.decoder_embed_dim, s.decoder_num_heads, s.decoder_hidden, s.image_norm_eps)
+        for _ in range(s.decoder_depth)
+      ]
+    )
+    self.decoder_norm = nn.LayerNorm(s.decoder_embed_dim, eps=s.image_norm_eps)
+    self.decoder_pred = nn.Linear(s.decoder_embed_dim, s.pred_dim)
+    self.projection_head = AltaProjectionHead(D, s.proj_dim)
+    self.local_projection_head = AltaProjectionHead(D, s.proj_dim)
+    self.bert_encoder = AltaTextEncoder(s)
+    self.reset_position_tables()
+    if seed is not None:
+      self.randomize_(seed)
+
+  @torch.no_grad()
+  def reset_position_tables(self):
+    """Writes the fixed sin-cos tables into pos_embed and decoder_pos_embed."""
+    if self.pos_embed.is_meta:
+      return
+    s = self.sizes
+    for param, width in ((self.pos_embed, s.image_hidden), (self.decoder_pos_embed, s.decoder_embed_dim)):
+      param.copy_(torch.from_numpy(alta_position_table(width, s.grid))[None])
+
+  @torch.no_grad()
+  def randomize_(self, seed: int) -> "TorchALTA":
+    """Fills every tensor but the position tables with seeded, non-degenerate values.
+
+    ALTA starts its adapters' D_fc2 at zero and LayerNorms at (1, 0), and never
+    trains the missing-view token; such values would let a misplaced adapter,
+    norm or token go unnoticed in a comparison, so nothing here is left at them.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norms = set()
+    for module in self.modules():
+      if isinstance(module, nn.LayerNorm):
+        norms.add(id(module.weight))
+    tables = {id(self.pos_embed), id(self.decoder_pos_embed)}
+    tokens = {id(p) for p in (self.cls_token, self.missing_token, self.mask_token)}
+    tokens |= {id(self.temporal_embedding), id(self.view_embedding)}
+    # named_parameters lists a tied tensor once, so the MLM decoder keeps sharing its values.
+    for _, param in self.named_parameters():
+      if id(param) in tables or param.is_meta:
+        continue
+      noise = torch.randn(param.shape, generator=gen)
+      if param.ndim == 0:
+        value = math.log(1 / 0.07) + 0.5 * noise
+      elif id(param) in norms:
+        value = 1.0 + 0.2 * noise
+      elif id(param) in tokens:
+        value = 0.5 * noise
+      elif param.ndim == 1:
+        value = 0.1 * noise
+      else:
+        value = noise / math.sqrt(float(np.prod(param.shape[1:])))
+      param.copy_(value.to(param.dtype))
+    return self
+
+  # ---- image
+
+  def _cls_row(self, batch: int):
+    return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+
+  def _run_blocks(self, x):
+    for block in self.blocks:
+      x = block(x)
+    return self.norm(x)
+
+  def forward_img_hidden(self, x):
+    """One view [B, 3, H, W] with the current-frontal embeddings -> normed tokens [B, 1 + N, D]."""
+    tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
+    x = torch.cat([self._cls_row(x.shape[0]), tokens], dim=1)
+    x = x + self.temporal_embedding[:, :1] + self.view_embedding[:, :1]
+    return self._run_blocks(x)
+
+  def forward_img_feature(self, x, t=None):
+    """ALTA's single-image embedding: L2-normalised projection_head(CLS), [B, P].
+
+    ``t`` is accepted and ignored, as ALTA's evaluation scripts pass one.
+    """
+    return F.normalize(self.projection_head(self.forward_img_hidden(x)[:, 0]), dim=-1)
+
+  def encode_views(self, imgs, ids_keep=None):
+    """Four views [B, 4, 3, H, W] -> dict(global, local, cls, hidden).
+
+    View order: current frontal, current lateral, prior frontal, prior lateral;
+    an all-zero image is a missing view and its patch tokens become
+    missing_token's rows.  ``ids_keep`` [B, 4, K] picks the patches each view
+    keeps (ALTA draws them at random; None keeps all in order).  Views do not
+    attend to each other; global is the projected mean of all four CLS tokens,
+    missing views included.
+    """
+    b, v = imgs.shape[:2]
+    if v != 4:
+      raise ValueError(f"ALTA takes four views, got {v}")
+    flat = imgs.reshape(b * v, *imgs.shape[2:])
+    missing = flat.sum(dim=(1, 2, 3)) == 0
+    tokens = self.patch_embed(flat)
+    tokens = torch.where(missing[:, None, None], self.missing_token.to(tokens.dtype), tokens)
+    tokens = tokens + self.pos_embed[:, 1:]
+    if ids_keep is not None:
+      index = ids_keep.reshape(b * v, -1).long()
+      tokens = torch.gather(tokens, 1, index[..., None].expand(-1, -1, tokens.shape[-1]))
+    x = torch.cat([self._cls_row(b * v), tokens], dim=1)
+    seq, width = x.shape[1], x.shape[2]
+    view = self.view_embedding[0, list(ALTA_VIEW_TYPE)]
+    time = self.temporal_embedding[0, list(ALTA_VIEW_TIME)]
+    x = x.reshape(b, v, seq, width) + view[None, :, None] + time[None, :, None]
+    hidden = self._run_blocks(x.reshape(b * v, seq, width)).reshape(b, v, seq, width)
+    cls = hidden[:, :, 0]
+    return {
+      "global": F.normalize(self.projection_head(cls.mean(dim=1)), dim=-1),
+      "local": self.local_projection_head(hidden[:, :, 1:].reshape(b, v * (seq - 1), width)),
+      "cls": cls,
+      "hidden": hidden,
+    }
+
+  # ---- text
+
+  def encode_text(self, input_ids, attention_mask):
+    """Token ids / mask [B, T] -> dict(global [B, P] normalised, local [B, T-1, P], hidden [B, T, h])."""
+    enc = self.bert_encoder
+    hidden = enc.bert(input_ids.long(), attention_mask)
+    return {
+      "global": F.normalize(enc.cls_projection_head(hidden[:, 0]), dim=-1),
+      "local": enc.local_projection_head(hidden[:, 1:]),
+      "hidden": hidden,
+    }
+
+  def forward_txt_feature_single(self, input_ids, attention_mask):
+    return self.encode_text(input_ids, attention_mask)["global"]
+
+  def forward_txt_feature(self, input_ids, attention_mask, normalize: bool = False):
+    """Prompt sets [B, C, T] -> [B, C, P]; not normalised unless asked, as in ALTA's zero-shot scripts."""
+    b, c, t = input_ids.shape
+    hidden = self.bert_encoder.bert(input_ids.reshape(b * c, t).long(), attention_mask.reshape(b * c, t))
+    emb = self.bert_encoder.cls_projection_head(hidden[:, 0])
+    if normalize:
+      emb = F.normalize(emb, dim=-1)
+    return emb.reshape(b, c, -1)

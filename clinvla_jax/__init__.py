@@ -7,6 +7,7 @@ Public API::
     variables = cv.init_params(cfg, jax.random.key(0))
     variables = cv.convert.load_text_weights(variables, "path/to/hf_bert")
     variables = cv.convert.load_image_weights(variables, state_dict)
+    variables = cv.convert.load_alta(variables, "ALTA.pth")  # with configs/alta.py
     tok = cv.Tokenizer("path/to/vocab.txt", max_len=128)
     out = cv.encode_text(cfg, variables, ids, mask)
     out = cv.encode_images(cfg, variables, images, view_valid)

@@ -23,8 +23,9 @@ PAPER_FLOPS_PER_SAMPLE = 2.8e12
 PARTS: Tuple[Tuple[str, str], ...] = (
   ("language adapters", r"text_tower/layer(_\d+)?/language_adapter/.*"),
   ("task adapters", r"text_tower/layer(_\d+)?/task_adapter/.*"),
+  ("text adapters (ALTA)", r"text_tower/layer(_\d+)?/(attn|mlp)_adapter/.*"),
   ("invertible adapter", r"text_tower/invertible_adapter/.*"),
-  ("image adapters", r"image_tower/blocks(_\d+)?/adapter/.*"),
+  ("image adapters", r"image_tower/blocks(_\d+)?/((attn|mlp)_)?adapter/.*"),
   ("view/time/CLS/missing embeddings", r"image_tower/(cls_token|view_embed|time_embed|missing_token|pos_embedding)"),
   ("heads + loss scales", r"(image|text)_(global|local)_head/.*|logit_scale|logit_bias|local_log_temperatures"),
   ("image tower (ViT backbone)", r"image_tower/.*"),
@@ -62,6 +63,8 @@ def summary_lines(config) -> List[str]:
   trainable = table["total"]["trainable"]
   lines = ["ClinVLA parameters", f"{'part':36s} {'params':>14s} {'trainable':>14s} {'% of model':>11s}"]
   for name, row in table.items():
+    if not row["total"] and name != "total":  # a part this architecture does not have
+      continue
     if name == "total":
       lines.append("-" * 78)
     lines.append(f"{name:36s} {row['total']:14,d} {row['trainable']:14,d} {100 * row['total'] / total:10.2f}%")

@@ -150,18 +150,12 @@ class TrainSetup:
     params = jax.jit(lambda key: init(key)["params"], out_shardings=full_shardings)(
       jax.random.key(int(self.config.seed))
     )
-    text_weights, image_weights = self.config.init.text_weights, self.config.init.image_weights
-    if not (text_weights or image_weights):
-      return params
-    from clinvla_jax import convert  # pylint: disable=g-import-not-at-top
+    from clinvla_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
 
+    if not pretrained.wants_pretrained(self.config):
+      return params
     host = {"params": jax.tree_util.tree_map(np.asarray, jax.device_get(params))}
-    if text_weights:
-      host = convert.load_text_weights(host, text_weights)
-      logging.info("text backbone loaded from %s", text_weights)
-    if image_weights:
-      host = convert.load_image_weights(host, image_weights)
-      logging.info("image backbone loaded from %s", image_weights)
+    host = pretrained.load_configured_weights(host, self.config)
     return jax.tree_util.tree_map(
       lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
       host["params"],
@@ -314,15 +308,10 @@ def restore_variables(config, checkpoint: str, step: Optional[int] = None) -> Tu
 
 def initial_variables(config) -> Dict[str, Any]:
   """The weights before any training: the seeded init, then the pretrained towers of ``config.init``."""
-  variables = api.init_params(config, jax.random.key(int(config.seed)))
-  if config.init.text_weights or config.init.image_weights:
-    from clinvla_jax import convert  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
 
-    if config.init.text_weights:
-      variables = convert.load_text_weights(variables, config.init.text_weights)
-    if config.init.image_weights:
-      variables = convert.load_image_weights(variables, config.init.image_weights)
-  return variables
+  variables = api.init_params(config, jax.random.key(int(config.seed)))
+  return pretrained.load_configured_weights(variables, config)
 
 
 def evaluation_variables(config, checkpoint: Optional[str] = None) -> Tuple[Dict[str, Any], Optional[int]]:

@@ -54,7 +54,12 @@ def get_config():
   # Where pretrained weights come from (local files only); empty = random init.
   config.init = ml_collections.ConfigDict()
   config.init.text_weights = ""  # HF BERT folder / .safetensors / .bin (BioBERT v1.1 in the paper)
-  config.init.image_weights = ""  # timm / MAE / MRM ViT-B/16 state dict
+  # timm / MAE / MRM ViT-B/16 state dict.  MRM's weights were trained with MRM's own sin-cos table:
+  # set model.image.pos_embed="sincos_mrm" with them (the loader checks the checkpoint's pos_embed
+  # against the configured table and names the setting when they differ).
+  config.init.image_weights = ""
+  # A whole ALTA checkpoint (ALTA.pth, convert.load_alta); needs ALTA's architecture: configs/alta.py.
+  config.init.alta_weights = ""
   config.init.vocab = ""  # vocab.txt; empty = the text weights' folder, else the bundled one
 
   config.loss = ml_collections.ConfigDict()
@@ -92,9 +97,10 @@ def get_config():
   # (protocols.md section 5) are listed with empty paths: `--config.evals.rsna.path=DIR` enables one.
   # A dataset of your own: config.evals.NAME = evaluator_options("retrieval", path=DIR, split="val").
   config.evals = ml_collections.ConfigDict()
-  config.evals.chexpert_5x200 = evaluator_options("chexpert_5x200")  # data_prep.chexpert --mode=5x200
+  # data_prep.chexpert --mode=5x200 --list_csv=chexpert_5x200.csv; + list= (the published list, as papers score)
+  config.evals.chexpert_5x200 = evaluator_options("chexpert_5x200")
   config.evals.chexpert_8x200 = evaluator_options("chexpert_8x200")  # --mode=list; + queries=, lists=
-  config.evals.rsna = evaluator_options("rsna")  # converted RSNA Pneumonia
+  config.evals.rsna = evaluator_options("rsna")  # converted RSNA Pneumonia; + list= (ALTA's test_list.txt)
   config.evals.ms_cxr_t = evaluator_options("ms_cxr_t")  # MIMIC-CXR with priors; + labels= (CSV)
 
   config.optim = ml_collections.ConfigDict()

@@ -9,6 +9,7 @@ import jax
 
 from clinvla_jax import api, convert
 from clinvla_jax.config import load_config
+from clinvla_jax.model import vit
 
 MINILM = {
   "model.text.num_layers": 6,
@@ -119,6 +120,8 @@ def test_vit_checkpoint_with_mae_extras_loads():
     embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=0
   )
   state = {k: v for k, v in model.state_dict().items()}
+  # MAE checkpoints carry the fixed sin-cos table as pos_embed; it must equal the model's.
+  state["pos_embed"] = torch.from_numpy(vit.sincos_2d_position_embedding(14, 64))[None]
   state["decoder_embed.weight"] = torch.zeros(8, 64)  # MAE decoder: ignored
   state["mask_token"] = torch.zeros(1, 1, 64)
   cfg = load_config("configs/tiny.py")

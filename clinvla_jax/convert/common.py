@@ -173,8 +173,8 @@ def apply_plan(
   return traverse_util.unflatten_dict(flat)
 
 
-def apply_plan_any_layout(params: dict, tower: str, build: Callable[[dict], Plan], state: StateDict, **kwargs) -> dict:
-  """``apply_plan`` for ``tower`` in either block layout.
+def apply_plan_any_layout(params: dict, tower, build: Callable[[dict], Plan], state: StateDict, **kwargs) -> dict:
+  """``apply_plan`` for ``tower`` (a tower name, or several) in either block layout.
 
   Plans name the loop layout (one subtree per block, as peer checkpoints
   number their blocks); a tower in the scan layout is split into blocks, loaded,
@@ -182,11 +182,12 @@ def apply_plan_any_layout(params: dict, tower: str, build: Callable[[dict], Plan
   """
   from clinvla_jax.convert import layout  # pylint: disable=g-import-not-at-top
 
-  scanned = layout.layer_layouts({tower: params.get(tower, {})})[tower] == layout.SCAN
+  towers = (tower,) if isinstance(tower, str) else tuple(tower)
+  scanned = [t for t in towers if layout.layer_layouts({t: params.get(t, {})})[t] == layout.SCAN]
   if scanned:
-    params = layout.unstack_layers(params, [tower])
+    params = layout.unstack_layers(params, scanned)
   params = apply_plan(params, state, build(params), **kwargs)
-  return layout.stack_layers(params, [tower]) if scanned else params
+  return layout.stack_layers(params, scanned) if scanned else params
 
 
 def linear_kernel(*out_shape: int):

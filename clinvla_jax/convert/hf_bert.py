@@ -77,7 +77,7 @@ def build_plan(params: dict, state) -> common.Plan:
   return plan
 
 
-def _keep_first_positions(value: np.ndarray, target) -> np.ndarray:
+def keep_first_positions(value: np.ndarray, target) -> np.ndarray:
   # BERT checkpoints carry 512 positions; a shorter model keeps the first ones.
   if value.ndim == 2 and value.shape[1] == target[1] and value.shape[0] > target[0]:
     return value[: target[0]]
@@ -101,6 +101,6 @@ def load_text_weights(variables: Dict, source) -> Dict:
     state,
     ignore=IGNORED,
     what="BERT checkpoint",
-    shape_fixers={"embeddings.position_embeddings.weight": _keep_first_positions},
+    shape_fixers={"embeddings.position_embeddings.weight": keep_first_positions},
   )
   return {**variables, "params": new_params}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Dict
 
 import numpy as np
 from absl import logging
 
 from clinvla_jax.convert import common
-from clinvla_jax.model.vit import sincos_2d_position_embedding
+from clinvla_jax.model import vit
 
 # Pretraining heads and classifier weights that the image tower does not use:
 # MAE's decoder and mask token, MRM's text branch, timm's classifier head.
@@ -64,41 +65,97 @@ def build_plan(params: dict) -> common.Plan:
   return plan
 
 
-def _check_fixed_position_embedding(state, tower) -> None:
-  if "pos_embed" not in state:
-    return
-  pos = state["pos_embed"].reshape(-1, state["pos_embed"].shape[-1])
-  grid = int(round((pos.shape[0] - 1) ** 0.5))
-  if grid * grid + 1 != pos.shape[0] or pos.shape[1] != tower["cls_token"].shape[-1]:
-    return
-  diff = float(np.max(np.abs(pos - sincos_2d_position_embedding(grid, pos.shape[1]))))
-  if diff > 1e-3:
-    logging.warning(
-      "the checkpoint's pos_embed differs from the fixed sin-cos table by up to %.3g; "
-      "set model.image.pos_embed='learned' to load it instead",
-      diff,
+def identify_position_table(table: np.ndarray, atol: float = 1e-5) -> str:
+  """The fixed ``pos_embed`` name whose table ``table`` [1 + N, D] equals within ``atol``, or ""."""
+  table = np.asarray(table, np.float32).reshape(-1, table.shape[-1])
+  grid = int(round((table.shape[0] - 1) ** 0.5))
+  if grid * grid + 1 != table.shape[0] or table.shape[1] % 4:
+    return ""
+  for name in vit.FIXED_POS_EMBEDS:
+    if np.allclose(table, vit.fixed_position_table(name, grid, table.shape[1]), rtol=0.0, atol=atol):
+      return name
+  return ""
+
+
+def _model_pos_embed(config) -> str:
+  if config is None:
+    return ""
+  from clinvla_jax import api  # pylint: disable=g-import-not-at-top
+
+  return api.model_config(config).image.pos_embed
+
+
+def position_table_plan(state, tower, key: str = "pos_embed", config=None) -> tuple:
+  """How a checkpoint's position table ``state[key]`` enters the image tower: (plan entries, ignore patterns).
+
+  The checkpoint's own table is what the model must run with.  A tower with a
+  ``pos_embedding`` parameter (``pos_embed="learned"``) gets it loaded (frozen
+  by the default parameter groups, as in MAE / MRM / ALTA).  A tower with a
+  fixed table is checked against it: the table ``config`` names must equal the
+  checkpoint's; without ``config`` the table is identified and logged.  A grid
+  that does not fit, or a table that no fixed name reproduces, is a
+  ``CheckpointError`` that says which setting loads it.
+  """
+  if key not in state:
+    return {}, ()
+  table = np.asarray(state[key])
+  table2d = table.reshape(-1, table.shape[-1])
+  width = tower["cls_token"].shape[-1]
+  if "pos_embedding" in tower:
+    expected = tuple(tower["pos_embedding"].shape)
+    if tuple(table2d.shape) != expected:
+      raise common.CheckpointError(
+        f"the checkpoint's {key} {tuple(table.shape)} does not fit the image tower's position table {expected}: "
+        f"{table2d.shape[0] - 1} positions (grid {int(round((table2d.shape[0] - 1) ** 0.5))}) and width "
+        f"{table2d.shape[1]} against {expected[0] - 1} and {expected[1]}; set model.image.image_size / "
+        "patch_size / hidden_size to the checkpoint's"
+      )
+    return {("image_tower", "pos_embedding"): (key, lambda w: w.reshape(w.shape[-2], w.shape[-1]))}, ()
+  found = identify_position_table(table2d)
+  wanted = _model_pos_embed(config)
+  if table2d.shape[1] != width:
+    raise common.CheckpointError(
+      f"the checkpoint's {key} {tuple(table.shape)} has width {table2d.shape[1]}, the image tower {width}"
     )
+  if not found:
+    raise common.CheckpointError(
+      f"the checkpoint's {key} {tuple(table.shape)} is none of the fixed tables {vit.FIXED_POS_EMBEDS}; "
+      "set model.image.pos_embed='learned' to load it as it is"
+    )
+  if wanted and wanted != found:
+    raise common.CheckpointError(
+      f"the checkpoint's {key} is the {found!r} table but the model uses model.image.pos_embed={wanted!r}; "
+      f"set model.image.pos_embed={found!r} (or 'learned' to load the table as a frozen parameter)"
+    )
+  if not wanted:
+    logging.info("the checkpoint's %s is the %r table; the model must use model.image.pos_embed=%r", key, found, found)
+  return {}, (re.escape(key),)
 
 
-def load_image_weights(variables: Dict, source) -> Dict:
+def load_image_weights(variables: Dict, source, *, config=None) -> Dict:
   """Returns ``variables`` with the ViT backbone replaced by a timm-named state dict.
 
   MAE / MRM checkpoints (``{"model": state_dict}``) load as well; their decoder
-  and text parts are ignored.  With ``pos_embed="sincos"`` the checkpoint's
-  ``pos_embed`` is not loaded (the table is fixed) but compared, with a
-  warning if it is not the same sin-cos table.  Adapters, view / time /
-  missing embeddings and heads keep their current values.  The image tower
-  may be in either block layout (``scan_layers``).
+  and text parts are ignored.  The checkpoint's ``pos_embed`` is loaded into a
+  ``pos_embed="learned"`` tower, and must equal a fixed tower's table
+  (``position_table_plan``; pass the run's ``config`` to check it against the
+  configured one).  Adapters, view / time / missing embeddings and heads keep
+  their current values.  The image tower may be in either block layout
+  (``scan_layers``).
   """
   state = common.read_state_dict(source)
   state = common.strip_prefixes(state, ("module.", "visual.", "encoder.", "image_encoder.", "vit."))
   params = variables["params"]
   tower = params["image_tower"]
-  ignore = IGNORED
-  if "pos_embedding" not in tower:
-    _check_fixed_position_embedding(state, tower)
-    ignore = IGNORED + (r"pos_embed",)
+  pos_plan, pos_ignore = position_table_plan(state, tower, config=config)
+
+  def plan(p):
+    out = build_plan(p)
+    out.pop(("image_tower", "pos_embedding"), None)
+    out.update(pos_plan)
+    return out
+
   new_params = common.apply_plan_any_layout(
-    params, "image_tower", build_plan, state, ignore=ignore, what="ViT checkpoint"
+    params, "image_tower", plan, state, ignore=IGNORED + pos_ignore, what="ViT checkpoint"
   )
   return {**variables, "params": new_params}

@@ -9,6 +9,11 @@ Adapters (protocols.md §3): the invertible adapter acts on the embedding
 output; in every layer the language adapter LA and, stacked on it, the task
 adapter TA act on the feed-forward output r before the residual add and
 LayerNorm:  LA = U(ReLU(D(r))) + r,  TA = U'(ReLU(D'(LA))) + r.
+
+``adapter_style="alta"`` places ALTA's two GELU adapters instead: one on the
+attention block's output after its LayerNorm (with its own skip), and one fed
+by that output, parallel to the feed-forward block, added at half weight
+after the output LayerNorm.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from clinvla_jax.model.adapters import InvertibleAdapter
 
 # The layers' parameters: "layer_{i}" per layer (HF's encoder.layer.{i}), or "layer" stacked with scan_layers.
 LAYERS = "layer"
+ADAPTER_STYLES = ("madx", "alta")
+ALTA_MLP_ADAPTER_SCALE = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +44,9 @@ class TextTowerConfig:
   layer_norm_eps: float = 1e-12
   dropout: float = 0.1
   attention_dropout: float = 0.1
-  use_adapters: bool = True  # language + task adapters ("Transformer-Adapt")
+  use_adapters: bool = True  # language + task adapters ("Transformer-Adapt"), or ALTA's two with adapter_style="alta"
   adapter_dim: int = 64
+  adapter_style: str = "madx"  # "madx" (stacked language + task adapters) or "alta"
   invertible_adapter: bool = True
   adapter_init: str = "identity"
   dtype: str = "float32"  # legacy: the 16-bit policy of this dtype when precision is ""
@@ -113,19 +121,29 @@ class BertLayer(nn.Module):
   def __call__(self, x, bias, deterministic):
     cfg = self.config
     prec = layers.tower_precision(cfg)
+    if cfg.adapter_style not in ADAPTER_STYLES:
+      raise ValueError(f"model.text.adapter_style={cfg.adapter_style!r}; expected one of {ADAPTER_STYLES}")
+    alta = cfg.use_adapters and cfg.adapter_style == "alta"
     drop = layers.Dropout(cfg.dropout)
     attn = SelfAttention(cfg, name="attention")(x, bias, deterministic)
     x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="attention_norm")(drop(attn, deterministic=deterministic) + x)
+    if alta:
+      alta_adapter = lambda name: layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, "gelu", name=name)
+      x = x + alta_adapter("attn_adapter")(x)
     y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), name="intermediate", precision=prec)(x)
     y = layers.gelu_exact(y)
     y = layers.constrain(y, ("batch", "act_length", "act_mlp"))
     y = layers.dense(cfg.hidden_size, ("mlp", "embed"), name="output", precision=prec)(y)
     y = drop(y, deterministic=deterministic)
-    if cfg.use_adapters:
-      residual = y
-      lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="language_adapter")(y) + residual
-      y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="task_adapter")(lang) + residual
-    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="output_norm")(y + x)
+    if alta:
+      parallel = ALTA_MLP_ADAPTER_SCALE * alta_adapter("mlp_adapter")(x)
+      x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="output_norm")(y + x) + parallel
+    else:
+      if cfg.use_adapters:
+        residual = y
+        lang = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="language_adapter")(y) + residual
+        y = layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="task_adapter")(lang) + residual
+      x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="output_norm")(y + x)
     x = layers.constrain(x, ("batch", "act_length", "act_embed"))
     return layers.residual_grad_barrier(x) if cfg.residual_grad_barrier else x
 

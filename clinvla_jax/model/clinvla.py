@@ -42,6 +42,11 @@ class ClinVLAConfig:
   logit_bias_init: Optional[float] = None
   local_temperatures: Tuple[float, float, float] = (4.0, 5.0, 10.0)  # GLoRIA temp1, temp2, temp3
   learn_local_temperatures: bool = False
+  # "clinvla": Dense(h) -> LayerNorm -> GELU -> Dense(P); "alta": Dense(P) -> GELU -> LayerNorm(eps 1e-12) -> Dense(P).
+  head_style: str = "clinvla"
+  # "valid": a missing view counts in neither the pooled CLS nor the local features; "all": ALTA's,
+  # the CLS of every used view is averaged and every view's patches are local features.
+  missing_view_pooling: str = "valid"
 
   @classmethod
   def from_config(cls, model_cfg, loss_cfg=None) -> "ClinVLAConfig":
@@ -133,15 +138,30 @@ def _loss_parameter_fields(loss_cfg) -> dict:
   }
 
 
+HEAD_STYLES = ("clinvla", "alta")
+MISSING_VIEW_POOLING = ("valid", "all")
+# ALTA's heads follow HF's BertPredictionHeadTransform: LayerNorm eps 1e-12.
+ALTA_HEAD_EPS = 1e-12
+
+
 class ProjectionHead(nn.Module):
-  """h -> Dense(h) -> LayerNorm -> GELU -> Dense(P)."""
+  """style "clinvla": h -> Dense(h) -> LayerNorm -> GELU -> Dense(P).
+  style "alta": h -> Dense(P) -> GELU -> LayerNorm -> Dense(P) (LayerNorm eps 1e-12)."""
 
   proj_dim: int
   precision: layers.Precision
   eps: float = 1e-6
+  style: str = "clinvla"
 
   @nn.compact
   def __call__(self, x):
+    if self.style == "alta":
+      y = layers.dense(self.proj_dim, ("embed", "proj"), name="dense1", precision=self.precision)(x)
+      y = layers.gelu_exact(y)
+      y = layers.LayerNorm(ALTA_HEAD_EPS, self.precision, name="norm")(y)
+      return layers.dense(self.proj_dim, (None, "proj"), name="dense2", precision=self.precision)(y).astype(jnp.float32)
+    if self.style != "clinvla":
+      raise ValueError(f"model.head_style={self.style!r}; expected one of {HEAD_STYLES}")
     width = x.shape[-1]
     y = layers.dense(width, ("embed", "mlp"), name="dense1", precision=self.precision)(x)
     y = layers.LayerNorm(self.eps, self.precision, name="norm")(y)
@@ -172,10 +192,15 @@ class ClinVLA(nn.Module):
     self.image_tower = ImageTower(cfg.image)
     self.text_tower = TextTower(cfg.text)
     image_precision, text_precision = layers.tower_precision(cfg.image), layers.tower_precision(cfg.text)
-    self.image_global_head = ProjectionHead(cfg.proj_dim, image_precision)
-    self.image_local_head = ProjectionHead(cfg.proj_dim, image_precision)
-    self.text_global_head = ProjectionHead(cfg.proj_dim, text_precision)
-    self.text_local_head = ProjectionHead(cfg.proj_dim, text_precision)
+    if cfg.missing_view_pooling not in MISSING_VIEW_POOLING:
+      raise ValueError(
+        f"model.missing_view_pooling={cfg.missing_view_pooling!r}; expected one of {MISSING_VIEW_POOLING}"
+      )
+    head = lambda precision: ProjectionHead(cfg.proj_dim, precision, style=cfg.head_style)
+    self.image_global_head = head(image_precision)
+    self.image_local_head = head(image_precision)
+    self.text_global_head = head(text_precision)
+    self.text_local_head = head(text_precision)
     self.logit_scale = self.param(
       "logit_scale", layers.with_axes(nn.initializers.constant(cfg.logit_scale_init), ()), (), jnp.float32
     )
@@ -216,13 +241,15 @@ class ClinVLA(nn.Module):
     hidden = self.image_tower(patches, patch_idx, view_valid, tuple(view_slots))
     batch, used_views, seq, width = hidden.shape
 
-    weights = view_valid.astype(jnp.float32)
+    # ALTA pools (and aligns the patches of) every view, a missing one as its missing-token sequence.
+    counted = view_valid if self.config.missing_view_pooling == "valid" else jnp.ones_like(view_valid)
+    weights = counted.astype(jnp.float32)
     cls = hidden[:, :, 0, :].astype(jnp.float32)
     pooled = jnp.sum(cls * weights[..., None], axis=1) / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)
     global_emb = l2_normalize(self.image_global_head(pooled))
 
     local = self.image_local_head(hidden[:, :, 1:, :]).reshape(batch, used_views * (seq - 1), -1)
-    local_mask = jnp.repeat(view_valid, seq - 1, axis=1)
+    local_mask = jnp.repeat(counted, seq - 1, axis=1)
     return {"global": global_emb, "local": local, "local_mask": local_mask, "hidden": hidden}
 
   def encode_text(self, input_ids, attention_mask, deterministic: bool = True):

@@ -437,24 +437,34 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
   return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
+ADAPTER_ACTIVATIONS = ("relu", "gelu")
+
+
 class BottleneckAdapter(nn.Module):
-  """h -> down(d) -> ReLU -> up(h), without its own residual (callers add it).
+  """h -> down(d) -> ReLU (or exact GELU) -> up(h), without its own residual (callers add it).
 
   init: "identity" zero-initialises the up-projection so that the adapted
   network starts exactly as the pretrained one; "bert" draws every weight from
   N(0, 0.02); "he" uses He-normal weights (the paper's Algorithm 1).
+  activation: "relu" (MAD-X, the paper) or "gelu" (ALTA's adapters).
   """
 
   bottleneck: int
   init_scheme: str = "identity"
   precision: Precision = Precision()
+  activation: str = "relu"
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
     down_init, up_init = adapter_initializers(self.init_scheme)
     y = dense(self.bottleneck, ("embed", "adapter"), name="down", precision=self.precision, kernel_init=down_init)(x)
-    y = nn.relu(y)
+    if self.activation == "relu":
+      y = nn.relu(y)
+    elif self.activation == "gelu":
+      y = gelu_exact(y)
+    else:
+      raise ValueError(f"adapter activation {self.activation!r}; expected one of {ADAPTER_ACTIVATIONS}")
     return dense(features, ("adapter", "embed"), name="up", precision=self.precision, kernel_init=up_init)(y)
 
 

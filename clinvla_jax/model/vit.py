@@ -8,6 +8,11 @@ a matmul on flattened patches, which equals timm's stride-16 convolution.
 Each view is its own sequence (views are folded into the batch); tokens get
 the fixed 2-D sin-cos position embedding of their patch index, plus a learned
 view (frontal / lateral) and time (current / prior) embedding.
+
+Two block layouts (``adapter_style``): "clinvla", one ReLU bottleneck adapter
+after the MLP inside its residual; "alta", ALTA's two GELU adapters per block,
+one on the attention output (with its own skip) and one parallel to the MLP,
+scaled by 0.5.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ VIEW_TIME = (0, 0, 1, 1)  # 0 current, 1 prior
 # The blocks' parameters: "blocks_{i}" per block, or "blocks" stacked with scan_layers.
 BLOCKS = "blocks"
 
+# Fixed position tables by name (``pos_embed``); "learned" is a parameter instead.
+FIXED_POS_EMBEDS = ("sincos", "sincos_mrm")
+POS_EMBEDS = FIXED_POS_EMBEDS + ("learned",)
+ADAPTER_STYLES = ("clinvla", "alta")
+MISSING_VIEW_TOKENS = ("shared", "per_patch")
+# ALTA adds its MLP-parallel adapter at half weight.
+ALTA_MLP_ADAPTER_SCALE = 0.5
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageTowerConfig:
@@ -39,8 +52,14 @@ class ImageTowerConfig:
   patch_size: int = 16
   image_size: int = 224
   channels: int = 3
-  pos_embed: str = "sincos"  # "sincos" (fixed, MAE) or "learned"
+  # "sincos": MAE's fixed table; "sincos_mrm": MRM's / ALTA's fixed table (what MRM ViT-B/16 weights
+  # were trained with); "learned": a parameter, filled from a checkpoint's pos_embed when loaded.
+  pos_embed: str = "sincos"
   adapter_dim: int = 64  # 0 disables the per-block adapters
+  adapter_style: str = "clinvla"  # "clinvla" (one ReLU adapter after the MLP) or "alta" (two GELU adapters)
+  # "shared": one learned token for every position of a missing view, CLS slot included;
+  # "per_patch": ALTA's, one learned token per patch position, the missing view keeping the normal CLS.
+  missing_view_token: str = "shared"
   adapter_init: str = "identity"
   layer_norm_eps: float = 1e-6
   pixel_mean: float = 0.4785
@@ -62,28 +81,48 @@ class ImageTowerConfig:
     return self.grid_size**2
 
 
-def sincos_2d_position_embedding(grid_size: int, dim: int) -> np.ndarray:
+def sincos_2d_position_embedding(grid_size: int, dim: int, frequencies: str = "mae") -> np.ndarray:
   """Fixed 2-D sin-cos embedding, [1 + grid_size**2, dim], row 0 (CLS) zeros.
 
-  Same values as the MAE reference (and therefore as MAE / MRM checkpoints):
-  half the channels encode one grid coordinate and half the other, each as
-  [sin, cos] of position times frequencies 1 / 10000**(i / (dim / 4)); the
-  first half uses the column coordinate of a row-major patch index.
+  Half the channels encode one grid coordinate and half the other, each as
+  [sin, cos] of position times frequencies; the first half uses the column
+  coordinate of a row-major patch index.  ``frequencies``:
+
+  * "mae": 1 / 10000**(i / (dim / 4)), i < dim / 4 — MAE's table (and MAE
+    checkpoints').
+  * "mrm": 1 / 10000**(i / dim) — the table MRM and ALTA build (their code
+    divides by the half-width twice), so MRM / ALTA ViT-B/16 weights were
+    trained with it.  It spans a narrower band of frequencies; the two tables
+    differ by up to about 2.
   """
   if dim % 4:
     raise ValueError(f"sin-cos position embedding needs hidden_size % 4 == 0, got {dim}")
+  if frequencies == "mae":
+    exponent_scale = dim / 4.0
+  elif frequencies == "mrm":
+    exponent_scale = float(dim)
+  else:
+    raise ValueError(f"frequencies={frequencies!r}; expected 'mae' or 'mrm'")
   rows, cols = np.meshgrid(
     np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64), indexing="ij"
   )
 
   def one_axis(pos):
-    omega = np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)
-    omega = 1.0 / 10000**omega
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / exponent_scale)
     angles = pos.reshape(-1)[:, None] * omega[None, :]
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
   emb = np.concatenate([one_axis(cols), one_axis(rows)], axis=1)
   return np.concatenate([np.zeros((1, dim)), emb], axis=0).astype(np.float32)
+
+
+def fixed_position_table(name: str, grid_size: int, dim: int) -> np.ndarray:
+  """The table of a fixed ``pos_embed`` name ("sincos" or "sincos_mrm")."""
+  if name == "sincos":
+    return sincos_2d_position_embedding(grid_size, dim, "mae")
+  if name == "sincos_mrm":
+    return sincos_2d_position_embedding(grid_size, dim, "mrm")
+  raise ValueError(f"pos_embed={name!r} is not a fixed table; fixed tables: {FIXED_POS_EMBEDS}")
 
 
 class Attention(nn.Module):
@@ -117,7 +156,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block; the adapter follows the MLP inside its residual."""
+  """Pre-LN transformer block with the adapters of ``adapter_style``.
+
+  "clinvla": x + Attn(LN(x)), then x + (m + A(m)) with m = MLP(LN(x)).
+  "alta": x + (a + A1(a)) with a = Attn(LN(x)), then x + MLP(y) + 0.5 A2(y)
+  with y = LN(x); A1 and A2 are GELU bottlenecks.
+  """
 
   config: ImageTowerConfig
 
@@ -125,13 +169,26 @@ class Block(nn.Module):
   def __call__(self, x):
     cfg = self.config
     prec = layers.tower_precision(cfg)
+    if cfg.adapter_style not in ADAPTER_STYLES:
+      raise ValueError(f"model.image.adapter_style={cfg.adapter_style!r}; expected one of {ADAPTER_STYLES}")
+    alta = cfg.adapter_style == "alta" and cfg.adapter_dim
+
+    def adapter(name):
+      activation = "gelu" if alta else "relu"
+      return layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, activation, name=name)
+
     y = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm1")(x)
-    x = x + Attention(cfg.num_heads, prec, cfg.attention_impl, name="attn")(y)
+    a = Attention(cfg.num_heads, prec, cfg.attention_impl, name="attn")(y)
+    if alta:
+      a = a + adapter("attn_adapter")(a)
+    x = x + a
     y = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm2")(x)
-    y = Mlp(cfg.mlp_dim, prec, name="mlp")(y)
-    if cfg.adapter_dim:
-      y = y + layers.BottleneckAdapter(cfg.adapter_dim, cfg.adapter_init, prec, name="adapter")(y)
-    x = x + y
+    m = Mlp(cfg.mlp_dim, prec, name="mlp")(y)
+    if alta:
+      m = m + ALTA_MLP_ADAPTER_SCALE * adapter("mlp_adapter")(y)
+    elif cfg.adapter_dim:
+      m = m + adapter("adapter")(m)
+    x = x + m
     x = layers.constrain(x, ("batch", "act_length", "act_embed"))
     return layers.residual_grad_barrier(x) if cfg.residual_grad_barrier else x
 
@@ -185,8 +242,8 @@ class ImageTower(nn.Module):
       kernel = kernel.reshape(pixels_per_channel, cfg.channels, width).sum(axis=1)
     tokens = (layers.einsum("bkp,pd->bkd", x, kernel, prec) + bias).astype(dtype)
 
-    if cfg.pos_embed == "sincos":
-      pos_table = jnp.asarray(sincos_2d_position_embedding(cfg.grid_size, width))
+    if cfg.pos_embed in FIXED_POS_EMBEDS:
+      pos_table = jnp.asarray(fixed_position_table(cfg.pos_embed, cfg.grid_size, width))
     elif cfg.pos_embed == "learned":
       pos_table = self.param(
         "pos_embedding",
@@ -195,7 +252,7 @@ class ImageTower(nn.Module):
         jnp.float32,
       )
     else:
-      raise ValueError(f"Unknown pos_embed {cfg.pos_embed!r}")
+      raise ValueError(f"model.image.pos_embed={cfg.pos_embed!r}; expected one of {POS_EMBEDS}")
     flat_idx = patch_idx.reshape(batch * num_views, num_kept)
     tokens = tokens + jnp.take(pos_table, flat_idx + 1, axis=0).astype(dtype)
 
@@ -207,13 +264,26 @@ class ImageTower(nn.Module):
     tokens = tokens.reshape(batch, num_views, 1 + num_kept, width)
 
     # A missing view becomes a sequence of the learned missing token; it still
-    # gets position/view/time embeddings so that the sequence is well formed,
-    # and its outputs are masked out of pooling and local features downstream.
-    missing = self.param("missing_token", layers.with_axes(layers.normal_02, ("embed",)), (width,), jnp.float32)
-    missing_seq = missing.astype(dtype) + jnp.concatenate(
-      [jnp.broadcast_to(pos_table[:1], (batch, num_views, 1, width)), jnp.take(pos_table, patch_idx + 1, axis=0)],
-      axis=2,
-    ).astype(dtype)
+    # gets position/view/time embeddings so that the sequence is well formed;
+    # whether its outputs count in pooling is the model's choice (missing_view_pooling).
+    if cfg.missing_view_token == "shared":
+      missing = self.param("missing_token", layers.with_axes(layers.normal_02, ("embed",)), (width,), jnp.float32)
+      missing_seq = missing.astype(dtype) + jnp.concatenate(
+        [jnp.broadcast_to(pos_table[:1], (batch, num_views, 1, width)), jnp.take(pos_table, patch_idx + 1, axis=0)],
+        axis=2,
+      ).astype(dtype)
+    elif cfg.missing_view_token == "per_patch":
+      missing = self.param(
+        "missing_token", layers.with_axes(layers.normal_02, (None, "embed")), (cfg.num_patches, width), jnp.float32
+      )
+      missing_patches = jnp.take(missing, patch_idx, axis=0) + jnp.take(pos_table, patch_idx + 1, axis=0)
+      missing_seq = jnp.concatenate(
+        [jnp.broadcast_to(cls[None, None], (batch, num_views, 1, width)), missing_patches.astype(dtype)], axis=2
+      )
+    else:
+      raise ValueError(
+        f"model.image.missing_view_token={cfg.missing_view_token!r}; expected one of {MISSING_VIEW_TOKENS}"
+      )
     valid = view_valid.astype(bool)[:, :, None, None]
     tokens = jnp.where(valid, tokens, missing_seq)
 

@@ -108,7 +108,12 @@ def model_identity(config) -> dict[str, Any]:
   slots = embed.eval_view_slots(config)
   return {
     "model": _strip(config.model.to_dict()),
-    "init": {k: str(init.get(k, "") or "") for k in ("text_weights", "image_weights")},
+    # alta_weights only when set, so indexes built before it existed keep their hash.
+    "init": {
+      k: str(init.get(k, "") or "")
+      for k in ("text_weights", "image_weights", "alta_weights")
+      if k != "alta_weights" or init.get(k)
+    },
     "seed": int(config.get("seed", 0)),
     "vocab_sha256": vocab_sha,
     "view_slots": list(slots) if slots is not None else None,

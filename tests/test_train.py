@@ -308,6 +308,63 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   assert f"stopped by SIGTERM at step {saved[0]}" in procs[0].stdout_path.read_text()
 
 
+def _descendants(pid):
+  """{pid: start time} of every living descendant of ``pid``, from /proc (psutil may be absent)."""
+  children = {}
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      stat = _proc_stat(int(entry))
+      if stat:
+        children.setdefault(int(stat[1]), []).append(int(entry))
+  found, todo = {}, [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      stat = _proc_stat(child)
+      if stat:
+        found[child] = stat[19]
+        todo.append(child)
+  return found
+
+
+def _proc_stat(pid):
+  """The fields of /proc/<pid>/stat after the command name, from the state on; None when gone or a zombie."""
+  try:
+    text = pathlib.Path(f"/proc/{pid}/stat").read_text()
+  except OSError:
+    return None
+  fields = text[text.rindex(")") + 2 :].split()
+  return None if fields[0] in ("Z", "X") else fields
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="walks /proc")
+def test_kill_9_of_the_trainer_takes_its_workers_along(tmp_path):
+  work = tmp_path / "orphans"
+  proc = _main(
+    work,
+    "--config.train.num_steps=100000",
+    "--config.train.checkpoint_every_steps=100000",
+    "--config.train.data_workers=2",
+    wait=False,
+    capture=True,
+  )
+  try:
+    _wait_for_step(work, 2, [proc])
+    children = _descendants(proc.pid)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  # Two Grain workers and multiprocessing's resource tracker, at least.
+  assert len(children) >= 3, children
+  deadline = time.time() + 10
+  alive = children
+  while alive and time.time() < deadline:
+    time.sleep(0.2)
+    # The start time tells a survivor from a new process that got a reused pid.
+    alive = {pid: start for pid, start in alive.items() if (_proc_stat(pid) or {19: None})[19] == start}
+  assert not alive, f"still running 10 s after kill -9 of the trainer: {sorted(alive)}"
+
+
 def test_console_is_quiet_unless_verbosity_is_given():
   cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}", "--mode=summary"]
   quiet = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -51,9 +51,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import threading
+import time
 from typing import Any, Sequence
 
 from absl import flags
@@ -113,6 +115,31 @@ def _ensure_flags_parsed():
   # nothing has parsed them yet and the workers would fail on first access.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS(sys.argv[:1])
+
+
+_watching_parent = False
+
+
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+  """In a worker process: exit within ``poll_s`` once the process that started it is gone.
+
+  A parent killed by SIGKILL runs no cleanup, so its Grain workers would live on, re-parented to init, and
+  with them multiprocessing's resource tracker (it exits when the last holder of its pipe does).  A parent-death
+  signal (prctl PR_SET_PDEATHSIG) is not used: it fires when the *thread* that started the worker ends, and Grain
+  starts workers from its own pool threads, whose lifetime is not ours to know.  Polling the parent pid has no such trap and works off Linux too.
+  """
+  global _watching_parent
+  parent = multiprocessing.parent_process()
+  if parent is None or _watching_parent:
+    return
+  _watching_parent = True
+
+  def watch():
+    while os.getppid() == parent.pid:
+      time.sleep(poll_s)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _shard_args(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -230,6 +257,11 @@ class _ChunkSource:
     self._stream = stream
     self._size = size
     self._limit = limit  # one past the last stream position; None: endless
+
+  def __setstate__(self, state: dict[str, Any]):
+    # Unpickling is the first of our code a Grain worker runs (DataLoader takes no worker_init_fn).
+    self.__dict__.update(state)
+    _exit_with_parent()
 
   def __len__(self) -> int:
     # Grain takes keys modulo this length; make it larger than any key.

@@ -170,10 +170,23 @@ def main(argv) -> None:
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/base.py")
+  from clinvla_jax import config as config_lib
+
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    _exit_on_config_problems(e.problems)
   from clinvla_jax import console
 
   console.quiet_console(verbosity_given=flags.FLAGS["verbosity"].present)
   logging.info("mode=%s", _MODE.value)
+  try:
+    _run_mode(config)
+  except config_lib.ConfigError as e:  # rules that need the devices (sharding.make_mesh, check_batch_divides)
+    _exit_on_config_problems(e.problems)
+
+
+def _run_mode(config) -> None:
   if _MODE.value == "summary":
     run_summary(config)
     return
@@ -194,19 +207,51 @@ def main(argv) -> None:
     run_search(config)
 
 
+def _config_path(argv):
+  """The value of --config (``--config=PATH`` or ``--config PATH``), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _make_config_siblings_importable(argv) -> None:
   # Config files import their siblings (`from configs import base`), so the
   # folder holding `configs/` must be importable wherever we are started from.
-  for i, arg in enumerate(argv):
-    path = (
-      arg.split("=", 1)[1]
-      if arg.startswith("--config=")
-      else (argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
-    )
-    if path:
-      root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":")[0])))
-      if root not in sys.path:
-        sys.path.insert(0, root)
+  path = _config_path(argv)
+  if path:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":")[0])))
+    if root not in sys.path:
+      sys.path.insert(0, root)
+
+
+def _override_problems(argv) -> list:
+  """--config.<field>=value arguments naming no field, or a value not of the field's type.
+
+  ml_collections would fail on them too, with status 1 and without the field's type (or, for an unknown
+  field, with a traceback); checked against the config file's own values before absl parses anything.
+  """
+  from clinvla_jax import config as config_lib
+
+  path = _config_path(argv)
+  overrides = dict(arg[len("--config.") :].split("=", 1) for arg in argv if arg.startswith("--config.") and "=" in arg)
+  if not path or not overrides:
+    return []
+  try:
+    defaults = config_lib.load_config(path)
+  except config_lib.ConfigError as e:
+    return e.problems
+  except Exception:  # pylint: disable=broad-exception-caught
+    return []  # a file that does not load: config_flags says why
+  return config_lib.check_overrides(defaults, overrides)
+
+
+def _exit_on_config_problems(problems) -> None:
+  if problems:
+    print("error: invalid config:\n  " + "\n  ".join(problems), file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def entry() -> None:
@@ -223,6 +268,7 @@ def entry() -> None:
   if legacy:
     print(f"error: {legacy}", file=sys.stderr, flush=True)
     sys.exit(2)
+  _exit_on_config_problems(_override_problems(sys.argv[1:]))
   flags.mark_flag_as_required("config")
   app.run(main)
 

@@ -60,18 +60,21 @@ def initialize_distributed(
 
 def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
   """Mesh from {'data': n, 'fsdp': n, 'tensor': n}; one -1 takes the remaining devices."""
+  from clinvla_jax.config import ConfigError, problem  # pylint: disable=g-import-not-at-top
+
   devices = list(devices if devices is not None else jax.devices())
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  given = dict(zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    raise ConfigError([problem("mesh", given, "at most one axis may be -1 (all remaining devices)")])
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+      raise ConfigError([problem("mesh", given, f"the fixed axes must divide the {len(devices)} devices")])
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(
-      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, {len(devices)} available"
+    raise ConfigError(
+      [problem("mesh", given, f"needs {int(np.prod(sizes))} devices, {len(devices)} available (or use -1)")]
     )
   # jax.make_mesh orders the devices by the physical topology (TPU slices, GPU
   # hosts), so the innermost mesh axes (tensor, then fsdp) land on the closest
@@ -79,6 +82,16 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
   return jax.make_mesh(
     tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices
   )
+
+
+def check_batch_divides(mesh: Mesh, batch_size: int, field: str = "optim.batch_size") -> None:
+  """The global batch splits evenly over the batch axes (mesh.data x mesh.fsdp): ConfigError naming both."""
+  from clinvla_jax.config import ConfigError, problem  # pylint: disable=g-import-not-at-top
+
+  parallel = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  if int(batch_size) % parallel:
+    sizes = " x ".join(f"mesh.{a} = {mesh.shape[a]}" for a in BATCH_AXES)
+    raise ConfigError([problem(field, batch_size, f"must be divisible by the data-parallel size {sizes} = {parallel}")])
 
 
 def logical_rules(config) -> Tuple[Tuple[str, Any], ...]:

@@ -88,6 +88,7 @@ class TrainSetup:
   def __init__(self, config, *, mesh: Optional[jax.sharding.Mesh] = None):
     self.config = config
     self.mesh = mesh or sharding.make_mesh(config.mesh)
+    sharding.check_batch_divides(self.mesh, config.optim.batch_size)
     self.rules = sharding.logical_rules(config)
     self.model = api.build_model(config)
     self.model_config = api.model_config(config)

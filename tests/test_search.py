@@ -172,6 +172,44 @@ def test_rebuilding_skips_what_is_indexed_and_appends_new_splits(model, val_inde
   assert len(set(more.study_ids)) == len(more)
 
 
+def _index_files(directory):
+  """Every segment file's content and the manifest's segments, for comparing two indexes."""
+  segments = json.loads((directory / "manifest.json").read_text())["segments"]
+  files = {}
+  for path in sorted((directory / "segments").iterdir()):
+    if path.suffix == ".npz":
+      with np.load(path) as z:
+        files[path.name] = {k: z[k].tolist() for k in z.files}
+    else:
+      files[path.name] = path.read_bytes()
+  return segments, files
+
+
+def test_append_reads_no_report_and_old_layout_segments_still_append(model, val_index, tmp_path, monkeypatch):
+  cfg, variables = model
+  new_layout, old_layout = tmp_path / "new", tmp_path / "old"
+  shutil.copytree(val_index.directory, new_layout)
+  shutil.copytree(val_index.directory, old_layout)
+  (old_layout / "segments" / "seg-000000.ids.json").unlink()  # as segments were written before the side file
+
+  Index.build(cfg, str(COVID), str(old_layout), variables=variables, split="train", progress=False)
+
+  def no_reports(path):
+    raise AssertionError(f"an append read the reports of {path}")
+
+  monkeypatch.setattr(index_lib, "_read_jsonl", no_reports)
+  appended = Index.build(cfg, str(COVID), str(new_layout), variables=variables, split="train", progress=False)
+  assert len(appended) == NUM_VAL + 85
+  new_segments, new_files = _index_files(new_layout)
+  old_segments, old_files = _index_files(old_layout)
+  assert new_segments == old_segments
+  assert set(new_files) - set(old_files) == {"seg-000000.ids.json"}
+  assert {k: v for k, v in new_files.items() if k in old_files} == old_files
+  for seg in new_segments:
+    ids = json.loads(new_files[os.path.basename(seg["file"]) + ".ids.json"])
+    assert sorted(ids) == ["date", "path", "patient_id", "study_id"] and len(ids["study_id"]) == seg["rows"]
+
+
 def test_an_interrupted_build_keeps_finished_shards_and_resumes(model, tmp_path, monkeypatch):
   cfg, variables = model
   out = tmp_path / "idx"

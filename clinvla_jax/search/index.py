@@ -16,6 +16,7 @@ Layout of INDEX_DIR::
   rejects.csv            every study or file skipped, with its reason (row, reason, detail)
   segments/seg-K.npz     image, text [n, P] float32 unit rows, has_report, study_id, offsets
   segments/seg-K.jsonl   per row: study_id, patient_id, date, path, report, record
+  segments/seg-K.ids.json  study_id, patient_id, date, path columns: what an append reads (no reports)
   staging/<key>/         records of a plain input folder (converter output)
 
 One segment holds the studies of one input shard; it counts once
@@ -199,6 +200,33 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f]
 
 
+# What an append needs of the indexed studies: ids to skip, and patient, date and path to find priors and to
+# tell a duplicate id from the same study.  Kept beside each segment so an append never reads the reports.
+KNOWN_FIELDS = ("study_id", "patient_id", "date", "path")
+IDS_SUFFIX = ".ids.json"
+
+
+def _ids_bytes(meta: Sequence[Mapping[str, Any]]) -> bytes:
+  return json.dumps({k: [m[k] for m in meta] for k in KNOWN_FIELDS}, ensure_ascii=False).encode("utf-8")
+
+
+def _read_ids(path: str) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    columns = json.load(f)
+  return [dict(zip(KNOWN_FIELDS, row)) for row in zip(*(columns[k] for k in KNOWN_FIELDS))]
+
+
+def _known_studies(directory: str, segments: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+  """study_id -> its KNOWN_FIELDS, over the committed segments."""
+  known = {}
+  for seg in segments:
+    base = os.path.join(directory, seg["file"])
+    # Segments written before the side file existed: their full rows, reports included.
+    rows = _read_ids(base + IDS_SUFFIX) if os.path.exists(base + IDS_SUFFIX) else _read_jsonl(base + ".jsonl")
+    known.update((m["study_id"], m) for m in rows)
+  return known
+
+
 def write_rejects(directory: str, manifest: Mapping[str, Any]) -> int:
   """rejects.csv from the staging conversions' rejects and the index's own, each once; returns the count."""
   from data_prep import common  # pylint: disable=g-import-not-at-top
@@ -281,10 +309,7 @@ class _Builder:
     self.manifest = manifest
     self.predict = PredictFn.from_config(config)
     self.placed = self.predict.place(variables)
-    self.known: dict[str, dict[str, Any]] = {}
-    for seg in manifest["segments"]:
-      for meta in _read_jsonl(os.path.join(self.directory, seg["file"] + ".jsonl")):
-        self.known[meta["study_id"]] = meta
+    self.known = _known_studies(self.directory, manifest["segments"])
 
   def _new_manifest(self, step, checkpoint) -> dict[str, Any]:
     from clinvla_jax.model import layers  # pylint: disable=g-import-not-at-top
@@ -500,6 +525,7 @@ class _Builder:
         meta,
       )
       _atomic_write(os.path.join(self.directory, name + ".jsonl"), jsonl)
+      _atomic_write(os.path.join(self.directory, name + IDS_SUFFIX), _ids_bytes(meta))
       _atomic_write(os.path.join(self.directory, name + ".npz"), npz)
     self.manifest["segments"].append(
       {

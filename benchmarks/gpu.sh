@@ -25,7 +25,8 @@
 #
 # Environment: BATCH (128), CONFIG (base), ATTENTION (cudnn), ALLOW_CPU (0; 1
 # runs the same sequence on a CPU backend, to check the script itself, e.g.
-# CONFIG=tiny BATCH=2 ATTENTION=xla ALLOW_CPU=1).
+# CONFIG=tiny BATCH=2 ATTENTION=xla ALLOW_CPU=1), ONLY (empty: every run; else
+# comma-separated run names, e.g. ONLY=vs_pytorch_bf16; the others are skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_results}"
@@ -81,6 +82,10 @@ fi
 LOG="$OUT/runs.log"   # every run's output, in order; also echoed live
 run() {
   local limit="$1" name="$2"; shift 2
+  if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* ]]; then
+    echo "== $name: skipped (ONLY=$ONLY)" | tee -a "$LOG"
+    return 0
+  fi
   echo "== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$PY" -u benchmarks/vs_pytorch.py --config="$CONFIG" --batch="$BATCH" --check_batch=4 "$@" \
       --out="$OUT/$name.json" 2>&1 | grep --line-buffered -v -E "Unable to initialize backend|^W[0-9]{4} " | tee -a "$LOG"

@@ -1,20 +1,177 @@
-"""Shared fixtures: where the real sample data lives, tiny configs, fixed seeds."""
+"""Shared fixtures (real sample data, trained tiny checkpoints) and the two test tiers.
 
+Tiers: `pytest` (and `./run.sh test`) runs the default tier, every test not marked `slow`;
+`pytest --all` runs everything.  A file or test named on the command line runs in full
+(`pytest tests/test_convergence.py`), and `-m`/`-k` select as pytest always does.
+
+Devices: a test process has one CPU device.  Tests marked `multidevice` (sharding, meshes,
+sharded losses) need eight simulated ones, which JAX can only get before its backend starts.
+When every selected test is `multidevice` (e.g. `pytest tests/test_sharding.py`) this process
+starts with eight; otherwise the `multidevice` tests of the session run together in one child
+pytest with eight devices, and each reports its own outcome here.
+
+Compilation: the session's processes (this one, xdist workers, the multidevice child and every
+`python -m clinvla_jax.main` a test starts) share one persistent JAX compilation cache in a fresh
+temporary folder, so a program that many tests build (the tiny train step) compiles once per
+session.  A cache hit returns the executable a compile would have built: results do not change.
+`JAX_COMPILATION_CACHE_DIR` set beforehand is used instead (and kept).
+"""
+
+import atexit
+import fcntl
+import json
 import os
 import pathlib
+import shutil
+import subprocess
 import sys
+import tempfile
+import types
 
-import pytest
+# Before JAX is imported anywhere: JAX reads these at import, child processes inherit them.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  _CACHE_DIR = tempfile.mkdtemp(prefix="clinvla-tests-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# Eight simulated CPU devices for the sharding tests; must be set before JAX starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The real samples sit beside the checkout (../shared/data) here and in CI.
 SHARED_DATA = pathlib.Path(os.environ.get("CLINVLA_SHARED_DATA", REPO.parent / "shared" / "data"))
+MULTIDEVICE_COUNT = 8
+# Set in the child pytest that runs the multidevice tests: where it writes their outcomes.
+_CHILD_REPORT = "CLINVLA_MULTIDEVICE_REPORT"
 
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+
+import tiny_runs  # noqa: E402  (tests/, after the repository is importable)
+
+
+# --- tiers ---------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser):
+  parser.addoption("--all", action="store_true", default=False, help="run the slow tier too (every test)")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: the full tier only (pytest --all); minutes, not seconds, on 2 CPU cores")
+  config.addinivalue_line(
+    "markers", "multidevice: needs 8 simulated CPU devices; runs in a child pytest unless the whole session is these"
+  )
+
+
+def _named_files(config) -> set:
+  """Test files named on the command line (as a file or a file::test), not found by walking a folder."""
+  named = set()
+  for arg in config.args:
+    path = pathlib.Path(arg.split("::", 1)[0])
+    if path.is_file():
+      named.add(path.resolve())
+  return named
+
+
+def pytest_collection_modifyitems(config, items):
+  _select_tier(config, items)
+  _xdist_groups(config, items)
+
+
+def _select_tier(config, items):
+  if config.getoption("--all") or config.getoption("markexpr") or config.getoption("keyword"):
+    return
+  named = _named_files(config)
+  keep, slow = [], []
+  for item in items:
+    (slow if item.get_closest_marker("slow") and item.path.resolve() not in named else keep).append(item)
+  if slow:
+    config.hook.pytest_deselected(items=slow)
+    items[:] = keep
+
+
+def _xdist_groups(config, items):
+  """Under pytest-xdist (`-n N --dist loadgroup`): a module's tests on one worker (its module fixtures
+  are built once), and every multidevice test on one worker (one child pytest)."""
+  if not config.pluginmanager.hasplugin("xdist"):
+    return
+  for item in items:
+    group = "multidevice" if item.get_closest_marker("multidevice") else item.path.stem
+    item.add_marker(pytest.mark.xdist_group(name=group))
+
+
+# --- devices -------------------------------------------------------------------------------
+
+
+def _backend_started() -> bool:
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  return bool(bridge and bridge.backends_are_initialized())
+
+
+def pytest_collection_finish(session):
+  multi = [item for item in session.items if item.get_closest_marker("multidevice")]
+  session.config._multidevice = {"items": multi, "results": None}
+  if multi and (len(multi) == len(session.items) or os.environ.get(_CHILD_REPORT)) and not _backend_started():
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", MULTIDEVICE_COUNT)
+
+
+def _enough_devices() -> bool:
+  import jax
+
+  return jax.device_count() >= MULTIDEVICE_COUNT
+
+
+def _run_multidevice_child(config, tmp_dir: pathlib.Path) -> dict:
+  """Runs every multidevice test of this session in one child pytest; {nodeid: (outcome, text)}."""
+  report = tmp_dir / "multidevice_report.json"
+  nodeids = [item.nodeid for item in config._multidevice["items"]]
+  env = dict(os.environ, **{_CHILD_REPORT: str(report)})
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *nodeids]
+  proc = subprocess.run(cmd, cwd=config.rootpath, env=env, capture_output=True, text=True, timeout=1800)
+  results = json.loads(report.read_text()) if report.exists() else {}
+  tail = (proc.stdout + proc.stderr)[-4000:]
+  for nodeid in nodeids:
+    results.setdefault(nodeid, ["failed", f"the child pytest (exit {proc.returncode}) did not report it:\n{tail}"])
+  return results
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+  """A multidevice test in a one-device session reports what it did in the child pytest."""
+  config = pyfuncitem.config
+  if not pyfuncitem.get_closest_marker("multidevice") or os.environ.get(_CHILD_REPORT) or _enough_devices():
+    return None
+  state = config._multidevice
+  if state["results"] is None:
+    tmp_dir = pathlib.Path(config._tmp_path_factory.mktemp("multidevice"))
+    state["results"] = _run_multidevice_child(config, tmp_dir)
+  outcome, text = state["results"][pyfuncitem.nodeid]
+  if outcome == "skipped":
+    pytest.skip(text)
+  if outcome != "passed":
+    pytest.fail(f"in the {MULTIDEVICE_COUNT}-device child pytest:\n{text}", pytrace=False)
+  return True
+
+
+def pytest_runtest_logreport(report):
+  path = os.environ.get(_CHILD_REPORT)
+  if not path:
+    return
+  results = json.loads(pathlib.Path(path).read_text()) if os.path.exists(path) else {}
+  outcome, text = results.get(report.nodeid, ["passed", ""])
+  if report.failed:
+    outcome, text = "failed", f"{report.when}: {report.longreprtext}"
+  elif report.skipped and outcome == "passed":
+    outcome, text = "skipped", str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else "skipped"
+  results[report.nodeid] = [outcome, text]
+  pathlib.Path(path).write_text(json.dumps(results))
+
+
+# --- real data -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +219,72 @@ def report_sentences(shared_data):
         if row[field].strip():
           sentences.append(row[field].strip())
   return sorted(set(sentences))
+
+
+# --- trained checkpoints, built once per session -------------------------------------------
+
+
+def _once_per_session(tmp_path_factory, name, build):
+  """``build(folder)`` once per session, also across xdist workers (the first builds, under a file
+  lock; the others wait and read).  Returns (folder, build's JSON-able result)."""
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    folder = tmp_path_factory.mktemp(name)
+    return folder, build(folder)
+  root = tmp_path_factory.getbasetemp().parent  # the session's folder, shared by its workers
+  folder, done = root / name, root / f"{name}.json"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+      folder.mkdir()
+      done.write_text(json.dumps(build(folder)))
+    return folder, json.loads(done.read_text())
+
+
+def _train_tiny(folder):
+  proc = tiny_runs.main(folder / "run")
+  if proc.returncode != 0:
+    pytest.fail(f"the shared tiny training run failed:\n{proc.stderr[-3000:]}")
+  return {"stdout": proc.stdout, "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """The shared tiny training run (tests/tiny_runs.py): its workdir, console output and losses.
+
+  Read it, or copy it with tiny_runs.copy_workdir before changing anything.
+  """
+  folder, out = _once_per_session(tmp_path_factory, "tiny_run", _train_tiny)
+  workdir = folder / "run"
+  return types.SimpleNamespace(workdir=workdir, losses=tiny_runs.losses_by_step(workdir), **out)
+
+
+# Steps of the shared demo training: enough for its model to find a study by its own report far
+# above chance (tests/test_search.py), a fraction of the demo's 200.
+DEMO_STEPS = 100
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+  """configs/demo.py trained DEMO_STEPS steps on the bundled set (one device, in its own process), for
+  tests that need a model that learned."""
+  folder, _ = _once_per_session(tmp_path_factory, "demo_run", _train_demo)
+  return types.SimpleNamespace(workdir=folder / "run", steps=DEMO_STEPS)
+
+
+def _train_demo(folder):
+  workdir = folder / "run"
+  cmd = [
+    sys.executable,
+    "-m",
+    "clinvla_jax.main",
+    f"--config={REPO / 'configs' / 'demo.py'}",
+    f"--workdir={workdir}",
+    f"--config.train.num_steps={DEMO_STEPS}",
+    f"--config.train.checkpoint_every_steps={DEMO_STEPS}",
+    "--config.evals.covid_cxr.every_steps=0",
+  ]
+  proc = subprocess.run(cmd, cwd=REPO, env=tiny_runs.env(), capture_output=True, text=True, timeout=1800)
+  if proc.returncode != 0:
+    pytest.fail(f"the shared demo training failed:\n{proc.stderr[-3000:]}")
+  return {}

@@ -6,11 +6,6 @@ padding, sharding, outputs), not the numbers.
 
 import copy
 import json
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -27,7 +22,6 @@ from clinvla_jax.evaluate.options import evaluator_options
 from clinvla_jax.predict import PredictFn
 from configs import tiny
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 COVID = DEMO_DIR / "covid_cxr"
 NUM_VAL = 36  # studies in the demo's val split
 
@@ -134,31 +128,6 @@ def test_usable_ks_skips_cutoffs_beyond_the_set():
   assert run_lib.usable_ks((5,), 5) == ((), (5,))
 
 
-_SHARDED_SCRIPT = textwrap.dedent("""
-    import json, sys
-    sys.path.insert(0, {repo!r})
-    import jax
-    from clinvla_jax import api
-    from clinvla_jax.evaluate import embed as embed_lib
-    from clinvla_jax.evaluate import run_evaluators
-    from configs import tiny
-
-    assert jax.device_count() == 2, jax.devices()
-    cfg = tiny.get_config()
-    cfg.model.text.vocab_size = 30522
-    variables = api.init_params(cfg, jax.random.key(0))
-    mesh = embed_lib.data_mesh()
-    assert embed_lib.padded_batch_size(5, mesh) == 6
-    emb = embed_lib.embed_dataset(cfg, variables, {covid!r}, split="val",
-                                  batch_size=5, mesh=mesh)
-    text_fn = embed_lib.make_text_embed_fn(cfg, variables, batch_size=5,
-                                           mesh=mesh)
-    scores = run_evaluators(["covid_cxr"], {{"covid_cxr": emb}}, text_fn,
-                            {{"retrieval_ks": (5, 10)}})
-    prompts = text_fn({prompts!r})
-    print(json.dumps(dict(image=emb.image.tolist(), text=emb.text.tolist(),
-                          prompts=prompts.tolist(), scores=scores)))
-""")
 PROMPTS = ["There is pneumonia", "There is no pneumonia", "Clear lungs."]
 
 
@@ -169,28 +138,12 @@ def _evaluate(cfg, variables, mesh=None):
   return dict(image=emb.image, text=emb.text, prompts=text_fn(PROMPTS), scores=scores)
 
 
-def _two_device_results_in_subprocess(tmp_path):
-  script = tmp_path / "sharded.py"
-  script.write_text(_SHARDED_SCRIPT.format(repo=str(REPO), covid=str(COVID), prompts=PROMPTS))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run(
-    [sys.executable, str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_sharded_two_devices_match_one_device(model, tmp_path):
-  """A 2-device data mesh gives the 1-device embeddings and scores.
-
-  Uses the simulated devices of conftest.py when there are any, else a
-  subprocess that simulates two.
-  """
+@pytest.mark.multidevice
+def test_sharded_two_devices_match_one_device(model):
+  """A 2-device data mesh gives the 1-device embeddings and scores."""
   cfg, variables = model
-  if jax.device_count() >= 2:
-    two = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:2]))
-  else:
-    two = _two_device_results_in_subprocess(tmp_path)
+  two = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:2]))
+  assert embed_lib.padded_batch_size(5, embed_lib.data_mesh(jax.devices()[:2])) == 6
   one = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:1]))
   for key in ("image", "text", "prompts"):
     np.testing.assert_allclose(two[key], one[key], atol=1e-5)
@@ -212,6 +165,7 @@ def test_class_names_and_label_prompts():
   assert "The lungs are clear." in prompts["No Finding"]
 
 
+@pytest.mark.multidevice
 def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
   """Evaluation on the config's training mesh (FSDP over 4 devices) shards the variables like training."""
   cfg, variables = model
@@ -231,6 +185,7 @@ def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
     np.testing.assert_allclose(sharded[key], one[key], atol=1e-5)
 
 
+@pytest.mark.multidevice
 def test_train_setup_predict_fn_embeds_like_a_fresh_one(model):
   """The training's predict_fn runs on the training mesh and rules, and gives the default embeddings."""
   from clinvla_jax import train  # pylint: disable=g-import-not-at-top

@@ -85,6 +85,7 @@ def dense_reference(problem):
   return _values_and_grads(*problem, batch_axes=())
 
 
+@pytest.mark.multidevice
 @pytest.mark.parametrize(
   "shape, force",
   [((1, 1, 1), True), ((2, 1, 1), False), ((8, 1, 1), False), ((2, 2, 2), False)],
@@ -110,6 +111,7 @@ def test_sharded_equals_dense_in_value_and_gradient(problem, dense_reference, sh
       np.testing.assert_array_equal(np.asarray(grads[key])[list(INVALID)], 0.0, err_msg=f"{name} d/d{key}")
 
 
+@pytest.mark.multidevice
 def test_sharded_form_is_chosen_from_the_mesh(problem):
   x, masks = problem
   fn = jax.jit(lambda x: _all_losses(x, masks)["gloria"])
@@ -131,6 +133,7 @@ def _sigmoid_reference(img, txt, t, b):
   return -np.sum(np.log(1 / (1 + np.exp(-z * logits)))) / len(img)
 
 
+@pytest.mark.multidevice
 def test_sigmoid_loss_equals_numpy_reference_and_ignores_padding(problem):
   x, (_, _, valid) = problem
   keep = np.flatnonzero(valid)
@@ -176,6 +179,7 @@ def _compiled_temp_bytes(batch, batch_axes, mesh):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.multidevice
 def test_sharded_local_loss_needs_far_less_temporary_memory():
   mesh = _mesh((8, 1, 1))
   dense = _compiled_temp_bytes(128, (), mesh)

@@ -235,6 +235,7 @@ def test_param_groups_summary_and_matmul_casts_see_the_same_parameters(loop_vari
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.multidevice
 def test_sharded_scan_init_puts_the_layers_axis_unsharded():
   config = load_config("configs/tiny.py", SCAN)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
@@ -338,6 +339,7 @@ def test_adapter_checkpoint_from_the_scan_layout_restores_for_evaluation_in_the_
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_train_steps_equal_in_both_layouts_on_a_sharded_mesh():
   from clinvla_jax import train
   from clinvla_jax.data import pipeline

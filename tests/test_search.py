@@ -319,7 +319,7 @@ def test_index_a_folder_of_studies_then_append_without_reembedding(model, archiv
 
 
 def _main(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}", *args]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -395,25 +395,10 @@ def test_benchmark_runs_on_tiny_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_model_finds_a_study_by_its_own_report(tmp_path):
+def test_demo_model_finds_a_study_by_its_own_report(tmp_path, demo_run):
   from configs import demo
 
-  steps = 200  # the demo's own training length
-  work = tmp_path / "run"
-  # Trained in its own process on one device: the simulated eight of this one cost 8x per step.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  cmd = [
-    sys.executable,
-    "-m",
-    "clinvla_jax.main",
-    f"--config={REPO / 'configs' / 'demo.py'}",
-    f"--workdir={work}",
-    f"--config.train.num_steps={steps}",
-    f"--config.train.checkpoint_every_steps={steps}",
-    "--config.evals.covid_cxr.every_steps=0",
-  ]
-  run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-  assert run.returncode == 0, run.stderr[-3000:]
+  steps, work = demo_run.steps, demo_run.workdir  # the session's demo training (tests/conftest.py)
   cfg = demo.get_config()
   index = Index.build(cfg, str(COVID), str(tmp_path / "idx"), checkpoint=str(work))
   assert index.manifest["checkpoint"]["step"] == steps and len(index) == 121

@@ -6,6 +6,8 @@ import pytest
 
 from clinvla_jax import sharding
 
+pytestmark = pytest.mark.multidevice
+
 
 def test_mesh_takes_every_device_with_auto_axes():
   assert jax.device_count() == 8

@@ -1,6 +1,7 @@
 """Training: mesh equivalence, adapter-only checkpoints, exact resume, multi-process, NaN guard."""
 
 import json
+import os
 import pathlib
 import re
 import signal

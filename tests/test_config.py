@@ -135,6 +135,7 @@ def test_overrides_from_strings_are_parsed_as_the_field_types():
   assert load_config("configs/tiny.py", {"optim.eps": 1}).optim.eps == 1.0
 
 
+@pytest.mark.multidevice
 def test_batch_must_divide_over_the_data_parallel_axes():
   import jax
 

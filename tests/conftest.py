@@ -132,6 +132,8 @@ def _run_multidevice_child(config, tmp_dir: pathlib.Path) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # not a worker itself
   env[_CHILD_REPORT] = str(report)
   cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids]
+  if config.pluginmanager.hasplugin("xdist"):
+    cmd[4:4] = ["-n", "0"]  # one process, whatever PYTEST_ADDOPTS asks of the parent
   proc = subprocess.run(cmd, cwd=config.rootpath, env=env, capture_output=True, text=True, timeout=1800)
   results = json.loads(report.read_text()) if report.exists() else {}
   tail = (proc.stdout + proc.stderr)[-4000:]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ./run.sh        set up .venv and run the demo job on the bundled real data (CPU is fine)
-# ./run.sh test   set up .venv with the test extras and run the whole test suite
+# ./run.sh test   set up .venv with the test extras and run the default test tier (tests not marked slow)
+# ./run.sh test --all   ... and the slow tier too: every test
 # ./run.sh lint   ruff: the formatting check and the lint rules of pyproject.toml
-# Extra arguments after `test` go to pytest (e.g. ./run.sh test -m "not slow").
+# Extra arguments after `test` go to pytest (e.g. ./run.sh test tests/test_train.py, -m slow, --durations=15).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -67,7 +68,9 @@ case "${1:-demo}" in
   test)
     shift || true
     setup test
-    exec .venv/bin/python -m pytest -q "$@"
+    # Two pytest-xdist workers (TEST_WORKERS=0: one process); each module's tests stay together, and so do
+    # the multidevice tests (tests/conftest.py).
+    exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
     ;;
   lint)
     setup lint
@@ -84,7 +87,7 @@ case "${1:-demo}" in
          "retrieval_examples.png"
     ;;
   *)
-    echo "usage: ./run.sh [test [pytest args...] | lint]" >&2
+    echo "usage: ./run.sh [test [--all] [pytest args...] | lint]" >&2
     exit 2
     ;;
 esac

@@ -35,7 +35,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 16
 MAX_LEN = 24  # the longest synthetic report is 20 word pieces
 KEPT = 49  # 75 % masking, as in training
-STEPS = 300
+# 150 steps, measured on 2 CPU cores: image->text R@1 after training 1.0 for the global
+# loss (0.979 at step 120, 0.917 in a 100-step run: it learns slowest), 1.0 for the local loss
+# and 1.0 / 1.0 for both (already at 100 steps), against >= 0.9 asserted; the literal losses
+# collapse (embedding cosines 1.0, R@1 0.10 in a 100-step run) against <= 4/16 asserted.
+STEPS = 150
 # The frozen / trainable check.  Step 1 has learning rate 0; zero-initialised adapter up-projections
 # pass a gradient back to their down-projections only once they have moved, so the last trainable
 # values (the language adapters' down biases) first change at step 4 (measured); 5 leaves a step spare.
@@ -44,19 +48,23 @@ EVAL_SETS = 3  # 3 x 16 fresh studies, one per zone in each set
 CHANCE = 1.0 / BATCH
 
 
-def _config(**overrides):
+def _config(minilm=True, **overrides):
+  """The demo's recipe at test size; ``minilm=False`` keeps the tiny config's random text tower (same rules)."""
   base = {
     "optim.batch_size": BATCH,
     "optim.warmup_steps": 10,
     "train.num_steps": STEPS,
     "model.text.max_len": MAX_LEN,
-    "init.text_weights": demo.MINILM,
   }
+  if minilm:
+    base["init.text_weights"] = demo.MINILM
   base.update(overrides)
   config = load_config(str(REPO / "configs" / "tiny.py"), base)
-  # The demo's text tower (MiniLM's shape) and its path rules (the image tower trains in full).
   recipe = demo.get_config()
-  config.model.text.update({k: recipe.model.text[k] for k in ("num_layers", "hidden_size", "num_heads", "mlp_dim")})
+  if minilm:
+    # The demo's text tower (MiniLM's shape).
+    config.model.text.update({k: recipe.model.text[k] for k in ("num_layers", "hidden_size", "num_heads", "mlp_dim")})
+  # The demo's path rules: the text backbone frozen, the image tower trained in full.
   config.optim.param_groups = recipe.optim.param_groups
   for group in ("image_tower", "language_adapters", "task_adapters", "other_trainable"):
     config.optim.learning_rates[group] = 1e-3
@@ -181,7 +189,8 @@ def test_literal_cosine_losses_collapse(runs):
 
 
 def test_frozen_parameters_are_bit_identical_and_every_trainable_one_moves(tokenizer):
-  config = _config(**{"train.num_steps": FEW_STEPS, "optim.warmup_steps": 1})
+  # The demo's rules on the tiny text tower: which weights move does not depend on MiniLM's values.
+  config = _config(minilm=False, **{"train.num_steps": FEW_STEPS, "optim.warmup_steps": 1})
   initial, final, _ = train(config, tokenizer, steps=FEW_STEPS)
   rules = config.optim.param_groups
   initial = optim.flat_paths(initial["params"])

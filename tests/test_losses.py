@@ -156,6 +156,6 @@ def test_gradients_are_finite_with_missing_views_and_empty_text():
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
   assert np.isfinite(float(loss))
   flat = jax.tree_util.tree_leaves(grads)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in flat)
+  assert all(np.isfinite(np.asarray(g)).all() for g in flat)  # on the host: no compile per leaf shape
   assert float(jnp.abs(grads["local_log_temperatures"]).sum()) > 0
   assert float(jnp.abs(grads["image_tower"]["view_embed"]).sum()) > 0

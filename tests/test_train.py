@@ -30,7 +30,7 @@ def _tiny(**overrides):
   base = {
     "data.train": str(DEMO),
     "optim.warmup_steps": 1,
-    "train.num_steps": 3,
+    "train.num_steps": 4,  # test_train_loop.py's schedule: the same train step, compiled once per session
     "train.log_every_steps": 1,
     "train.data_workers": 0,
     "optim.batch_size": 8,

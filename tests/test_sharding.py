@@ -39,7 +39,7 @@ def test_batch_is_split_over_data_and_fsdp():
   "axes, message",
   [
     ({"data": -1, "fsdp": -1, "tensor": 1}, "at most one axis"),
-    ({"data": 3, "fsdp": -1, "tensor": 1}, "do not divide"),
+    ({"data": 3, "fsdp": -1, "tensor": 1}, "must divide the 8 devices"),
     ({"data": 2, "fsdp": 2, "tensor": 1}, "needs 4 devices"),
   ],
 )

@@ -68,9 +68,9 @@ case "${1:-demo}" in
   test)
     shift || true
     setup test
-    # Two pytest-xdist workers (TEST_WORKERS=0: one process); each module's tests stay together, and so do
-    # the multidevice tests (tests/conftest.py).
-    exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
+    # Two pytest-xdist workers (TEST_WORKERS=0: one process); each module's tests stay on one worker, so its
+    # module fixtures are built once.
+    exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   lint)
     setup lint

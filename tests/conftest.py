@@ -8,7 +8,8 @@ Devices: a test process has one CPU device.  Tests marked `multidevice` (shardin
 sharded losses) need eight simulated ones, which JAX can only get before its backend starts.
 When every selected test is `multidevice` (e.g. `pytest tests/test_sharding.py`) this process
 starts with eight; otherwise the `multidevice` tests of the session run together in one child
-pytest with eight devices, and each reports its own outcome here.
+pytest with eight devices, started in the background once the session is collected (under xdist
+by the first worker; every worker reads its report), and each reports its own outcome here.
 
 Compilation: the session's processes (this one, xdist workers, the multidevice child and every
 `python -m clinvla_jax.main` a test starts) share one persistent JAX compilation cache in a fresh
@@ -26,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import types
 
 # Before JAX is imported anywhere: JAX reads these at import, child processes inherit them.
@@ -35,6 +37,11 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
   atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Tests compile hundreds of tiny programs and run each a few times: XLA's backend (LLVM) optimisation
+# costs more than it saves there (the default tier ran in 0.70x the time without it, every result within
+# each test's tolerance).  HLO-level passes (fusion, layout) still run.  Tests that run long enough to
+# profit (the convergence trainings) switch it back on; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs all optimised.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402
 
@@ -77,7 +84,6 @@ def _named_files(config) -> set:
 
 def pytest_collection_modifyitems(config, items):
   _select_tier(config, items)
-  _xdist_groups(config, items)
 
 
 def _select_tier(config, items):
@@ -92,16 +98,6 @@ def _select_tier(config, items):
     items[:] = keep
 
 
-def _xdist_groups(config, items):
-  """Under pytest-xdist (`-n N --dist loadgroup`): a module's tests on one worker (its module fixtures
-  are built once), and every multidevice test on one worker (one child pytest)."""
-  if not config.pluginmanager.hasplugin("xdist"):
-    return
-  for item in items:
-    group = "multidevice" if item.get_closest_marker("multidevice") else item.path.stem
-    item.add_marker(pytest.mark.xdist_group(name=group))
-
-
 # --- devices -------------------------------------------------------------------------------
 
 
@@ -111,48 +107,103 @@ def _backend_started() -> bool:
 
 
 def pytest_collection_finish(session):
-  multi = [item for item in session.items if item.get_closest_marker("multidevice")]
-  session.config._multidevice = {"items": multi, "results": None}
-  if multi and (len(multi) == len(session.items) or os.environ.get(_CHILD_REPORT)) and not _backend_started():
+  config = session.config
+  multi = [item.nodeid for item in session.items if item.get_closest_marker("multidevice")]
+  config._multidevice = None
+  if not multi or os.environ.get(_CHILD_REPORT) or config.option.collectonly:
+    if multi and os.environ.get(_CHILD_REPORT) and not _backend_started():
+      import jax
+
+      jax.config.update("jax_num_cpu_devices", MULTIDEVICE_COUNT)
+    return
+  if len(multi) == len(session.items) and not _backend_started():
     import jax
 
-    jax.config.update("jax_num_cpu_devices", MULTIDEVICE_COUNT)
+    jax.config.update("jax_num_cpu_devices", MULTIDEVICE_COUNT)  # the whole session runs them here
+    return
+  # The others run in one child pytest with eight devices, started now in the background, so that it
+  # runs beside this session's own tests; every process of the session (xdist workers) reads its report.
+  config._multidevice = _MultideviceChild(config, multi)
 
 
-def _enough_devices() -> bool:
-  import jax
+def _session_folder(config) -> pathlib.Path:
+  """A folder of this test session that all its xdist workers share."""
+  base = config._tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
-  return jax.device_count() >= MULTIDEVICE_COUNT
+
+class _MultideviceChild:
+  """The child pytest that runs the session's multidevice tests: started once per session (the first
+  process to take the lock starts it), its outcomes read by every process that has such a test."""
+
+  def __init__(self, config, nodeids):
+    folder = _session_folder(config)
+    self.report = folder / "multidevice_report.json"
+    self.done = folder / "multidevice_report.done"
+    self.log = folder / "multidevice_child.log"
+    self.pid_file = folder / "multidevice_child.pid"
+    self.proc = None
+    self.results = None
+    with open(folder / "multidevice.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not self.pid_file.exists():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # not a worker itself
+        env[_CHILD_REPORT] = str(self.report)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids]
+        if config.pluginmanager.hasplugin("xdist"):
+          cmd[4:4] = ["-n", "0"]  # one process, whatever PYTEST_ADDOPTS asks of the parent
+        with open(self.log, "w") as log:
+          self.proc = subprocess.Popen(cmd, cwd=config.rootpath, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.pid_file.write_text(str(self.proc.pid))
+        atexit.register(self._stop)
+
+  def _running(self) -> bool:
+    if self.proc is not None:
+      return self.proc.poll() is None
+    pid = int(self.pid_file.read_text())
+    try:
+      state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+      return state != "Z"
+    except FileNotFoundError:
+      return False
+
+  def outcome(self, nodeid: str, timeout: float = 1800) -> list:
+    """[outcome, text] of one test, once the child has ended."""
+    if self.results is None:
+      deadline = time.time() + timeout
+      while not self.done.exists() and self._running():
+        if time.time() > deadline:
+          raise TimeoutError(f"the {MULTIDEVICE_COUNT}-device child pytest ran past {timeout} s: {self.log}")
+        time.sleep(0.2)
+      self.results = json.loads(self.report.read_text()) if self.report.exists() else {}
+      status = self.done.read_text().strip() if self.done.exists() else "no exit status (killed?)"
+      self.tail = f"the child pytest (exit {status}) did not report it:\n{self.log.read_text()[-4000:]}"
+    return self.results.get(nodeid, ["failed", self.tail])
+
+  def wait(self):
+    if self.proc is not None:
+      self.proc.wait()
+
+  def _stop(self):
+    if self.proc is not None and self.proc.poll() is None:
+      self.proc.terminate()
 
 
-def _run_multidevice_child(config, tmp_dir: pathlib.Path) -> dict:
-  """Runs every multidevice test of this session in one child pytest; {nodeid: (outcome, text)}."""
-  report = tmp_dir / "multidevice_report.json"
-  nodeids = [item.nodeid for item in config._multidevice["items"]]
-  env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # not a worker itself
-  env[_CHILD_REPORT] = str(report)
-  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *nodeids]
-  if config.pluginmanager.hasplugin("xdist"):
-    cmd[4:4] = ["-n", "0"]  # one process, whatever PYTEST_ADDOPTS asks of the parent
-  proc = subprocess.run(cmd, cwd=config.rootpath, env=env, capture_output=True, text=True, timeout=1800)
-  results = json.loads(report.read_text()) if report.exists() else {}
-  tail = (proc.stdout + proc.stderr)[-4000:]
-  for nodeid in nodeids:
-    results.setdefault(nodeid, ["failed", f"the child pytest (exit {proc.returncode}) did not report it:\n{tail}"])
-  return results
+def pytest_sessionfinish(session, exitstatus):
+  child_report = os.environ.get(_CHILD_REPORT)
+  if child_report:
+    pathlib.Path(child_report).with_suffix(".done").write_text(str(int(exitstatus)))
+  elif getattr(session.config, "_multidevice", None) is not None:
+    session.config._multidevice.wait()  # the other processes of the session may still read its report
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
   """A multidevice test in a one-device session reports what it did in the child pytest."""
-  config = pyfuncitem.config
-  if not pyfuncitem.get_closest_marker("multidevice") or os.environ.get(_CHILD_REPORT) or _enough_devices():
+  child = getattr(pyfuncitem.config, "_multidevice", None)
+  if not pyfuncitem.get_closest_marker("multidevice") or child is None:
     return None
-  state = config._multidevice
-  if state["results"] is None:
-    tmp_dir = pathlib.Path(config._tmp_path_factory.mktemp("multidevice"))
-    state["results"] = _run_multidevice_child(config, tmp_dir)
-  outcome, text = state["results"][pyfuncitem.nodeid]
+  outcome, text = child.outcome(pyfuncitem.nodeid)
   if outcome == "skipped":
     pytest.skip(text)
   if outcome != "passed":
@@ -287,7 +338,9 @@ def _train_demo(folder):
     f"--config.train.checkpoint_every_steps={DEMO_STEPS}",
     "--config.evals.covid_cxr.every_steps=0",
   ]
-  proc = subprocess.run(cmd, cwd=REPO, env=tiny_runs.env(), capture_output=True, text=True, timeout=1800)
+  # Optimised compiles: 50 steps of the demo's MiniLM step outweigh the longer compile.
+  env = tiny_runs.env(JAX_DISABLE_MOST_OPTIMIZATIONS="0")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
   if proc.returncode != 0:
     pytest.fail(f"the shared demo training failed:\n{proc.stderr[-3000:]}")
   return {}

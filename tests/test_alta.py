@@ -193,6 +193,7 @@ def test_scalars_and_embeddings_land_where_alta_keeps_them(twin, loaded):
   np.testing.assert_array_equal(params["image_tower"]["time_embed"], state["temporal_embedding"][0])
 
 
+@pytest.mark.slow
 def test_scan_layout_loads_the_same_weights(twin, loaded):
   cfg = load_config("configs/alta.py", {**TINY, "model.image.scan_layers": True, "model.text.scan_layers": True})
   scanned = convert.load_alta(api.init_params(cfg, jax.random.key(4)), twin.state_dict(), config=cfg)

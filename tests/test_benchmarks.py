@@ -118,6 +118,7 @@ def test_vs_pytorch_runs_on_tiny(tmp_path):
   assert result["xla_flops_train_step"] > 0 and result["analytic_flops_train_step"] > 0
 
 
+@pytest.mark.slow
 def test_vs_pytorch_times_one_study_embeddings_without_a_train_step():
   # gpu.sh's embed_latency and no-dropout runs, in-process on the tiny config: the embedding part
   # alone, one study per call, train dropout off.
@@ -169,7 +170,7 @@ def test_gpu_script_runs_its_first_run_on_cpu_with_tiny(tmp_path):
   assert (tmp_path / "runs.log").read_text().count("== ClinVLA tiny") == 1
 
 
-@pytest.mark.parametrize("part", ["train", "embed"])
+@pytest.mark.parametrize("part", [pytest.param("train", marks=pytest.mark.slow), "embed"])
 def test_profile_breakdown_classifies_the_compiled_step(part):
   from benchmarks import profile_step
 
@@ -197,6 +198,7 @@ def test_matmul_rates_count_flops_and_time_both_frameworks():
     assert r["jax_s"] > 0 and r["torch_s"] > 0 and r["flops"] > 0
 
 
+@pytest.mark.slow
 def test_xla_options_compares_variants_in_one_process(tmp_path):
   from benchmarks import xla_options
 
@@ -389,6 +391,7 @@ def test_loop_overhead_times_bare_and_loop_on_the_same_batches(tmp_path):
   assert result["loop_vs_bare"] == pytest.approx(result["step_s"]["loop"] / result["step_s"]["bare"])
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_loss_memory_writes_rows_and_sharded_temporaries_grow_slower(tmp_path):
   from benchmarks import loss_memory

@@ -151,14 +151,28 @@ def test_batch_must_divide_over_the_data_parallel_axes():
     sharding.make_mesh({"data": 3, "fsdp": 1, "tensor": 1}, jax.devices()[:8])
 
 
-def test_command_line_refuses_bad_values_with_status_2():
-  cmd = [sys.executable, "-m", "clinvla_jax.main", "--config=configs/tiny.py", "--mode=summary"]
-  for extra, message in [
+# One process per refusal: the range check in the default tier, the rule, type and unknown-field
+# refusals (each its own path through the flag parser) in the full tier.
+@pytest.mark.parametrize(
+  "extra, message",
+  [
     ("--config.train.num_steps=-5", "train.num_steps = -5: must be >= 1"),
-    ("--config.model.text.hidden_size=30", "model.text.hidden_size = 30: must be divisible by model.text.num_heads"),
-    ("--config.train.num_steps=abc", "train.num_steps = 'abc': must be an integer, like its default 50000"),
-    ("--config.train.nope=1", "train.nope: no such field"),
-  ]:
-    out = subprocess.run(cmd + [extra], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, (extra, out.stderr[-2000:])
-    assert message in out.stderr and "Traceback" not in out.stderr, (extra, out.stderr[-2000:])
+    pytest.param(
+      "--config.model.text.hidden_size=30",
+      "model.text.hidden_size = 30: must be divisible by model.text.num_heads",
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      "--config.train.num_steps=abc",
+      "train.num_steps = 'abc': must be an integer, like its default 50000",
+      marks=pytest.mark.slow,
+    ),
+    pytest.param("--config.train.nope=1", "train.nope: no such field", marks=pytest.mark.slow),
+  ],
+  ids=["range", "rule", "type", "unknown"],
+)
+def test_command_line_refuses_bad_values_with_status_2(extra, message):
+  cmd = [sys.executable, "-m", "clinvla_jax.main", "--config=configs/tiny.py", "--mode=summary"]
+  out = subprocess.run(cmd + [extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, (extra, out.stderr[-2000:])
+  assert message in out.stderr and "Traceback" not in out.stderr, (extra, out.stderr[-2000:])

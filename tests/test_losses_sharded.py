@@ -88,7 +88,7 @@ def dense_reference(problem):
 @pytest.mark.multidevice
 @pytest.mark.parametrize(
   "shape, force",
-  [((1, 1, 1), True), ((2, 1, 1), False), ((8, 1, 1), False), ((2, 2, 2), False)],
+  [((1, 1, 1), True), ((2, 1, 1), False), ((8, 1, 1), False), pytest.param((2, 2, 2), False, marks=pytest.mark.slow)],
   ids=["1-device-ring", "2", "8", "2x2x2"],
 )
 def test_sharded_equals_dense_in_value_and_gradient(problem, dense_reference, shape, force):

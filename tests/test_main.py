@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import tiny_runs
 
@@ -66,6 +67,7 @@ def _run_main(*args):
   return subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_index_and_search_modes_name_what_is_missing(tmp_path):
   out = _run_main("--mode=index", f"--output={tmp_path / 'idx'}")
   assert out.returncode != 0 and "--mode=index needs --input" in out.stderr

@@ -231,6 +231,7 @@ def _program(cfg):
   return tuple((layers.remat_policy_name(t), t.residual_grad_barrier) for t in (mcfg.image, mcfg.text))
 
 
+@pytest.mark.slow
 def test_named_remat_policies_and_grad_barrier_keep_the_gradients(tiny):
   cfg, variables = tiny
   b = _batch(cfg)

@@ -54,7 +54,10 @@ def _hf_hidden(hf_model, ids, mask):
 
 
 # Both block layouts (a Python loop of blocks, one nn.scan over stacked blocks) against the same peer.
-LAYOUTS = pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scan"])
+# The loop layout in the default tier; the scan layout (the same peer, the other block layout) in the full tier.
+LAYOUTS = pytest.mark.parametrize(
+  "scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["loop", "scan"]
+)
 
 
 @LAYOUTS
@@ -84,6 +87,7 @@ def test_identity_adapters_leave_bert_unchanged(minilm_batch, minilm_dir, scan_l
   np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_bert_adapters_with_bert_init_change_outputs(minilm_batch, minilm_dir):
   ids, mask = minilm_batch
   overrides = dict(_minilm_overrides(adapters=True), **{"model.text.adapter_init": "bert"})

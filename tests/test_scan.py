@@ -94,7 +94,13 @@ def test_scan_layout_stacks_every_block_parameter_with_a_layers_axis(loop_variab
 
 # Remat inside the scanned body, with and without the residual gradient barrier.
 @pytest.mark.parametrize(
-  "policy,barrier", [("none", "off"), ("full", "on"), ("dots_no_batch", "off")], ids=["plain", "full+barrier", "dots"]
+  "policy,barrier",
+  [
+    ("none", "off"),
+    pytest.param("full", "on", marks=pytest.mark.slow),
+    pytest.param("dots_no_batch", "off", marks=pytest.mark.slow),
+  ],
+  ids=["plain", "full+barrier", "dots"],
 )
 def test_scan_equals_loop_forward_and_gradients(loop_reference, policy, barrier):
   variables, batch, (ref_out, ref_loss, ref_grads) = loop_reference
@@ -235,6 +241,7 @@ def test_param_groups_summary_and_matmul_casts_see_the_same_parameters(loop_vari
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_sharded_scan_init_puts_the_layers_axis_unsharded():
   config = load_config("configs/tiny.py", SCAN)
@@ -292,6 +299,7 @@ def _saved_trained_looking_state(tmp_path, scan: bool):
   return ckpt, jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_adapter_checkpoint_from_the_loop_layout_restores_into_the_scan_layout(tmp_path):
   from clinvla_jax import train
   from clinvla_jax.checkpoint import IncompatibleCheckpointError

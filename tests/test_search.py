@@ -328,6 +328,7 @@ def _chromium():
   return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow
 def test_cli_index_search_json_and_html_in_a_real_browser(archive, tmp_path):
   out = tmp_path / "idx"
   run = _main("--mode=index", f"--input={archive}", f"--output={out}")

@@ -81,6 +81,7 @@ def test_train_step_makes_no_implicit_transfer():
     compiled(state, setup.frozen, host_batch)
 
 
+@pytest.mark.slow
 def test_loop_runs_under_a_disallowing_transfer_guard(tmp_path):
   # The step loop (batch placement, step, metric fetch) makes only explicit
   # transfers.  On CPU a device->host read is no transfer, so this guard
@@ -228,6 +229,7 @@ def test_evaluation_needs_no_lock(tmp_path, tiny_run):
   assert step == tiny_runs.NUM_STEPS
 
 
+@pytest.mark.slow
 def test_best_checkpoint_ranks_every_evaluated_step(tmp_path):
   # Evaluation every 2 steps, checkpoints only at the end: the best evaluated
   # step (2) must still be kept, beside the latest.

@@ -110,26 +110,30 @@ def pytest_collection_finish(session):
   config = session.config
   multi = [item.nodeid for item in session.items if item.get_closest_marker("multidevice")]
   config._multidevice = None
-  if not multi or os.environ.get(_CHILD_REPORT) or config.option.collectonly:
-    if multi and os.environ.get(_CHILD_REPORT) and not _backend_started():
+  if not multi:
+    return
+  if os.environ.get(_CHILD_REPORT) or (len(multi) == len(session.items) and not _backend_started()):
+    if not _backend_started():
       import jax
 
-      jax.config.update("jax_num_cpu_devices", MULTIDEVICE_COUNT)
+      jax.config.update("jax_num_cpu_devices", MULTIDEVICE_COUNT)  # this process runs them
     return
-  if len(multi) == len(session.items) and not _backend_started():
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", MULTIDEVICE_COUNT)  # the whole session runs them here
+  if config.option.collectonly:
     return
   # The others run in one child pytest with eight devices, started now in the background, so that it
   # runs beside this session's own tests; every process of the session (xdist workers) reads its report.
   config._multidevice = _MultideviceChild(config, multi)
 
 
-def _session_folder(config) -> pathlib.Path:
+def _session_folder(tmp_path_factory) -> pathlib.Path:
   """A folder of this test session that all its xdist workers share."""
-  base = config._tmp_path_factory.getbasetemp()
+  base = tmp_path_factory.getbasetemp()
   return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _done_file(report) -> pathlib.Path:
+  """Where the child pytest writes its exit status once it has ended (beside its report)."""
+  return pathlib.Path(report).with_suffix(".done")
 
 
 class _MultideviceChild:
@@ -137,9 +141,9 @@ class _MultideviceChild:
   process to take the lock starts it), its outcomes read by every process that has such a test."""
 
   def __init__(self, config, nodeids):
-    folder = _session_folder(config)
+    folder = _session_folder(config._tmp_path_factory)
     self.report = folder / "multidevice_report.json"
-    self.done = folder / "multidevice_report.done"
+    self.done = _done_file(self.report)
     self.log = folder / "multidevice_child.log"
     self.pid_file = folder / "multidevice_child.pid"
     self.proc = None
@@ -192,7 +196,7 @@ class _MultideviceChild:
 def pytest_sessionfinish(session, exitstatus):
   child_report = os.environ.get(_CHILD_REPORT)
   if child_report:
-    pathlib.Path(child_report).with_suffix(".done").write_text(str(int(exitstatus)))
+    _done_file(child_report).write_text(str(int(exitstatus)))
   elif getattr(session.config, "_multidevice", None) is not None:
     session.config._multidevice.wait()  # the other processes of the session may still read its report
 
@@ -284,7 +288,7 @@ def _once_per_session(tmp_path_factory, name, build):
   if not os.environ.get("PYTEST_XDIST_WORKER"):
     folder = tmp_path_factory.mktemp(name)
     return folder, build(folder)
-  root = tmp_path_factory.getbasetemp().parent  # the session's folder, shared by its workers
+  root = _session_folder(tmp_path_factory)
   folder, done = root / name, root / f"{name}.json"
   with open(root / f"{name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)

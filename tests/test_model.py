@@ -118,7 +118,8 @@ def test_invalid_view_pixels_do_not_matter(tiny):
 
 
 def test_ablations_drop_views():
-  # The view switches change which views a model reads, not its parameters: one init serves all four.
+  # The view switches change which views a model reads, not its parameters: one init serves all four
+  # (apply refuses a missing or misshapen parameter, so a switch that changed them would fail here).
   variables = api.init_params(load_config("configs/tiny.py"), jax.random.key(0))
   for overrides, slots in (
     ({}, (0, 1, 2, 3)),
@@ -129,9 +130,6 @@ def test_ablations_drop_views():
     cfg = load_config("configs/tiny.py", overrides)
     mcfg = api.model_config(cfg)
     assert mcfg.view_slots == slots
-    assert jax.tree_util.tree_structure(api.abstract_params(cfg, boxed=False)) == jax.tree_util.tree_structure(
-      variables
-    )
     b = _batch(cfg)
     apply = jax.jit(api.build_model(cfg).apply)  # one compile per config, both batches
     out = apply(variables, **b)

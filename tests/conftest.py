@@ -279,6 +279,27 @@ def report_sentences(shared_data):
   return sorted(set(sentences))
 
 
+# --- model parameters -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def placeholder_params():
+  """``placeholder_params(config, seed=0)``: seeded normal values in the initialisation's layout (shapes,
+  dtypes), traced, not compiled.  For tests whose checks do not depend on how the model initialises:
+  loaders that replace, keep or refuse the values."""
+  import jax
+  import numpy as np
+
+  from clinvla_jax import api
+
+  def build(config, seed=0):
+    rng = np.random.default_rng(seed)
+    abstract = api.abstract_params(config, boxed=False)
+    return jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), abstract)
+
+  return build
+
+
 # --- trained checkpoints, built once per session -------------------------------------------
 
 

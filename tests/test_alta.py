@@ -229,35 +229,35 @@ def test_unknown_missing_and_misshapen_keys_are_named(tiny_cfg, twin):
   assert "view_embedding (1, 3, 64)" in message
 
 
-def test_a_clinvla_model_is_told_which_switches_to_set(twin):
+def test_a_clinvla_model_is_told_which_switches_to_set(twin, placeholder_params):
   cfg = load_config("configs/tiny.py")
   with pytest.raises(convert.CheckpointError, match="adapter_style='alta'") as error:
-    convert.load_alta(api.init_params(cfg, jax.random.key(0)), twin.state_dict())
+    convert.load_alta(placeholder_params(cfg), twin.state_dict())
   assert "head_style='alta'" in str(error.value) and "invertible_adapter=False" in str(error.value)
 
 
-def test_position_table_must_match_or_be_learned(twin):
+def test_position_table_must_match_or_be_learned(twin, placeholder_params):
   state = {k: v.detach().numpy() for k, v in twin.state_dict().items()}
   mae_cfg = load_config("configs/alta.py", {**TINY, "model.image.pos_embed": "sincos"})
   with pytest.raises(convert.CheckpointError, match="'sincos_mrm' table.*pos_embed='sincos'"):
-    convert.load_alta(api.init_params(mae_cfg, jax.random.key(0)), state, config=mae_cfg)
+    convert.load_alta(placeholder_params(mae_cfg), state, config=mae_cfg)
   # A table of no fixed formula needs the learned (parameter) table, which then holds it exactly.
   state["pos_embed"] = state["pos_embed"] + 0.5
   with pytest.raises(convert.CheckpointError, match="pos_embed='learned'"):
-    convert.load_alta(api.init_params(load_config("configs/alta.py", TINY), jax.random.key(0)), state)
+    convert.load_alta(placeholder_params(load_config("configs/alta.py", TINY)), state)
   learned_cfg = load_config("configs/alta.py", {**TINY, "model.image.pos_embed": "learned"})
-  loaded = convert.load_alta(api.init_params(learned_cfg, jax.random.key(0)), state, config=learned_cfg)
+  loaded = convert.load_alta(placeholder_params(learned_cfg), state, config=learned_cfg)
   np.testing.assert_array_equal(loaded["params"]["image_tower"]["pos_embedding"], state["pos_embed"][0])
   state["pos_embed"] = state["pos_embed"][:, :50]
   with pytest.raises(convert.CheckpointError, match="does not fit.*grid 7"):
-    convert.load_alta(api.init_params(learned_cfg, jax.random.key(0)), state, config=learned_cfg)
+    convert.load_alta(placeholder_params(learned_cfg), state, config=learned_cfg)
 
 
-def test_mrm_table_in_a_vit_checkpoint_names_the_setting():
+def test_mrm_table_in_a_vit_checkpoint_names_the_setting(placeholder_params):
   cfg = load_config("configs/tiny.py")
   state = {"pos_embed": vit.fixed_position_table("sincos_mrm", 14, 64)[None]}
   with pytest.raises(convert.CheckpointError, match="pos_embed='sincos_mrm'"):
-    convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), state, config=cfg)
+    convert.load_image_weights(placeholder_params(cfg), state, config=cfg)
 
 
 def test_every_published_key_is_mapped_or_skipped():

@@ -39,10 +39,16 @@ def test_torch_twin_equals_jax_on_tiny(tiny):
 
   cfg, mcfg, params, batch = tiny
   assert not batch["view_valid"].all()  # missing views are exercised
-  out_j = api.build_model(cfg).apply(
-    {"params": params}, *(batch[k] for k in ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask"))
-  )
-  loss_j, _ = losses.clinvla_loss(out_j, cfg.loss)
+  jax_model = api.build_model(cfg)
+
+  # One compiled program: run eagerly, every op of the forward would compile on its own.
+  @jax.jit
+  def forward(params, batch):
+    inputs = (batch[k] for k in ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask"))
+    out = jax_model.apply({"params": params}, *inputs)
+    return out, losses.clinvla_loss(out, cfg.loss)[0]
+
+  out_j, loss_j = forward(params, batch)
   model, _ = torch_clinvla.from_jax(mcfg, params, list(cfg.optim.param_groups))
   model.eval()
   tb = torch_clinvla.to_torch_batch(batch)

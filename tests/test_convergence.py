@@ -16,6 +16,7 @@ Retrieval is measured on fresh studies (new noise, all 196 patches of all
 four views), never on training batches.
 """
 
+import contextlib
 import pathlib
 
 import numpy as np
@@ -119,35 +120,50 @@ def measure(config, variables, batches):
   return {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def train(config, tokenizer, steps=STEPS):
-  """Trains on fresh planted-signal batches; returns the initial and final variables and the logged metrics."""
+@contextlib.contextmanager
+def full_optimisation():
+  """XLA's full optimisation for what is compiled inside (tests/conftest.py turns most of it off)."""
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def train(config, tokenizer, steps=STEPS, optimised_step=False):
+  """Trains on fresh planted-signal batches; returns the initial and final variables and the logged metrics.
+
+  ``optimised_step``: the train step alone is compiled with full optimisation.  Over 60 to 150 steps its
+  faster steps outweigh the longer compile (the MiniLM step: 0.14 s/step against 0.30 s); the
+  initialisation and the measurements run a few times each and stay cheap to compile.
+  """
   from clinvla_jax import train as train_lib
 
   setup = train_lib.TrainSetup(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
   state = setup.init_state()
   # Host copies: the first step donates (deletes) the initial trainable buffers.
   initial = jax.tree_util.tree_map(np.asarray, jax.device_get(setup.variables(state)))
+
+  def batch_at(step):
+    batch = synthetic.train_batch(step, BATCH, tokenizer, KEPT, seed=int(config.seed))
+    return sharding.global_batch(batch, setup.mesh, train_lib.MODEL_INPUTS)
+
+  step_fn = setup.step
+  if optimised_step:
+    with full_optimisation():
+      compiled, _ = setup.compile(state, batch_at(0))
+    step_fn = lambda state, batch: compiled(state, setup.frozen, batch)  # noqa: E731
   history = []
   for step in range(steps):
-    batch = synthetic.train_batch(step, BATCH, tokenizer, KEPT, seed=int(config.seed))
-    state, step_metrics = setup.step(state, sharding.global_batch(batch, setup.mesh, train_lib.MODEL_INPUTS))
+    state, step_metrics = step_fn(state, batch_at(step))
     history.append({k: float(v) for k, v in jax.device_get(step_metrics).items()})
   final = jax.tree_util.tree_map(np.asarray, jax.device_get(setup.variables(state)))
   return initial, final, history
 
 
 @pytest.fixture(scope="module")
-def optimised_compiles():
-  """Full XLA optimisation (tests/conftest.py turns most of it off): the trainings run 60 to 150 steps, so
-  faster steps outweigh the longer compile (measured on the MiniLM step: 0.14 s/step against 0.30 s)."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture(scope="module")
-def runs(tokenizer, optimised_compiles):
+def runs(tokenizer):
   """The four trainings, each run once and shared by the tests below."""
   variants = {
     "global": {"loss.use_local": False},
@@ -160,7 +176,7 @@ def runs(tokenizer, optimised_compiles):
   for name, overrides in variants.items():
     steps = STEPS_BY_VARIANT[name]
     config = _config(**overrides, **{"train.num_steps": steps})
-    initial, final, history = train(config, tokenizer, steps=steps)
+    initial, final, history = train(config, tokenizer, steps=steps, optimised_step=True)
     results[name] = dict(
       config=config,
       initial=initial,
@@ -201,6 +217,9 @@ def test_literal_cosine_losses_collapse(runs):
   assert after["global_r1"] <= 4 * CHANCE, after
 
 
+# The full tier: a train step of its own to compile (about 25 s); the default tier checks the frozen
+# backbone's missing gradient and optimizer state on the tiny rules (test_train.py).
+@pytest.mark.slow
 def test_frozen_parameters_are_bit_identical_and_every_trainable_one_moves(tokenizer):
   # The demo's rules on the tiny text tower: which weights move does not depend on MiniLM's values.
   config = _config(minilm=False, **{"train.num_steps": FEW_STEPS, "optim.warmup_steps": 1})

@@ -7,7 +7,7 @@ import pytest
 
 import jax
 
-from clinvla_jax import api, convert
+from clinvla_jax import convert
 from clinvla_jax.config import load_config
 from clinvla_jax.model import vit
 
@@ -26,8 +26,8 @@ def minilm_state(minilm_dir):
 
 
 @pytest.fixture(scope="module")
-def variables():
-  return api.init_params(load_config("configs/tiny.py", MINILM), jax.random.key(0))
+def variables(placeholder_params):
+  return placeholder_params(load_config("configs/tiny.py", MINILM))
 
 
 def test_positions_truncated_and_weights_placed(variables, minilm_state):
@@ -77,8 +77,8 @@ def test_missing_unknown_and_misshapen_keys_are_listed(variables, minilm_state):
   assert "encoder.layer.2.intermediate.dense.weight (1000, 384)" in message and "(384, 1536)" in message
 
 
-def test_wrong_tower_size_is_a_shape_error(minilm_state):
-  small = api.init_params(load_config("configs/tiny.py"), jax.random.key(0))
+def test_wrong_tower_size_is_a_shape_error(minilm_state, placeholder_params):
+  small = placeholder_params(load_config("configs/tiny.py"))
   with pytest.raises(convert.CheckpointError, match="shape mismatches"):
     convert.load_text_weights(small, minilm_state)
 
@@ -112,7 +112,7 @@ def test_missing_file_and_unsupported_format(variables, tmp_path):
     convert.load_text_weights(variables, tmp_path)
 
 
-def test_vit_checkpoint_with_mae_extras_loads():
+def test_vit_checkpoint_with_mae_extras_loads(placeholder_params):
   import timm
   import torch
 
@@ -125,13 +125,13 @@ def test_vit_checkpoint_with_mae_extras_loads():
   state["decoder_embed.weight"] = torch.zeros(8, 64)  # MAE decoder: ignored
   state["mask_token"] = torch.zeros(1, 1, 64)
   cfg = load_config("configs/tiny.py")
-  variables = convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), {"model": state, "epoch": 3})
+  variables = convert.load_image_weights(placeholder_params(cfg), {"model": state, "epoch": 3})
   np.testing.assert_allclose(
     variables["params"]["image_tower"]["blocks_1"]["mlp"]["fc2"]["kernel"], state["blocks.1.mlp.fc2.weight"].numpy().T
   )
   state["blocks.7.norm1.weight"] = torch.ones(64)
   with pytest.raises(convert.CheckpointError, match="blocks.7.norm1.weight"):
-    convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), state)
+    convert.load_image_weights(placeholder_params(cfg), state)
 
 
 def test_package_paths_resolve_to_installed_files():
@@ -148,13 +148,12 @@ def test_package_paths_resolve_to_installed_files():
 
 
 @pytest.mark.slow
-def test_demo_config_loads_the_packaged_minilm_text_tower():
-  from clinvla_jax import api, convert
+def test_demo_config_loads_the_packaged_minilm_text_tower(placeholder_params):
+  from clinvla_jax import convert
   from clinvla_jax.config import load_config
 
   cfg = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.py"))
-  variables = jax.tree_util.tree_map(np.asarray, api.init_params(cfg, jax.random.key(0)))
-  loaded = convert.load_text_weights(variables, cfg.init.text_weights)
+  loaded = convert.load_text_weights(placeholder_params(cfg), cfg.init.text_weights)
   from safetensors.numpy import load_file
   from clinvla_jax.convert import common as convert_common
 

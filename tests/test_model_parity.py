@@ -61,11 +61,14 @@ LAYOUTS = pytest.mark.parametrize(
 
 
 @LAYOUTS
-def test_bert_matches_transformers_on_real_weights(hf_minilm, minilm_batch, minilm_dir, scan_layers):
+def test_bert_matches_transformers_on_real_weights(
+  hf_minilm, minilm_batch, minilm_dir, scan_layers, placeholder_params
+):
   hf_model, _ = hf_minilm
   ids, mask = minilm_batch
   cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=False, scan_layers=scan_layers))
-  variables = convert.load_text_weights(api.init_params(cfg, jax.random.key(0)), minilm_dir)
+  # Every weight the text tower's hidden states read comes from the checkpoint.
+  variables = convert.load_text_weights(placeholder_params(cfg), minilm_dir)
   ours = np.asarray(api.encode_text(cfg, variables, ids, mask)["hidden"])
   theirs = _hf_hidden(hf_model, ids, mask)
   valid = mask.astype(bool)
@@ -76,11 +79,12 @@ def test_bert_matches_transformers_on_real_weights(hf_minilm, minilm_batch, mini
 
 
 @LAYOUTS
-def test_identity_adapters_leave_bert_unchanged(minilm_batch, minilm_dir, scan_layers):
+def test_identity_adapters_leave_bert_unchanged(minilm_batch, minilm_dir, scan_layers, placeholder_params):
   ids, mask = minilm_batch
   plain_cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=False, scan_layers=scan_layers))
   adapted_cfg = load_config("configs/tiny.py", _minilm_overrides(adapters=True, scan_layers=scan_layers))
-  plain = convert.load_text_weights(api.init_params(plain_cfg, jax.random.key(0)), minilm_dir)
+  # The plain tower is the checkpoint alone; the adapted one keeps its initial (identity) adapters.
+  plain = convert.load_text_weights(placeholder_params(plain_cfg), minilm_dir)
   adapted = convert.load_text_weights(api.init_params(adapted_cfg, jax.random.key(1)), minilm_dir)
   a = np.asarray(api.encode_text(plain_cfg, plain, ids, mask)["hidden"])
   b = np.asarray(api.encode_text(adapted_cfg, adapted, ids, mask)["hidden"])
@@ -137,10 +141,11 @@ def _timm_vit(seed=0):
 
 
 @LAYOUTS
-def test_vit_matches_timm_with_random_weights(scan_layers):
+def test_vit_matches_timm_with_random_weights(scan_layers, placeholder_params):
   model = _timm_vit()
   cfg = load_config("configs/tiny.py", dict(VIT_OVERRIDES, **{"model.image.scan_layers": scan_layers}))
-  variables = convert.load_image_weights(api.init_params(cfg, jax.random.key(0)), model.state_dict())
+  # The checkpoint's weights; the view and time embeddings (random here) are zeroed below.
+  variables = convert.load_image_weights(placeholder_params(cfg), model.state_dict())
   rng = np.random.RandomState(0)
   images = rng.normal(size=(2, 3, 224, 224)).astype(np.float32)
   with torch.no_grad():

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from clinvla_jax import perf, sharding, train, workdir_lock
-from clinvla_jax.config import load_config
 from clinvla_jax.data import pipeline
 from clinvla_jax.data.prefetch import DevicePrefetcher
 from clinvla_jax.data.source import list_shards
@@ -22,17 +21,9 @@ DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
 
 
 def _tiny(**overrides):
-  base = {
-    "data.train": str(DEMO),
-    "optim.warmup_steps": 1,
-    "train.num_steps": 4,
-    "train.log_every_steps": 1,
-    "train.data_workers": 0,
-    "optim.batch_size": 8,
-    "mesh.data": 1,
-  }
-  base.update(overrides)
-  return load_config(str(REPO / "configs" / "tiny.py"), base)
+  """The shared run's config (tests/tiny_runs.py): a test that compiles its train step or its initialisation
+  finds them in the session's compile cache (whichever of it and the shared run comes first compiles)."""
+  return tiny_runs.config(**overrides)
 
 
 def _single_device_setup(config):
@@ -179,7 +170,7 @@ def test_nan_inside_a_log_window_names_the_step_and_the_window(tmp_path, monkeyp
     add(self, step, metrics)
 
   monkeypatch.setattr(train.MetricWindow, "add", add_with_nan_at_step_3)
-  # _tiny()'s schedule (4 steps), so the train step is the one the other tests compiled.
+  # The shared run's schedule, so the train step is the one the other tests compiled; step 3 ends it.
   config = _tiny(**{"train.log_every_steps": 4, "train.checkpoint_every_steps": 100})
   with pytest.raises(train.NonFiniteLossError, match=r"loss at step 3 \(log window steps 2-4\)"):
     train.train_and_evaluate(config, str(tmp_path))

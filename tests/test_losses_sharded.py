@@ -196,7 +196,12 @@ def _sigmoid_config(name="tiny"):
   return load_config(f"configs/{name}.py", {"loss.global_type": "sigmoid"})
 
 
-def test_logit_bias_exists_only_for_the_sigmoid_loss_and_trains():
+@pytest.fixture(scope="module")
+def sigmoid_params():
+  return api.init_params(_sigmoid_config(), jax.random.key(0))["params"]
+
+
+def test_logit_bias_exists_only_for_the_sigmoid_loss_and_trains(sigmoid_params):
   plain = api.abstract_params(load_config("configs/tiny.py"), boxed=False)["params"]
   assert "logit_bias" not in plain  # checkpoints of the other losses keep their parameter tree
   for name in ("base", "tiny", "demo"):
@@ -205,15 +210,14 @@ def test_logit_bias_exists_only_for_the_sigmoid_loss_and_trains():
     assert abstract["logit_bias"].shape == ()
     optim.check_rules(abstract, config.optim.param_groups, config.optim.learning_rates)
     assert optim.group_of("logit_bias", config.optim.param_groups) == "other_trainable"
-  params = api.init_params(_sigmoid_config(), jax.random.key(0))["params"]
-  np.testing.assert_allclose(float(params["logit_bias"]), -10.0)
-  np.testing.assert_allclose(float(params["logit_scale"]), math.log(10.0), rtol=1e-6)
+  np.testing.assert_allclose(float(sigmoid_params["logit_bias"]), -10.0)
+  np.testing.assert_allclose(float(sigmoid_params["logit_scale"]), math.log(10.0), rtol=1e-6)
 
 
-def test_sigmoid_total_loss_gives_gradients_to_bias_and_scale():
+def test_sigmoid_total_loss_gives_gradients_to_bias_and_scale(sigmoid_params):
   config = _sigmoid_config()
   model = api.build_model(config)
-  params = api.init_params(config, jax.random.key(0))["params"]
+  params = sigmoid_params
   rng = np.random.RandomState(0)
   b, t = 4, config.model.text.max_len
   batch = dict(
@@ -224,14 +228,16 @@ def test_sigmoid_total_loss_gives_gradients_to_bias_and_scale():
     attention_mask=(np.arange(t)[None] < np.array([[10], [7], [5], [12]])).astype(np.int32),
   )
 
-  def loss_fn(params):
-    return losses.clinvla_loss(model.apply({"params": params}, **batch), config.loss)
+  def loss_fn(scalars):
+    return losses.clinvla_loss(model.apply({"params": {**params, **scalars}}, **batch), config.loss)
 
-  (total, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  # The gradient of the two scalars alone: the towers do not depend on them (no backward through them).
+  scalars = {k: params[k] for k in ("logit_bias", "logit_scale")}
+  (total, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(scalars)
   assert np.isfinite(float(total)) and float(metrics["logit_bias"]) == -10.0
   np.testing.assert_allclose(float(metrics["logit_scale"]), 10.0, rtol=1e-5)
   assert float(grads["logit_bias"]) != 0.0 and float(grads["logit_scale"]) != 0.0
-  no_bias = dict(model.apply({"params": params}, **batch))
+  no_bias = dict(jax.jit(lambda p: model.apply({"params": p}, **batch))(params))
   del no_bias["logit_bias"]
   with pytest.raises(ValueError, match="logit_bias"):
     losses.clinvla_loss(no_bias, config.loss)

@@ -155,10 +155,10 @@ def _cosines(a, b):
   return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
-@pytest.mark.parametrize(
-  "policy,activation_dtype",
-  [("bf16_fp32_out", jnp.float32), pytest.param("bfloat16", jnp.bfloat16, marks=pytest.mark.slow)],
-)
+# The full tier: two full-model gradients to compile (about 30 s).  The default tier checks the policies'
+# products and their gradients on single einsums above, and a bfloat16 forward in test_model.py.
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,activation_dtype", [("bf16_fp32_out", jnp.float32), ("bfloat16", jnp.bfloat16)])
 def test_model_under_a_policy_stays_close_to_fp32(fp32_reference, policy, activation_dtype):
   cfg32, variables, inp, (ref, ref_loss, ref_grads) = fp32_reference
   cfg = load_config("configs/tiny.py", {**POLICY_MODEL, "model.precision": policy})

@@ -25,14 +25,16 @@ def test_base_parameter_counts_and_trainable_fraction():
 
 
 def test_summary_command_prints_table_and_readme_agrees():
+  # With --verbosity=0 absl's info lines reach the console (without it, none: test_train.py's quiet check).
   out = subprocess.run(
-    [sys.executable, "-m", "clinvla_jax.main", "--config=configs/base.py", "--mode=summary"],
+    [sys.executable, "-m", "clinvla_jax.main", "--config=configs/base.py", "--mode=summary", "--verbosity=0"],
     cwd=REPO,
     capture_output=True,
     text=True,
     timeout=300,
   )
   assert out.returncode == 0, out.stderr[-2000:]
+  assert "mode=summary" in out.stderr
   text = out.stdout
   assert f"trainable: {BASE_TRAINABLE:,d} of {BASE_TOTAL:,d} = 3.36 %" in text
   assert "paper: 12 %" in text and "2.8e+12" in text

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -235,6 +236,21 @@ def _param_counts(setup: TrainSetup) -> Tuple[int, int]:
   return trainable + frozen, trainable
 
 
+def _tensorboard_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.  tensorboardX imports torch when it is installed
+  (3 s of every training process's start on 2 CPU cores) only for a type hint; the writer logs floats."""
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules["torch"]  # a later `import torch` imports it as usual
+  return SummaryWriter
+
+
 class MetricWriter:
   """metrics.jsonl + TensorBoard event files in the workdir (process 0 only)."""
 
@@ -245,9 +261,7 @@ class MetricWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = _tensorboard_writer_class()(os.path.join(workdir, "tensorboard"))
       except ImportError:
         logging.warning("tensorboardX not installed: no TensorBoard event files")
 

@@ -312,6 +312,7 @@ ENTRY %main (a: f32[8], b: u32[8]) -> f32[8] {
   assert set(parts.values()) <= set(profile_step.PARTS)
 
 
+@pytest.mark.slow  # full tier: a fresh interpreter importing the benchmarks (torch, timm, transformers)
 def test_training_step_and_benchmarks_import_without_grain():
   # Accelerator images often carry JAX, Flax, Optax and Orbax but not Grain.
   code = (

@@ -166,6 +166,7 @@ def test_class_names_and_label_prompts():
   assert "The lungs are clear." in prompts["No Finding"]
 
 
+@pytest.mark.slow  # full tier: the default tier's sharded evaluation check is the two-device one above
 @pytest.mark.multidevice
 def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
   """Evaluation on the config's training mesh (FSDP over 4 devices) shards the variables like training."""

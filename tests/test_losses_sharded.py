@@ -88,7 +88,13 @@ def dense_reference(problem):
 @pytest.mark.multidevice
 @pytest.mark.parametrize(
   "shape, force",
-  [((1, 1, 1), True), ((2, 1, 1), False), ((8, 1, 1), False), pytest.param((2, 2, 2), False, marks=pytest.mark.slow)],
+  [
+    ((1, 1, 1), True),
+    ((2, 1, 1), False),
+    # The full tier: the same code path as the 2-device ring, over more devices and axes.
+    pytest.param((8, 1, 1), False, marks=pytest.mark.slow),
+    pytest.param((2, 2, 2), False, marks=pytest.mark.slow),
+  ],
   ids=["1-device-ring", "2", "8", "2x2x2"],
 )
 def test_sharded_equals_dense_in_value_and_gradient(problem, dense_reference, shape, force):
@@ -179,6 +185,7 @@ def _compiled_temp_bytes(batch, batch_axes, mesh):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # full tier: compiles the local loss on two meshes
 @pytest.mark.multidevice
 def test_sharded_local_loss_needs_far_less_temporary_memory():
   mesh = _mesh((8, 1, 1))

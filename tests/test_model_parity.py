@@ -78,6 +78,9 @@ def test_bert_matches_transformers_on_real_weights(
   assert np.abs(theirs[valid]).mean() > 0.05
 
 
+# The full tier (both layouts): a MiniLM-sized adapted tower to initialise and compile; the default tier's
+# identity-adapter checks are test_model.py's on the tiny towers.
+@pytest.mark.slow
 @LAYOUTS
 def test_identity_adapters_leave_bert_unchanged(minilm_batch, minilm_dir, scan_layers, placeholder_params):
   ids, mask = minilm_batch

@@ -124,6 +124,7 @@ def test_one_tower_scanned_the_other_looped(loop_variables):
   _assert_trees_close(out, ref, atol=2e-6)
 
 
+@pytest.mark.slow  # full tier: a scanned dropout forward of its own to compile
 def test_dropout_draws_new_masks_in_every_scanned_layer(monkeypatch):
   cfg = _cfg(True, **{"model.text.dropout": 0.1, "model.text.attention_dropout": 0.1})
   variables = api.init_params(cfg, jax.random.key(0))

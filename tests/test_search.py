@@ -232,7 +232,7 @@ def test_an_interrupted_build_keeps_finished_shards_and_resumes(model, tmp_path,
   assert len(done) == 85 and len(calls) == 1  # only the unfinished shard
 
 
-def test_another_model_config_is_refused_with_a_clear_error(model, val_index, tmp_path):
+def test_another_model_config_is_refused_with_a_clear_error(model, val_index, tmp_path, placeholder_params):
   cfg, variables = model
   other = tiny.get_config()
   other.model.proj_dim = 16
@@ -240,7 +240,7 @@ def test_another_model_config_is_refused_with_a_clear_error(model, val_index, tm
     Index.load(val_index.directory, other)
   out = tmp_path / "idx"
   shutil.copytree(val_index.directory, out)
-  other_vars = api.init_params(other, jax.random.key(0))
+  other_vars = placeholder_params(other)  # refused before anything is embedded
   with pytest.raises(IndexMismatchError, match="another model config"):
     Index.build(other, str(COVID), str(out), variables=other_vars, split="train", progress=False)
   with pytest.raises(IndexMismatchError, match="checkpoint step"):

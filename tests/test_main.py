@@ -34,27 +34,28 @@ def _main(*args):
 def test_train_then_eval_and_embed_from_the_checkpoint(tiny_run, tmp_path):
   # The training is the session's shared tiny run (tests/tiny_runs.py); eval writes into a copy.
   work = tiny_runs.copy_workdir(tiny_run.workdir, tmp_path / "run")
-  assert tiny_runs.saved_steps(work) == [16, 18, 20]  # every 2 steps, the last 3 kept
+  assert tiny_runs.saved_steps(work) == tiny_runs.KEPT_STEPS  # every 2 steps, the last 3 kept
+  oldest, _, latest = tiny_runs.KEPT_STEPS
   records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
   for key in ("step", "loss", "loss_global", "loss_local", "lr_language_adapters", "lr_task_adapters", "samples_per_s"):
     assert key in records[-1], key
   assert list((work / "tensorboard").glob("events.out.tfevents.*"))
 
   stdout = _main(f"--workdir={work}", "--mode=eval")
-  assert "evaluating checkpoint step 20" in stdout
+  assert f"evaluating checkpoint step {latest}" in stdout
   results = json.loads((work / "results.json").read_text())
   assert "covid_cxr/image_to_text/P@5" in results
   assert (work / "results.md").stat().st_size > 200 and (work / "retrieval_examples.png").stat().st_size > 10_000
 
   npz = tmp_path / "emb.npz"
   stdout = _main(
-    f"--checkpoint={work / 'checkpoints' / '16'}",
+    f"--checkpoint={work / 'checkpoints' / str(oldest)}",
     "--mode=embed",
     f"--config.data.eval={DEMO}",
     "--config.data.eval_split=val",
     f"--output={npz}",
   )
-  assert "evaluating checkpoint step 16" in stdout
+  assert f"evaluating checkpoint step {oldest}" in stdout
   with np.load(npz) as data:
     assert data["image_global"].shape == (36, 32) and data["text_global"].shape == (36, 32)
     assert len(data["study_id"]) == 36

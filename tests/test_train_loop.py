@@ -178,20 +178,21 @@ def test_nan_inside_a_log_window_names_the_step_and_the_window(tmp_path, monkeyp
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, tiny_run, capsys):
-  # The shared tiny run (checkpoints 16, 18, 20) with its latest checkpoint damaged.
+  # The shared tiny run (checkpoints 8, 10, 12) with its latest checkpoint damaged.
+  _, previous, latest = tiny_runs.KEPT_STEPS
   work = tiny_runs.copy_workdir(tiny_run.workdir, tmp_path / "damaged")
-  assert tiny_runs.truncate_arrays(work / "checkpoints" / "20") > 0
+  assert tiny_runs.truncate_arrays(work / "checkpoints" / str(latest)) > 0
   logged = len((work / "metrics.jsonl").read_text().splitlines())
   capsys.readouterr()
   train.train_and_evaluate(tiny_runs.config(), str(work))
   out = capsys.readouterr().out
-  assert "checkpoint step 20 cannot be restored" in out and "resuming from step 18" in out
+  assert f"checkpoint step {latest} cannot be restored" in out and f"resuming from step {previous}" in out
   assert len(list((work / "damaged_checkpoints").iterdir())) == 1
-  # Steps 19-20 rerun from step 18 (the lines logged now) and match the uninterrupted run.
+  # The steps after the intact one rerun from it (the lines logged now) and match the uninterrupted run.
   rerun = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()[logged:]]
   rerun = {r["step"]: r["loss"] for r in rerun if "loss" in r}
-  assert sorted(rerun) == [19, 20]
-  for step in (19, 20):
+  assert sorted(rerun) == list(range(previous + 1, latest + 1))
+  for step in range(previous + 1, latest + 1):
     assert rerun[step] == tiny_run.losses[step], step
 
 
@@ -199,10 +200,11 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_run):
   work = tiny_runs.copy_workdir(tiny_run.workdir, tmp_path / "damaged")
   for step in tiny_runs.saved_steps(work):
     tiny_runs.truncate_arrays(work / "checkpoints" / str(step))
-  with pytest.raises(train.NoIntactCheckpointError, match="step 20") as raised:
+  oldest, previous, latest = tiny_runs.KEPT_STEPS
+  with pytest.raises(train.NoIntactCheckpointError, match=f"step {latest}") as raised:
     train.train_and_evaluate(tiny_runs.config(**{"train.num_steps": tiny_runs.NUM_STEPS + 2}), str(work))
-  assert "step 18" in str(raised.value) and "step 16" in str(raised.value)
-  assert not (work / "checkpoints" / "22").exists()
+  assert f"step {previous}" in str(raised.value) and f"step {oldest}" in str(raised.value)
+  assert not (work / "checkpoints" / str(tiny_runs.NUM_STEPS + 2)).exists()
 
 
 def test_workdir_lock_names_its_holder_and_is_released(tmp_path):

@@ -18,10 +18,11 @@ from clinvla_jax.config import load_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
 TINY = REPO / "configs" / "tiny.py"
-NUM_STEPS = 20
+NUM_STEPS = 12
 CHECKPOINT_EVERY = 2
 # The shared run: warm-up 2 (learning rates 0, peak / 2, then the cosine over NUM_STEPS), a
-# checkpoint every 2 steps (the last 3 kept: 16, 18, 20), every step logged.
+# checkpoint every 2 steps (the last 3 kept: 8, 10, 12), every step logged.
+KEPT_STEPS = [NUM_STEPS - 2 * CHECKPOINT_EVERY, NUM_STEPS - CHECKPOINT_EVERY, NUM_STEPS]
 RUN = {
   "data.train": str(DEMO),
   "train.log_every_steps": 1,

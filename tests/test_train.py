@@ -22,12 +22,6 @@ from clinvla_jax.data.source import list_shards
 import tiny_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
-
-
-def _tiny(**overrides):
-  """The shared run's config (tests/tiny_runs.py): its train step compiles once per session."""
-  return tiny_runs.config(**overrides)
 
 
 def _batches(config, n):
@@ -60,12 +54,12 @@ def _run_steps(config, mesh_shape, batches):
 @pytest.mark.multidevice
 def test_meshes_give_equal_losses_and_parameters():
   assert jax.device_count() >= 8, "multidevice tests have 8 simulated CPU devices (tests/conftest.py)"
-  config = _tiny()
+  config = tiny_runs.config()
   batches = _batches(config, 3)
-  ref_losses, ref_params, _ = _run_steps(_tiny(), (1, 1, 1), batches)
+  ref_losses, ref_params, _ = _run_steps(tiny_runs.config(), (1, 1, 1), batches)
   assert np.all(np.isfinite(ref_losses)) and ref_losses[0] != ref_losses[2]
   for shape in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
-    losses, params, setup = _run_steps(_tiny(), shape, batches)
+    losses, params, setup = _run_steps(tiny_runs.config(), shape, batches)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0, err_msg=str(shape))
     flat_ref = traverse_util.flatten_dict(ref_params)
     for path, value in traverse_util.flatten_dict(params).items():
@@ -98,7 +92,7 @@ def test_path_rules_cover_every_parameter_and_fail_on_gaps():
 def test_frozen_backbone_has_no_gradient_and_no_optimizer_state():
   from clinvla_jax import train
 
-  config = _tiny()
+  config = tiny_runs.config()
   setup = train.TrainSetup(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]))
   frozen_paths = set(optim.flat_paths(setup.frozen))
   trainable_paths = set(optim.flat_paths(setup.trainable_init))
@@ -349,7 +343,7 @@ def test_incompatible_checkpoint_is_a_clear_error(tmp_path, tiny_run):
 def test_nan_loss_stops_with_step_and_saves_nothing(tmp_path):
   from clinvla_jax import train
 
-  config = _tiny(**{"train.checkpoint_every_steps": 1})
+  config = tiny_runs.config(**{"train.checkpoint_every_steps": 1})
   config.model.logit_scale_init = float("nan")
   with pytest.raises(train.NonFiniteLossError, match="at step 1"):
     train.train_and_evaluate(config, str(tmp_path))

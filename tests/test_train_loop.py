@@ -3,7 +3,6 @@ the workdir lock, best-checkpoint ranking, init_state, peak FLOP table.  Signal 
 
 import json
 import os
-import pathlib
 
 import jax
 import numpy as np
@@ -15,15 +14,6 @@ from clinvla_jax.data.prefetch import DevicePrefetcher
 from clinvla_jax.data.source import list_shards
 
 import tiny_runs
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
-
-
-def _tiny(**overrides):
-  """The shared run's config (tests/tiny_runs.py): a test that compiles its train step or its initialisation
-  finds them in the session's compile cache (whichever of it and the shared run comes first compiles)."""
-  return tiny_runs.config(**overrides)
 
 
 def _single_device_setup(config):
@@ -54,7 +44,7 @@ def _first_device_mesh(make_mesh):
 
 
 def test_train_step_makes_no_implicit_transfer():
-  config = _tiny()
+  config = tiny_runs.config()
   setup = _single_device_setup(config)
   state = setup.init_state()
   host = next(iter(_loader(config)))
@@ -77,7 +67,7 @@ def test_loop_runs_under_a_disallowing_transfer_guard(tmp_path):
   # The step loop (batch placement, step, metric fetch) makes only explicit
   # transfers.  On CPU a device->host read is no transfer, so this guard
   # catches implicit host->device ones here, and both kinds on accelerators.
-  config = _tiny(
+  config = tiny_runs.config(
     **{
       "train.num_steps": 5,
       "train.log_every_steps": 2,
@@ -97,7 +87,7 @@ def test_loop_runs_under_a_disallowing_transfer_guard(tmp_path):
 
 
 def test_init_state_can_be_called_twice():
-  config = _tiny()
+  config = tiny_runs.config()
   setup = _single_device_setup(config)
   host = next(iter(_loader(config)))
   batch = sharding.global_batch(
@@ -148,7 +138,7 @@ def test_prefetcher_reports_the_position_after_the_consumed_batch(depth):
 
 
 def test_prefetcher_over_the_grain_loader_resumes_exactly():
-  config = _tiny()
+  config = tiny_runs.config()
   loader = _loader(config)
   reference = [b["patches"] for b, _ in zip(loader.iterator(), range(5))]
   prefetcher = DevicePrefetcher(loader.iterator(), lambda b: b, depth=2)
@@ -171,7 +161,7 @@ def test_nan_inside_a_log_window_names_the_step_and_the_window(tmp_path, monkeyp
 
   monkeypatch.setattr(train.MetricWindow, "add", add_with_nan_at_step_3)
   # The shared run's schedule, so the train step is the one the other tests compiled; step 3 ends it.
-  config = _tiny(**{"train.log_every_steps": 4, "train.checkpoint_every_steps": 100})
+  config = tiny_runs.config(**{"train.log_every_steps": 4, "train.checkpoint_every_steps": 100})
   with pytest.raises(train.NonFiniteLossError, match=r"loss at step 3 \(log window steps 2-4\)"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not any((tmp_path / "checkpoints").glob("[0-9]*"))
@@ -212,7 +202,7 @@ def test_workdir_lock_names_its_holder_and_is_released(tmp_path):
     with pytest.raises(workdir_lock.WorkdirLockedError, match=f"pid {os.getpid()}"):
       workdir_lock.WorkdirLock(str(tmp_path)).acquire()
     with pytest.raises(workdir_lock.WorkdirLockedError, match="in use by another trainer"):
-      train.train_and_evaluate(_tiny(), str(tmp_path))
+      train.train_and_evaluate(tiny_runs.config(), str(tmp_path))
   workdir_lock.WorkdirLock(str(tmp_path)).acquire().release()
 
 
@@ -235,7 +225,7 @@ def test_best_checkpoint_ranks_every_evaluated_step(tmp_path):
     calls.append(step)
     return {"score": scores[step]}
 
-  config = _tiny(
+  config = tiny_runs.config(
     **{
       "train.num_steps": 6,
       "train.checkpoint_every_steps": 100,

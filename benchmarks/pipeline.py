@@ -49,6 +49,7 @@ import numpy as np
 
 from clinvla_jax.data import masking
 from clinvla_jax.data import pipeline
+from clinvla_jax.data import schema
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 
@@ -81,7 +82,7 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 def _synthetic_view(rng: np.random.Generator) -> np.ndarray:
   """A smooth, X-ray-like 224x224 image (compresses well as PNG)."""
-  yy, xx = np.mgrid[0 : records.IMAGE_SIZE, 0 : records.IMAGE_SIZE] / records.IMAGE_SIZE
+  yy, xx = np.mgrid[0 : schema.IMAGE_SIZE, 0 : schema.IMAGE_SIZE] / schema.IMAGE_SIZE
   a, b, c = rng.uniform(1, 4, 3)
   img = 128 + 60 * np.sin(a * xx + c) * np.cos(b * yy) - 40 * (xx - 0.5) ** 2
   return img.clip(0, 255).astype(np.uint8)
@@ -96,23 +97,23 @@ def _pool_views(count: int, pattern: str | None, seed: int) -> list[np.ndarray]:
   files = sorted(glob.glob(pattern))
   if not files:
     raise FileNotFoundError(f"--pool_images={pattern} matches nothing")
-  size = (records.IMAGE_SIZE, records.IMAGE_SIZE)
+  size = (schema.IMAGE_SIZE, schema.IMAGE_SIZE)
   return [np.asarray(Image.open(f).convert("L").resize(size), np.uint8) for f in files]
 
 
 def _pool_records(distinct: int, pattern: str | None, codec: str) -> list[bytes]:
   """Encoded studies with four valid views each and random text and labels."""
-  views = _pool_views(distinct * records.NUM_VIEWS, pattern, seed=0)
+  views = _pool_views(distinct * schema.NUM_VIEWS, pattern, seed=0)
   rng = np.random.default_rng(1)
   out = []
   for i in range(distinct):
-    images = np.stack([views[(i * records.NUM_VIEWS + v) % len(views)] for v in range(records.NUM_VIEWS)])
-    length = int(rng.integers(20, records.MAX_TEXT_LEN))
-    ids = np.zeros(records.MAX_TEXT_LEN, np.int32)
+    images = np.stack([views[(i * schema.NUM_VIEWS + v) % len(views)] for v in range(schema.NUM_VIEWS)])
+    length = int(rng.integers(20, schema.MAX_TEXT_LEN))
+    ids = np.zeros(schema.MAX_TEXT_LEN, np.int32)
     ids[:length] = rng.integers(1000, 30000, length)
     example = {
       "images": images,
-      "view_valid": np.ones(records.NUM_VIEWS, bool),
+      "view_valid": np.ones(schema.NUM_VIEWS, bool),
       "input_ids": ids,
       "attention_mask": (ids > 0).astype(np.int32),
       "text": "synthetic report " * 10,
@@ -185,7 +186,7 @@ def decode_cost_us(src: source_lib.ArrayRecordSource, count: int = 256, batch: i
   ]
   mask = (time.perf_counter() - start) / count
   idx = np.concatenate(idx)
-  out = np.empty((records.NUM_VIEWS, num_kept, records.PATCH_SIZE**2), np.uint8)
+  out = np.empty((schema.NUM_VIEWS, num_kept, schema.PATCH_SIZE**2), np.uint8)
   start = time.perf_counter()
   for parts, rows in zip(parsed, idx):
     flat = rows + np.asarray(parts.row_start, np.int32)[:, None]
@@ -211,7 +212,7 @@ def tfds_cost_us(src: source_lib.ArrayRecordSource, folder: str, count: int = 12
   """
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
+    from clinvla_jax.data import tfds_format, tfds_writer  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   count = min(count, len(src))
@@ -222,7 +223,7 @@ def tfds_cost_us(src: source_lib.ArrayRecordSource, folder: str, count: int = 12
     writer.write(src[i])
   writer.close()
   num_labels = records.decode_record(src[0], with_images=False)["labels"].shape[0]
-  tfds_format.write_builder_dir(
+  tfds_writer.write_builder_dir(
     folder, dataset="synthetic", splits={"train": [shard]}, label_names=[f"l{k}" for k in range(num_labels)]
   )
   ds = tfds.builder_from_directory(folder).as_data_source("train")

@@ -161,6 +161,31 @@ class Checkpointer:
       state = to_wanted(state)
     return state, (restored[DATA_ITER] if data_iter is not None else None)
 
+  def restore_params(self, step: int, abstract_params):
+    """The trainable parameters at ``step``, in the shardings (and block layout) of ``abstract_params``.
+
+    For evaluation: no optimizer is needed. The step and optimizer state are read as they were saved (their
+    metadata gives the target) and dropped; the parameters must fit ``abstract_params`` as in ``restore``.
+    """
+    try:
+      meta = self.manager.item_metadata(step)[STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      raise IncompatibleCheckpointError(f"{self.directory}/{step}: unreadable checkpoint metadata ({e})") from e
+    if "params" not in meta:
+      raise IncompatibleCheckpointError(f"{self.directory}/{step}: no trainable parameters in the checkpoint")
+    saved = _shapes({"params": meta["params"]})
+    target, to_wanted = _in_saved_layout({"params": abstract_params}, saved)
+    self._check_compatible(step, target, saved)
+    as_saved = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_first_sharding(abstract_params)),
+      {k: v for k, v in meta.items() if k != "params"},
+    )
+    restored = self.manager.restore(
+      step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore({**as_saved, **target})})
+    )[STATE]
+    params = {"params": restored["params"]}
+    return (to_wanted(params) if to_wanted is not None else params)["params"]
+
   def restore_latest_intact(self, abstract_state, data_iter=None) -> Tuple[Any, Any, Optional[int]]:
     """(state, data_iter, step) from the newest step that restores; (None, data_iter, None) if none exist.
 
@@ -265,6 +290,15 @@ def _in_saved_layout(abstract_state, saved: Optional[Dict[str, tuple]]):
   else:
     convert = jax.jit(lambda tree: layout.to_layouts(tree, back))
   return target, convert
+
+
+def _first_sharding(abstract_tree) -> jax.sharding.Sharding:
+  """Replicated over the mesh ``abstract_tree`` is sharded on (one device when it carries no sharding)."""
+  for leaf in jax.tree_util.tree_leaves(abstract_tree):
+    mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+    if mesh is not None:
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def _shapes(tree) -> Optional[Dict[str, tuple]]:

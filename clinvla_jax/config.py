@@ -193,7 +193,7 @@ def _get(config, field: str, default=_MISSING):
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every rule a config must keep before a model is built; raises ConfigError listing each broken one."""
-  from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.data import schema  # pylint: disable=g-import-not-at-top
 
   problems = []
   for field, rule, test, integer in RANGES:
@@ -211,7 +211,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   problems.extend(_mesh_problems(_get(config, "mesh", None)))
   problems = [p for p in problems if p]
   if not problems:  # the rules between fields assume each field is in range
-    problems = _cross_field_problems(config, records.MAX_TEXT_LEN)
+    problems = _cross_field_problems(config, schema.MAX_TEXT_LEN)
   if problems:
     raise ConfigError(problems)
   return config

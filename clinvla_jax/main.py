@@ -79,10 +79,10 @@ def run_train(config, workdir: str) -> None:
 
 def _variables_for_evaluation(config):
   """From --checkpoint or --workdir's checkpoints; else the (pretrained or seeded) initial weights."""
-  from clinvla_jax import train
+  from clinvla_jax import weights
 
   source = _checkpoint_source()
-  variables, step = train.evaluation_variables(config, source)
+  variables, step = weights.evaluation_variables(config, source)
   if source:
     print(f"evaluating checkpoint step {step} from {source}", flush=True)
   else:
@@ -112,9 +112,9 @@ def run_eval(config) -> None:
 
 
 def _checkpoint_workdir(path: str) -> str:
-  from clinvla_jax import train
+  from clinvla_jax import weights
 
-  return train.checkpoint_location(path)[0]
+  return weights.checkpoint_location(path)[0]
 
 
 def run_embed(config) -> None:

@@ -28,6 +28,7 @@ from absl import logging
 
 from clinvla_jax import api, console, losses, optim, perf, preemption, sharding, workdir_lock
 from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # noqa: F401  (re-exported)
+from clinvla_jax.convert import pretrained
 from clinvla_jax.model import flops as flops_lib
 from clinvla_jax.model import layers
 from clinvla_jax.model.clinvla import matmul_ready_params
@@ -152,8 +153,6 @@ class TrainSetup:
     params = jax.jit(lambda key: init(key)["params"], out_shardings=full_shardings)(
       jax.random.key(int(self.config.seed))
     )
-    from clinvla_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
-
     if not pretrained.wants_pretrained(self.config):
       return params
     host = {"params": jax.tree_util.tree_map(np.asarray, jax.device_get(params))}
@@ -291,50 +290,6 @@ def _train_paths(config):
       "(e.g. --config.data.train=/data/mimic_cxr_converted)"
     )
   return source.list_shards(config.data.train, split=config.data.train_split or None)
-
-
-def checkpoint_location(path: str) -> Tuple[str, Optional[int]]:
-  """(workdir, step) from a workdir, its checkpoints/ folder, or one checkpoints/<step> folder."""
-  path = os.path.abspath(path)
-  step = None
-  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-    step = int(os.path.basename(path))
-    path = os.path.dirname(path)
-  if os.path.basename(path) == "checkpoints":
-    path = os.path.dirname(path)
-  return path, step
-
-
-def restore_variables(config, checkpoint: str, step: Optional[int] = None) -> Tuple[Dict[str, Any], int]:
-  """Full variables for evaluation: the frozen backbone (pretrained or seeded init) + a checkpoint's trainable tree."""
-  workdir, path_step = checkpoint_location(checkpoint)
-  step = step if step is not None else path_step
-  setup = TrainSetup(config)
-  checkpointer = Checkpointer(workdir, async_save=False)
-  try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    state, _ = checkpointer.restore(step, setup.abstract_state)
-  finally:
-    checkpointer.close()
-  return setup.variables(state), int(step)
-
-
-def initial_variables(config) -> Dict[str, Any]:
-  """The weights before any training: the seeded init, then the pretrained towers of ``config.init``."""
-  from clinvla_jax.convert import pretrained  # pylint: disable=g-import-not-at-top
-
-  variables = api.init_params(config, jax.random.key(int(config.seed)))
-  return pretrained.load_configured_weights(variables, config)
-
-
-def evaluation_variables(config, checkpoint: Optional[str] = None) -> Tuple[Dict[str, Any], Optional[int]]:
-  """(variables, step) to evaluate, embed or index with: a checkpoint's (`restore_variables`), else
-  `initial_variables` with step None."""
-  if checkpoint:
-    return restore_variables(config, checkpoint)
-  return initial_variables(config), None
 
 
 def eval_schedule(config) -> Dict[str, int]:

@@ -39,6 +39,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from clinvla_jax import files
+from clinvla_jax.data import studies as studies_lib
 from data_prep import common
 
 LABELS = (
@@ -87,7 +89,7 @@ def select_5x200(
   for cls in classes:
     pool = sorted((r for r in rows if is_5x200_row(r, cls)), key=lambda r: r["Path"])
     if len(pool) < per_class:
-      raise common.ConversionError(f"5x200: only {len(pool)} rows qualify for {cls}")
+      raise studies_lib.ConversionError(f"5x200: only {len(pool)} rows qualify for {cls}")
     pick = sorted(rng.choice(len(pool), per_class, replace=False).tolist())
     out.extend((cls, pool[i]) for i in pick)
   return out
@@ -114,22 +116,22 @@ def _patient(path: str) -> str:
   return m.group(1) if m else path
 
 
-def _single_image_plan(input_dir, items, split, row_unit, notes) -> common.Plan:
+def _single_image_plan(input_dir, items, split, row_unit, notes) -> studies_lib.Plan:
   studies = []
   for row_id, row in items:
     path = row["Path"]
     studies.append(
-      common.Study(
+      studies_lib.Study(
         study_id=path,
         patient_id=_patient(path),
         split=split,
         text="",
         labels=_labels(row),
-        views=(common.ViewRef(resolve(input_dir, path), path, row_id), None, None, None),
+        views=(studies_lib.ViewRef(resolve(input_dir, path), path, row_id), None, None, None),
         rows=(row_id,),
       )
     )
-  return common.Plan(
+  return studies_lib.Plan(
     dataset="chexpert",
     input_rows=len(items),
     row_unit=row_unit,
@@ -142,13 +144,13 @@ def _single_image_plan(input_dir, items, split, row_unit, notes) -> common.Plan:
 
 def plan_5x200(
   input_dir: str, labels_csv: str = "", seed: int = 0, per_class: int = 200, list_csv: str = ""
-) -> common.Plan:
+) -> studies_lib.Plan:
   if list_csv:
     plan = plan_list(input_dir, list_csv, "5x200")
     for study in plan.studies:
       positive = [c for c in CLASSES_5X200 if study.labels[LABELS.index(c)] == 1.0]
       if len(positive) != 1:
-        raise common.ConversionError(
+        raise studies_lib.ConversionError(
           f"{list_csv}: {study.study_id} is positive for {positive or 'none'} of {', '.join(CLASSES_5X200)}; "
           "a 5x200 list has exactly one per image"
         )
@@ -168,23 +170,23 @@ def plan_5x200(
   return _single_image_plan(input_dir, items, "5x200", "selected image", notes)
 
 
-def plan_list(input_dir: str, list_csv: str, split_name: str = "") -> common.Plan:
+def plan_list(input_dir: str, list_csv: str, split_name: str = "") -> studies_lib.Plan:
   rows = common.read_table(list_csv)
   if rows and "Path" not in rows[0]:
-    raise common.ConversionError(f"{list_csv}: no Path column (text queries need no conversion)")
+    raise studies_lib.ConversionError(f"{list_csv}: no Path column (text queries need no conversion)")
   split = split_name or os.path.splitext(os.path.basename(list_csv))[0]
   items = [(f"{os.path.basename(list_csv)} row {i}: {r['Path']}", r) for i, r in enumerate(rows, start=1)]
   notes = {
     "selection": "published_list",
     "selection_detail": f"published list {list_csv}",
     "list": list_csv,
-    "list_sha256": common.sha256_file(list_csv),
+    "list_sha256": files.sha256_file(list_csv),
     "views_decided_by": "list (frontal images)",
   }
   return _single_image_plan(input_dir, items, split, "list row", notes)
 
 
-def plan_studies(input_dir: str) -> common.Plan:
+def plan_studies(input_dir: str) -> studies_lib.Plan:
   tables = [("train.csv", "train"), ("valid.csv", "val")]
   rows, rejects = [], []
   for name, split in tables:
@@ -192,17 +194,17 @@ def plan_studies(input_dir: str) -> common.Plan:
     if os.path.exists(path):
       rows.extend((f"{name}: {r['Path']}", r, split) for r in common.read_table(path))
   if not rows:
-    raise common.ConversionError(f"{input_dir}: neither train.csv nor valid.csv found")
-  mapped: list[common.Row] = []
+    raise studies_lib.ConversionError(f"{input_dir}: neither train.csv nor valid.csv found")
+  mapped: list[studies_lib.Row] = []
   for row_id, row, split in rows:
     m = _STUDY_RE.search(row["Path"])
     if not m:
-      rejects.append(common.Reject(row_id, "missing_metadata", "path has no patient/study"))
+      rejects.append(studies_lib.Reject(row_id, "missing_metadata", "path has no patient/study"))
       continue
     fl = (row.get("Frontal/Lateral") or "").strip().lower()
     num = int(m.group(2))
     mapped.append(
-      common.Row(
+      studies_lib.Row(
         row_id=row_id,
         patient_id=m.group(1),
         study_key=num,
@@ -217,20 +219,20 @@ def plan_studies(input_dir: str) -> common.Plan:
       )
     )
 
-  def describe(study: common.StudyRows) -> common.Described:
+  def describe(study: studies_lib.StudyRows) -> studies_lib.Described:
     used = tuple(study.views.values())
-    return common.Described(
+    return studies_lib.Described(
       f"{study.patient_id}/study{study.study_key}", rows=used, text="", labels=_labels(used[0].data)
     )
 
   # Study numbers order a patient's studies but are not dates.
-  studies, assembly_rejects = common.assemble_studies(mapped, describe, time_in_days=False)
+  studies, assembly_rejects = studies_lib.assemble_studies(mapped, describe, time_in_days=False)
   rejects.extend(assembly_rejects)
   notes = {
     "views_decided_by": "Frontal/Lateral column",
-    "prior_definition": common.PRIOR_RULE + " (study numbers order the studies; no dates)",
+    "prior_definition": studies_lib.PRIOR_RULE + " (study numbers order the studies; no dates)",
   }
-  return common.Plan(
+  return studies_lib.Plan(
     dataset="chexpert",
     input_rows=len(rows),
     row_unit="image row",
@@ -241,14 +243,14 @@ def plan_studies(input_dir: str) -> common.Plan:
   )
 
 
-def build_plan(input_dir: str, mode: str = "studies", **kw) -> common.Plan:
+def build_plan(input_dir: str, mode: str = "studies", **kw) -> studies_lib.Plan:
   if mode == "studies":
     return plan_studies(input_dir)
   if mode == "5x200":
     return plan_5x200(input_dir, **kw)
   if mode == "list":
     return plan_list(input_dir, **kw)
-  raise common.ConversionError(f"unknown mode {mode!r}")
+  raise studies_lib.ConversionError(f"unknown mode {mode!r}")
 
 
 def _main(argv):

@@ -6,7 +6,7 @@ clinical_notes, ...) and ``DIR/images/``.
 * One record per study = (patient, ``offset``); rows of a patient with a blank
   offset form one undated study.
 * The patient's previous dated study (largest smaller offset) with a usable view
-  supplies the prior frontal/lateral views (``common.PRIOR_RULE``, shared by the
+  supplies the prior frontal/lateral views (``studies_lib.PRIOR_RULE``, shared by the
   converters); ``prior_days`` is the offset difference.
 * Text: the study's ``clinical_notes`` (deduplicated), cleaned like a report.
 * Labels: ``finding``, split on "," and "/" (multi-label); ``todo`` and blank
@@ -36,7 +36,9 @@ import re
 from absl import app
 from absl import flags
 
+from clinvla_jax.data import images as images_lib
 from clinvla_jax.data import text as text_lib
+from clinvla_jax.data import studies as studies_lib
 from data_prep import common
 
 _UNKNOWN_FINDINGS = {"", "todo", "unknown", "?"}
@@ -65,12 +67,12 @@ def _filename_view(name: str):
 
 def read_metadata(path: str) -> list[dict[str, str]]:
   if not os.path.isfile(path):
-    raise common.ConversionError(f"{path}: metadata.csv not found")
+    raise studies_lib.ConversionError(f"{path}: metadata.csv not found")
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   need = {"patientid", "offset", "finding", "view", "filename", "clinical_notes"}
   if rows and not need <= set(rows[0]):
-    raise common.ConversionError(f"{path}: missing columns {sorted(need - set(rows[0]))}")
+    raise studies_lib.ConversionError(f"{path}: missing columns {sorted(need - set(rows[0]))}")
   return rows
 
 
@@ -79,45 +81,45 @@ UNLABELLED_POLICIES = ("reject", "train")
 
 def build_plan(
   input_dir: str, val_percent: float = 20.0, image_dir: str = "images", unlabelled: str = "reject"
-) -> common.Plan:
+) -> studies_lib.Plan:
   """Reads metadata.csv and returns the studies to write (see module docstring)."""
   if unlabelled not in UNLABELLED_POLICIES:
     raise ValueError(f"unlabelled={unlabelled!r}: expected one of {UNLABELLED_POLICIES}")
   rows = read_metadata(os.path.join(input_dir, "metadata.csv"))
   img_root = os.path.join(input_dir, image_dir)
-  rejects: list[common.Reject] = []
+  rejects: list[studies_lib.Reject] = []
   view_method = collections.Counter()
   seen_files: dict[str, str] = {}
-  usable: list[common.Row] = []
+  usable: list[studies_lib.Row] = []
 
   for i, row in enumerate(rows, start=1):
     fn = row["filename"].strip()
     row_id = f"metadata.csv row {i} ({fn or 'no filename'})"
     pid = row["patientid"].strip()
     if not fn or not pid:
-      rejects.append(common.Reject(row_id, "missing_metadata", "blank filename or patientid"))
+      rejects.append(studies_lib.Reject(row_id, "missing_metadata", "blank filename or patientid"))
       continue
     if fn in seen_files:
       rejects.append(
-        common.Reject(row_id, "duplicate_row", f"image {fn} already listed under patient {seen_files[fn]}")
+        studies_lib.Reject(row_id, "duplicate_row", f"image {fn} already listed under patient {seen_files[fn]}")
       )
       continue
     seen_files[fn] = pid
     path = os.path.join(img_root, fn)
-    view = common.view_from_tag(row["view"])
+    view = studies_lib.view_from_tag(row["view"])
     method = "metadata view tag"
     if view is None:
       view, method = _filename_view(fn), "file name"
     if view is None:
       try:
-        view, score = common.content_view(path)
-      except common.images_lib.ImageError as e:
-        rejects.append(common.Reject(row_id, "bad_image", e.problem))
+        view, score = studies_lib.content_view(path)
+      except images_lib.ImageError as e:
+        rejects.append(studies_lib.Reject(row_id, "bad_image", e.problem))
         continue
       method = "pixel content"
       if view is None:
         rejects.append(
-          common.Reject(
+          studies_lib.Reject(
             row_id, "unknown_view", f"view {row['view']!r} and pixels ambiguous (frontal score {score:+.3f})"
           )
         )
@@ -126,7 +128,7 @@ def build_plan(
     off = _offset(row["offset"])
     # Rows of a patient with a blank offset form one undated study.
     usable.append(
-      common.Row(
+      studies_lib.Row(
         row_id=row_id,
         patient_id=pid,
         study_key="undated" if off is None else off,
@@ -143,7 +145,7 @@ def build_plan(
     {p for r in usable for p in _label_parts(r.data["finding"]) if p.lower() not in _UNKNOWN_FINDINGS}
   )
 
-  def describe(study: common.StudyRows) -> common.Described:
+  def describe(study: studies_lib.StudyRows) -> studies_lib.Described:
     off = study.study_key
     study_id = f"{study.patient_id}_{'undated' if off == 'undated' else f'{off:g}'}"
     rows_here = list(study.views.values())
@@ -158,10 +160,10 @@ def build_plan(
     # train (the patient is held out), so it is rejected.
     keep_unlabelled = unlabelled == "train" and study.split == "train" and len(unknown) == len(rows_here)
     if not keep_unlabelled:
-      out_rejects += [common.Reject(r.row_id, "unknown_label", f"finding {r.data['finding']!r}") for r in unknown]
+      out_rejects += [studies_lib.Reject(r.row_id, "unknown_label", f"finding {r.data['finding']!r}") for r in unknown]
       rows_here = [r for r in rows_here if r not in unknown]
     if not rows_here:
-      return common.Described(study_id, rejects=tuple(out_rejects))
+      return studies_lib.Described(study_id, rejects=tuple(out_rejects))
     notes = []
     for r in rows_here:
       note = " ".join((r.data.get("clinical_notes") or "").split())
@@ -170,20 +172,20 @@ def build_plan(
     cleaned = text_lib.report_text(full_report="\n".join(notes)).text if notes else ""
     if not cleaned:
       out_rejects += [
-        common.Reject(r.row_id, "empty_report", f"study {study_id}: no clinical notes") for r in rows_here
+        studies_lib.Reject(r.row_id, "empty_report", f"study {study_id}: no clinical notes") for r in rows_here
       ]
-      return common.Described(study_id, rejects=tuple(out_rejects))
+      return studies_lib.Described(study_id, rejects=tuple(out_rejects))
     found = {p for r in rows_here for p in _label_parts(r.data["finding"]) if p.lower() not in _UNKNOWN_FINDINGS}
-    return common.Described(
+    return studies_lib.Described(
       study_id,
       rows=tuple(rows_here),
       text=cleaned,
-      labels=common.multi_hot(found, label_names),
+      labels=studies_lib.multi_hot(found, label_names),
       rejects=tuple(out_rejects),
     )
 
-  studies, assembly_rejects = common.assemble_studies(
-    usable, describe, split_of=lambda pid: common.hash_split(pid, val_percent)
+  studies, assembly_rejects = studies_lib.assemble_studies(
+    usable, describe, split_of=lambda pid: studies_lib.hash_split(pid, val_percent)
   )
   rejects.extend(assembly_rejects)
 
@@ -195,14 +197,14 @@ def build_plan(
     ),
     "view_decisions": dict(view_method),
     "study_definition": "(patientid, offset); undated rows of a patient form one study",
-    "prior_definition": common.PRIOR_RULE,
+    "prior_definition": studies_lib.PRIOR_RULE,
     "text_source": "clinical_notes",
     "label_source": "finding, split on ',' and '/'",
     "split_rule": f"sha256(patientid) -> val {val_percent}%, rest train"
     + ("; studies without a known finding: train patients only" if unlabelled == "train" else ""),
     "unlabelled": unlabelled,
   }
-  return common.Plan(
+  return studies_lib.Plan(
     dataset="covid_cxr",
     input_rows=len(rows),
     row_unit="metadata.csv row",

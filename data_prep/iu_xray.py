@@ -48,6 +48,7 @@ from absl import flags
 
 from clinvla_jax.data import images as images_lib
 from clinvla_jax.data import text as text_lib
+from clinvla_jax.data import studies as studies_lib
 from data_prep import common
 
 _IMAGE_EXT = (".png", ".jpg", ".jpeg")
@@ -85,7 +86,7 @@ def read_reports(path: str) -> list[dict]:
         if m.isfile() and m.name.endswith(".xml"):
           out.append(_parse_report(tar.extractfile(m).read(), m.name))
   else:
-    raise common.ConversionError(f"{path}: no IU reports (tgz or folder of XML) found")
+    raise studies_lib.ConversionError(f"{path}: no IU reports (tgz or folder of XML) found")
   key = lambda r: int(re.sub(r"\D", "", r["file"]) or 0)
   return sorted(out, key=key)
 
@@ -130,7 +131,7 @@ def _score(path: str, tag: str, first: bool) -> float:
   h, w = arr.shape
   s = images_lib.frontal_score(arr)
   s += 0.05 if h / w < 1.1 else -0.05
-  tag_view = common.view_from_tag(tag)
+  tag_view = studies_lib.view_from_tag(tag)
   s += {"frontal": 0.05, "lateral": -0.05}.get(tag_view, 0.0)
   return s + (0.02 if first else 0.0)
 
@@ -167,7 +168,7 @@ def build_plan(
   metadata_path: str = "",
   min_label_count: int = 20,
   val_percent: float = 20.0,
-) -> common.Plan:
+) -> studies_lib.Plan:
   reports_path = reports_path or next(
     (
       p
@@ -192,33 +193,33 @@ def build_plan(
     paths = [(iid, found[iid]) for iid in r["images"] if iid in found]
     if not paths:
       why = "report lists no images" if not r["images"] else (f"no image file for {', '.join(r['images'])}")
-      rejects.append(common.Reject(row_id, "no_images", why))
+      rejects.append(studies_lib.Reject(row_id, "no_images", why))
       continue
     cleaned = text_lib.report_text(findings=r["findings"], impression=r["impression"]).text
     if not cleaned:
-      rejects.append(common.Reject(row_id, "empty_report", "no FINDINGS or IMPRESSION text"))
+      rejects.append(studies_lib.Reject(row_id, "empty_report", "no FINDINGS or IMPRESSION text"))
       continue
     frontal, lateral, extras, problems, _ = assign_views(paths, tags)
     if frontal is None and lateral is None:
-      rejects.append(common.Reject(row_id, "bad_image", "; ".join(p for _, _, p in problems)))
+      rejects.append(studies_lib.Reject(row_id, "bad_image", "; ".join(p for _, _, p in problems)))
       continue
     for t in (frontal, lateral):
       if t is not None:
-        tag_view = common.view_from_tag(tags.get(t[1], ""))
+        tag_view = studies_lib.view_from_tag(tags.get(t[1], ""))
         decisions["agrees with DICOM tag" if tag_view else "no DICOM tag"] += 1
         if tag_view and tag_view != ("frontal" if t is frontal else "lateral"):
           decisions["overrode DICOM tag"] += 1
           decisions["agrees with DICOM tag"] -= 1
     decisions["extra images not used"] += len(extras)
     present = {m.split("/")[0].strip() for m in r["mesh_major"]}
-    ref = lambda t: None if t is None else common.ViewRef(t[2], t[1], row_id)
+    ref = lambda t: None if t is None else studies_lib.ViewRef(t[2], t[1], row_id)
     studies.append(
-      common.Study(
+      studies_lib.Study(
         study_id=r["uid"],
         patient_id=r["uid"],
-        split=common.hash_split(r["uid"], val_percent),
+        split=studies_lib.hash_split(r["uid"], val_percent),
         text=cleaned,
-        labels=common.multi_hot(present, label_names),
+        labels=studies_lib.multi_hot(present, label_names),
         views=(ref(frontal), ref(lateral), None, None),
         rows=(row_id,),
       )
@@ -239,7 +240,7 @@ def build_plan(
     "split_rule": f"sha256(report uid) -> val {val_percent}%, rest train",
     "licence": "CC BY-NC-ND 4.0 (Indiana University / NLM Open-I)",
   }
-  return common.Plan(
+  return studies_lib.Plan(
     dataset="iu_xray",
     input_rows=len(reports),
     row_unit="report (XML)",

@@ -23,7 +23,9 @@ from pathlib import Path
 from absl import app
 from absl import flags
 
-from data_prep import common
+from clinvla_jax import files
+from clinvla_jax.data import records
+from clinvla_jax.data import writer
 from data_prep import covid_cxr
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -55,11 +57,9 @@ Metadata: CC BY-NC-SA 4.0.  Only images whose licence allows a resized copy
 
 
 def _used_images(out_dir: str) -> set[str]:
-  from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
-
   used = set()
   for path in glob.glob(os.path.join(out_dir, "*.array_record")):
-    for data in common.read_shard(path):
+    for data in writer.read_shard(path):
       used.update(i for i in records.decode_record(data, with_images=False)["image_ids"] if i)
   return used
 
@@ -86,7 +86,7 @@ def make_demo(
   # patch-major codec); a few hundred studies read fast enough either way.
   # The TFDS copy would double the bundled size; convert with the converter
   # itself (python -m data_prep.covid_cxr) to get one.
-  opts = common.Options(workers=workers, shard_size=64, progress=progress, image_codec="png", tfds=False)
+  opts = writer.Options(workers=workers, shard_size=64, progress=progress, image_codec="png", tfds=False)
   jobs = {
     "covid_cxr": (
       lambda: covid_cxr.build_plan(str(data / "covid_cxr_dev"), val_percent=DEMO_VAL_PERCENT, unlabelled="train"),
@@ -98,12 +98,12 @@ def make_demo(
     target = out / name
     if target.exists():
       shutil.rmtree(target)
-    common.run(plan_fn(), str(target), o)
+    writer.run(plan_fn(), str(target), o)
     # Resume bookkeeping is useless in a finished, bundled set.
     for p in glob.glob(str(target / "*.array_record.json")) + glob.glob(str(target / "part-*.json")):
       os.remove(p)
-    manifests[name] = common.load_manifest(str(target))
-  common.atomic_write_bytes(str(out / "ATTRIBUTION.md"), _attribution(data, out).encode())
+    manifests[name] = writer.load_manifest(str(target))
+  files.atomic_write_bytes(str(out / "ATTRIBUTION.md"), _attribution(data, out).encode())
   return manifests
 
 

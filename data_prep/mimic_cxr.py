@@ -12,7 +12,7 @@ Input (``--input`` = the MIMIC-CXR-JPG root):
 
 Per study: current frontal (PA preferred, then AP) and lateral (LATERAL, then
 LL); the patient's previous study by (StudyDate, StudyTime) with a usable view
-supplies the prior frontal and lateral (``common.PRIOR_RULE``); ``prior_days``
+supplies the prior frontal and lateral (``studies_lib.PRIOR_RULE``); ``prior_days``
 is the time between them.  Text: FINDINGS +
 IMPRESSION of the report, cleaned.  Splits: official ("validate" -> "val").
 Input rows are the metadata rows (images); images not used as a current view
@@ -30,6 +30,7 @@ from absl import app
 from absl import flags
 
 from clinvla_jax.data import text as text_lib
+from clinvla_jax.data import studies as studies_lib
 from data_prep import common
 
 LABELS = (
@@ -82,7 +83,7 @@ def _label(raw: str) -> float:
   return math.nan if raw == "" else float(raw)
 
 
-def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
+def build_plan(input_dir: str, reports_dir: str = "") -> studies_lib.Plan:
   reports_dir = reports_dir or input_dir
   meta = common.read_table(_table(input_dir, "mimic-cxr-2.0.0-metadata"))
   splits = {r["dicom_id"]: r["split"] for r in common.read_table(_table(input_dir, "mimic-cxr-2.0.0-split"))}
@@ -91,21 +92,21 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
     for r in common.read_table(_table(input_dir, "mimic-cxr-2.0.0-chexpert"))
   }
   rejects = []
-  rows: list[common.Row] = []
+  rows: list[studies_lib.Row] = []
   seen = set()
   epoch = datetime.datetime(1970, 1, 1)
   for r in meta:
     did, subj, stud = r["dicom_id"].strip(), r["subject_id"].strip(), r["study_id"].strip()
     row_id = f"dicom_id {did}"
     if did in seen:
-      rejects.append(common.Reject(row_id, "duplicate_row", "dicom_id listed twice"))
+      rejects.append(studies_lib.Reject(row_id, "duplicate_row", "dicom_id listed twice"))
       continue
     seen.add(did)
     vp = r["ViewPosition"].strip()
     view = "frontal" if vp in _FRONTAL_RANK else "lateral" if vp in _LATERAL_RANK else None
     t = _time(r)
     rows.append(
-      common.Row(
+      studies_lib.Row(
         row_id=row_id,
         patient_id=f"p{subj}",
         study_key=f"s{stud}",
@@ -121,7 +122,7 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
       )
     )
 
-  def describe(study: common.StudyRows) -> common.Described:
+  def describe(study: studies_lib.StudyRows) -> studies_lib.Described:
     first = next(iter(study.views.values())).data
     subj, stud = first["subject_id"].strip(), first["study_id"].strip()
     used = tuple(study.views.values())
@@ -132,22 +133,23 @@ def build_plan(input_dir: str, reports_dir: str = "") -> common.Plan:
         text = text_lib.report_text(full_report=f.read()).text
     if not text:
       why = "report file missing" if not os.path.isfile(report_path) else "no usable text"
-      return common.Described(
-        study.study_key, rejects=tuple(common.Reject(r.row_id, "empty_report", f"{report_path}: {why}") for r in used)
+      return studies_lib.Described(
+        study.study_key,
+        rejects=tuple(studies_lib.Reject(r.row_id, "empty_report", f"{report_path}: {why}") for r in used),
       )
-    return common.Described(
+    return studies_lib.Described(
       study.study_key, rows=used, text=text, labels=labels.get((subj, stud), (math.nan,) * len(LABELS))
     )
 
-  studies, assembly_rejects = common.assemble_studies(rows, describe)
+  studies, assembly_rejects = studies_lib.assemble_studies(rows, describe)
   rejects.extend(assembly_rejects)
   notes = {
     "views_decided_by": "metadata ViewPosition (PA preferred over AP; LATERAL over LL)",
-    "prior_definition": common.PRIOR_RULE + " (dates: StudyDate/StudyTime)",
+    "prior_definition": studies_lib.PRIOR_RULE + " (dates: StudyDate/StudyTime)",
     "text_source": "FINDINGS + IMPRESSION of files/pXX/pSUBJECT/sSTUDY.txt",
     "split_rule": "official mimic-cxr-2.0.0-split (validate -> val)",
   }
-  return common.Plan(
+  return studies_lib.Plan(
     dataset="mimic_cxr",
     input_rows=len(meta),
     row_unit="metadata row (image)",

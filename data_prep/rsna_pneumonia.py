@@ -28,6 +28,8 @@ from absl import app
 from absl import flags
 
 from clinvla_jax.evaluate import lists
+from clinvla_jax import files
+from clinvla_jax.data import studies as studies_lib
 from data_prep import common
 
 LABELS = ("Pneumonia",)
@@ -40,11 +42,11 @@ def read_test_list(path: str) -> dict[str, lists.ListEntry]:
   try:
     published = lists.read_list(path, "rsna")
   except lists.ListError as e:
-    raise common.ConversionError(str(e)) from e
+    raise studies_lib.ConversionError(str(e)) from e
   return {e.key: e for e in published.entries}
 
 
-def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list: str = "") -> common.Plan:
+def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list: str = "") -> studies_lib.Plan:
   labels_csv = labels_csv or common.find_first(
     os.path.join(input_dir, "stage_2_train_labels.csv"),
     os.path.join(input_dir, "stage_2_train_labels.csv.zip"),
@@ -59,14 +61,14 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list
     pid = (r.get("patientId") or "").strip()
     by_patient.setdefault(pid, []).append(r)
 
-  def study(pid: str, path: str, label: float, row_id: str) -> common.Study:
-    return common.Study(
+  def study(pid: str, path: str, label: float, row_id: str) -> studies_lib.Study:
+    return studies_lib.Study(
       study_id=pid,
       patient_id=pid,
       split="test" if pid in tests else "train",
       text="",
       labels=(label,),
-      views=(common.ViewRef(path, pid, row_id), None, None, None),
+      views=(studies_lib.ViewRef(path, pid, row_id), None, None, None),
       rows=(row_id,),
     )
 
@@ -75,16 +77,16 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list
     row_id = f"patientId {pid or '(blank)'}"
     targets = {(r.get("Target") or "").strip() for r in rs}
     if not pid:
-      rejects.append(common.Reject(row_id, "missing_metadata", "blank patientId"))
+      rejects.append(studies_lib.Reject(row_id, "missing_metadata", "blank patientId"))
       continue
     if not targets <= {"0", "1"} or len(targets) != 1:
-      rejects.append(common.Reject(row_id, "unknown_label", f"Target values {sorted(targets)}"))
+      rejects.append(studies_lib.Reject(row_id, "unknown_label", f"Target values {sorted(targets)}"))
       continue
     target = float(targets.pop())
     listed = tests[pid].labels.get("Pneumonia") if pid in tests else None
     if listed is not None and listed != target:
       detail = f"Target {target:g} in {os.path.basename(labels_csv)}, {listed:g} in {test_list}"
-      rejects.append(common.Reject(row_id, "label_conflict", detail))
+      rejects.append(studies_lib.Reject(row_id, "label_conflict", detail))
       continue
     studies.append(study(pid, os.path.join(images, f"{pid}.dcm"), target, row_id))
   # Listed images the table lacks, with the list's label (the published test list's stage_2_test_images).
@@ -92,7 +94,7 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list
   for e in list_only:
     row_id = f"{os.path.basename(test_list)}: {e.name}"
     if e.labels["Pneumonia"] not in (0.0, 1.0):
-      rejects.append(common.Reject(row_id, "unknown_label", f"label {e.labels['Pneumonia']:g}"))
+      rejects.append(studies_lib.Reject(row_id, "unknown_label", f"label {e.labels['Pneumonia']:g}"))
       continue
     parts = e.name.replace("\\", "/").split("/")
     path = common.find_first(
@@ -113,10 +115,10 @@ def build_plan(input_dir: str, labels_csv: str = "", images: str = "", test_list
     notes.update(
       selection="published_list",
       selection_split="test",
-      list_sha256=common.sha256_file(test_list),
+      list_sha256=files.sha256_file(test_list),
       test_labels_from_list=len(list_only),
     )
-  return common.Plan(
+  return studies_lib.Plan(
     dataset="rsna_pneumonia",
     input_rows=len(by_patient) + len(list_only),
     row_unit="patientId",

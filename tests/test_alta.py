@@ -295,13 +295,13 @@ def test_every_published_key_is_mapped_or_skipped():
 
 
 def test_init_alta_weights_start_evaluation_and_training(tiny_cfg, twin, loaded, tmp_path):
-  from clinvla_jax import optim, sharding, train
+  from clinvla_jax import optim, sharding, train, weights
 
   torch.save({"model": twin.state_dict()}, tmp_path / "ALTA.pth")
   cfg = load_config("configs/alta.py", {**TINY, "init.alta_weights": str(tmp_path / "ALTA.pth")})
   expected = traverse_util.flatten_dict(loaded["params"])
-  # --mode=eval / embed / index start from train.initial_variables (via evaluation_variables).
-  for path, value in traverse_util.flatten_dict(train.initial_variables(cfg)["params"]).items():
+  # --mode=eval / embed / index start from weights.initial_variables (via evaluation_variables).
+  for path, value in traverse_util.flatten_dict(weights.initial_variables(cfg)["params"]).items():
     np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[path]), err_msg="/".join(path))
   # Training starts from the same weights, split into trainable and frozen by ALTA's rules.
   setup = train.TrainSetup(cfg, mesh=sharding.make_mesh(cfg.mesh, jax.devices()[:1]))

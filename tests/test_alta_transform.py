@@ -19,12 +19,13 @@ import torchvision.transforms as T
 from clinvla_jax.data import images
 from clinvla_jax.data import records
 from data_prep import chexpert
-from data_prep import common
+from clinvla_jax.data import studies as studies_lib
+from clinvla_jax.data import writer
 from data_prep import rsna_pneumonia
 
 ALTA = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.Grayscale(3)])
 RSNA_DICOM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-CONVERT = common.Options(workers=0, progress=False, tfds=False, require_text=False)
+CONVERT = writer.Options(workers=0, progress=False, tfds=False, require_text=False)
 
 
 def alta_reference(img: Image.Image) -> np.ndarray:
@@ -111,9 +112,9 @@ def test_alta_dicom_scaling_matches_convert_scale_abs(shared_data):
 
 
 def test_options_refuse_pad_with_the_alta_crop():
-  with pytest.raises(common.ConversionError, match="--pad applies to --image_transform=paper"):
+  with pytest.raises(studies_lib.ConversionError, match="--pad applies to --image_transform=paper"):
     dataclasses.replace(CONVERT, pad=True, image_transform="alta").check()
-  with pytest.raises(common.ConversionError, match="--image_transform='bicubic'"):
+  with pytest.raises(studies_lib.ConversionError, match="--image_transform='bicubic'"):
     dataclasses.replace(CONVERT, image_transform="bicubic").check()
   with pytest.raises(ValueError, match="pad applies to the paper transform"):
     images.preprocess("unused.png", pad=True, transform="alta")
@@ -122,7 +123,7 @@ def test_options_refuse_pad_with_the_alta_crop():
 def _frontals(out_dir):
   recs = {}
   for path in sorted(glob.glob(os.path.join(out_dir, "*.array_record"))):
-    for data in common.read_shard(path):
+    for data in writer.read_shard(path):
       rec = records.decode_record(data)
       recs[rec["image_ids"][0]] = rec["images"][0]
   return recs
@@ -144,14 +145,14 @@ def test_converters_store_alta_pixels(shared_data, tmp_path):
     w.writeheader()
     w.writerows(rows)
   opts = dataclasses.replace(CONVERT, image_transform="alta")
-  common.run(
+  writer.run(
     chexpert.plan_list(str(root / "CheXpert-v1.0-small"), str(tmp_path / "list.csv")), str(tmp_path / "c"), opts
   )
   stored = _frontals(tmp_path / "c")
   assert len(stored) == len(covid)
   for row, src in zip(rows, covid):
     np.testing.assert_array_equal(stored[row["Path"]], _file_reference(src), err_msg=src)
-  assert common.load_manifest(str(tmp_path / "c"))["options"]["image_transform"] == "alta"
+  assert writer.load_manifest(str(tmp_path / "c"))["options"]["image_transform"] == "alta"
 
   # RSNA: ALTA's DICOM scaling too.
   images_dir = tmp_path / "rsna" / "stage_2_train_images"
@@ -159,6 +160,6 @@ def test_converters_store_alta_pixels(shared_data, tmp_path):
   shutil.copy(shared_data / "dicom" / RSNA_DICOM, images_dir / "p1.dcm")
   (tmp_path / "rsna" / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\np1,,,,,0\n")
   opts = dataclasses.replace(CONVERT, image_transform="alta", dicom_scaling="alta")
-  common.run(rsna_pneumonia.build_plan(str(tmp_path / "rsna")), str(tmp_path / "r"), opts)
+  writer.run(rsna_pneumonia.build_plan(str(tmp_path / "rsna")), str(tmp_path / "r"), opts)
   alta_8bit = images.load_dicom(images_dir / "p1.dcm", scaling="alta")  # checked above against the formula
   np.testing.assert_array_equal(_frontals(tmp_path / "r")["p1"], alta_reference(Image.fromarray(alta_8bit)))

@@ -14,8 +14,12 @@ import zipfile
 import numpy as np
 import pytest
 
+from clinvla_jax.data import schema
 from clinvla_jax.data import records
 from data_prep import chexpert
+from clinvla_jax import files
+from clinvla_jax.data import studies as studies_lib
+from clinvla_jax.data import writer
 from data_prep import common
 from data_prep import covid_cxr
 from data_prep import iu_xray
@@ -24,10 +28,10 @@ from data_prep import rsna_pneumonia
 
 
 def _example(rng, num_labels=3):
-  images = rng.integers(0, 256, (records.NUM_VIEWS, records.IMAGE_SIZE, records.IMAGE_SIZE), dtype=np.uint8)
+  images = rng.integers(0, 256, (schema.NUM_VIEWS, schema.IMAGE_SIZE, schema.IMAGE_SIZE), dtype=np.uint8)
   view_valid = np.array([True, False, True, False])
   images[~view_valid] = 0
-  ids = np.zeros(records.MAX_TEXT_LEN, np.int32)
+  ids = np.zeros(schema.MAX_TEXT_LEN, np.int32)
   ids[:5] = [101, 2023, 2003, 1037, 102]
   return {
     "images": images,
@@ -55,7 +59,7 @@ def test_record_round_trip(codec):
   assert out["images"].dtype == np.uint8
   for k in ("text", "patient_id", "study_id", "split"):
     assert out[k] == ex[k]
-  assert out["image_ids"] == ("",) * records.NUM_VIEWS
+  assert out["image_ids"] == ("",) * schema.NUM_VIEWS
   assert math.isnan(out["prior_days"])
   out["input_ids"][0] = 0  # decoded arrays are writable
 
@@ -70,11 +74,11 @@ def test_batch_parts_hold_patch_major_views(codec):
   assert row_start[1] == -1
   expected = masking.patchify(ex["images"])
   for slot, start in zip((2, 0), (row_start[0], row_start[2])):
-    np.testing.assert_array_equal(rows[start : start + records.NUM_PATCHES], expected[slot])
+    np.testing.assert_array_equal(rows[start : start + schema.NUM_PATCHES], expected[slot])
   for k in ("view_valid", "input_ids", "attention_mask", "labels"):
     np.testing.assert_array_equal(fields[k], ex[k])
   if codec == "patches":
-    assert len(data) < records.NUM_VIEWS * 224 * 224  # missing views take no space
+    assert len(data) < schema.NUM_VIEWS * 224 * 224  # missing views take no space
 
 
 def test_record_optional_fields_and_text_only_decode():
@@ -107,14 +111,14 @@ try:
 except ImportError:
   tfds = None
 
-_FAST = common.Options(workers=0, progress=False, shard_size=64, tfds=tfds is not None)
+_FAST = writer.Options(workers=0, progress=False, shard_size=64, tfds=tfds is not None)
 needs_tfds = pytest.mark.skipif(tfds is None, reason="tensorflow-datasets not installed")
 
 
 def _decode_all(out_dir, with_images=False):
   out = []
   for path in sorted(glob.glob(os.path.join(out_dir, "*.array_record"))):
-    out.extend(records.decode_record(b, with_images=with_images) for b in common.read_shard(path))
+    out.extend(records.decode_record(b, with_images=with_images) for b in writer.read_shard(path))
   return out
 
 
@@ -127,12 +131,12 @@ def _rejects(out_dir):
 def covid_out(shared_data, tmp_path_factory):
   out = tmp_path_factory.mktemp("covid")
   plan = covid_cxr.build_plan(str(shared_data / "covid_cxr_dev"))
-  common.run(plan, str(out), _FAST)
+  writer.run(plan, str(out), _FAST)
   return out
 
 
 def test_covid_counts_add_up(covid_out):
-  m = common.load_manifest(str(covid_out))
+  m = writer.load_manifest(str(covid_out))
   c = m["counts"]
   assert c["input_rows"] == 240
   assert c["rows_add_up"] and c["rows_written"] + c["rows_rejected"] == 240
@@ -145,7 +149,7 @@ def test_covid_counts_add_up(covid_out):
   assert "todo" not in m["label_names"] and "COVID-19" in m["label_names"]
   # Checksums in the manifest match the files.
   for s in m["shards"]:
-    assert common.sha256_file(os.path.join(covid_out, s["file"])) == s["sha256"]
+    assert files.sha256_file(os.path.join(covid_out, s["file"])) == s["sha256"]
     assert s["num_records"] <= 64
 
 
@@ -160,7 +164,7 @@ def test_covid_records_have_priors_and_text(covid_out):
   assert r["prior_days"] == 6.0
   assert r["text"].startswith("Small consolidation in right upper lobe")
   assert sum(r["view_valid"][2] for r in recs) >= 30
-  m = common.load_manifest(str(covid_out))
+  m = writer.load_manifest(str(covid_out))
   assert r["labels"][m["label_names"].index("COVID-19")] == 1.0
   for r in recs:
     assert r["attention_mask"].sum() > 2 and r["input_ids"][0] == 101
@@ -168,7 +172,7 @@ def test_covid_records_have_priors_and_text(covid_out):
 
 @needs_tfds
 def test_covid_output_is_a_tfds_dataset(covid_out):
-  m = common.load_manifest(str(covid_out))
+  m = writer.load_manifest(str(covid_out))
   builder = tfds.builder_from_directory(str(covid_out))
   info = builder.info
   assert "Cohen" in info.citation and "ieee8023" in info.homepage
@@ -208,10 +212,10 @@ def test_pipeline_reads_a_tfds_only_folder(covid_out, tmp_path):
   from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
 
   assert embed.split_paths(str(only), "val") == tfds_val
-  assert list(embed.label_names_of(tfds_val)) == common.load_manifest(str(covid_out))["label_names"]
+  assert list(embed.label_names_of(tfds_val)) == writer.load_manifest(str(covid_out))["label_names"]
   ours = list(
     pipeline.make_eval_loader(
-      common.split_shards(str(covid_out), "val"), global_batch_size=8, shard_index=0, shard_count=1
+      writer.split_shards(str(covid_out), "val"), global_batch_size=8, shard_index=0, shard_count=1
     )
   )
   theirs = list(pipeline.make_eval_loader(tfds_val, global_batch_size=8, shard_index=0, shard_count=1))
@@ -223,7 +227,7 @@ def test_pipeline_reads_a_tfds_only_folder(covid_out, tmp_path):
 
 def test_covid_images_decode(covid_out):
   path = sorted(glob.glob(os.path.join(covid_out, "val-*.array_record")))[0]
-  rec = records.decode_record(common.read_shard(path)[0])
+  rec = records.decode_record(writer.read_shard(path)[0])
   assert rec["images"].shape == (4, 224, 224) and rec["images"].dtype == np.uint8
   assert rec["images"][0].std() > 10
   assert not rec["images"][~rec["view_valid"]].any()
@@ -231,8 +235,8 @@ def test_covid_images_decode(covid_out):
 
 def test_iu_views_and_text(shared_data, tmp_path):
   plan = iu_xray.build_plan(str(shared_data / "iu_xray"))
-  common.run(plan, str(tmp_path), dataclasses.replace(_FAST, require_view="any"))
-  m = common.load_manifest(str(tmp_path))
+  writer.run(plan, str(tmp_path), dataclasses.replace(_FAST, require_view="any"))
+  m = writer.load_manifest(str(tmp_path))
   assert m["counts"]["input_rows"] == 3955 and m["counts"]["rows_add_up"]
   assert m["counts"]["records"] == 9
   assert "frontal_score" in m["notes"]["views_decided_by"]
@@ -256,24 +260,24 @@ def test_iu_views_and_text(shared_data, tmp_path):
 def test_parts_combine_refuse_and_resume(shared_data, tmp_path):
   plan = iu_xray.build_plan(str(shared_data / "iu_xray"))
   opts = dataclasses.replace(_FAST, require_view="any", num_parts=2, shard_size=2)
-  common.run(plan, str(tmp_path), dataclasses.replace(opts, part=1))
+  writer.run(plan, str(tmp_path), dataclasses.replace(opts, part=1))
   assert not (tmp_path / "manifest.json").exists()  # part 0 still missing
-  common.run(plan, str(tmp_path), dataclasses.replace(opts, part=0))
-  m = common.load_manifest(str(tmp_path))
+  writer.run(plan, str(tmp_path), dataclasses.replace(opts, part=0))
+  m = writer.load_manifest(str(tmp_path))
   assert m["counts"]["records"] == 9 and m["counts"]["rows_add_up"]
   assert len(m["shards"]) == len(glob.glob(str(tmp_path / "*.array_record")))
-  with pytest.raises(common.ConversionError, match="--resume"):
-    common.run(plan, str(tmp_path), dataclasses.replace(opts, part=0))
+  with pytest.raises(studies_lib.ConversionError, match="--resume"):
+    writer.run(plan, str(tmp_path), dataclasses.replace(opts, part=0))
   # Simulate a crash: one shard lost its commit sidecar, a temp file lies around.
   victim = sorted(glob.glob(str(tmp_path / "*-p000-*.array_record")))[0]
   os.remove(victim + ".json")
   os.remove(tmp_path / "part-000-of-002.json")
   (tmp_path / "train-p000-00009.array_record.tmp-1").write_bytes(b"half")
-  common.run(plan, str(tmp_path), dataclasses.replace(opts, part=0, resume=True))
+  writer.run(plan, str(tmp_path), dataclasses.replace(opts, part=0, resume=True))
   assert not glob.glob(str(tmp_path / "*.tmp-*"))
-  assert common.load_manifest(str(tmp_path))["counts"]["records"] == 9
-  with pytest.raises(common.ConversionError, match="different conversion"):
-    common.run(plan, str(tmp_path), dataclasses.replace(opts, part=1, resume=True, pad=True))
+  assert writer.load_manifest(str(tmp_path))["counts"]["records"] == 9
+  with pytest.raises(studies_lib.ConversionError, match="different conversion"):
+    writer.run(plan, str(tmp_path), dataclasses.replace(opts, part=1, resume=True, pad=True))
 
 
 def _corrupt_covid_tree(src, dst):
@@ -310,8 +314,8 @@ def _corrupt_covid_tree(src, dst):
 def test_corrupt_inputs_are_reported(shared_data, tmp_path):
   n = _corrupt_covid_tree(shared_data / "covid_cxr_dev", tmp_path / "in")
   plan = covid_cxr.build_plan(str(tmp_path / "in"))
-  common.run(plan, str(tmp_path / "out"), _FAST)
-  m = common.load_manifest(str(tmp_path / "out"))
+  writer.run(plan, str(tmp_path / "out"), _FAST)
+  m = writer.load_manifest(str(tmp_path / "out"))
   assert m["counts"]["input_rows"] == n and m["counts"]["rows_add_up"]
   why = {r["row"].split("(")[-1].rstrip(")"): (r["reason"], r["detail"]) for r in _rejects(str(tmp_path / "out"))}
   assert why["truncated.jpg"][0] == "bad_image" and "truncated.jpg" in why["truncated.jpg"][1]
@@ -329,24 +333,24 @@ def test_short_max_text_len_converts_and_trains(shared_data, tmp_path):
 
   _corrupt_covid_tree(shared_data / "covid_cxr_dev", tmp_path / "in")
   plan = covid_cxr.build_plan(str(tmp_path / "in"))
-  common.run(plan, str(tmp_path / "out"), dataclasses.replace(_FAST, max_text_len=16, tfds=False))
+  writer.run(plan, str(tmp_path / "out"), dataclasses.replace(_FAST, max_text_len=16, tfds=False))
   recs = _decode_all(str(tmp_path / "out"))
   assert recs and max(int(r["attention_mask"].sum()) for r in recs) <= 16
   assert max(int(r["attention_mask"].sum()) for r in recs) > 8
   for r in recs:
-    assert r["input_ids"].shape == (records.MAX_TEXT_LEN,)
+    assert r["input_ids"].shape == (schema.MAX_TEXT_LEN,)
     n = int(r["attention_mask"].sum())
     assert r["input_ids"][n - 1] == 102 and not r["input_ids"][n:].any()  # [SEP], then [PAD]
   batch = next(
     iter(pipeline.make_train_loader(str(tmp_path / "out"), global_batch_size=2, seed=0, shard_index=0, shard_count=1))
   )
   assert batch["attention_mask"].sum(axis=1).max() <= 16
-  with pytest.raises(common.ConversionError, match="max_text_len"):
-    common.run(plan, str(tmp_path / "out2"), dataclasses.replace(_FAST, max_text_len=200))
+  with pytest.raises(studies_lib.ConversionError, match="max_text_len"):
+    writer.run(plan, str(tmp_path / "out2"), dataclasses.replace(_FAST, max_text_len=200))
 
 
 def test_shared_assembly_rules():
-  R = common.Row
+  R = studies_lib.Row
   rows = [
     R("a1", "p1", 1, "frontal", "a1.png", "a1", rank=1, time=1.0, split="train"),
     R("a2", "p1", 1, "frontal", "a2.png", "a2", rank=0, time=1.0, split="train"),  # wins
@@ -361,10 +365,10 @@ def test_shared_assembly_rules():
   def describe(study):
     rows = tuple(study.views.values())
     if study.study_key == 2:
-      return common.Described("s2", rejects=tuple(common.Reject(r.row_id, "empty_report") for r in rows))
-    return common.Described(f"{study.patient_id}-{study.study_key}", rows=rows, text="t", labels=(1.0,))
+      return studies_lib.Described("s2", rejects=tuple(studies_lib.Reject(r.row_id, "empty_report") for r in rows))
+    return studies_lib.Described(f"{study.patient_id}-{study.study_key}", rows=rows, text="t", labels=(1.0,))
 
-  studies, rejects = common.assemble_studies(rows, describe)
+  studies, rejects = studies_lib.assemble_studies(rows, describe)
   why = {r.row: r.reason for r in rejects}
   assert why == {
     "a1": "extra_view",
@@ -383,7 +387,7 @@ def test_shared_assembly_rules():
   assert s3.prior_days == 4.0
   assert by_id["p1-4"].views[2:] == (None, None) and math.isnan(by_id["p1-4"].prior_days)
   # A given split_of wins over the rows' own splits.
-  studies, rejects = common.assemble_studies(rows, describe, split_of=lambda pid: "train", time_in_days=False)
+  studies, rejects = studies_lib.assemble_studies(rows, describe, split_of=lambda pid: "train", time_in_days=False)
   assert {s.study_id for s in studies} == {"p1-1", "p1-3", "p1-4", "p2-1"}
   assert all(math.isnan(s.prior_days) for s in studies)
 
@@ -423,8 +427,8 @@ def test_8x200_list_without_images_is_all_rejected(shared_data, tmp_path):
   assert (
     collections.Counter(tuple(l == 1.0 for l in s.labels).index(True) for s in plan.studies).most_common(1)[0][1] == 200
   )
-  common.run(plan, str(tmp_path / "out"), _NOREQ)
-  m = common.load_manifest(str(tmp_path / "out"))
+  writer.run(plan, str(tmp_path / "out"), _NOREQ)
+  m = writer.load_manifest(str(tmp_path / "out"))
   assert m["counts"]["rows_add_up"] and m["counts"]["records"] == 0
   assert m["counts"]["reject_reasons"] == {"bad_image": 1600}
 
@@ -468,8 +472,8 @@ def test_chexpert_fake_tree(shared_data, chexpert_rows, tmp_path):
     w = csv.DictWriter(f, fieldnames=header)
     w.writeheader()
     w.writerows(rows)
-  common.run(chexpert.plan_studies(str(in_dir)), str(tmp_path / "out"), _NOREQ)
-  m = common.load_manifest(str(tmp_path / "out"))
+  writer.run(chexpert.plan_studies(str(in_dir)), str(tmp_path / "out"), _NOREQ)
+  m = writer.load_manifest(str(tmp_path / "out"))
   assert m["counts"]["rows_add_up"] and m["counts"]["records"] == 3
   assert m["counts"]["reject_reasons"] == {"extra_view": 1}
   recs = {r["study_id"]: r for r in _decode_all(str(tmp_path / "out"))}
@@ -511,8 +515,8 @@ def test_rsna_fake_tree(shared_data, tmp_path):
   (tmp_path / "test.txt").write_text("\n".join(test_ids) + "\n")
   plan = rsna_pneumonia.build_plan(str(tmp_path / "in"), test_list=str(tmp_path / "test.txt"))
   assert plan.input_rows == len(keep) < len(table)  # box rows collapse per patient
-  common.run(plan, str(tmp_path / "out"), _NOREQ)
-  m = common.load_manifest(str(tmp_path / "out"))
+  writer.run(plan, str(tmp_path / "out"), _NOREQ)
+  m = writer.load_manifest(str(tmp_path / "out"))
   assert m["counts"]["records_by_split"] == {"test": 2, "train": len(keep) - 3}
   assert m["counts"]["reject_reasons"] == {"bad_image": 1} and m["counts"]["rows_add_up"]
   recs = {r["study_id"]: r for r in _decode_all(str(tmp_path / "out"))}
@@ -553,8 +557,8 @@ def test_mimic_fake_tree(shared_data, tmp_path):
       w.writeheader()
       w.writerows(rows)
   plan = mimic_cxr.build_plan(str(root))
-  common.run(plan, str(tmp_path / "out"), dataclasses.replace(_FAST, require_view="any"))
-  m = common.load_manifest(str(tmp_path / "out"))
+  writer.run(plan, str(tmp_path / "out"), dataclasses.replace(_FAST, require_view="any"))
+  m = writer.load_manifest(str(tmp_path / "out"))
   c = m["counts"]
   assert c["input_rows"] == 8 and c["rows_add_up"]
   assert c["records_by_split"] == {"train": 2, "val": 1}
@@ -578,15 +582,15 @@ def test_bundled_demo_set():
   # IU X-ray is CC BY-NC-ND: no resized copy may ship, so only covid_cxr is bundled.
   assert not (DEMO_DIR / "iu_xray").exists()
   for name in ("covid_cxr",):
-    m = common.load_manifest(str(DEMO_DIR / name))
+    m = writer.load_manifest(str(DEMO_DIR / name))
     assert m["counts"]["rows_add_up"]
     for split in ("train", "val"):
-      paths = common.split_shards(str(DEMO_DIR / name), split)
+      paths = writer.split_shards(str(DEMO_DIR / name), split)
       assert paths, (name, split)
       for s in m["shards"]:
         if s["split"] == split:
-          assert common.sha256_file(str(DEMO_DIR / name / s["file"])) == s["sha256"]
-      rec = records.decode_record(common.read_shard(paths[0])[0])
+          assert files.sha256_file(str(DEMO_DIR / name / s["file"])) == s["sha256"]
+      rec = records.decode_record(writer.read_shard(paths[0])[0])
       assert rec["split"] == split and rec["dataset"] == name
       assert len(rec["labels"]) == len(m["label_names"])
   attribution = (DEMO_DIR / "ATTRIBUTION.md").read_text()

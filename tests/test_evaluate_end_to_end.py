@@ -13,6 +13,7 @@ import pytest
 
 from clinvla_jax import api
 from clinvla_jax.data import DEMO_DIR
+from clinvla_jax.data import schema
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 from clinvla_jax.evaluate import embed as embed_lib
@@ -95,7 +96,7 @@ def test_padded_last_batch_does_not_change_embeddings(model):
   assert a.ids == b.ids
   np.testing.assert_allclose(a.image, b.image, atol=1e-5)
   np.testing.assert_allclose(a.text, b.text, atol=1e-5)
-  assert a.frontal_image(0).shape == (records.IMAGE_SIZE, records.IMAGE_SIZE)
+  assert a.frontal_image(0).shape == (schema.IMAGE_SIZE, schema.IMAGE_SIZE)
 
 
 def test_text_embed_fn_batches_any_count(model):

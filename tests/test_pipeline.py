@@ -13,6 +13,7 @@ import pytest
 
 from clinvla_jax.data import masking
 from clinvla_jax.data import pipeline
+from clinvla_jax.data import schema
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 
@@ -29,15 +30,15 @@ def setup_module():
 def _example(index):
   """A study whose every field is a function of its index."""
   rng = np.random.default_rng(index)
-  views = rng.integers(0, 256, (records.NUM_VIEWS, records.IMAGE_SIZE, records.IMAGE_SIZE), dtype=np.uint8)
+  views = rng.integers(0, 256, (schema.NUM_VIEWS, schema.IMAGE_SIZE, schema.IMAGE_SIZE), dtype=np.uint8)
   view_valid = np.array([True, index % 2 == 0, index % 3 == 0, False])
   views[~view_valid] = 0
-  ids = (np.arange(records.MAX_TEXT_LEN) + index).astype(np.int32)
+  ids = (np.arange(schema.MAX_TEXT_LEN) + index).astype(np.int32)
   return {
     "images": views,
     "view_valid": view_valid,
     "input_ids": ids,
-    "attention_mask": (np.arange(records.MAX_TEXT_LEN) < 10 + index % 7).astype(np.int32),
+    "attention_mask": (np.arange(schema.MAX_TEXT_LEN) < 10 + index % 7).astype(np.int32),
     "text": f"report {index}",
     "labels": np.array([index % 2, -1.0, np.nan], np.float32),
     "patient_id": f"p{index}",
@@ -156,13 +157,13 @@ def test_train_batch_matches_contract(data_dir):
   assert loader.info.batch_size == 8 and loader.info.num_kept == K75 == 49
   batch = next(iter(loader))
   assert tuple(batch) == records.BATCH_KEYS
-  p = records.PATCH_SIZE**2
+  p = schema.PATCH_SIZE**2
   expected = {
-    "patches": ((8, records.NUM_VIEWS, K75, p), np.uint8),
-    "patch_idx": ((8, records.NUM_VIEWS, K75), np.int32),
-    "view_valid": ((8, records.NUM_VIEWS), np.bool_),
-    "input_ids": ((8, records.MAX_TEXT_LEN), np.int32),
-    "attention_mask": ((8, records.MAX_TEXT_LEN), np.int32),
+    "patches": ((8, schema.NUM_VIEWS, K75, p), np.uint8),
+    "patch_idx": ((8, schema.NUM_VIEWS, K75), np.int32),
+    "view_valid": ((8, schema.NUM_VIEWS), np.bool_),
+    "input_ids": ((8, schema.MAX_TEXT_LEN), np.int32),
+    "attention_mask": ((8, schema.MAX_TEXT_LEN), np.int32),
     "labels": ((8, NUM_LABELS), np.float32),
     "example_valid": ((8,), np.bool_),
     "record_index": ((8,), np.int64),
@@ -292,7 +293,7 @@ def test_eval_fixed_order_unmasked_and_padded(data_dir):
   loader = _eval(data_dir, global_batch_size=16)
   batches = list(loader)
   assert len(batches) == loader.info.batches_per_epoch == 3
-  assert all(b["patches"].shape == (16, records.NUM_VIEWS, records.NUM_PATCHES, records.PATCH_SIZE**2) for b in batches)
+  assert all(b["patches"].shape == (16, schema.NUM_VIEWS, schema.NUM_PATCHES, schema.PATCH_SIZE**2) for b in batches)
   order = np.concatenate([b["record_index"] for b in batches])
   np.testing.assert_array_equal(order[:40], np.arange(40))
   np.testing.assert_array_equal(order[40:], -1)
@@ -302,7 +303,7 @@ def test_eval_fixed_order_unmasked_and_padded(data_dir):
   assert np.isnan(last["labels"][8:]).all()
   np.testing.assert_array_equal(
     batches[0]["patch_idx"],
-    np.broadcast_to(np.arange(records.NUM_PATCHES), (16, records.NUM_VIEWS, records.NUM_PATCHES)),
+    np.broadcast_to(np.arange(schema.NUM_PATCHES), (16, schema.NUM_VIEWS, schema.NUM_PATCHES)),
   )
   np.testing.assert_array_equal(masking.unpatchify(batches[1]["patches"][3]), _example(19)["images"])
   # A second pass is identical.
@@ -377,7 +378,7 @@ def test_eval_selected_view_slots(data_dir):
   full = next(iter(_eval(data_dir)))
   for slots in ((0,), (2, 0)):
     batch = next(iter(_eval(data_dir, view_slots=slots)))
-    assert batch["patches"].shape == (8, len(slots), records.NUM_PATCHES, records.PATCH_SIZE**2)
+    assert batch["patches"].shape == (8, len(slots), schema.NUM_PATCHES, schema.PATCH_SIZE**2)
     for key in ("patches", "patch_idx", "view_valid"):
       np.testing.assert_array_equal(batch[key], full[key][:, list(slots)], err_msg=key)
     np.testing.assert_array_equal(batch["input_ids"], full["input_ids"])

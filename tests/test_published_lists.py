@@ -24,10 +24,11 @@ from clinvla_jax.evaluate import run as run_lib
 from clinvla_jax.evaluate.options import evaluator_options
 from configs import tiny
 from data_prep import chexpert
+from clinvla_jax.data import writer
 from data_prep import common
 from data_prep import rsna_pneumonia
 
-CONVERT = common.Options(workers=0, progress=False, tfds=False, require_text=False)
+CONVERT = writer.Options(workers=0, progress=False, tfds=False, require_text=False)
 RSNA_DICOM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 PER_CLASS = 2  # list rows per 5x200 class in the small trees
 
@@ -170,7 +171,7 @@ def chexpert_tree(shared_data, tmp_path_factory):
     w.writeheader()
     w.writerows(subset)
   plan = chexpert.build_plan(str(tmp / "CheXpert-v1.0-small"), "5x200", list_csv=str(list_csv))
-  common.run(plan, str(tmp / "out"), CONVERT)
+  writer.run(plan, str(tmp / "out"), CONVERT)
   return {"dir": tmp, "header": header, "rows": subset, "list": list_csv, "out": tmp / "out"}
 
 
@@ -183,7 +184,7 @@ def _write_list(path, header, rows):
 
 
 def test_converter_writes_the_published_5x200_subset(chexpert_tree):
-  manifest = common.load_manifest(str(chexpert_tree["out"]))
+  manifest = writer.load_manifest(str(chexpert_tree["out"]))
   assert manifest["counts"]["records_by_split"] == {"5x200": 5 * PER_CLASS} and manifest["counts"]["rows_add_up"]
   notes = manifest["notes"]
   assert notes["selection"] == "published_list"
@@ -284,12 +285,12 @@ def rsna_tree(shared_data, tmp_path_factory):
     w.writeheader()
     w.writerows(r for r in table if r["patientId"] in val_ids)
   plan = rsna_pneumonia.build_plan(str(tmp / "in"), test_list=str(list_path))
-  common.run(plan, str(tmp / "out"), CONVERT)
+  writer.run(plan, str(tmp / "out"), CONVERT)
   return {"dir": tmp, "list": list_path, "out": tmp / "out", "lines": pos + neg + val}
 
 
 def test_rsna_converter_takes_test_labels_from_the_list(rsna_tree):
-  manifest = common.load_manifest(str(rsna_tree["out"]))
+  manifest = writer.load_manifest(str(rsna_tree["out"]))
   assert manifest["counts"]["records_by_split"] == {"test": 10} and manifest["counts"]["rows_add_up"]
   assert manifest["notes"]["test_labels_from_list"] == 8 and manifest["notes"]["selection_split"] == "test"
   emb = _fake_embeddings(rsna_tree["out"], "test", 1)

@@ -333,12 +333,12 @@ def test_adapter_checkpoint_from_the_loop_layout_restores_into_the_scan_layout(t
 
 
 def test_adapter_checkpoint_from_the_scan_layout_restores_for_evaluation_in_the_loop_layout(tmp_path):
-  from clinvla_jax import train
+  from clinvla_jax import weights
 
   ckpt, saved = _saved_trained_looking_state(tmp_path, scan=True)
   ckpt.close()
   config = _tiny_train(False)
-  variables, step = train.restore_variables(config, str(tmp_path))
+  variables, step = weights.restore_variables(config, str(tmp_path))
   assert step == 7 and convert.layer_layouts(variables) == {"image_tower": "loop", "text_tower": "loop"}
   trained = convert.unstack_layers(saved["params"])
   flat = optim.flat_paths(jax.device_get(variables["params"]))

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from clinvla_jax.data import records
+from clinvla_jax.data import schema
 from clinvla_jax.data import tokenizer as tokenizer_lib
 
 
@@ -25,7 +25,7 @@ def test_bundled_vocab(tok):
 def test_known_sentence_gives_known_ids(tok):
   out = tok("No pleural effusion or pneumothorax. Heart size is normal.")
   ids = out["input_ids"]
-  assert ids.shape == (1, records.MAX_TEXT_LEN) and ids.dtype == np.int32
+  assert ids.shape == (1, schema.MAX_TEXT_LEN) and ids.dtype == np.int32
   assert out["attention_mask"].dtype == np.int32
   expected = [
     101,

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from clinvla_jax import perf, sharding, train, workdir_lock
+from clinvla_jax import perf, sharding, train, weights, workdir_lock
 from clinvla_jax.data import pipeline
 from clinvla_jax.data.prefetch import DevicePrefetcher
 from clinvla_jax.data.source import list_shards
@@ -209,7 +209,7 @@ def test_workdir_lock_names_its_holder_and_is_released(tmp_path):
 def test_evaluation_needs_no_lock(tmp_path, tiny_run):
   work = tiny_runs.copy_workdir(tiny_run.workdir, tmp_path / "run")
   with workdir_lock.WorkdirLock(str(work)):
-    _, step = train.restore_variables(tiny_runs.config(), str(work))
+    _, step = weights.restore_variables(tiny_runs.config(), str(work))
   assert step == tiny_runs.NUM_STEPS
 
 

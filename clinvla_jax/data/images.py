@@ -24,7 +24,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from clinvla_jax.data import records
+from clinvla_jax.data import schema
 
 PathLike = Union[str, os.PathLike]
 
@@ -190,7 +190,7 @@ def load_image(path: PathLike, dicom_scaling: str = "display") -> np.ndarray:
   return arr
 
 
-def resize(arr: np.ndarray, size: int = records.IMAGE_SIZE, pad: bool = False) -> np.ndarray:
+def resize(arr: np.ndarray, size: int = schema.IMAGE_SIZE, pad: bool = False) -> np.ndarray:
   """Bilinear resize of a 2-D uint8 image to ``size x size``.
 
   Args:
@@ -212,7 +212,7 @@ def resize(arr: np.ndarray, size: int = records.IMAGE_SIZE, pad: bool = False) -
 
 
 def alta_resize(
-  img: np.ndarray | Image.Image, size: int = records.IMAGE_SIZE, resize_to: int = ALTA_RESIZE
+  img: np.ndarray | Image.Image, size: int = schema.IMAGE_SIZE, resize_to: int = ALTA_RESIZE
 ) -> np.ndarray:
   """torchvision's ``Resize(resize_to, BICUBIC)``, ``CenterCrop(size)``, ``Grayscale`` on a PIL image, as 2-D uint8.
 
@@ -256,7 +256,7 @@ def _alta_input(path: PathLike, gray: np.ndarray) -> np.ndarray | Image.Image:
 
 def preprocess(
   path: PathLike,
-  size: int = records.IMAGE_SIZE,
+  size: int = schema.IMAGE_SIZE,
   pad: bool = False,
   transform: str = "paper",
   dicom_scaling: str = "display",

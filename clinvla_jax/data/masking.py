@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from clinvla_jax.data import records
+from clinvla_jax.data import schema
 
 # Separates the masking streams from any other use of the same seed.
 _MASK_STREAM = 0x6D61736B  # "mask"
 
 
-def patchify(images, patch_size: int = records.PATCH_SIZE, channels_last: bool = False):
+def patchify(images, patch_size: int = schema.PATCH_SIZE, channels_last: bool = False):
   """Cuts images into flattened patches: the one patch layout of the pipeline and the model.
 
   Args:
@@ -55,7 +55,7 @@ def patchify(images, patch_size: int = records.PATCH_SIZE, channels_last: bool =
 
 
 def unpatchify(
-  patches: np.ndarray, image_size: int = records.IMAGE_SIZE, patch_size: int = records.PATCH_SIZE
+  patches: np.ndarray, image_size: int = schema.IMAGE_SIZE, patch_size: int = schema.PATCH_SIZE
 ) -> np.ndarray:
   """Inverse of ``patchify`` for square images: [..., N, p*p] -> [..., H, W]."""
   patches = np.asarray(patches)
@@ -85,7 +85,7 @@ def _check_non_negative(**values):
 
 
 def patch_keys(
-  *, seed: int, epoch, index, num_views: int = records.NUM_VIEWS, num_patches: int = records.NUM_PATCHES
+  *, seed: int, epoch, index, num_views: int = schema.NUM_VIEWS, num_patches: int = schema.NUM_PATCHES
 ) -> np.ndarray:
   """uint64 [..., num_views, num_patches] masking keys of records.
 
@@ -113,7 +113,7 @@ def patch_keys(
 
 
 def keep_indices_batch(
-  num_kept: int, *, seed: int, epoch, index, num_views: int = records.NUM_VIEWS, num_patches: int = records.NUM_PATCHES
+  num_kept: int, *, seed: int, epoch, index, num_views: int = schema.NUM_VIEWS, num_patches: int = schema.NUM_PATCHES
 ) -> np.ndarray:
   """Sorted kept patch indices, int32 [..., num_views, num_kept], of records.
 
@@ -137,7 +137,7 @@ def keep_indices_batch(
 
 
 def keep_indices(
-  num_kept: int, *, seed: int, epoch: int, index: int, view: int, num_patches: int = records.NUM_PATCHES
+  num_kept: int, *, seed: int, epoch: int, index: int, view: int, num_patches: int = schema.NUM_PATCHES
 ) -> np.ndarray:
   """Sorted indices of the ``num_kept`` patches one view keeps.
 
@@ -162,7 +162,7 @@ def keep_indices(
 def gather_patches(views: np.ndarray, idx: np.ndarray) -> np.ndarray:
   """Kept patches of row-major images: [V, H, W] and [V, K] -> [V, K, p*p]."""
   num_views, h, w = views.shape
-  p = records.PATCH_SIZE
+  p = schema.PATCH_SIZE
   gh, gw = h // p, w // p
   num_kept = idx.shape[-1]
   if num_kept == gh * gw:
@@ -196,7 +196,7 @@ def mask_views(
   """
   images = np.asarray(images)
   num_views, h, w = images.shape
-  p = records.PATCH_SIZE
+  p = schema.PATCH_SIZE
   idx = keep_indices_batch(
     num_kept, seed=seed, epoch=epoch, index=index, num_views=num_views, num_patches=(h // p) * (w // p)
   )

@@ -64,6 +64,7 @@ import grain
 import numpy as np
 
 from clinvla_jax.data import masking
+from clinvla_jax.data import schema
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 
@@ -315,9 +316,9 @@ def _parse(data: bytes, slots: tuple[int, ...], num_labels: int) -> records.Batc
   parts = records.decode_for_batch(data, slots)
   fields = parts.fields
   expected = {
-    "view_valid": (records.NUM_VIEWS,),
-    "input_ids": (records.MAX_TEXT_LEN,),
-    "attention_mask": (records.MAX_TEXT_LEN,),
+    "view_valid": (schema.NUM_VIEWS,),
+    "input_ids": (schema.MAX_TEXT_LEN,),
+    "attention_mask": (schema.MAX_TEXT_LEN,),
     "labels": (num_labels,),
   }
   for name, shape in expected.items():
@@ -363,18 +364,18 @@ class _MakeChunk(grain.transforms.Map):
     n, v, k = len(rows), len(self._slots), self._num_kept
     real = np.array([parsed[r] is not None for r in rows], np.bool_)
     record_index = np.where(real, index[rows], -1).astype(np.int64)
-    if k == records.NUM_PATCHES:
+    if k == schema.NUM_PATCHES:
       patch_idx = np.broadcast_to(np.arange(k, dtype=np.int32), (n, v, k)).copy()
     else:
       patch_idx = masking.keep_indices_batch(k, seed=self._seed, epoch=epoch[rows], index=np.maximum(record_index, 0))
       patch_idx = patch_idx[:, list(self._slots)]
       patch_idx[~real] = np.arange(k, dtype=np.int32)
     out = {
-      "patches": np.empty((n, v, k, records.PATCH_SIZE**2), np.uint8),
+      "patches": np.empty((n, v, k, schema.PATCH_SIZE**2), np.uint8),
       "patch_idx": patch_idx,
       "view_valid": np.zeros((n, v), np.bool_),
-      "input_ids": np.zeros((n, records.MAX_TEXT_LEN), np.int32),
-      "attention_mask": np.zeros((n, records.MAX_TEXT_LEN), np.int32),
+      "input_ids": np.zeros((n, schema.MAX_TEXT_LEN), np.int32),
+      "attention_mask": np.zeros((n, schema.MAX_TEXT_LEN), np.int32),
       "labels": np.full((n, self._num_labels), np.nan, np.float32),
       "example_valid": real,
       "record_index": record_index,
@@ -390,7 +391,7 @@ class _MakeChunk(grain.transforms.Map):
       out["labels"][j] = fields["labels"]
       present = [start >= 0 and bool(fields["view_valid"][slot]) for slot, start in zip(self._slots, row_start)]
       valid[j] = present
-      if k < records.NUM_PATCHES and all(present):
+      if k < schema.NUM_PATCHES and all(present):
         # One gather serves every view: their rows lie in one array.
         flat = patch_idx[j] + np.asarray(row_start, np.int32)[:, None]
         np.take(all_rows, flat.reshape(-1), axis=0, out=patches[j].reshape(v * k, -1))
@@ -398,7 +399,7 @@ class _MakeChunk(grain.transforms.Map):
       for s, (start, ok) in enumerate(zip(row_start, present)):
         if not ok:
           patches[j, s] = 0
-        elif k == records.NUM_PATCHES:
+        elif k == schema.NUM_PATCHES:
           patches[j, s] = all_rows[start : start + k]
         else:
           np.take(all_rows, patch_idx[j, s] + start, axis=0, out=patches[j, s])
@@ -582,7 +583,7 @@ def make_train_loader(
   if num_labels is None:
     num_labels = infer_num_labels(src)
   num_kept = records.num_kept_patches(mask_ratio)
-  if not 0 < num_kept <= records.NUM_PATCHES:
+  if not 0 < num_kept <= schema.NUM_PATCHES:
     raise ValueError(f"mask_ratio {mask_ratio} keeps {num_kept} patches")
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}")
@@ -604,7 +605,7 @@ def make_train_loader(
     training=True,
   )
   operation = _MakeChunk(
-    num_kept=num_kept, seed=seed, num_labels=num_labels, view_slots=tuple(range(records.NUM_VIEWS)), drop_failed=True
+    num_kept=num_kept, seed=seed, num_labels=num_labels, view_slots=tuple(range(schema.NUM_VIEWS)), drop_failed=True
   )
   # A finite stream ends on a partial chunk: its studies can still top up a
   # batch that lost undecodable ones.
@@ -656,7 +657,7 @@ def make_eval_loader(
     view_slots: record view slots to deliver, in this order (e.g. ``(0,)`` for
       frontal-only evaluation); the batch's view axis then has
       ``len(view_slots)`` entries and the other views are never decoded.
-      None delivers all ``records.NUM_VIEWS``.
+      None delivers all ``schema.NUM_VIEWS``.
 
   Returns:
     A ``Loader`` whose ``info.batches_per_epoch`` is the exact batch count.
@@ -666,9 +667,9 @@ def make_eval_loader(
   batch_size = _per_process_batch(global_batch_size, shard_count)
   if num_labels is None:
     num_labels = infer_num_labels(src)
-  slots = tuple(range(records.NUM_VIEWS)) if view_slots is None else tuple(int(s) for s in view_slots)
-  if not slots or any(not 0 <= s < records.NUM_VIEWS for s in slots):
-    raise ValueError(f"view_slots {view_slots} must be slots in [0, {records.NUM_VIEWS})")
+  slots = tuple(range(schema.NUM_VIEWS)) if view_slots is None else tuple(int(s) for s in view_slots)
+  if not slots or any(not 0 <= s < schema.NUM_VIEWS for s in slots):
+    raise ValueError(f"view_slots {view_slots} must be slots in [0, {schema.NUM_VIEWS})")
   # Chunks are whole batches, so padding only has to even out the processes.
   unit = shard_count * batch_size
   epoch_len = -(-len(src) // unit) * unit
@@ -678,7 +679,7 @@ def make_eval_loader(
     num_records=len(src),
     global_batch_size=global_batch_size,
     batch_size=batch_size,
-    num_kept=records.NUM_PATCHES,
+    num_kept=schema.NUM_PATCHES,
     shard_index=shard_index,
     shard_count=shard_count,
     examples_per_epoch=per_process,
@@ -687,7 +688,7 @@ def make_eval_loader(
     training=False,
   )
   operation = _MakeChunk(
-    num_kept=records.NUM_PATCHES, seed=0, num_labels=num_labels, view_slots=slots, drop_failed=False
+    num_kept=schema.NUM_PATCHES, seed=0, num_labels=num_labels, view_slots=slots, drop_failed=False
   )
   return _build(
     src,

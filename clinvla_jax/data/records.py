@@ -67,12 +67,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 
-VIEW_NAMES = ("current_frontal", "current_lateral", "prior_frontal", "prior_lateral")
-NUM_VIEWS = len(VIEW_NAMES)
-IMAGE_SIZE = 224
-PATCH_SIZE = 16
-NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
-MAX_TEXT_LEN = 128
+from clinvla_jax.data import tfds_format
+from clinvla_jax.data.schema import IMAGE_SIZE, MAX_TEXT_LEN, NUM_PATCHES, NUM_VIEWS, PATCH_SIZE
 
 BATCH_KEYS = (
   "patches",
@@ -249,8 +245,6 @@ def _looks_like_tfds(data: bytes) -> bool:
 def _tfds_record(data: bytes) -> dict[str, Any]:
   """A TFDS example of ``tfds_format.features`` (a TFDS-only folder's record)."""
   try:
-    from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
-
     return tfds_format.decode_example(data)
   except ImportError as e:
     raise RecordError("a TFDS record: reading it needs tensorflow-datasets (pip install -e '.[tfds]')") from e

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Sequence
 
 from array_record.python import array_record_module
 
+from clinvla_jax.data import tfds_format
+
 SHARD_SUFFIX = ".array_record"
 MANIFEST_NAME = "manifest.json"
 
@@ -86,8 +88,6 @@ def list_shards(
   for path in map(os.fspath, paths):
     if os.path.isdir(path) and read_manifest(path) is None and _is_tfds_dir(path):
       # A TFDS builder directory alone (no converter manifest): its own shards.
-      from clinvla_jax.data import tfds_format  # pylint: disable=g-import-not-at-top
-
       found = tfds_format.split_files(path, split)
       if not found:
         raise FileNotFoundError(f"{path}: TFDS dataset has no shards" + (f" of split {split!r}" if split else ""))

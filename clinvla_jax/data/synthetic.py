@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from clinvla_jax.data import masking
-from clinvla_jax.data import records
+from clinvla_jax.data import schema
 
 GRID = 4
 NUM_ZONES = GRID * GRID
@@ -84,13 +84,13 @@ def zone_name(zone: int) -> str:
 
 def zone_texture(zone: int) -> np.ndarray:
   """The fixed +-1 [16, 16] texture of one zone (the same in every study)."""
-  p = records.PATCH_SIZE
+  p = schema.PATCH_SIZE
   return np.random.default_rng([TEXTURE_SEED, int(zone)]).choice(np.array([-1.0, 1.0]), (p, p))
 
 
 def draw_image(zone: int, rng: np.random.Generator) -> np.ndarray:
   """One uint8 [224, 224] view: dark noise with the zone's textured block over its nine patches."""
-  size, p = records.IMAGE_SIZE, records.PATCH_SIZE
+  size, p = schema.IMAGE_SIZE, schema.PATCH_SIZE
   image = rng.normal(BACKGROUND_MEAN, BACKGROUND_STD, (size, size))
   row, col = divmod(int(zone), GRID)
   zone_px = ZONE_PATCHES * p
@@ -134,10 +134,10 @@ def make_studies(zones: Sequence[int], rng: np.random.Generator, views: str = "a
     raise ValueError(f"views must be one of {VIEW_MODES}, got {views!r}")
   zones = np.asarray(zones, np.int32).reshape(-1)
   n = len(zones)
-  size = records.IMAGE_SIZE
-  images = np.zeros((n, records.NUM_VIEWS, size, size), np.uint8)
-  view_valid = np.zeros((n, records.NUM_VIEWS), bool)
-  used = records.NUM_VIEWS if views == "all" else 1
+  size = schema.IMAGE_SIZE
+  images = np.zeros((n, schema.NUM_VIEWS, size, size), np.uint8)
+  view_valid = np.zeros((n, schema.NUM_VIEWS), bool)
+  used = schema.NUM_VIEWS if views == "all" else 1
   texts = []
   for i, zone in enumerate(zones):
     for v in range(used):
@@ -157,7 +157,7 @@ def distinct_zones(num: int, rng: np.random.Generator) -> np.ndarray:
 def to_batch(
   studies: Studies,
   tokenizer,
-  num_kept: int = records.NUM_PATCHES,
+  num_kept: int = schema.NUM_PATCHES,
   *,
   seed: int = 0,
   epoch: int = 0,

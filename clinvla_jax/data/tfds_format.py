@@ -21,7 +21,8 @@ The pipeline reads a TFDS-only folder too (``source.list_shards`` finds the
 shards of a split; ``records.decode_record`` recognises the protos), at TFDS's
 decode speed.
 
-Needs ``tensorflow-datasets`` (the ``tfds`` extra); nothing else imports it.
+``clinvla_jax.data.tfds_writer`` writes the copy. Reading or writing one needs ``tensorflow-datasets`` (the
+``tfds`` extra), imported only then.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from clinvla_jax.data import records
+from clinvla_jax.data import schema
 
 FILE_FORMAT = "array_record"
 TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
@@ -45,14 +46,14 @@ def features():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   f = tfds.features
-  v, s, n = records.NUM_VIEWS, records.IMAGE_SIZE, records.MAX_TEXT_LEN
+  v, s, n = schema.NUM_VIEWS, schema.IMAGE_SIZE, schema.MAX_TEXT_LEN
   return f.FeaturesDict(
     {
       "images": f.Tensor(
         shape=(v, s, s),
         dtype=np.uint8,
         encoding=f.Encoding.ZLIB,
-        doc="grayscale views " + ", ".join(records.VIEW_NAMES) + "; zeros where a view is missing",
+        doc="grayscale views " + ", ".join(schema.VIEW_NAMES) + "; zeros where a view is missing",
       ),
       "view_valid": f.Tensor(shape=(v,), dtype=np.bool_),
       "input_ids": f.Tensor(shape=(n,), dtype=np.int32, doc="BERT WordPiece ids of text"),
@@ -85,7 +86,7 @@ def to_example(rec: Mapping[str, Any]) -> dict[str, Any]:
     "study_id": rec["study_id"],
     "split": rec["split"],
     "dataset": rec.get("dataset", ""),
-    "image_ids": list(rec.get("image_ids", ("",) * records.NUM_VIEWS)),
+    "image_ids": list(rec.get("image_ids", ("",) * schema.NUM_VIEWS)),
     "prior_days": np.float32(rec.get("prior_days", math.nan)),
   }
 
@@ -142,70 +143,3 @@ def split_files(folder: str, split: str | None = None) -> list[str]:
       )
       out.append(os.path.join(folder, rel))
   return out
-
-
-def write_builder_dir(
-  folder: str,
-  *,
-  dataset: str,
-  splits: Mapping[str, Sequence[str]],
-  label_names: Sequence[str],
-  description: str = "",
-  homepage: str = "",
-  citation: str = "",
-  licence: str = "",
-) -> dict[str, int]:
-  """Writes TFDS shards and metadata for the records in ``splits``.
-
-  Args:
-    folder: the converter output folder (also the builder directory).
-    dataset: TFDS dataset name (file names start with it).
-    splits: split name -> our shard paths, in order; one TFDS shard each.
-    label_names: names of the ``labels`` entries.
-    description, homepage, citation, licence: for dataset_info.json / LICENSE.
-
-  Returns:
-    Records written per split.
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
-
-  feats = features()
-  split_infos, counts = [], {}
-  for split, shards in sorted(splits.items()):
-    template = tfds.core.ShardedFileTemplate(
-      data_dir=folder, template=TEMPLATE, dataset_name=dataset, split=split, filetype_suffix=FILE_FORMAT
-    )
-    lengths, num_bytes = [], 0
-    for k, shard in enumerate(shards):
-      path = os.fspath(template.sharded_filepath(shard_index=k, num_shards=len(shards)))
-      tmp = f"{path}.tmp-{os.getpid()}"
-      writer = array_record_module.ArrayRecordWriter(tmp, source.WRITER_OPTIONS)
-      n = 0
-      for data in source.read_all(shard):
-        writer.write(feats.serialize_example(to_example(records.decode_record(data))))
-        n += 1
-      writer.close()
-      os.replace(tmp, path)
-      lengths.append(n)
-      num_bytes += os.path.getsize(path)
-    split_infos.append(
-      tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=num_bytes, filename_template=template)
-    )
-    counts[split] = sum(lengths)
-  metadata = tfds.core.MetadataDict(label_names=list(label_names), view_names=list(records.VIEW_NAMES))
-  # check_data would read the files back through tf.data (TensorFlow).
-  tfds.folder_dataset.write_metadata(
-    data_dir=folder,
-    features=feats,
-    split_infos=split_infos,
-    filename_template=TEMPLATE,
-    check_data=False,
-    description=description or dataset,
-    homepage=homepage or None,
-    citation=citation or None,
-    license=licence or None,
-    metadata=metadata,
-  )
-  return counts

@@ -13,7 +13,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from clinvla_jax.data import records
+from clinvla_jax.data import schema
 
 DEFAULT_VOCAB = str(Path(__file__).resolve().parents[1] / "assets" / "vocab" / "bert-base-uncased-vocab.txt")
 
@@ -50,7 +50,7 @@ class Tokenizer:
   def __init__(
     self,
     vocab_path: Union[str, os.PathLike, None] = None,
-    max_len: int = records.MAX_TEXT_LEN,
+    max_len: int = schema.MAX_TEXT_LEN,
     lowercase: bool | None = None,
   ):
     from transformers import BertTokenizerFast  # pylint: disable=g-import-not-at-top

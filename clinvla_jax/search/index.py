@@ -44,9 +44,24 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
+from tqdm import tqdm
 
+from clinvla_jax import files
+from clinvla_jax import weights
+from clinvla_jax.data import images as images_lib
+from clinvla_jax.data import schema
+from clinvla_jax.data import records
+from clinvla_jax.data import source as source_lib
+from clinvla_jax.data import studies as studies_lib
+from clinvla_jax.data import writer
+from clinvla_jax.evaluate import embed
+from clinvla_jax.model import layers
+from clinvla_jax.predict import PredictFn
 from clinvla_jax.search import exact
+from clinvla_jax.search import ingest
 
 FORMAT = "clinvla_jax search index"
 FORMAT_VERSION = 1
@@ -100,8 +115,6 @@ def _strip(tree: Any) -> Any:
 
 def model_identity(config) -> dict[str, Any]:
   """What decides the embedding space besides the checkpoint: model, initial weights, vocabulary, views."""
-  from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
-
   init = config.get("init") or {}
   vocab = embed.tokenizer_from_config(config).vocab_path
   with open(vocab, "rb") as f:
@@ -129,20 +142,12 @@ def config_hash(config) -> str:
 
 def variables_for(config, checkpoint: Optional[str] = None) -> tuple[Any, Optional[int]]:
   """(variables, checkpoint step): a checkpoint's, else the initial (pretrained or seeded) weights (step None)."""
-  from clinvla_jax import train  # pylint: disable=g-import-not-at-top
-
-  return train.evaluation_variables(config, checkpoint)
+  return weights.evaluation_variables(config, checkpoint)
 
 
 # ---------------------------------------------------------------------------
 # Files.
 # ---------------------------------------------------------------------------
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  from data_prep import common  # pylint: disable=g-import-not-at-top
-
-  common.atomic_write_bytes(path, data)
 
 
 def read_manifest(directory: str) -> Optional[dict[str, Any]]:
@@ -229,22 +234,20 @@ def _known_studies(directory: str, segments: Sequence[Mapping[str, Any]]) -> dic
 
 def write_rejects(directory: str, manifest: Mapping[str, Any]) -> int:
   """rejects.csv from the staging conversions' rejects and the index's own, each once; returns the count."""
-  from data_prep import common  # pylint: disable=g-import-not-at-top
-
   seen, out = set(), []
   rejects = []
   for inp in manifest["inputs"]:
     staged = inp.get("staging")
     path = os.path.join(directory, staged, REJECTS) if staged else ""
     if path and os.path.isfile(path):
-      rejects += [dataclasses.replace(r, row=os.path.join(inp["path"], r.row)) for r in common.read_rejects(path)]
-  rejects += [common.Reject(**r) for seg in manifest["segments"] for r in seg.get("rejects", [])]
+      rejects += [dataclasses.replace(r, row=os.path.join(inp["path"], r.row)) for r in writer.read_rejects(path)]
+  rejects += [studies_lib.Reject(**r) for seg in manifest["segments"] for r in seg.get("rejects", [])]
   for r in rejects:
     key = (r.row, r.reason)
     if key not in seen:
       seen.add(key)
       out.append(r)
-  _atomic_write(os.path.join(directory, REJECTS), common.rejects_to_csv(out))
+  files.atomic_write_bytes(os.path.join(directory, REJECTS), writer.rejects_to_csv(out))
   return len(out)
 
 
@@ -254,15 +257,11 @@ def write_rejects(directory: str, manifest: Mapping[str, Any]) -> int:
 
 
 def _is_converted(path: str) -> bool:
-  from clinvla_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
-
   manifest = source_lib.read_manifest(path) if os.path.isdir(path) else None
   return bool(manifest and "splits" in manifest) or os.path.isfile(os.path.join(path, "dataset_info.json"))
 
 
 def _input_shards(directory: str, inp: Mapping[str, Any]) -> list[str]:
-  from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
-
   if inp["kind"] == "folder":
     staged = os.path.join(directory, inp["staging"])
     return list(embed.resolve_paths(staged)) if _has_shards(staged) else []
@@ -275,8 +274,6 @@ def _has_shards(folder: str) -> bool:
 
 
 def _record_headers(shard: str) -> list[dict[str, Any]]:
-  from clinvla_jax.data import records, source as source_lib  # pylint: disable=g-import-not-at-top
-
   out = []
   with source_lib.ArrayRecordSource([shard]) as src:
     for i in range(len(src)):
@@ -292,10 +289,6 @@ class _Builder:
   """One build or append run into ``directory`` (see the module docstring)."""
 
   def __init__(self, config, directory: str, variables, step: Optional[int], checkpoint: Optional[str], **options):
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from clinvla_jax.predict import PredictFn  # pylint: disable=g-import-not-at-top
-
     self.config = config
     self.directory = os.path.abspath(directory)
     self.is_writer = jax.process_index() == 0
@@ -312,8 +305,6 @@ class _Builder:
     self.known = _known_studies(self.directory, manifest["segments"])
 
   def _new_manifest(self, step, checkpoint) -> dict[str, Any]:
-    from clinvla_jax.model import layers  # pylint: disable=g-import-not-at-top
-
     precision = self.config.model.get("precision", "auto")
     return {
       "format": FORMAT,
@@ -348,7 +339,7 @@ class _Builder:
       os.makedirs(self.directory, exist_ok=True)
       m["counts"]["rejects"] = write_rejects(self.directory, m)
       # Written last: the manifest names only complete segments.
-      _atomic_write(os.path.join(self.directory, MANIFEST), (json.dumps(m, indent=1) + "\n").encode())
+      files.atomic_write_bytes(os.path.join(self.directory, MANIFEST), (json.dumps(m, indent=1) + "\n").encode())
 
   def _add_input(self, entry: dict[str, Any]) -> None:
     same = lambda i: all(i.get(k) == entry.get(k) for k in ("kind", "path", "split", "staging"))  # noqa: E731
@@ -368,8 +359,6 @@ class _Builder:
       self._stage_folder(path)
 
   def _stage_folder(self, root: str) -> None:
-    from clinvla_jax.search import ingest  # pylint: disable=g-import-not-at-top
-
     known = {sid: ingest.StudyInfo(sid, m["patient_id"], m["path"], m["date"]) for sid, m in self.known.items()}
     try:
       folder_plan = ingest.plan_folder(root, known)
@@ -385,11 +374,6 @@ class _Builder:
     self._add_input({"kind": "folder", "path": root, "staging": staged})
 
   def _convert(self, folder_plan, out: str) -> None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
-    from data_prep import common  # pylint: disable=g-import-not-at-top
-
     if os.path.isfile(os.path.join(out, MANIFEST)):
       return  # converted by an earlier, interrupted run
     if self.is_writer:
@@ -403,13 +387,13 @@ class _Builder:
           shutil.rmtree(stale, ignore_errors=True)
       os.makedirs(out, exist_ok=True)
       info = {sid: dataclasses.asdict(i) for sid, i in folder_plan.info.items()}
-      _atomic_write(os.path.join(out, "studies.json"), json.dumps(info).encode())
+      files.atomic_write_bytes(os.path.join(out, "studies.json"), json.dumps(info).encode())
     _barrier("clinvla_index_staging_ready")
     tok = embed.tokenizer_from_config(self.config)
     workers = self.options.get("workers")
     if workers is None:
       workers = min(8, os.cpu_count() or 1) if len(folder_plan.plan.studies) >= 64 else 0
-    opts = common.Options(
+    opts = writer.Options(
       part=jax.process_index(),
       num_parts=jax.process_count(),
       resume=True,  # continues the parts an interrupted run finished
@@ -423,12 +407,12 @@ class _Builder:
       progress=self.options.get("progress", True) and self.is_writer,
     )
     try:
-      common.run(folder_plan.plan, out, opts)
-    except common.ConversionError as e:
+      writer.run(folder_plan.plan, out, opts)
+    except studies_lib.ConversionError as e:
       raise SearchIndexError(f"{out}: {e}") from e
     _barrier("clinvla_index_staging_done")
     if self.is_writer and not os.path.isfile(os.path.join(out, MANIFEST)):
-      common.combine(out, jax.process_count())
+      writer.combine(out, jax.process_count())
     _barrier("clinvla_index_staging_combined")
 
   # --- embedding -------------------------------------------------------------------
@@ -441,8 +425,6 @@ class _Builder:
     return out
 
   def embed_pending(self) -> None:
-    from clinvla_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
-
     todo = self.pending()
     if not todo:
       return
@@ -458,8 +440,6 @@ class _Builder:
       bar.close()
 
   def _embed_shard(self, inp: Mapping[str, Any], shard: str, bar) -> None:
-    from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
-
     headers = _record_headers(shard)
     infos = {}
     if inp["kind"] == "folder":
@@ -524,9 +504,9 @@ class _Builder:
         {"image": np.reshape(image, (-1, p)), "text": np.reshape(text, (-1, p))},
         meta,
       )
-      _atomic_write(os.path.join(self.directory, name + ".jsonl"), jsonl)
-      _atomic_write(os.path.join(self.directory, name + IDS_SUFFIX), _ids_bytes(meta))
-      _atomic_write(os.path.join(self.directory, name + ".npz"), npz)
+      files.atomic_write_bytes(os.path.join(self.directory, name + ".jsonl"), jsonl)
+      files.atomic_write_bytes(os.path.join(self.directory, name + IDS_SUFFIX), _ids_bytes(meta))
+      files.atomic_write_bytes(os.path.join(self.directory, name + ".npz"), npz)
     self.manifest["segments"].append(
       {
         "file": name,
@@ -547,17 +527,11 @@ class _Builder:
 
 
 def _barrier(name: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     multihost_utils.sync_global_devices(name)
 
 
 def _progress(total: int, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
   return tqdm(total=total, desc="index", unit="study", disable=not enabled, file=sys.stderr, smoothing=0.1)
 
 
@@ -683,8 +657,6 @@ class Index:
 
   def thumbnail(self, row: int) -> Optional[np.ndarray]:
     """uint8 [224, 224] current frontal view of one row, from its record; None when the record is gone."""
-    from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
-
     seg = self.manifest["segments"][int(self._segment_of[row])]
     try:
       return embed.load_frontal_image((seg["shard"],), int(self.row_info(row)["record"]))
@@ -745,9 +717,6 @@ class Index:
       variables, step = variables_for(self.config, ckpt.get("path"))
       check_compatible(self.manifest, self.directory, config_hash(self.config), step)
       self._variables = variables
-    from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
-    from clinvla_jax.predict import PredictFn  # pylint: disable=g-import-not-at-top
-
     predict = PredictFn.from_config(self.config)
     placed = predict.place(self._variables)
     self._query_fns["text"] = embed.make_text_embed_fn(self.config, None, predict_fn=predict, placed=placed)
@@ -760,18 +729,13 @@ class Index:
 
 def make_image_embed_fn(config, predict, placed) -> Callable[[Sequence[Any]], np.ndarray]:
   """list of image files / uint8 arrays -> float [N, P]: each as the current frontal view of a study."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from clinvla_jax.data import images as images_lib, records  # pylint: disable=g-import-not-at-top
-  from clinvla_jax.evaluate import embed  # pylint: disable=g-import-not-at-top
-
   slots = embed.eval_view_slots(config)
-  slots = tuple(range(records.NUM_VIEWS)) if slots is None else slots
+  slots = tuple(range(schema.NUM_VIEWS)) if slots is None else slots
   size = predict.padded_batch_size(1)
 
   def pixels(item) -> np.ndarray:
     if isinstance(item, np.ndarray):
-      return images_lib.resize(item) if item.shape != (records.IMAGE_SIZE,) * 2 else item.astype(np.uint8)
+      return images_lib.resize(item) if item.shape != (schema.IMAGE_SIZE,) * 2 else item.astype(np.uint8)
     return images_lib.preprocess(os.fspath(item))
 
   def embed_images(items: Sequence[Any]) -> np.ndarray:
@@ -780,13 +744,13 @@ def make_image_embed_fn(config, predict, placed) -> Callable[[Sequence[Any]], np
     for start in range(0, len(views), size):
       chunk = views[start : start + size]
       n = len(chunk)
-      patches = np.zeros((size, len(slots), records.NUM_PATCHES, records.PATCH_SIZE**2), np.uint8)
+      patches = np.zeros((size, len(slots), schema.NUM_PATCHES, schema.PATCH_SIZE**2), np.uint8)
       valid = np.zeros((size, len(slots)), bool)
       front = slots.index(embed.FRONTAL_SLOT)
       for j in range(size):
         patches[j, front] = records.to_patch_major(chunk[min(j, n - 1)])
         valid[j, front] = True
-      idx = np.broadcast_to(np.arange(records.NUM_PATCHES, dtype=np.int32), (size, len(slots), records.NUM_PATCHES))
+      idx = np.broadcast_to(np.arange(schema.NUM_PATCHES, dtype=np.int32), (size, len(slots), schema.NUM_PATCHES))
       share = size // jax.process_count()
       lo = jax.process_index() * share
       part = slice(lo, lo + share)

@@ -9,9 +9,9 @@ views and an optional report (``report.txt``, else the folder's only ``.txt``).
   the folder, by file name, that has them); without tags the patient is the
   parent folder (nested layout) or the study itself, and the study is undated.
 * Views: DICOM ``ViewPosition``, else the file name ("...-PA", "lateral.png"),
-  else the pixels (``common.content_view``), else rejected as ``unknown_view``.
+  else the pixels (``studies_lib.content_view``), else rejected as ``unknown_view``.
   One view of each kind per study (lowest file name), priors by
-  ``common.PRIOR_RULE``: all through ``common.assemble_studies``.
+  ``studies_lib.PRIOR_RULE``: all through ``studies_lib.assemble_studies``.
 * Rejects (``rows`` are files, relative to ROOT): empty folders, files that are
   not images or reports, unreadable DICOM headers, and what the converters
   reject while loading pixels (``bad_image``, ``missing_view``).
@@ -32,7 +32,7 @@ from typing import Optional
 
 from clinvla_jax.data import images as images_lib
 from clinvla_jax.data import text as text_lib
-from data_prep import common
+from clinvla_jax.data import studies as studies_lib
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg") + images_lib.DICOM_EXTENSIONS
 REPORT_EXTENSION = ".txt"
@@ -67,7 +67,7 @@ class StudyInfo:
 
 @dataclasses.dataclass(frozen=True)
 class FolderPlan:
-  plan: common.Plan
+  plan: studies_lib.Plan
   info: dict[str, StudyInfo]  # study id -> info, for the planned studies
   known_skipped: int  # known studies left out
 
@@ -80,7 +80,7 @@ def _is_image(path: str) -> bool:
   return path.lower().endswith(IMAGE_EXTENSIONS) or images_lib.is_dicom(path)
 
 
-def find_study_folders(root: str) -> tuple[list[StudyFolder], list[common.Reject]]:
+def find_study_folders(root: str) -> tuple[list[StudyFolder], list[studies_lib.Reject]]:
   """Every folder under ``root`` that holds files; empty folders and files in ``root`` itself are rejects."""
   root = os.path.abspath(root)
   if not os.path.isdir(root):
@@ -90,11 +90,13 @@ def find_study_folders(root: str) -> tuple[list[StudyFolder], list[common.Reject
     dirs.sort()
     files = sorted(f for f in files if not f.startswith("."))
     if here == root:
-      rejects += [common.Reject(f, "outside_study_folder", "files must sit in one sub-folder per study") for f in files]
+      rejects += [
+        studies_lib.Reject(f, "outside_study_folder", "files must sit in one sub-folder per study") for f in files
+      ]
       continue
     if not files:
       if not dirs:
-        rejects.append(common.Reject(_rel(root, here) + "/", "empty_folder", "no files in this study folder"))
+        rejects.append(studies_lib.Reject(_rel(root, here) + "/", "empty_folder", "no files in this study folder"))
       continue
     paths = [os.path.join(here, f) for f in files]
     reports = tuple(p for p in paths if p.lower().endswith(REPORT_EXTENSION))
@@ -178,13 +180,13 @@ def describe_folder(folder: StudyFolder) -> tuple[StudyInfo, Optional[datetime.d
 
 def _decide_view(path: str, tags: Mapping[str, str]) -> tuple[Optional[str], str, str]:
   """(view or None, how it was decided, why unknown)."""
-  view = common.view_from_tag(tags.get("ViewPosition", ""))
+  view = studies_lib.view_from_tag(tags.get("ViewPosition", ""))
   if view is not None:
     return view, "DICOM ViewPosition", ""
   view = filename_view(path)
   if view is not None:
     return view, "file name", ""
-  view, score = common.content_view(path)
+  view, score = studies_lib.content_view(path)
   if view is not None:
     return view, "pixel content", ""
   return None, "", f"no view tag or name, pixels ambiguous (frontal score {score:+.3f})"
@@ -211,7 +213,7 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
       old.append(folder)
     else:
       rejects += [
-        common.Reject(
+        studies_lib.Reject(
           _rel(root, p), "duplicate_study_id", f"study {folder.study_id} is already indexed from {prev.path}"
         )
         for p in folder.images
@@ -231,7 +233,7 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
     )
   context_ids = {f.study_id for f in context}
 
-  rows: list[common.Row] = []
+  rows: list[studies_lib.Row] = []
   reports: dict[str, str] = {}
   view_methods: dict[str, int] = {}
   for study_id, (folder, info, date, tags, problems) in described.items():
@@ -240,31 +242,33 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
     reports[study_id] = report
     if own:
       rejects += [
-        common.Reject(_rel(root, p), "unsupported_file", "not an image or a .txt report") for p in folder.others
+        studies_lib.Reject(_rel(root, p), "unsupported_file", "not an image or a .txt report") for p in folder.others
       ]
       rejects += [
-        common.Reject(_rel(root, p), "extra_report", f"study {study_id}: several .txt files and none is {REPORT_NAME}")
+        studies_lib.Reject(
+          _rel(root, p), "extra_report", f"study {study_id}: several .txt files and none is {REPORT_NAME}"
+        )
         for p in unused
       ]
       if not folder.images:
         rejects.append(
-          common.Reject(_rel(root, folder.path) + "/", "no_images", "no DICOM/PNG/JPEG view in the folder")
+          studies_lib.Reject(_rel(root, folder.path) + "/", "no_images", "no DICOM/PNG/JPEG view in the folder")
         )
     for path in folder.images:
       row_id = _rel(root, path)
       if path in problems:
         if own:
-          rejects.append(common.Reject(row_id, "bad_image", problems[path]))
+          rejects.append(studies_lib.Reject(row_id, "bad_image", problems[path]))
         continue
       try:
         view, method, why = _decide_view(path, tags.get(path, {}))
       except images_lib.ImageError as e:
         if own:
-          rejects.append(common.Reject(row_id, "bad_image", e.problem))
+          rejects.append(studies_lib.Reject(row_id, "bad_image", e.problem))
         continue
       view_methods[method or "undecided"] = view_methods.get(method or "undecided", 0) + 1
       rows.append(
-        common.Row(
+        studies_lib.Row(
           row_id=row_id,
           patient_id=info.patient_id,
           study_key=study_id,
@@ -277,14 +281,14 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
         )
       )
 
-  def describe(study: common.StudyRows) -> common.Described:
-    return common.Described(study.study_key, rows=tuple(study.views.values()), text=reports[study.study_key])
+  def describe(study: studies_lib.StudyRows) -> studies_lib.Described:
+    return studies_lib.Described(study.study_key, rows=tuple(study.views.values()), text=reports[study.study_key])
 
-  studies, assembly_rejects = common.assemble_studies(rows, describe, split_of=lambda _: SPLIT)
+  studies, assembly_rejects = studies_lib.assemble_studies(rows, describe, split_of=lambda _: SPLIT)
   context_rows = {r.row_id for r in rows if r.study_key in context_ids}
   studies = [s for s in studies if s.study_id not in context_ids]
   rejects += [r for r in assembly_rejects if r.row not in context_rows]
-  plan = common.Plan(
+  plan = studies_lib.Plan(
     dataset="study_folders",
     input_rows=sum(len(s.rows) for s in studies) + len(rejects),
     row_unit="file",
@@ -295,7 +299,7 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
       "study_definition": "a folder holding files; its id is its path under the input folder",
       "views_decided_by": "DICOM ViewPosition, else the file name's last word, else pixel content, else rejected",
       "view_decisions": view_methods,
-      "prior_definition": common.PRIOR_RULE,
+      "prior_definition": studies_lib.PRIOR_RULE,
       "patient_and_date": "DICOM PatientID / StudyDate; else the parent folder (nested layout) or the study, undated",
       "text_source": f"{REPORT_NAME}, else the folder's only .txt file (optional)",
     },

@@ -25,10 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from clinvla_jax import api, console, losses, optim, perf, preemption, sharding, workdir_lock
 from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # noqa: F401  (re-exported)
 from clinvla_jax.convert import pretrained
+from clinvla_jax.data import pipeline, records, source
+from clinvla_jax.data.prefetch import DevicePrefetcher
+from clinvla_jax.data.records import fit_token_length
+from clinvla_jax.evaluate import evaluators, report
+from clinvla_jax.evaluate import run as eval_run
 from clinvla_jax.model import flops as flops_lib
 from clinvla_jax.model import layers
 from clinvla_jax.model.clinvla import matmul_ready_params
@@ -211,8 +218,6 @@ def fit_text_length(batch, max_len: int):
   """
   if batch["input_ids"].shape[1] <= max_len:
     return batch
-  from clinvla_jax.data.records import fit_token_length  # pylint: disable=g-import-not-at-top
-
   ids, mask = fit_token_length(batch["input_ids"], batch["attention_mask"], max_len)
   return dict(batch, input_ids=ids, attention_mask=mask)
 
@@ -282,8 +287,6 @@ class MetricWriter:
 
 
 def _train_paths(config):
-  from clinvla_jax.data import source  # pylint: disable=g-import-not-at-top
-
   if not config.data.train:
     raise ValueError(
       "config.data.train is empty: set it to a converter output folder "
@@ -294,8 +297,6 @@ def _train_paths(config):
 
 def eval_schedule(config) -> Dict[str, int]:
   """{evaluator name: every_steps} of the ``config.evals`` entries that training runs (every_steps > 0)."""
-  from clinvla_jax.evaluate import evaluators  # pylint: disable=g-import-not-at-top
-
   return {name: ev.every_steps for name, ev in evaluators.build_evaluators(config).items() if ev.every_steps > 0}
 
 
@@ -312,7 +313,6 @@ def periodic_evaluation(config, predict_fn: PredictFn, evaluate_fn=None, evaluat
   schedule = eval_schedule(config)
   if not schedule:
     return lambda step: None
-  from clinvla_jax.evaluate import run as eval_run  # pylint: disable=g-import-not-at-top
 
   def due(step: int):
     names = [name for name, every in schedule.items() if step % every == 0]
@@ -327,8 +327,6 @@ def periodic_evaluation(config, predict_fn: PredictFn, evaluate_fn=None, evaluat
 
 def write_learning_curves(workdir: str) -> None:
   """learning_curves.png from metrics.jsonl: losses and held-out P@5 (with chance) against step."""
-  from clinvla_jax.evaluate import report  # pylint: disable=g-import-not-at-top
-
   try:
     report.learning_curves_figure(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "learning_curves.png"))
   except Exception as e:  # pylint: disable=broad-except
@@ -423,8 +421,6 @@ def _acquire_workdir_lock(workdir: str):
     except workdir_lock.WorkdirLockedError as e:
       error = e
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not ok and error is None:
       error = workdir_lock.WorkdirLockedError(f"{workdir} is in use by another trainer (process 0 could not lock it)")
@@ -470,9 +466,6 @@ def _eval_line(step: int, eval_metrics: Dict[str, float], best_metric: str) -> s
 
 
 def _train(config, workdir: str, custom_evaluation, host_batches) -> Dict[str, float]:
-  from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from clinvla_jax.data.prefetch import DevicePrefetcher  # pylint: disable=g-import-not-at-top
-
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   setup = TrainSetup(config)
@@ -529,17 +522,9 @@ def _train(config, workdir: str, custom_evaluation, host_batches) -> Dict[str, f
       f"{checkpoint_bytes(setup.variables(state)) / 2**20:.1f} MiB)",
       flush=True,
     )
-    return _loop(
-      config,
-      workdir,
-      setup,
-      state,
-      checkpoint_data,
-      DevicePrefetcher(data_iter, _placer(setup), depth=int(train.prefetch_to_device)),
-      checkpointer,
-      latest,
-      evaluation_due,
-      say,
+    batches = DevicePrefetcher(data_iter, _placer(setup), depth=int(train.prefetch_to_device))
+    return _TrainLoop(config, workdir, setup, checkpointer, evaluation_due, say).run(
+      state, batches, checkpoint_data, latest
     )
   finally:
     checkpointer.wait()
@@ -551,121 +536,140 @@ def _placer(setup: TrainSetup):
   return lambda batch: sharding.global_batch(fit_text_length(batch, max_len), setup.mesh, MODEL_INPUTS)
 
 
-def _loop(
-  config, workdir, setup, state, checkpoint_data, batches, checkpointer, last_checkpoint, evaluation_due, say
-) -> Dict[str, float]:
-  is_main = jax.process_index() == 0
-  train = config.train
-  num_steps = int(train.num_steps)
-  start = int(jax.device_get(state["step"]))
-  if start >= num_steps:
-    say(f"already trained to step {start} (config.train.num_steps={num_steps})", flush=True)
-    return {}
-  batch_size = int(config.optim.batch_size)
-  log_every, ckpt_every = int(train.log_every_steps), int(train.checkpoint_every_steps)
-  from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+class _TrainLoop:
+  """Steps from a state to ``config.train.num_steps``: metric windows, evaluations, checkpoints, preemption."""
 
-  kept = records.num_kept_patches(float(config.data.mask_ratio), setup.model_config.image.num_patches)
-  flops_per_step = flops_lib.train_step_flops_per_study(setup.model_config, kept_patches=kept) * batch_size
-  peak = perf.peak_flops_per_device(float(train.peak_flops_per_device)) * jax.device_count()
-  config_json = _json_safe(config)
-  guard = str(train.transfer_guard)
-  # Saved with the checkpoint: the prefetcher reports the position after the
-  # last batch a step consumed, not after the batches read ahead.
-  data_for_checkpoint = batches if checkpoint_data else None
+  def __init__(self, config, workdir: str, setup: TrainSetup, checkpointer, evaluation_due, say):
+    self.config, self.workdir, self.setup = config, workdir, setup
+    self.checkpointer, self.evaluation_due, self.say = checkpointer, evaluation_due, say
+    train = config.train
+    self.is_main = jax.process_index() == 0
+    self.num_steps = int(train.num_steps)
+    self.batch_size = int(config.optim.batch_size)
+    self.log_every, self.ckpt_every = int(train.log_every_steps), int(train.checkpoint_every_steps)
+    kept = records.num_kept_patches(float(config.data.mask_ratio), setup.model_config.image.num_patches)
+    self.flops_per_step = flops_lib.train_step_flops_per_study(setup.model_config, kept_patches=kept) * self.batch_size
+    self.peak = perf.peak_flops_per_device(float(train.peak_flops_per_device)) * jax.device_count()
+    self.config_json = _json_safe(config)
+    self.guard = str(train.transfer_guard)
+    self.last: Dict[str, float] = {}
 
-  first_batch = next(batches)
-  compiled, compile_s = setup.compile(state, first_batch)
-  memory = memory_metrics(compiled)
-  logging.info("train step compiled in %.1f s; %s", compile_s, memory_line(memory))
-  say(f"train step compiled in {compile_s:.1f} s; {memory_line(memory)}", flush=True)
-  first_record = {"compile_time_s": compile_s, **memory}
+  def run(self, state, batches, checkpoint_data: bool, last_checkpoint: Optional[int]) -> Dict[str, float]:
+    start = int(jax.device_get(state["step"]))
+    if start >= self.num_steps:
+      self.say(f"already trained to step {start} (config.train.num_steps={self.num_steps})", flush=True)
+      return {}
+    self.state, self.batches, self.last_checkpoint = state, batches, last_checkpoint
+    # Saved with the checkpoint: the prefetcher reports the position after the
+    # last batch a step consumed, not after the batches read ahead.
+    self.data_for_checkpoint = batches if checkpoint_data else None
+    first_batch = next(batches)
+    compiled = self._compile(first_batch)
+    self._open_outputs(start)
+    try:
+      with preemption.PreemptionWatcher() as watcher:
+        for step in range(start + 1, self.num_steps + 1):
+          self._step(compiled, step, first_batch if step == start + 1 else next(batches))
+          first_batch = None
+          self._after_step(step, start, watcher)
+    finally:
+      self._close_outputs()
+    return self.last
 
-  writer = MetricWriter(workdir, is_main)
-  progress = None
-  if is_main:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  def _compile(self, first_batch):
+    compiled, compile_s = self.setup.compile(self.state, first_batch)
+    memory = memory_metrics(compiled)
+    logging.info("train step compiled in %.1f s; %s", compile_s, memory_line(memory))
+    self.say(f"train step compiled in {compile_s:.1f} s; {memory_line(memory)}", flush=True)
+    self.first_record = {"compile_time_s": compile_s, **memory}
+    return compiled
 
-    progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-  write = progress.write if progress is not None else say
-  window = MetricWindow(start + 1)
-  last: Dict[str, float] = {}
+  def _open_outputs(self, start: int) -> None:
+    self.writer = MetricWriter(self.workdir, self.is_main)
+    self.progress = None
+    if self.is_main:
+      self.progress = tqdm(total=self.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    self.write = self.progress.write if self.progress is not None else self.say
+    self.window = MetricWindow(start + 1)
 
-  def flush(up_to: int) -> None:
-    nonlocal last, first_record
-    values, steps, seconds = window.fetch(up_to, last_checkpoint)
+  def _close_outputs(self) -> None:
+    self.writer.close()
+    if self.is_main and os.path.isfile(self.writer.path):
+      write_learning_curves(self.workdir)
+    if self.progress is not None:
+      self.progress.close()
+
+  def _step(self, compiled, step: int, batch) -> None:
+    # The hot path: with train.transfer_guard="disallow" any implicit
+    # transfer in it (a Python scalar argument, float() of a device
+    # value on an accelerator) is an error; explicit puts and gets pass.
+    with jax.transfer_guard(self.guard):
+      self.state, metrics = compiled(self.state, self.setup.frozen, batch)
+      self.window.add(step, metrics)
+      # The window that ended at the previous step is fetched now, while this one runs.
+      if self.window.flush_due is not None:
+        self._flush(self.window.flush_due)
+
+  def _after_step(self, step: int, start: int, watcher) -> None:
+    """Logging, evaluation, checkpointing and stopping, as due after ``step``."""
+    log_step = step % self.log_every == 0 or step == self.num_steps or step == start + 1
+    # Every process asks at every step (multi-process agreement); the last step just ends.
+    stopping = watcher.should_stop(step) and step < self.num_steps
+    # A grace period is short: a preempted step saves and leaves, without its evaluation.
+    evaluate_fn = None if stopping else self.evaluation_due(step)
+    is_eval = evaluate_fn is not None
+    best_metric = self.config.train.best_metric
+    is_ckpt = step % self.ckpt_every == 0 or step == self.num_steps or (is_eval and bool(best_metric))
+    if is_eval or is_ckpt or stopping or step == self.num_steps:
+      self._flush(step)  # values are needed now, and nothing is saved after a non-finite step
+    elif log_step:
+      self.window.flush_due = step
+    eval_metrics = self._evaluate(step, evaluate_fn) if is_eval else None
+    if is_ckpt or stopping:
+      self._save(step, eval_metrics, force=stopping)
+    if stopping:
+      self.checkpointer.wait()
+      error = TrainingPreempted(watcher.signum, step, f"{self.checkpointer.directory}/{step}")
+      logging.warning("%s", error)
+      self.write(str(error))
+      raise error
+
+  def _flush(self, up_to: int) -> None:
+    values, steps, seconds = self.window.fetch(up_to, self.last_checkpoint)
     if not steps:
       return
     step_time = seconds / steps
     last = dict(values)
     last["step_time_s"] = step_time
-    last["samples_per_s"] = batch_size / step_time
-    last["skipped_records"] = float(getattr(batches, "num_skipped", 0))
-    if peak:
-      last["mfu"] = flops_per_step / step_time / peak
-    if first_record:
-      last.update(first_record)
-      first_record = {}
-    writer.write(up_to, last)
-    if progress is not None:
+    last["samples_per_s"] = self.batch_size / step_time
+    last["skipped_records"] = float(getattr(self.batches, "num_skipped", 0))
+    if self.peak:
+      last["mfu"] = self.flops_per_step / step_time / self.peak
+    if self.first_record:
+      last.update(self.first_record)
+      self.first_record = {}
+    self.last = last
+    self.writer.write(up_to, last)
+    if self.progress is not None:
       # The bar counts finished steps: counting dispatched ones would run ahead
       # of the devices and then stall at every fetch, with an ETA to match.
-      progress.update(steps)
-      progress.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}")
+      self.progress.update(steps)
+      self.progress.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}")
 
-  def save(step: int, eval_metrics=None, force=False) -> None:
-    nonlocal last_checkpoint
-    checkpointer.save(step, state, data_for_checkpoint, config_json, metrics=eval_metrics, force=force)
-    last_checkpoint = step
-    logging.info("checkpoint step %d saving to %s/%d", step, checkpointer.directory, step)
-    write(f"checkpoint step {step} -> {checkpointer.directory}/{step}")
-    window.restart_clock()
+  def _evaluate(self, step: int, evaluate_fn) -> Dict[str, float]:
+    eval_metrics = evaluate_fn(self.setup.variables(self.state), os.path.join(self.workdir, "eval", f"step_{step}"))
+    self.writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    self.write(_eval_line(step, eval_metrics, self.config.train.best_metric))
+    if self.is_main:
+      write_learning_curves(self.workdir)
+    self.window.restart_clock()
+    return eval_metrics
 
-  try:
-    with preemption.PreemptionWatcher() as watcher:
-      for step in range(start + 1, num_steps + 1):
-        # The hot path: with train.transfer_guard="disallow" any implicit
-        # transfer in it (a Python scalar argument, float() of a device
-        # value on an accelerator) is an error; explicit puts and gets pass.
-        with jax.transfer_guard(guard):
-          batch = first_batch if step == start + 1 else next(batches)
-          first_batch = None
-          state, metrics = compiled(state, setup.frozen, batch)
-          window.add(step, metrics)
-          # The window that ended at the previous step is fetched now, while this one runs.
-          if window.flush_due is not None:
-            flush(window.flush_due)
-        log_step = step % log_every == 0 or step == num_steps or step == start + 1
-        # Every process asks at every step (multi-process agreement); the last step just ends.
-        stopping = watcher.should_stop(step) and step < num_steps
-        # A grace period is short: a preempted step saves and leaves, without its evaluation.
-        evaluate_fn = None if stopping else evaluation_due(step)
-        is_eval = evaluate_fn is not None
-        is_ckpt = step % ckpt_every == 0 or step == num_steps or (is_eval and bool(train.best_metric))
-        if is_eval or is_ckpt or stopping or step == num_steps:
-          flush(step)  # values are needed now, and nothing is saved after a non-finite step
-        elif log_step:
-          window.flush_due = step
-        eval_metrics = None
-        if is_eval:
-          eval_metrics = evaluate_fn(setup.variables(state), os.path.join(workdir, "eval", f"step_{step}"))
-          writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-          write(_eval_line(step, eval_metrics, train.best_metric))
-          if is_main:
-            write_learning_curves(workdir)
-          window.restart_clock()
-        if is_ckpt or stopping:
-          save(step, eval_metrics, force=stopping)
-        if stopping:
-          checkpointer.wait()
-          error = TrainingPreempted(watcher.signum, step, f"{checkpointer.directory}/{step}")
-          logging.warning("%s", error)
-          write(str(error))
-          raise error
-  finally:
-    writer.close()
-    if is_main and os.path.isfile(writer.path):
-      write_learning_curves(workdir)
-    if progress is not None:
-      progress.close()
-  return last
+  def _save(self, step: int, eval_metrics=None, force=False) -> None:
+    self.checkpointer.save(
+      step, self.state, self.data_for_checkpoint, self.config_json, metrics=eval_metrics, force=force
+    )
+    self.last_checkpoint = step
+    logging.info("checkpoint step %d saving to %s/%d", step, self.checkpointer.directory, step)
+    self.write(f"checkpoint step {step} -> {self.checkpointer.directory}/{step}")
+    self.window.restart_clock()

@@ -583,6 +583,99 @@ def _alta_sizes(sizes: Optional[AltaSizes], overrides) -> AltaSizes:
   return dataclasses.replace(sizes or AltaSizes(), **overrides)
 
 
+class _ShapeTable:
+  """Name -> shape of state-dict tensors, kept in the order they are added (the order torch saves them)."""
+
+  def __init__(self, s: AltaSizes):
+    self.s = s
+    self.shapes: Dict[str, Tuple[int, ...]] = {}
+
+  def linear(self, name, n_in, n_out):
+    self.shapes[f"{name}.weight"] = (n_out, n_in)
+    self.shapes[f"{name}.bias"] = (n_out,)
+
+  def norm(self, name, width):
+    self.shapes[f"{name}.weight"] = (width,)
+    self.shapes[f"{name}.bias"] = (width,)
+
+  def adapters(self, name, width, bottleneck):
+    for adapter in ("attn_adapter", "mlp_adapter"):
+      self.linear(f"{name}.{adapter}.D_fc1", width, bottleneck)
+      self.linear(f"{name}.{adapter}.D_fc2", bottleneck, width)
+
+  def vit_block(self, name, width, hidden, bottleneck):
+    self.norm(f"{name}.norm1", width)
+    self.linear(f"{name}.attn.qkv", width, 3 * width)
+    self.linear(f"{name}.attn.proj", width, width)
+    self.norm(f"{name}.norm2", width)
+    self.linear(f"{name}.mlp.fc1", width, hidden)
+    self.linear(f"{name}.mlp.fc2", hidden, width)
+    if bottleneck:
+      self.adapters(name, width, bottleneck)
+
+  def head(self, name, width):
+    P = self.s.proj_dim
+    self.linear(f"{name}.dense_to_hidden", width, P)
+    self.norm(f"{name}.LayerNorm", P)
+    self.linear(f"{name}.dense_to_output", P, P)
+
+
+def _alta_image_keys(t: _ShapeTable) -> None:
+  """The ViT encoder, the MAE decoder and the image heads."""
+  s = t.s
+  D, N, E = s.image_hidden, s.num_patches, s.decoder_embed_dim
+  # A module's own parameters come before its children's.
+  t.shapes["cls_token"] = (1, 1, D)
+  t.shapes["missing_token"] = (1, N, D)
+  t.shapes["pos_embed"] = (1, N + 1, D)
+  t.shapes["temporal_embedding"] = (1, 2, D)
+  t.shapes["view_embedding"] = (1, 2, D)
+  t.shapes["mask_token"] = (1, 1, E)
+  t.shapes["decoder_pos_embed"] = (1, N + 1, E)
+  for name in ("logit_scale", "logit_scale_local1", "logit_scale_local2", "logit_scale_local3"):
+    t.shapes[name] = ()
+  t.shapes["patch_embed.proj.weight"] = (D, s.in_chans, s.patch_size, s.patch_size)
+  t.shapes["patch_embed.proj.bias"] = (D,)
+  for i in range(s.image_layers):
+    t.vit_block(f"blocks.{i}", D, s.image_mlp_dim, s.image_bottleneck)
+  t.norm("norm", D)
+  t.linear("bert_embed", D, D)
+  t.linear("decoder_embed", D, E)
+  for i in range(s.decoder_depth):
+    t.vit_block(f"decoder_blocks.{i}", E, s.decoder_hidden, 0)
+  t.norm("decoder_norm", E)
+  t.linear("decoder_pred", E, s.pred_dim)
+  t.head("projection_head", D)
+  t.head("local_projection_head", D)
+
+
+def _alta_text_keys(t: _ShapeTable) -> None:
+  """The adapted BERT under ``bert_encoder``, its MLM head and the text heads."""
+  s = t.s
+  H = s.text_hidden
+  emb = "bert_encoder.bert.embeddings"
+  t.shapes[f"{emb}.word_embeddings.weight"] = (s.vocab_size, H)
+  t.shapes[f"{emb}.position_embeddings.weight"] = (s.max_position_embeddings, H)
+  t.shapes[f"{emb}.token_type_embeddings.weight"] = (s.type_vocab_size, H)
+  t.norm(f"{emb}.LayerNorm", H)
+  for i in range(s.text_layers):
+    layer = f"bert_encoder.bert.encoder.layer.{i}"
+    for part in ("query", "key", "value"):
+      t.linear(f"{layer}.attention.self.{part}", H, H)
+    t.linear(f"{layer}.attention.output.dense", H, H)
+    t.norm(f"{layer}.attention.output.LayerNorm", H)
+    t.linear(f"{layer}.intermediate.dense", H, s.text_intermediate)
+    t.linear(f"{layer}.output.dense", s.text_intermediate, H)
+    t.norm(f"{layer}.output.LayerNorm", H)
+    t.adapters(layer, H, s.text_bottleneck)
+  t.shapes["bert_encoder.cls.predictions.bias"] = (s.vocab_size,)
+  t.linear("bert_encoder.cls.predictions.transform.dense", H, H)
+  t.norm("bert_encoder.cls.predictions.transform.LayerNorm", H)
+  t.linear("bert_encoder.cls.predictions.decoder", H, s.vocab_size)
+  t.head("bert_encoder.cls_projection_head", H)
+  t.head("bert_encoder.local_projection_head", H)
+
+
 def alta_key_names(
   image_layers: Optional[int] = None,
   text_layers: Optional[int] = None,
@@ -603,83 +696,10 @@ def alta_key_names(
   """
   depths = dict(image_layers=image_layers, text_layers=text_layers, decoder_depth=decoder_depth)
   s = _alta_sizes(sizes, dict(overrides, **{k: v for k, v in depths.items() if v is not None}))
-  D, N, P = s.image_hidden, s.num_patches, s.proj_dim
-  out: Dict[str, Tuple[int, ...]] = {}
-
-  def linear(name, n_in, n_out):
-    out[f"{name}.weight"] = (n_out, n_in)
-    out[f"{name}.bias"] = (n_out,)
-
-  def norm(name, width):
-    out[f"{name}.weight"] = (width,)
-    out[f"{name}.bias"] = (width,)
-
-  def vit_block(name, width, hidden, bottleneck):
-    norm(f"{name}.norm1", width)
-    linear(f"{name}.attn.qkv", width, 3 * width)
-    linear(f"{name}.attn.proj", width, width)
-    norm(f"{name}.norm2", width)
-    linear(f"{name}.mlp.fc1", width, hidden)
-    linear(f"{name}.mlp.fc2", hidden, width)
-    if bottleneck:
-      for adapter in ("attn_adapter", "mlp_adapter"):
-        linear(f"{name}.{adapter}.D_fc1", width, bottleneck)
-        linear(f"{name}.{adapter}.D_fc2", bottleneck, width)
-
-  def head(name, width):
-    linear(f"{name}.dense_to_hidden", width, P)
-    norm(f"{name}.LayerNorm", P)
-    linear(f"{name}.dense_to_output", P, P)
-
-  # A module's own parameters come before its children's.
-  out["cls_token"] = (1, 1, D)
-  out["missing_token"] = (1, N, D)
-  out["pos_embed"] = (1, N + 1, D)
-  out["temporal_embedding"] = (1, 2, D)
-  out["view_embedding"] = (1, 2, D)
-  out["mask_token"] = (1, 1, s.decoder_embed_dim)
-  out["decoder_pos_embed"] = (1, N + 1, s.decoder_embed_dim)
-  for name in ("logit_scale", "logit_scale_local1", "logit_scale_local2", "logit_scale_local3"):
-    out[name] = ()
-  out["patch_embed.proj.weight"] = (D, s.in_chans, s.patch_size, s.patch_size)
-  out["patch_embed.proj.bias"] = (D,)
-  for i in range(s.image_layers):
-    vit_block(f"blocks.{i}", D, s.image_mlp_dim, s.image_bottleneck)
-  norm("norm", D)
-  linear("bert_embed", D, D)
-  linear("decoder_embed", D, s.decoder_embed_dim)
-  for i in range(s.decoder_depth):
-    vit_block(f"decoder_blocks.{i}", s.decoder_embed_dim, s.decoder_hidden, 0)
-  norm("decoder_norm", s.decoder_embed_dim)
-  linear("decoder_pred", s.decoder_embed_dim, s.pred_dim)
-  head("projection_head", D)
-  head("local_projection_head", D)
-
-  H, B = s.text_hidden, s.text_bottleneck
-  emb = "bert_encoder.bert.embeddings"
-  out[f"{emb}.word_embeddings.weight"] = (s.vocab_size, H)
-  out[f"{emb}.position_embeddings.weight"] = (s.max_position_embeddings, H)
-  out[f"{emb}.token_type_embeddings.weight"] = (s.type_vocab_size, H)
-  norm(f"{emb}.LayerNorm", H)
-  for i in range(s.text_layers):
-    layer = f"bert_encoder.bert.encoder.layer.{i}"
-    for part in ("query", "key", "value"):
-      linear(f"{layer}.attention.self.{part}", H, H)
-    linear(f"{layer}.attention.output.dense", H, H)
-    norm(f"{layer}.attention.output.LayerNorm", H)
-    linear(f"{layer}.intermediate.dense", H, s.text_intermediate)
-    linear(f"{layer}.output.dense", s.text_intermediate, H)
-    norm(f"{layer}.output.LayerNorm", H)
-    for adapter in ("attn_adapter", "mlp_adapter"):
-      linear(f"{layer}.{adapter}.D_fc1", H, B)
-      linear(f"{layer}.{adapter}.D_fc2", B, H)
-  out["bert_encoder.cls.predictions.bias"] = (s.vocab_size,)
-  linear("bert_encoder.cls.predictions.transform.dense", H, H)
-  norm("bert_encoder.cls.predictions.transform.LayerNorm", H)
-  linear("bert_encoder.cls.predictions.decoder", H, s.vocab_size)
-  head("bert_encoder.cls_projection_head", H)
-  head("bert_encoder.local_projection_head", H)
-  return out
+  table = _ShapeTable(s)
+  _alta_image_keys(table)
+  _alta_text_keys(table)
+  return table.shapes
 
 
 def alta_position_table(dim: int, grid: int) -> np.ndarray:

@@ -37,11 +37,13 @@ if __name__ == "__main__":
 
   runtime.configure_host_runtime()
 
+import dataclasses
+import functools
 import json
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from absl import app
 from absl import flags
@@ -375,6 +377,165 @@ def _time_and_record(result: Dict, part: str, fns: Dict[str, Callable[[], None]]
     result[f"{part}_ratio_vs_torch_bf16"] = result[f"{part}_ratio"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What every phase of ``run`` shares: both configs, the initial weights and the synthetic batches."""
+
+  cfg: Any
+  cfg32: Any
+  mcfg: Any
+  params: Any
+  host_params: Any
+  num_kept: int
+  train_np: Dict[str, np.ndarray]
+  embed_np: Dict[str, np.ndarray]
+  dtype: str
+
+
+def _prepare(
+  config: str, batch: int, embed_batch: int, dtype: str, attention_impl, dropout: bool, precision: str
+) -> _Setup:
+  from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
+
+  cfg = build_config(config, dtype=dtype, attention_impl=attention_impl, dropout=dropout, precision=precision)
+  cfg32 = build_config(config, dtype="float32", attention_impl=None, dropout=dropout)
+  mcfg = api.model_config(cfg)
+  num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
+  train_np = synthetic_batch(mcfg, batch, num_kept, seed=0)
+  embed_np = synthetic_batch(mcfg, embed_batch, mcfg.image.num_patches, seed=1, views=1)
+  embed_np["view_valid"][:] = True
+  log(f"{jax.devices()[0].device_kind}: initialising {config}")
+  params = api.init_params(cfg32, jax.random.key(0))["params"]
+  return _Setup(cfg, cfg32, mcfg, params, jax.device_get(params), num_kept, train_np, embed_np, dtype)
+
+
+def _describe_run(
+  config: str, batch: int, embed_batch: int, dtype: str, steps: int, warmup: int, dropout: bool
+) -> Dict:
+  """The result's header: what was run, where, and under which machine load and runtime settings."""
+  result = {
+    "config": config,
+    "batch": batch,
+    "embed_batch": embed_batch,
+    "machine": machine_description(),
+    "dtype": dtype,
+    "device_kind": jax.devices()[0].device_kind,
+    "steps": steps,
+    "warmup": warmup,
+    "dropout": dropout,
+    "load_average_start": list(os.getloadavg()),
+  }
+  try:
+    from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
+
+    result["tcmalloc"] = runtime.tcmalloc_loaded()
+  except ImportError:
+    pass
+  result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+  return result
+
+
+def _torch_device(torch_device: str):
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if torch_device == "auto":
+    torch_device = "cuda" if (jax.devices()[0].platform == "gpu" and torch.cuda.is_available()) else "cpu"
+  return torch.device(torch_device)
+
+
+def _check_agreement(result: Dict, s: _Setup, device, check_batch: int, tolerance: float) -> None:
+  log("fp32 agreement check")
+  check_np = synthetic_batch(s.mcfg, check_batch, s.num_kept, seed=2)
+  diffs = agreement(s.cfg32, s.params, s.host_params, check_np, device)
+  result["agreement"] = diffs
+  result["max_abs_diff"] = max(v for k, v in diffs.items() if not k.startswith("loss_"))
+  print("agreement (fp32, max |JAX - PyTorch|): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()), flush=True)
+  if result["max_abs_diff"] > tolerance:
+    raise SystemExit(f"JAX and PyTorch disagree: {result['max_abs_diff']:.3g} > {tolerance}")
+
+
+def _check_precision(result: Dict, s: _Setup, check_batch: int) -> None:
+  log("policy vs fp32 check")
+  result.update(precision_agreement(s.cfg, s.cfg32, s.params, synthetic_batch(s.mcfg, check_batch, s.num_kept, seed=2)))
+  embed_check = precision_agreement(s.cfg, s.cfg32, s.params, s.embed_np)
+  result["bf16_vs_fp32_min_cosine_embed_batch"] = embed_check["bf16_vs_fp32_min_cosine"]
+  print(
+    f"{result['precision']} vs fp32: max |diff| {result['bf16_vs_fp32_max_abs_diff']:.3g}, min cosine "
+    f"{result['bf16_vs_fp32_min_cosine']:.6f} (embedding batch {embed_check['bf16_vs_fp32_min_cosine']:.6f})",
+    flush=True,
+  )
+
+
+def _record_flops(result: Dict, s: _Setup, batch: int, embed_batch: int) -> None:
+  """Analytic FLOPs of both timed programs and the peak rate that MFU divides by."""
+  per_study_train = flops_lib.train_step_flops_per_study(s.mcfg, kept_patches=s.num_kept)
+  peak = _peak_flops(jax.devices()[0], s.dtype)
+  result.update(
+    {
+      "analytic_flops_train_step": per_study_train * batch,
+      "analytic_flops_embed": flops_lib.eval_forward_flops(s.mcfg)["total"] * embed_batch,
+      "peak_flops": peak["value"],
+      "peak_source": peak["source"],
+    }
+  )
+  print(
+    "FLOP conventions: analytic = 2 per multiply-accumulate, matmuls only (projections, MLPs, adapters, "
+    "heads, QK^T, AV), train step = 2x forward (frozen backbone: activation gradients only); "
+    "XLA = cost_analysis()['flops'] of the compiled program (2 per MAC for dots plus 1 per "
+    "element-wise op, per device).",
+    flush=True,
+  )
+
+
+def _torch_runners(s: _Setup, device, batch_np, part: str) -> Dict[str, Callable[[], None]]:
+  """PyTorch's ``part`` ("train" or "embed") on a fixed batch: "torch" in the run's dtype, plus "torch_fp32"
+  (fp32 eager, the baseline) for a 16-bit run."""
+  tbatch = {k: v.to(device) for k, v in _torch_batch(batch_np).items()}
+  variants = [("torch", s.cfg, s.dtype)]
+  if s.dtype != "float32":
+    variants.append(("torch_fp32", s.cfg32, "float32"))
+  fns = {}
+  for name, cfg, dtype in variants:
+    _, train_step, embed = make_torch(cfg, s.host_params, device, dtype)
+    fns[name] = functools.partial(train_step if part == "train" else embed, tbatch)
+  return fns
+
+
+def _time_train(result: Dict, s: _Setup, device, warmup: int, steps: int) -> None:
+  log("compiling the JAX train step")
+  step, state, compiled, compile_s = make_jax_train(s.cfg, s.params, s.train_np)
+  xla_train = _cost_flops(compiled)
+  result.update({"xla_flops_train_step": xla_train, "compile_s_jax": compile_s})
+  # Local, so that the train state held by the runner is dropped before the embedding phase.
+  fns = {"jax": jax_train_runner(step, state, s.train_np)}
+  if device is not None:
+    log("building the PyTorch model")
+    fns.update(_torch_runners(s, device, s.train_np, "train"))
+  log("timing train steps")
+  _time_and_record(result, "train_step", fns, warmup, steps)
+  peak = result["peak_flops"]
+  for name, fl in (("xla", xla_train), ("analytic", result["analytic_flops_train_step"])):
+    result[f"train_flops_per_s_{name}"] = fl / result["train_step_s_jax"]
+    result[f"train_mfu_{name}"] = fl / result["train_step_s_jax"] / peak if peak else None
+
+
+def _time_embed(result: Dict, s: _Setup, device, warmup: int, steps: int, embed_batch: int) -> None:
+  variables = {"params": s.params}  # fp32 parameters; the model casts at use
+  log("compiling the JAX embedding")
+  jax_embed, compiled_e = make_jax_embed(s.cfg, variables, s.embed_np)
+  result["xla_flops_embed"] = _cost_flops(compiled_e)
+  fns = {"jax": jax_embed}
+  if device is not None:
+    fns.update(_torch_runners(s, device, s.embed_np, "embed"))
+  log("timing embedding")
+  _time_and_record(result, "embed", fns, warmup, steps)
+  for name in ("jax", "torch"):
+    if f"embed_s_{name}" in result:
+      result[f"embed_ms_per_study_{name}"] = 1e3 * result[f"embed_s_{name}"] / embed_batch
+  peak = result["peak_flops"]
+  result["embed_mfu_analytic"] = result["analytic_flops_embed"] / result["embed_s_jax"] / peak if peak else None
+
+
 def run(
   config: str,
   batch: int,
@@ -393,132 +554,24 @@ def run(
   precision: str = "auto",
 ) -> Dict:
   """Runs the comparison; ``on_progress(result)`` is called after each phase with what is known so far."""
-  from clinvla_jax.data import records  # pylint: disable=g-import-not-at-top
-
-  cfg = build_config(config, dtype=dtype, attention_impl=attention_impl, dropout=dropout, precision=precision)
-  cfg32 = build_config(config, dtype="float32", attention_impl=None, dropout=dropout)
-  mcfg = api.model_config(cfg)
-  num_kept = records.num_kept_patches(float(cfg.data.mask_ratio), mcfg.image.num_patches)
-  train_np = synthetic_batch(mcfg, batch, num_kept, seed=0)
   embed_batch = embed_batch or batch
-  embed_np = synthetic_batch(mcfg, embed_batch, mcfg.image.num_patches, seed=1, views=1)
-  embed_np["view_valid"][:] = True
-  log(f"{jax.devices()[0].device_kind}: initialising {config}")
-  params = api.init_params(cfg32, jax.random.key(0))["params"]
-  host_params = jax.device_get(params)
-  dev = jax.devices()[0]
-  result = {
-    "config": config,
-    "batch": batch,
-    "embed_batch": embed_batch,
-    "machine": machine_description(),
-    "dtype": dtype,
-    "device_kind": dev.device_kind,
-    "steps": steps,
-    "warmup": warmup,
-    "dropout": dropout,
-    "load_average_start": list(os.getloadavg()),
-  }
-  try:
-    from clinvla_jax import runtime  # pylint: disable=g-import-not-at-top
-
-    result["tcmalloc"] = runtime.tcmalloc_loaded()
-  except ImportError:
-    pass
-  result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-
-  torch = device = None
-  if not skip_torch:
-    import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name
-
-    if torch_device == "auto":
-      torch_device = "cuda" if (dev.platform == "gpu" and torch.cuda.is_available()) else "cpu"
-    device = torch.device(torch_device)
-    log("fp32 agreement check")
-    check_np = synthetic_batch(mcfg, check_batch, num_kept, seed=2)
-    diffs = agreement(cfg32, params, host_params, check_np, device)
-    result["agreement"] = diffs
-    result["max_abs_diff"] = max(v for k, v in diffs.items() if not k.startswith("loss_"))
-    print("agreement (fp32, max |JAX - PyTorch|): " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()), flush=True)
-    if result["max_abs_diff"] > tolerance:
-      raise SystemExit(f"JAX and PyTorch disagree: {result['max_abs_diff']:.3g} > {tolerance}")
-  else:
+  s = _prepare(config, batch, embed_batch, dtype, attention_impl, dropout, precision)
+  result = _describe_run(config, batch, embed_batch, dtype, steps, warmup, dropout)
+  device = None if skip_torch else _torch_device(torch_device)  # None: JAX only
+  if device is None:
     result["max_abs_diff"] = None
+  else:
+    _check_agreement(result, s, device, check_batch, tolerance)
   if dtype == "bfloat16":
-    log("policy vs fp32 check")
-    result.update(precision_agreement(cfg, cfg32, params, synthetic_batch(mcfg, check_batch, num_kept, seed=2)))
-    embed_check = precision_agreement(cfg, cfg32, params, embed_np)
-    result["bf16_vs_fp32_min_cosine_embed_batch"] = embed_check["bf16_vs_fp32_min_cosine"]
-    print(
-      f"{result['precision']} vs fp32: max |diff| {result['bf16_vs_fp32_max_abs_diff']:.3g}, min cosine "
-      f"{result['bf16_vs_fp32_min_cosine']:.6f} (embedding batch {embed_check['bf16_vs_fp32_min_cosine']:.6f})",
-      flush=True,
-    )
+    _check_precision(result, s, check_batch)
   on_progress(result)
 
-  # FLOPs, both conventions.
-  per_study_train = flops_lib.train_step_flops_per_study(mcfg, kept_patches=num_kept)
-  analytic_train = per_study_train * batch
-  analytic_embed = flops_lib.eval_forward_flops(mcfg)["total"] * embed_batch
-  peak = _peak_flops(dev, dtype)
-  result.update(
-    {
-      "analytic_flops_train_step": analytic_train,
-      "analytic_flops_embed": analytic_embed,
-      "peak_flops": peak["value"],
-      "peak_source": peak["source"],
-    }
-  )
-  print(
-    "FLOP conventions: analytic = 2 per multiply-accumulate, matmuls only (projections, MLPs, adapters, "
-    "heads, QK^T, AV), train step = 2x forward (frozen backbone: activation gradients only); "
-    "XLA = cost_analysis()['flops'] of the compiled program (2 per MAC for dots plus 1 per "
-    "element-wise op, per device).",
-    flush=True,
-  )
-
+  _record_flops(result, s, batch, embed_batch)
   if "train" in parts:
-    log("compiling the JAX train step")
-    step, state, compiled, compile_s = make_jax_train(cfg, params, train_np)
-    xla_train = _cost_flops(compiled)
-    result.update({"xla_flops_train_step": xla_train, "compile_s_jax": compile_s})
-    fns = {"jax": jax_train_runner(step, state, train_np)}
-    if torch is not None:
-      log("building the PyTorch model")
-      tbatch = {k: v.to(device) for k, v in _torch_batch(train_np).items()}
-      _, torch_train, _ = make_torch(cfg, host_params, device, dtype)
-      fns["torch"] = lambda: torch_train(tbatch)
-      if dtype != "float32":
-        _, torch_train32, _ = make_torch(cfg32, host_params, device, "float32")
-        fns["torch_fp32"] = lambda: torch_train32(tbatch)
-    log("timing train steps")
-    _time_and_record(result, "train_step", fns, warmup, steps)
-    for name, fl in (("xla", xla_train), ("analytic", analytic_train)):
-      result[f"train_flops_per_s_{name}"] = fl / result["train_step_s_jax"]
-      result[f"train_mfu_{name}"] = fl / result["train_step_s_jax"] / peak["value"] if peak["value"] else None
-    del fns  # drops the train state held by the runner before the embedding phase
+    _time_train(result, s, device, warmup, steps)
     on_progress(result)
-
   if "embed" in parts:
-    variables = {"params": params}  # fp32 parameters; the model casts at use
-    log("compiling the JAX embedding")
-    jax_embed, compiled_e = make_jax_embed(cfg, variables, embed_np)
-    result["xla_flops_embed"] = _cost_flops(compiled_e)
-    fns = {"jax": jax_embed}
-    if torch is not None:
-      _, _, torch_embed = make_torch(cfg, host_params, device, dtype)
-      ebatch = {k: v.to(device) for k, v in _torch_batch(embed_np).items()}
-      fns["torch"] = lambda: torch_embed(ebatch)
-      if dtype != "float32":
-        _, _, torch_embed32 = make_torch(cfg32, host_params, device, "float32")
-        fns["torch_fp32"] = lambda: torch_embed32(ebatch)
-    log("timing embedding")
-    _time_and_record(result, "embed", fns, warmup, steps)
-    for name in ("jax", "torch"):
-      if f"embed_s_{name}" in result:
-        result[f"embed_ms_per_study_{name}"] = 1e3 * result[f"embed_s_{name}"] / embed_batch
-    result["embed_mfu_analytic"] = analytic_embed / result["embed_s_jax"] / peak["value"] if peak["value"] else None
-
+    _time_embed(result, s, device, warmup, steps, embed_batch)
   result["load_average_end"] = list(os.getloadavg())
   return result
 

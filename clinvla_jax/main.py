@@ -98,6 +98,7 @@ def _checkpoint_source():
 
 
 def run_eval(config) -> None:
+  from clinvla_jax.evaluate import report
   from clinvla_jax.evaluate import run as eval_run
 
   workdir = _WORKDIR.value or (_CHECKPOINT.value and _checkpoint_workdir(_CHECKPOINT.value))
@@ -105,10 +106,9 @@ def run_eval(config) -> None:
     raise app.UsageError("--mode=eval needs --workdir (or --checkpoint)")
   variables = _variables_for_evaluation(config)
   results = eval_run.run_evaluation(config, variables, workdir)
-  width = max((len(k) for k in results), default=0)
-  for key in sorted(results):
-    print(f"{key:{width}s}  {results[key]:.4f}")
-  print(f"results in {workdir}: results.json, results.md, retrieval_examples.png", flush=True)
+  outputs = (eval_run.RESULTS_MD, eval_run.RESULTS_JSON, eval_run.FIGURE_PNG)
+  paths = [os.path.join(workdir, name) for name in outputs if os.path.exists(os.path.join(workdir, name))]
+  print("\n".join(report.console_table(results, paths)), flush=True)
 
 
 def _checkpoint_workdir(path: str) -> str:

@@ -254,3 +254,30 @@ def test_run_evaluators_end_to_end(tmp_path, chexpert_8x200_dir):
 def test_run_evaluators_requires_list_dir():
   with pytest.raises(ValueError):
     evaluate.run_evaluators(["chexpert_8x200"], {"chexpert_8x200": {}}, None, {})
+
+
+def test_console_table_fits_15_lines_with_interval_and_chance():
+  results = {}
+  for task in ("image_to_text", "text_to_image"):
+    for k in ("P@1", "P@5", "P@10", "R@1", "R@5", "R@10"):
+      key = f"covid_cxr/{task}/{k}"
+      results.update({key: 0.5, f"{key}_ci_low": 0.4, f"{key}_ci_high": 0.6, f"{key}_chance": 0.25})
+  results.update(
+    {"covid_cxr/zero_shot/AUC": 0.64, "covid_cxr/zero_shot/ACC": 0.2, "covid_cxr/zero_shot/ACC_majority": 0.61}
+  )
+  lines = report.console_table(results, ["/w/results.md", "/w/retrieval_examples.png"])
+  assert len(lines) <= 15
+  assert lines[0].split() == ["metric", "value", "95", "%", "interval", "chance"]
+  body = {line.split()[0]: line.split()[1:] for line in lines[2:-2]}
+  assert body["covid_cxr/zero_shot/AUC"] == ["0.640", report.MISSING, report.MISSING]
+  assert body["covid_cxr/zero_shot/ACC"] == ["0.200", report.MISSING, "0.610"]
+  assert body["covid_cxr/image_to_text/P@5"] == ["0.500", f"0.400{report.EN_DASH}0.600", "0.250"]
+  # 14 scores, 11 rows: AUC, ACC, every @5 and @1, and one @10 (the others are left to results.md).
+  assert len(body) == 11 and all(
+    f"covid_cxr/{t}/{k}" in body for t in ("image_to_text", "text_to_image") for k in ("P@5", "R@1")
+  )
+  assert sum(k.endswith("@10") for k in body) == 1
+  assert lines[-2].startswith(f"... {14 - len(body)} more scores")
+  assert lines[-1] == "results: /w/results.md, /w/retrieval_examples.png"
+  few = report.console_table({"a/AUC": 0.7}, ["r.md"])
+  assert len(few) == 4 and few[2].split()[:2] == ["a/AUC", "0.700"]

@@ -586,3 +586,37 @@ def _say(ax, text: str) -> None:
   ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="0.4", transform=ax.transAxes)
   ax.set_xticks([])
   ax.set_yticks([])
+
+
+CONSOLE_MAX_LINES = 15
+# Which scores the console shows first when there are more than fit: the summary ones, then the usual cut-offs.
+_CONSOLE_PRIORITY = ("AUC", "ACC", "@5", "@1", "@10")
+
+
+def console_table(results: Mapping[str, float], paths: Sequence[str], max_lines: int = CONSOLE_MAX_LINES) -> list[str]:
+  """The end of ``--mode=eval`` on the console: metric, value, 95 % interval, chance; then where the rest is.
+
+  At most ``max_lines`` lines: when the base scores do not all fit, the summary ones (AUC, accuracy, @5, @1) are
+  kept and a line says how many more results.md holds.
+  """
+  base = [k for k in results if not split_metric(k)[1]]
+  room = max_lines - 3  # header, separator, the paths line
+  if len(base) > room:
+    room -= 1  # the "more in results.md" line
+    rank = lambda k: next((i for i, p in enumerate(_CONSOLE_PRIORITY) if k.endswith(p)), len(_CONSOLE_PRIORITY))
+    shown = sorted(sorted(base, key=lambda k: (rank(k), k))[:room])
+  else:
+    shown = sorted(base)
+  width = max([len(k) for k in shown] + [len("metric")])
+  lines = [f"{'metric':{width}s}  {'value':>6s}  {'95 % interval':>13s}  {'chance':>6s}", "-" * (width + 33)]
+  for key in shown:
+    low, high = results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
+    interval = f"{low:.3f}{EN_DASH}{high:.3f}" if low is not None and high is not None else MISSING
+    chance = next((results[f"{key}_{s}"] for s in ("chance", "majority") if f"{key}_{s}" in results), None)
+    lines.append(
+      f"{key:{width}s}  {results[key]:6.3f}  {interval:>13s}  {MISSING if chance is None else f'{chance:.3f}':>6s}"
+    )
+  if len(shown) < len(base):
+    lines.append(f"... {len(base) - len(shown)} more scores, and every interval and baseline, in results.md")
+  lines.append("results: " + ", ".join(paths))
+  return lines

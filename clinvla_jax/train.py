@@ -31,11 +31,9 @@ from tqdm import tqdm
 from clinvla_jax import api, console, losses, optim, perf, preemption, sharding, workdir_lock
 from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # noqa: F401  (re-exported)
 from clinvla_jax.convert import pretrained
-from clinvla_jax.data import pipeline, records, source
+from clinvla_jax.data import records, source
 from clinvla_jax.data.prefetch import DevicePrefetcher
 from clinvla_jax.data.records import fit_token_length
-from clinvla_jax.evaluate import evaluators, report
-from clinvla_jax.evaluate import run as eval_run
 from clinvla_jax.model import flops as flops_lib
 from clinvla_jax.model import layers
 from clinvla_jax.model.clinvla import matmul_ready_params
@@ -297,6 +295,9 @@ def _train_paths(config):
 
 def eval_schedule(config) -> Dict[str, int]:
   """{evaluator name: every_steps} of the ``config.evals`` entries that training runs (every_steps > 0)."""
+  # The evaluation side imports the input pipeline (Grain); the train step itself runs without it.
+  from clinvla_jax.evaluate import evaluators  # pylint: disable=g-import-not-at-top
+
   return {name: ev.every_steps for name, ev in evaluators.build_evaluators(config).items() if ev.every_steps > 0}
 
 
@@ -307,6 +308,9 @@ def periodic_evaluation(config, predict_fn: PredictFn, evaluate_fn=None, evaluat
   through the run's own ``predict_fn``, and a step runs the evaluators due
   together.  A custom ``evaluate_fn`` runs every ``evaluate_every_steps``.
   """
+  # The evaluation side imports the input pipeline (Grain); the train step itself runs without it.
+  from clinvla_jax.evaluate import run as eval_run  # pylint: disable=g-import-not-at-top
+
   if evaluate_fn is not None:
     every = int(evaluate_every_steps)
     return lambda step: evaluate_fn if every > 0 and step % every == 0 else None
@@ -327,6 +331,9 @@ def periodic_evaluation(config, predict_fn: PredictFn, evaluate_fn=None, evaluat
 
 def write_learning_curves(workdir: str) -> None:
   """learning_curves.png from metrics.jsonl: losses and held-out P@5 (with chance) against step."""
+  # The evaluation side imports the input pipeline (Grain); the train step itself runs without it.
+  from clinvla_jax.evaluate import report  # pylint: disable=g-import-not-at-top
+
   try:
     report.learning_curves_figure(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "learning_curves.png"))
   except Exception as e:  # pylint: disable=broad-except
@@ -466,6 +473,9 @@ def _eval_line(step: int, eval_metrics: Dict[str, float], best_metric: str) -> s
 
 
 def _train(config, workdir: str, custom_evaluation, host_batches) -> Dict[str, float]:
+  # Grain only where a run reads shards: the train step and the benchmarks run without it.
+  from clinvla_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   is_main = jax.process_index() == 0
   say = print if is_main else (lambda *a, **k: None)
   setup = TrainSetup(config)

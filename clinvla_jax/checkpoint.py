@@ -176,8 +176,9 @@ class Checkpointer:
     saved = _shapes({"params": meta["params"]})
     target, to_wanted = _in_saved_layout({"params": abstract_params}, saved)
     self._check_compatible(step, target, saved)
+    replicated = _first_sharding(abstract_params)
     as_saved = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_first_sharding(abstract_params)),
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
       {k: v for k, v in meta.items() if k != "params"},
     )
     restored = self.manager.restore(

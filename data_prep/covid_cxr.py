@@ -79,51 +79,65 @@ def read_metadata(path: str) -> list[dict[str, str]]:
 UNLABELLED_POLICIES = ("reject", "train")
 
 
-def build_plan(
-  input_dir: str, val_percent: float = 20.0, image_dir: str = "images", unlabelled: str = "reject"
-) -> studies_lib.Plan:
-  """Reads metadata.csv and returns the studies to write (see module docstring)."""
-  if unlabelled not in UNLABELLED_POLICIES:
-    raise ValueError(f"unlabelled={unlabelled!r}: expected one of {UNLABELLED_POLICIES}")
-  rows = read_metadata(os.path.join(input_dir, "metadata.csv"))
-  img_root = os.path.join(input_dir, image_dir)
+def _known_findings(rows: list[studies_lib.Row]) -> set[str]:
+  return {p for r in rows for p in _label_parts(r.data["finding"]) if p.lower() not in _UNKNOWN_FINDINGS}
+
+
+def _has_unknown_finding(row: studies_lib.Row) -> bool:
+  parts = _label_parts(row.data["finding"])
+  return not parts or any(p.lower() in _UNKNOWN_FINDINGS for p in parts)
+
+
+def _listing_reject(row_id: str, fn: str, pid: str, seen_files: dict[str, str]) -> studies_lib.Reject | None:
+  if not fn or not pid:
+    return studies_lib.Reject(row_id, "missing_metadata", "blank filename or patientid")
+  if fn in seen_files:
+    return studies_lib.Reject(row_id, "duplicate_row", f"image {fn} already listed under patient {seen_files[fn]}")
+  return None
+
+
+def _decide_view(row: dict[str, str], fn: str, path: str, row_id: str) -> tuple[str, str] | studies_lib.Reject:
+  """(view, how it was decided), or the reject when no view can be decided."""
+  view = studies_lib.view_from_tag(row["view"])
+  if view is not None:
+    return view, "metadata view tag"
+  view = _filename_view(fn)
+  if view is not None:
+    return view, "file name"
+  try:
+    view, score = studies_lib.content_view(path)
+  except images_lib.ImageError as e:
+    return studies_lib.Reject(row_id, "bad_image", e.problem)
+  if view is None:
+    return studies_lib.Reject(
+      row_id, "unknown_view", f"view {row['view']!r} and pixels ambiguous (frontal score {score:+.3f})"
+    )
+  return view, "pixel content"
+
+
+def _usable_rows(
+  rows: list[dict[str, str]], img_root: str
+) -> tuple[list[studies_lib.Row], list[studies_lib.Reject], collections.Counter]:
+  """(rows with a decided view, rejected rows, how many views each method decided), in metadata order."""
   rejects: list[studies_lib.Reject] = []
   view_method = collections.Counter()
   seen_files: dict[str, str] = {}
   usable: list[studies_lib.Row] = []
-
   for i, row in enumerate(rows, start=1):
     fn = row["filename"].strip()
     row_id = f"metadata.csv row {i} ({fn or 'no filename'})"
     pid = row["patientid"].strip()
-    if not fn or not pid:
-      rejects.append(studies_lib.Reject(row_id, "missing_metadata", "blank filename or patientid"))
-      continue
-    if fn in seen_files:
-      rejects.append(
-        studies_lib.Reject(row_id, "duplicate_row", f"image {fn} already listed under patient {seen_files[fn]}")
-      )
+    reject = _listing_reject(row_id, fn, pid, seen_files)
+    if reject is not None:
+      rejects.append(reject)
       continue
     seen_files[fn] = pid
     path = os.path.join(img_root, fn)
-    view = studies_lib.view_from_tag(row["view"])
-    method = "metadata view tag"
-    if view is None:
-      view, method = _filename_view(fn), "file name"
-    if view is None:
-      try:
-        view, score = studies_lib.content_view(path)
-      except images_lib.ImageError as e:
-        rejects.append(studies_lib.Reject(row_id, "bad_image", e.problem))
-        continue
-      method = "pixel content"
-      if view is None:
-        rejects.append(
-          studies_lib.Reject(
-            row_id, "unknown_view", f"view {row['view']!r} and pixels ambiguous (frontal score {score:+.3f})"
-          )
-        )
-        continue
+    decided = _decide_view(row, fn, path, row_id)
+    if isinstance(decided, studies_lib.Reject):
+      rejects.append(decided)
+      continue
+    view, method = decided
     view_method[method] += 1
     off = _offset(row["offset"])
     # Rows of a patient with a blank offset form one undated study.
@@ -140,56 +154,50 @@ def build_plan(
         data=row,
       )
     )
+  return usable, rejects, view_method
 
-  label_names = sorted(
-    {p for r in usable for p in _label_parts(r.data["finding"]) if p.lower() not in _UNKNOWN_FINDINGS}
-  )
 
-  def describe(study: studies_lib.StudyRows) -> studies_lib.Described:
-    off = study.study_key
-    study_id = f"{study.patient_id}_{'undated' if off == 'undated' else f'{off:g}'}"
-    rows_here = list(study.views.values())
-    unknown = [
-      r
-      for r in rows_here
-      if not _label_parts(r.data["finding"])
-      or any(p.lower() in _UNKNOWN_FINDINGS for p in _label_parts(r.data["finding"]))
+def _notes_text(rows: list[studies_lib.Row]) -> str:
+  """The rows' clinical notes, each once, cleaned like a report ("" when there are none)."""
+  notes = []
+  for r in rows:
+    note = " ".join((r.data.get("clinical_notes") or "").split())
+    if note and note not in notes:
+      notes.append(note)
+  return text_lib.report_text(full_report="\n".join(notes)).text if notes else ""
+
+
+def _describe(study: studies_lib.StudyRows, label_names: list[str], unlabelled: str) -> studies_lib.Described:
+  off = study.study_key
+  study_id = f"{study.patient_id}_{'undated' if off == 'undated' else f'{off:g}'}"
+  rows_here = list(study.views.values())
+  unknown = [r for r in rows_here if _has_unknown_finding(r)]
+  out_rejects = []
+  # An unlabelled study of a val patient cannot be evaluated and must not
+  # train (the patient is held out), so it is rejected.
+  keep_unlabelled = unlabelled == "train" and study.split == "train" and len(unknown) == len(rows_here)
+  if not keep_unlabelled:
+    out_rejects += [studies_lib.Reject(r.row_id, "unknown_label", f"finding {r.data['finding']!r}") for r in unknown]
+    rows_here = [r for r in rows_here if r not in unknown]
+  if not rows_here:
+    return studies_lib.Described(study_id, rejects=tuple(out_rejects))
+  cleaned = _notes_text(rows_here)
+  if not cleaned:
+    out_rejects += [
+      studies_lib.Reject(r.row_id, "empty_report", f"study {study_id}: no clinical notes") for r in rows_here
     ]
-    out_rejects = []
-    # An unlabelled study of a val patient cannot be evaluated and must not
-    # train (the patient is held out), so it is rejected.
-    keep_unlabelled = unlabelled == "train" and study.split == "train" and len(unknown) == len(rows_here)
-    if not keep_unlabelled:
-      out_rejects += [studies_lib.Reject(r.row_id, "unknown_label", f"finding {r.data['finding']!r}") for r in unknown]
-      rows_here = [r for r in rows_here if r not in unknown]
-    if not rows_here:
-      return studies_lib.Described(study_id, rejects=tuple(out_rejects))
-    notes = []
-    for r in rows_here:
-      note = " ".join((r.data.get("clinical_notes") or "").split())
-      if note and note not in notes:
-        notes.append(note)
-    cleaned = text_lib.report_text(full_report="\n".join(notes)).text if notes else ""
-    if not cleaned:
-      out_rejects += [
-        studies_lib.Reject(r.row_id, "empty_report", f"study {study_id}: no clinical notes") for r in rows_here
-      ]
-      return studies_lib.Described(study_id, rejects=tuple(out_rejects))
-    found = {p for r in rows_here for p in _label_parts(r.data["finding"]) if p.lower() not in _UNKNOWN_FINDINGS}
-    return studies_lib.Described(
-      study_id,
-      rows=tuple(rows_here),
-      text=cleaned,
-      labels=studies_lib.multi_hot(found, label_names),
-      rejects=tuple(out_rejects),
-    )
-
-  studies, assembly_rejects = studies_lib.assemble_studies(
-    usable, describe, split_of=lambda pid: studies_lib.hash_split(pid, val_percent)
+    return studies_lib.Described(study_id, rejects=tuple(out_rejects))
+  return studies_lib.Described(
+    study_id,
+    rows=tuple(rows_here),
+    text=cleaned,
+    labels=studies_lib.multi_hot(_known_findings(rows_here), label_names),
+    rejects=tuple(out_rejects),
   )
-  rejects.extend(assembly_rejects)
 
-  notes = {
+
+def _plan_notes(view_method: collections.Counter, val_percent: float, unlabelled: str) -> dict:
+  return {
     "views_decided_by": (
       "metadata 'view' column (PA/AP/AP Supine -> frontal, L -> lateral); blank or '?' "
       "views from the file name suffix, else from pixel content (frontal_score: bright "
@@ -204,6 +212,23 @@ def build_plan(
     + ("; studies without a known finding: train patients only" if unlabelled == "train" else ""),
     "unlabelled": unlabelled,
   }
+
+
+def build_plan(
+  input_dir: str, val_percent: float = 20.0, image_dir: str = "images", unlabelled: str = "reject"
+) -> studies_lib.Plan:
+  """Reads metadata.csv and returns the studies to write (see module docstring)."""
+  if unlabelled not in UNLABELLED_POLICIES:
+    raise ValueError(f"unlabelled={unlabelled!r}: expected one of {UNLABELLED_POLICIES}")
+  rows = read_metadata(os.path.join(input_dir, "metadata.csv"))
+  usable, rejects, view_method = _usable_rows(rows, os.path.join(input_dir, image_dir))
+  label_names = sorted(_known_findings(usable))
+  studies, assembly_rejects = studies_lib.assemble_studies(
+    usable,
+    lambda study: _describe(study, label_names, unlabelled),
+    split_of=lambda pid: studies_lib.hash_split(pid, val_percent),
+  )
+  rejects.extend(assembly_rejects)
   return studies_lib.Plan(
     dataset="covid_cxr",
     input_rows=len(rows),
@@ -211,7 +236,7 @@ def build_plan(
     studies=studies,
     rejects=rejects,
     label_names=label_names,
-    notes=notes,
+    notes=_plan_notes(view_method, val_percent, unlabelled),
   )
 
 

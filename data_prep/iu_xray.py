@@ -161,15 +161,8 @@ def assign_views(paths: list[tuple[str, str]], tags: dict[str, str]):
   return frontal, lateral, extras, problems, {iid: s for s, iid, _ in scored}
 
 
-def build_plan(
-  input_dir: str,
-  reports_path: str = "",
-  image_dir: str = "",
-  metadata_path: str = "",
-  min_label_count: int = 20,
-  val_percent: float = 20.0,
-) -> studies_lib.Plan:
-  reports_path = reports_path or next(
+def _default_reports_path(input_dir: str) -> str:
+  return next(
     (
       p
       for p in (os.path.join(input_dir, "NLMCXR_reports.tgz"), os.path.join(input_dir, "ecgen-radiology"))
@@ -177,55 +170,70 @@ def build_plan(
     ),
     os.path.join(input_dir, "NLMCXR_reports.tgz"),
   )
-  image_dir = image_dir or os.path.join(input_dir, "images")
-  metadata_path = metadata_path or os.path.join(input_dir, "nlmcxr_dicom_metadata.csv.gz")
-  reports = read_reports(reports_path)
-  tags = read_view_tags(metadata_path)
-  found, orphans = find_images(image_dir, reports) if os.path.isdir(image_dir) else ({}, [])
 
-  counts = collections.Counter(t for r in reports for t in {m.split("/")[0].strip() for m in r["mesh_major"]})
-  label_names = sorted(t for t, c in counts.items() if c >= min_label_count and t not in _NOT_LABELS)
 
-  studies, rejects = [], []
-  decisions = collections.Counter()
-  for r in reports:
-    row_id = f"{r['file']} ({r['uid']})"
-    paths = [(iid, found[iid]) for iid in r["images"] if iid in found]
-    if not paths:
-      why = "report lists no images" if not r["images"] else (f"no image file for {', '.join(r['images'])}")
-      rejects.append(studies_lib.Reject(row_id, "no_images", why))
-      continue
-    cleaned = text_lib.report_text(findings=r["findings"], impression=r["impression"]).text
-    if not cleaned:
-      rejects.append(studies_lib.Reject(row_id, "empty_report", "no FINDINGS or IMPRESSION text"))
-      continue
-    frontal, lateral, extras, problems, _ = assign_views(paths, tags)
-    if frontal is None and lateral is None:
-      rejects.append(studies_lib.Reject(row_id, "bad_image", "; ".join(p for _, _, p in problems)))
-      continue
-    for t in (frontal, lateral):
-      if t is not None:
-        tag_view = studies_lib.view_from_tag(tags.get(t[1], ""))
-        decisions["agrees with DICOM tag" if tag_view else "no DICOM tag"] += 1
-        if tag_view and tag_view != ("frontal" if t is frontal else "lateral"):
-          decisions["overrode DICOM tag"] += 1
-          decisions["agrees with DICOM tag"] -= 1
-    decisions["extra images not used"] += len(extras)
-    present = {m.split("/")[0].strip() for m in r["mesh_major"]}
-    ref = lambda t: None if t is None else studies_lib.ViewRef(t[2], t[1], row_id)
-    studies.append(
-      studies_lib.Study(
-        study_id=r["uid"],
-        patient_id=r["uid"],
-        split=studies_lib.hash_split(r["uid"], val_percent),
-        text=cleaned,
-        labels=studies_lib.multi_hot(present, label_names),
-        views=(ref(frontal), ref(lateral), None, None),
-        rows=(row_id,),
-      )
-    )
+def _mesh_terms(report: dict) -> set[str]:
+  return {m.split("/")[0].strip() for m in report["mesh_major"]}
 
-  notes = {
+
+def _label_names(reports: list[dict], min_label_count: int) -> list[str]:
+  counts = collections.Counter(t for r in reports for t in _mesh_terms(r))
+  return sorted(t for t, c in counts.items() if c >= min_label_count and t not in _NOT_LABELS)
+
+
+def _count_decisions(frontal, lateral, extras, tags: dict[str, str], decisions: collections.Counter):
+  for t in (frontal, lateral):
+    if t is not None:
+      tag_view = studies_lib.view_from_tag(tags.get(t[1], ""))
+      decisions["agrees with DICOM tag" if tag_view else "no DICOM tag"] += 1
+      if tag_view and tag_view != ("frontal" if t is frontal else "lateral"):
+        decisions["overrode DICOM tag"] += 1
+        decisions["agrees with DICOM tag"] -= 1
+  decisions["extra images not used"] += len(extras)
+
+
+def _report_study(
+  r: dict,
+  found: dict[str, str],
+  tags: dict[str, str],
+  label_names: list[str],
+  val_percent: float,
+  decisions: collections.Counter,
+) -> studies_lib.Study | studies_lib.Reject:
+  """The report's study, or why it is rejected; ``decisions`` counts the view choices of the study."""
+  row_id = f"{r['file']} ({r['uid']})"
+  paths = [(iid, found[iid]) for iid in r["images"] if iid in found]
+  if not paths:
+    why = "report lists no images" if not r["images"] else (f"no image file for {', '.join(r['images'])}")
+    return studies_lib.Reject(row_id, "no_images", why)
+  cleaned = text_lib.report_text(findings=r["findings"], impression=r["impression"]).text
+  if not cleaned:
+    return studies_lib.Reject(row_id, "empty_report", "no FINDINGS or IMPRESSION text")
+  frontal, lateral, extras, problems, _ = assign_views(paths, tags)
+  if frontal is None and lateral is None:
+    return studies_lib.Reject(row_id, "bad_image", "; ".join(p for _, _, p in problems))
+  _count_decisions(frontal, lateral, extras, tags, decisions)
+  ref = lambda t: None if t is None else studies_lib.ViewRef(t[2], t[1], row_id)
+  return studies_lib.Study(
+    study_id=r["uid"],
+    patient_id=r["uid"],
+    split=studies_lib.hash_split(r["uid"], val_percent),
+    text=cleaned,
+    labels=studies_lib.multi_hot(_mesh_terms(r), label_names),
+    views=(ref(frontal), ref(lateral), None, None),
+    rows=(row_id,),
+  )
+
+
+def _plan_notes(
+  decisions: collections.Counter,
+  found: dict[str, str],
+  orphans: list[str],
+  image_dir: str,
+  min_label_count: int,
+  val_percent: float,
+) -> dict:
+  return {
     "views_decided_by": (
       "per image score = pixel frontal_score (bright central spine/mediastinum column) "
       "+/-0.05 aspect ratio (portrait = lateral) +/-0.05 DICOM View Position tag "
@@ -240,6 +248,32 @@ def build_plan(
     "split_rule": f"sha256(report uid) -> val {val_percent}%, rest train",
     "licence": "CC BY-NC-ND 4.0 (Indiana University / NLM Open-I)",
   }
+
+
+def build_plan(
+  input_dir: str,
+  reports_path: str = "",
+  image_dir: str = "",
+  metadata_path: str = "",
+  min_label_count: int = 20,
+  val_percent: float = 20.0,
+) -> studies_lib.Plan:
+  reports_path = reports_path or _default_reports_path(input_dir)
+  image_dir = image_dir or os.path.join(input_dir, "images")
+  metadata_path = metadata_path or os.path.join(input_dir, "nlmcxr_dicom_metadata.csv.gz")
+  reports = read_reports(reports_path)
+  tags = read_view_tags(metadata_path)
+  found, orphans = find_images(image_dir, reports) if os.path.isdir(image_dir) else ({}, [])
+  label_names = _label_names(reports, min_label_count)
+
+  studies, rejects = [], []
+  decisions = collections.Counter()
+  for r in reports:
+    study = _report_study(r, found, tags, label_names, val_percent, decisions)
+    if isinstance(study, studies_lib.Reject):
+      rejects.append(study)
+    else:
+      studies.append(study)
   return studies_lib.Plan(
     dataset="iu_xray",
     input_rows=len(reports),
@@ -247,7 +281,7 @@ def build_plan(
     studies=studies,
     rejects=rejects,
     label_names=label_names,
-    notes=notes,
+    notes=_plan_notes(decisions, found, orphans, image_dir, min_label_count, val_percent),
   )
 
 

@@ -536,6 +536,36 @@ def _build(
   )
 
 
+def _train_info(
+  num_records: int,
+  global_batch_size: int,
+  mask_ratio: float,
+  num_epochs: int | None,
+  shard_index: int,
+  shard_count: int,
+) -> LoaderInfo:
+  """The training loader's shape: every process gets the same whole number of records per epoch."""
+  batch_size = _per_process_batch(global_batch_size, shard_count)
+  num_kept = records.num_kept_patches(mask_ratio)
+  if not 0 < num_kept <= schema.NUM_PATCHES:
+    raise ValueError(f"mask_ratio {mask_ratio} keeps {num_kept} patches")
+  per_process = num_records // shard_count
+  if per_process == 0:
+    raise ValueError(f"{num_records} records cannot feed {shard_count} processes")
+  return LoaderInfo(
+    num_records=num_records,
+    global_batch_size=global_batch_size,
+    batch_size=batch_size,
+    num_kept=num_kept,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    examples_per_epoch=per_process,
+    batches_per_epoch=per_process // batch_size,
+    num_epochs=num_epochs,
+    training=True,
+  )
+
+
 def make_train_loader(
   paths: PathsLike | source_lib.ArrayRecordSource,
   *,
@@ -578,34 +608,17 @@ def make_train_loader(
     ``BatchIterator``.  Drop remainder: every batch is full (see module doc).
   """
   src = _as_source(paths)
-  shard_index, shard_count = _shard_args(shard_index, shard_count)
-  batch_size = _per_process_batch(global_batch_size, shard_count)
-  if num_labels is None:
-    num_labels = infer_num_labels(src)
-  num_kept = records.num_kept_patches(mask_ratio)
-  if not 0 < num_kept <= schema.NUM_PATCHES:
-    raise ValueError(f"mask_ratio {mask_ratio} keeps {num_kept} patches")
   if seed < 0:
     raise ValueError(f"seed must be non-negative, got {seed}")
-  epoch_len = (len(src) // shard_count) * shard_count
-  if epoch_len == 0:
-    raise ValueError(f"{len(src)} records cannot feed {shard_count} processes")
+  info = _train_info(len(src), global_batch_size, mask_ratio, num_epochs, *_shard_args(shard_index, shard_count))
+  epoch_len = info.examples_per_epoch * info.shard_count
   stream = _Stream(num_records=len(src), epoch_len=epoch_len, shuffle=shuffle, seed=seed)
-  per_process = epoch_len // shard_count
-  info = LoaderInfo(
-    num_records=len(src),
-    global_batch_size=global_batch_size,
-    batch_size=batch_size,
-    num_kept=num_kept,
-    shard_index=shard_index,
-    shard_count=shard_count,
-    examples_per_epoch=per_process,
-    batches_per_epoch=per_process // batch_size,
-    num_epochs=num_epochs,
-    training=True,
-  )
   operation = _MakeChunk(
-    num_kept=num_kept, seed=seed, num_labels=num_labels, view_slots=tuple(range(schema.NUM_VIEWS)), drop_failed=True
+    num_kept=info.num_kept,
+    seed=seed,
+    num_labels=infer_num_labels(src) if num_labels is None else num_labels,
+    view_slots=tuple(range(schema.NUM_VIEWS)),
+    drop_failed=True,
   )
   # A finite stream ends on a partial chunk: its studies can still top up a
   # batch that lost undecodable ones.

@@ -213,24 +213,49 @@ class ImageTower(nn.Module):
   def __call__(self, patches, patch_idx, view_valid, view_slots: Tuple[int, ...]):
     cfg = self.config
     prec = layers.tower_precision(cfg)
-    dtype = prec.activations_dtype
-    batch, num_views, num_kept, patch_dim = patches.shape
+    batch, num_views, num_kept, _ = patches.shape
     if num_views != len(view_slots):
       raise ValueError(f"{num_views} views given but view_slots={view_slots}")
+    width = cfg.hidden_size
+    # Parameters are created in the order of the original single function (patch embedding, positions, CLS,
+    # missing token, view/time): their random initialisation follows that order.
+    tokens = self._patch_tokens(patches, prec)
+    pos_table = self._position_table()
+    tokens = tokens + jnp.take(pos_table, patch_idx.reshape(batch * num_views, num_kept) + 1, axis=0).astype(
+      tokens.dtype
+    )
+    cls = self.param(
+      "cls_token", layers.with_axes(nn.initializers.normal(1e-6), (None, "embed")), (1, width), jnp.float32
+    )
+    cls = (cls + pos_table[:1]).astype(tokens.dtype)
+    tokens = jnp.concatenate([jnp.broadcast_to(cls[None], (batch * num_views, 1, width)), tokens], axis=1)
+    tokens = tokens.reshape(batch, num_views, 1 + num_kept, width)
+    missing_seq = self._missing_view_sequence(patch_idx, pos_table, cls, tokens.dtype)
+    tokens = jnp.where(view_valid.astype(bool)[:, :, None, None], tokens, missing_seq)
+    tokens = tokens + self._view_time_embedding(view_slots).astype(tokens.dtype)[None, :, None, :]
+
+    x = tokens.reshape(batch * num_views, 1 + num_kept, width)
+    x = layers.constrain(x, ("batch", "act_length", "act_embed"))
+    x = layers.apply_blocks(Block, cfg, x, name=BLOCKS)
+    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm")(x)
+    return x.reshape(batch, num_views, 1 + num_kept, width)
+
+  def _patch_tokens(self, patches, prec):
+    """[B, V, K, p*p*C'] pixels -> [B*V, K, h] patch embeddings (before positions)."""
+    cfg = self.config
+    batch, num_views, num_kept, patch_dim = patches.shape
     pixels_per_channel = cfg.patch_size * cfg.patch_size
     if patch_dim not in (pixels_per_channel, pixels_per_channel * cfg.channels):
       raise ValueError(
         f"patch vector length {patch_dim} fits neither 1 nor {cfg.channels} channels "
         f"of {cfg.patch_size}x{cfg.patch_size} patches"
       )
-    width = cfg.hidden_size
-
     if patches.dtype == jnp.uint8:
       x = (patches.astype(jnp.float32) / 255.0 - cfg.pixel_mean) / cfg.pixel_std
     else:
       x = patches.astype(jnp.float32)
     x = x.reshape(batch * num_views, num_kept, patch_dim)
-
+    width = cfg.hidden_size
     kernel = self.param(
       "patch_embed_kernel",
       layers.with_axes(layers.trunc_normal_02, ("patch", "embed")),
@@ -240,61 +265,55 @@ class ImageTower(nn.Module):
     bias = self.param("patch_embed_bias", layers.with_axes(nn.initializers.zeros, ("embed",)), (width,), jnp.float32)
     if patch_dim == pixels_per_channel and cfg.channels > 1:
       kernel = kernel.reshape(pixels_per_channel, cfg.channels, width).sum(axis=1)
-    tokens = (layers.einsum("bkp,pd->bkd", x, kernel, prec) + bias).astype(dtype)
+    return (layers.einsum("bkp,pd->bkd", x, kernel, prec) + bias).astype(prec.activations_dtype)
 
+  def _position_table(self):
+    """float32 [1 + num_patches, h]: the CLS position first."""
+    cfg = self.config
     if cfg.pos_embed in FIXED_POS_EMBEDS:
-      pos_table = jnp.asarray(fixed_position_table(cfg.pos_embed, cfg.grid_size, width))
-    elif cfg.pos_embed == "learned":
-      pos_table = self.param(
+      return jnp.asarray(fixed_position_table(cfg.pos_embed, cfg.grid_size, cfg.hidden_size))
+    if cfg.pos_embed == "learned":
+      return self.param(
         "pos_embedding",
         layers.with_axes(layers.trunc_normal_02, (None, "embed")),
-        (1 + cfg.num_patches, width),
+        (1 + cfg.num_patches, cfg.hidden_size),
         jnp.float32,
       )
-    else:
-      raise ValueError(f"model.image.pos_embed={cfg.pos_embed!r}; expected one of {POS_EMBEDS}")
-    flat_idx = patch_idx.reshape(batch * num_views, num_kept)
-    tokens = tokens + jnp.take(pos_table, flat_idx + 1, axis=0).astype(dtype)
+    raise ValueError(f"model.image.pos_embed={cfg.pos_embed!r}; expected one of {POS_EMBEDS}")
 
-    cls = self.param(
-      "cls_token", layers.with_axes(nn.initializers.normal(1e-6), (None, "embed")), (1, width), jnp.float32
-    )
-    cls = (cls + pos_table[:1]).astype(dtype)
-    tokens = jnp.concatenate([jnp.broadcast_to(cls[None], (batch * num_views, 1, width)), tokens], axis=1)
-    tokens = tokens.reshape(batch, num_views, 1 + num_kept, width)
+  def _missing_view_sequence(self, patch_idx, pos_table, cls, dtype):
+    """[B, V, 1 + K, h]: what a missing view's tokens are replaced by.
 
-    # A missing view becomes a sequence of the learned missing token; it still
-    # gets position/view/time embeddings so that the sequence is well formed;
-    # whether its outputs count in pooling is the model's choice (missing_view_pooling).
+    A missing view becomes a sequence of the learned missing token; it still gets position/view/time embeddings
+    so that the sequence is well formed; whether its outputs count in pooling is the model's choice
+    (missing_view_pooling).
+    """
+    cfg = self.config
+    batch, num_views, _ = patch_idx.shape
+    width = cfg.hidden_size
     if cfg.missing_view_token == "shared":
       missing = self.param("missing_token", layers.with_axes(layers.normal_02, ("embed",)), (width,), jnp.float32)
-      missing_seq = missing.astype(dtype) + jnp.concatenate(
+      return missing.astype(dtype) + jnp.concatenate(
         [jnp.broadcast_to(pos_table[:1], (batch, num_views, 1, width)), jnp.take(pos_table, patch_idx + 1, axis=0)],
         axis=2,
       ).astype(dtype)
-    elif cfg.missing_view_token == "per_patch":
+    if cfg.missing_view_token == "per_patch":
       missing = self.param(
         "missing_token", layers.with_axes(layers.normal_02, (None, "embed")), (cfg.num_patches, width), jnp.float32
       )
       missing_patches = jnp.take(missing, patch_idx, axis=0) + jnp.take(pos_table, patch_idx + 1, axis=0)
-      missing_seq = jnp.concatenate(
+      return jnp.concatenate(
         [jnp.broadcast_to(cls[None, None], (batch, num_views, 1, width)), missing_patches.astype(dtype)], axis=2
       )
-    else:
-      raise ValueError(
-        f"model.image.missing_view_token={cfg.missing_view_token!r}; expected one of {MISSING_VIEW_TOKENS}"
-      )
-    valid = view_valid.astype(bool)[:, :, None, None]
-    tokens = jnp.where(valid, tokens, missing_seq)
+    raise ValueError(
+      f"model.image.missing_view_token={cfg.missing_view_token!r}; expected one of {MISSING_VIEW_TOKENS}"
+    )
 
+  def _view_time_embedding(self, view_slots: Tuple[int, ...]):
+    """float32 [V, h]: each input's view type (frontal / lateral) plus its time (current / prior) embedding."""
+    width = self.config.hidden_size
     view_embed = self.param("view_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width), jnp.float32)
     time_embed = self.param("time_embed", layers.with_axes(layers.normal_02, (None, "embed")), (2, width), jnp.float32)
     slot_type = jnp.asarray([VIEW_TYPE[s] for s in view_slots])
     slot_time = jnp.asarray([VIEW_TIME[s] for s in view_slots])
-    tokens = tokens + (view_embed[slot_type] + time_embed[slot_time]).astype(dtype)[None, :, None, :]
-
-    x = tokens.reshape(batch * num_views, 1 + num_kept, width)
-    x = layers.constrain(x, ("batch", "act_length", "act_embed"))
-    x = layers.apply_blocks(Block, cfg, x, name=BLOCKS)
-    x = layers.LayerNorm(cfg.layer_norm_eps, prec, name="norm")(x)
-    return x.reshape(batch, num_views, 1 + num_kept, width)
+    return view_embed[slot_type] + time_embed[slot_time]

@@ -192,19 +192,11 @@ def _decide_view(path: str, tags: Mapping[str, str]) -> tuple[Optional[str], str
   return None, "", f"no view tag or name, pixels ambiguous (frontal score {score:+.3f})"
 
 
-def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> FolderPlan:
-  """The studies of ``root`` not in ``known`` as a converter plan (see module docstring).
-
-  A study id in ``known`` with the same folder is skipped; with another folder
-  (a second archive using the same names) its files are rejected as
-  ``duplicate_study_id``.
-  """
-  root = os.path.abspath(root)
-  known = dict(known or {})
-  folders, rejects = find_study_folders(root)
-  if not folders and not rejects:
-    raise IngestError(f"{root}: no study folders (expected one sub-folder per study)")
-  new, old = [], []
+def _split_known(
+  root: str, folders: list[StudyFolder], known: Mapping[str, StudyInfo]
+) -> tuple[list[StudyFolder], list[StudyFolder], list[studies_lib.Reject]]:
+  """(new folders, known folders at the same path, rejects for known ids at another path)."""
+  new, old, rejects = [], [], []
   for folder in folders:
     prev = known.get(folder.study_id)
     if prev is None:
@@ -218,6 +210,13 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
         )
         for p in folder.images
       ]
+  return new, old, rejects
+
+
+def _describe_studies(
+  new: list[StudyFolder], old: list[StudyFolder], known: Mapping[str, StudyInfo]
+) -> tuple[dict[str, tuple], set[str]]:
+  """({study id: (folder, info, date, tags, problems)}, the ids of known studies taking part as context)."""
   described = {f.study_id: (f, *describe_folder(f)) for f in new}
   new_patients = {d[1].patient_id for d in described.values()}
   # Known studies of the new studies' patients join the plan only to serve as priors.
@@ -231,64 +230,86 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
       tags,
       problems,
     )
-  context_ids = {f.study_id for f in context}
+  return described, {f.study_id for f in context}
 
+
+def _folder_rejects(root: str, folder: StudyFolder, study_id: str, unused: list[str]) -> list[studies_lib.Reject]:
+  """The folder's files that are no view and not its report, and the folder itself when it has no view."""
+  rejects = [
+    studies_lib.Reject(_rel(root, p), "unsupported_file", "not an image or a .txt report") for p in folder.others
+  ]
+  rejects += [
+    studies_lib.Reject(_rel(root, p), "extra_report", f"study {study_id}: several .txt files and none is {REPORT_NAME}")
+    for p in unused
+  ]
+  if not folder.images:
+    rejects.append(
+      studies_lib.Reject(_rel(root, folder.path) + "/", "no_images", "no DICOM/PNG/JPEG view in the folder")
+    )
+  return rejects
+
+
+def _image_rows(
+  root: str, study_id: str, described: tuple, view_methods: dict[str, int]
+) -> tuple[list[studies_lib.Row], list[studies_lib.Reject]]:
+  """(a row per image whose view was tried, rejects for unreadable images); ``view_methods`` counts the methods."""
+  folder, info, date, tags, problems = described
+  rows, rejects = [], []
+  for path in folder.images:
+    row_id = _rel(root, path)
+    if path in problems:
+      rejects.append(studies_lib.Reject(row_id, "bad_image", problems[path]))
+      continue
+    try:
+      view, method, why = _decide_view(path, tags.get(path, {}))
+    except images_lib.ImageError as e:
+      rejects.append(studies_lib.Reject(row_id, "bad_image", e.problem))
+      continue
+    view_methods[method or "undecided"] = view_methods.get(method or "undecided", 0) + 1
+    rows.append(
+      studies_lib.Row(
+        row_id=row_id,
+        patient_id=info.patient_id,
+        study_key=study_id,
+        view=view,
+        path=path,
+        image_id=row_id,
+        rank=os.path.basename(path),
+        time=float(date.toordinal()) if date else None,
+        why_unknown=why,
+      )
+    )
+  return rows, rejects
+
+
+def _study_rows(
+  root: str, described: dict[str, tuple], context_ids: set[str]
+) -> tuple[list[studies_lib.Row], dict[str, str], dict[str, int], list[studies_lib.Reject]]:
+  """(image rows, report per study, view decisions, rejects).
+
+  The context studies' files are rows of the index already, not of this plan, so their rejects are dropped.
+  """
   rows: list[studies_lib.Row] = []
+  rejects: list[studies_lib.Reject] = []
   reports: dict[str, str] = {}
   view_methods: dict[str, int] = {}
-  for study_id, (folder, info, date, tags, problems) in described.items():
+  for study_id, entry in described.items():
     own = study_id not in context_ids
-    report, unused = read_report(folder)
+    report, unused = read_report(entry[0])
     reports[study_id] = report
     if own:
-      rejects += [
-        studies_lib.Reject(_rel(root, p), "unsupported_file", "not an image or a .txt report") for p in folder.others
-      ]
-      rejects += [
-        studies_lib.Reject(
-          _rel(root, p), "extra_report", f"study {study_id}: several .txt files and none is {REPORT_NAME}"
-        )
-        for p in unused
-      ]
-      if not folder.images:
-        rejects.append(
-          studies_lib.Reject(_rel(root, folder.path) + "/", "no_images", "no DICOM/PNG/JPEG view in the folder")
-        )
-    for path in folder.images:
-      row_id = _rel(root, path)
-      if path in problems:
-        if own:
-          rejects.append(studies_lib.Reject(row_id, "bad_image", problems[path]))
-        continue
-      try:
-        view, method, why = _decide_view(path, tags.get(path, {}))
-      except images_lib.ImageError as e:
-        if own:
-          rejects.append(studies_lib.Reject(row_id, "bad_image", e.problem))
-        continue
-      view_methods[method or "undecided"] = view_methods.get(method or "undecided", 0) + 1
-      rows.append(
-        studies_lib.Row(
-          row_id=row_id,
-          patient_id=info.patient_id,
-          study_key=study_id,
-          view=view,
-          path=path,
-          image_id=row_id,
-          rank=os.path.basename(path),
-          time=float(date.toordinal()) if date else None,
-          why_unknown=why,
-        )
-      )
+      rejects += _folder_rejects(root, entry[0], study_id, unused)
+    study_rows, image_rejects = _image_rows(root, study_id, entry, view_methods)
+    rows += study_rows
+    if own:
+      rejects += image_rejects
+  return rows, reports, view_methods, rejects
 
-  def describe(study: studies_lib.StudyRows) -> studies_lib.Described:
-    return studies_lib.Described(study.study_key, rows=tuple(study.views.values()), text=reports[study.study_key])
 
-  studies, assembly_rejects = studies_lib.assemble_studies(rows, describe, split_of=lambda _: SPLIT)
-  context_rows = {r.row_id for r in rows if r.study_key in context_ids}
-  studies = [s for s in studies if s.study_id not in context_ids]
-  rejects += [r for r in assembly_rejects if r.row not in context_rows]
-  plan = studies_lib.Plan(
+def _folder_plan(
+  studies: list[studies_lib.Study], rejects: list[studies_lib.Reject], view_methods: dict[str, int]
+) -> studies_lib.Plan:
+  return studies_lib.Plan(
     dataset="study_folders",
     input_rows=sum(len(s.rows) for s in studies) + len(rejects),
     row_unit="file",
@@ -304,5 +325,32 @@ def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> F
       "text_source": f"{REPORT_NAME}, else the folder's only .txt file (optional)",
     },
   )
+
+
+def plan_folder(root: str, known: Optional[Mapping[str, StudyInfo]] = None) -> FolderPlan:
+  """The studies of ``root`` not in ``known`` as a converter plan (see module docstring).
+
+  A study id in ``known`` with the same folder is skipped; with another folder
+  (a second archive using the same names) its files are rejected as
+  ``duplicate_study_id``.
+  """
+  root = os.path.abspath(root)
+  known = dict(known or {})
+  folders, rejects = find_study_folders(root)
+  if not folders and not rejects:
+    raise IngestError(f"{root}: no study folders (expected one sub-folder per study)")
+  new, old, duplicates = _split_known(root, folders, known)
+  rejects += duplicates
+  described, context_ids = _describe_studies(new, old, known)
+  rows, reports, view_methods, study_rejects = _study_rows(root, described, context_ids)
+  rejects += study_rejects
+
+  def describe(study: studies_lib.StudyRows) -> studies_lib.Described:
+    return studies_lib.Described(study.study_key, rows=tuple(study.views.values()), text=reports[study.study_key])
+
+  studies, assembly_rejects = studies_lib.assemble_studies(rows, describe, split_of=lambda _: SPLIT)
+  context_rows = {r.row_id for r in rows if r.study_key in context_ids}
+  studies = [s for s in studies if s.study_id not in context_ids]
+  rejects += [r for r in assembly_rejects if r.row not in context_rows]
   info = {sid: d[1] for sid, d in described.items() if sid not in context_ids}
-  return FolderPlan(plan, info, len(old))
+  return FolderPlan(_folder_plan(studies, rejects, view_methods), info, len(old))

@@ -2,10 +2,10 @@
 
 import dataclasses
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+import tiny_runs
 
 from clinvla_jax import api, sharding
 from clinvla_jax.config import ConfigError, load_config, validate
@@ -172,7 +172,6 @@ def test_batch_must_divide_over_the_data_parallel_axes():
   ids=["range", "rule", "type", "unknown"],
 )
 def test_command_line_refuses_bad_values_with_status_2(extra, message):
-  cmd = [sys.executable, "-m", "clinvla_jax.main", "--config=configs/tiny.py", "--mode=summary"]
-  out = subprocess.run(cmd + [extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = tiny_runs.cli("--mode=summary", extra, timeout=300)
   assert out.returncode == 2, (extra, out.stderr[-2000:])
   assert message in out.stderr and "Traceback" not in out.stderr, (extra, out.stderr[-2000:])

@@ -1,10 +1,7 @@
 """The command line: train -> eval from the checkpoint, and embed to an npz."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,17 +13,8 @@ DEMO = REPO / "clinvla_jax" / "assets" / "demo" / "covid_cxr"
 
 
 def _main(*args):
-  cmd = [
-    sys.executable,
-    "-m",
-    "clinvla_jax.main",
-    f"--config={REPO / 'configs' / 'tiny.py'}",
-    f"--config.data.train={DEMO}",
-    "--config.train.data_workers=0",
-    *args,
-  ]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=600)
+  # Started outside the repository: the config's sibling imports must not depend on the working directory.
+  out = tiny_runs.cli(f"--config.data.train={DEMO}", "--config.train.data_workers=0", *args, cwd="/")
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -62,18 +50,12 @@ def test_train_then_eval_and_embed_from_the_checkpoint(tiny_run, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(data["image_global"], axis=1), 1.0, rtol=1e-5)
 
 
-def _run_main(*args):
-  cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}", *args]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_index_and_search_modes_name_what_is_missing(tmp_path):
-  out = _run_main("--mode=index", f"--output={tmp_path / 'idx'}")
+  out = tiny_runs.cli("--mode=index", f"--output={tmp_path / 'idx'}")
   assert out.returncode != 0 and "--mode=index needs --input" in out.stderr
-  out = _run_main("--mode=search", f"--index={tmp_path}", "--query=effusion")
+  out = tiny_runs.cli("--mode=search", f"--index={tmp_path}", "--query=effusion")
   assert out.returncode == 1 and f"error: {tmp_path}: no manifest.json" in out.stderr
   (tmp_path / "manifest.json").write_text("{}")
-  out = _run_main("--mode=search", f"--index={tmp_path}", "--query=effusion")
+  out = tiny_runs.cli("--mode=search", f"--index={tmp_path}", "--query=effusion")
   assert out.returncode == 1 and "not a search index" in out.stderr

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+import tiny_runs
+
 from clinvla_jax import api
 from clinvla_jax.data import DEMO_DIR
 from clinvla_jax.evaluate import run as eval_run
@@ -319,9 +321,7 @@ def test_index_a_folder_of_studies_then_append_without_reembedding(model, archiv
 
 
 def _main(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "clinvla_jax.main", f"--config={REPO / 'configs' / 'tiny.py'}", *args]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  return tiny_runs.cli(*args, timeout=timeout, JAX_PLATFORMS="cpu")
 
 
 def _chromium():

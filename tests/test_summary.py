@@ -1,8 +1,8 @@
 """The `--mode=summary` table for the paper's configuration."""
 
 import pathlib
-import subprocess
-import sys
+
+import tiny_runs
 
 from clinvla_jax import summary
 from clinvla_jax.config import load_config
@@ -26,13 +26,7 @@ def test_base_parameter_counts_and_trainable_fraction():
 
 def test_summary_command_prints_table_and_readme_agrees():
   # With --verbosity=0 absl's info lines reach the console (without it, none: test_train.py's quiet check).
-  out = subprocess.run(
-    [sys.executable, "-m", "clinvla_jax.main", "--config=configs/base.py", "--mode=summary", "--verbosity=0"],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  out = tiny_runs.cli("--mode=summary", "--verbosity=0", config=REPO / "configs" / "base.py", timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "mode=summary" in out.stderr
   text = out.stdout

@@ -40,18 +40,22 @@ def config(**overrides):
   return load_config(str(TINY), {**RUN, **overrides})
 
 
+def cli_command(*args, config=TINY) -> list:
+  """`python -m clinvla_jax.main --config=CONFIG ARGS...`."""
+  return [sys.executable, "-m", "clinvla_jax.main", f"--config={config}", *map(str, args)]
+
+
+def cli(*args, config=TINY, cwd=REPO, timeout=600, **env_extra) -> subprocess.CompletedProcess:
+  """Runs the command line to its end on one simulated device (``env_extra`` added to the environment)."""
+  return subprocess.run(
+    cli_command(*args, config=config), cwd=cwd, env=env(**env_extra), capture_output=True, text=True, timeout=timeout
+  )
+
+
 def command(workdir, *extra, run=None) -> list:
   """`python -m clinvla_jax.main` on the tiny config with ``run``'s settings (default: the shared run's)."""
   settings = RUN if run is None else run
-  return [
-    sys.executable,
-    "-m",
-    "clinvla_jax.main",
-    f"--config={TINY}",
-    f"--workdir={workdir}",
-    *(f"--config.{k}={v}" for k, v in settings.items()),
-    *extra,
-  ]
+  return cli_command(f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items()), *extra)
 
 
 def env(**extra) -> dict:
@@ -60,9 +64,8 @@ def env(**extra) -> dict:
 
 def main(workdir, *extra, run=None, timeout=600):
   """Runs the command line to its end; the CompletedProcess (text output)."""
-  return subprocess.run(
-    command(workdir, *extra, run=run), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout
-  )
+  settings = RUN if run is None else run
+  return cli(f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in settings.items()), *extra, timeout=timeout)
 
 
 def losses_by_step(workdir) -> dict:

@@ -7,8 +7,10 @@
   python -m clinvla_jax.main --config=configs/demo.py --mode=index --checkpoint=runs/demo --input=DIR --output=INDEX
   python -m clinvla_jax.main --config=configs/demo.py --mode=search --index=INDEX --query="small left pleural effusion"
 
-``--config`` is an ml_collections config file; any field can be overridden
-with ``--config.<field>=value``.  The console shows warnings, progress and
+``--config`` is an ml_collections config file, loaded by
+`clinvla_jax.config.load_config` (the Python API's loader); any field can be
+overridden with ``--config.<field>=value`` (a field that does not exist or a
+value not of its type: exit status 2, naming the field).  The console shows warnings, progress and
 results; ``--verbosity=0`` (or ``-v 0``) adds absl/Orbax/Grain INFO lines,
 which training always writes to ``<workdir>/train.log``.
 
@@ -31,6 +33,27 @@ from ml_collections import config_flags
 MODES = ("train", "eval", "embed", "summary", "index", "search")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).", lock_config=True)
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """config_flags' parser of --config, loading the file with `clinvla_jax.config.load_config`.
+
+  One loader for the command line and the Python API: the same import of the file (its sibling imports work from
+  any working directory) and the same checks.  config_flags applies the --config.<field> overrides after.
+  """
+
+  def parse(self, path):
+    from clinvla_jax import config as config_lib
+
+    config = config_lib.load_config(path, check=False)  # checked with the overrides applied, in main()
+    config.lock()  # lock_config=True: an override naming no field fails
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
+flags.FLAGS[_CONFIG.name].parser = _ConfigFileParser()
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder: checkpoints, metrics.jsonl, TensorBoard, results.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -217,35 +240,25 @@ def _config_path(argv):
   return None
 
 
-def _make_config_siblings_importable(argv) -> None:
-  # Config files import their siblings (`from configs import base`), so the
-  # folder holding `configs/` must be importable wherever we are started from.
-  path = _config_path(argv)
-  if path:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":")[0])))
-    if root not in sys.path:
-      sys.path.insert(0, root)
+def _config_problems(argv) -> list:
+  """--config.<field>=value arguments naming no field or of the wrong type, or the rules the config then breaks.
 
-
-def _override_problems(argv) -> list:
-  """--config.<field>=value arguments naming no field, or a value not of the field's type.
-
-  ml_collections would fail on them too, with status 1 and without the field's type (or, for an unknown
-  field, with a traceback); checked against the config file's own values before absl parses anything.
+  Checked before absl parses anything: inside flag parsing, ml_collections would fail on them with status 1 and
+  without the field's type (or, for an unknown field, with a traceback).
   """
   from clinvla_jax import config as config_lib
 
   path = _config_path(argv)
   overrides = dict(arg[len("--config.") :].split("=", 1) for arg in argv if arg.startswith("--config.") and "=" in arg)
-  if not path or not overrides:
+  if not path:
     return []
   try:
-    defaults = config_lib.load_config(path)
+    config_lib.load_config(path, overrides)
   except config_lib.ConfigError as e:
     return e.problems
   except Exception:  # pylint: disable=broad-exception-caught
     return []  # a file that does not load: config_flags says why
-  return config_lib.check_overrides(defaults, overrides)
+  return []
 
 
 def _exit_on_config_problems(problems) -> None:
@@ -260,7 +273,6 @@ def entry() -> None:
   from clinvla_jax import runtime
 
   runtime.configure_host_runtime()
-  _make_config_siblings_importable(sys.argv)
   from clinvla_jax.evaluate import options
 
   # ml_collections would only say that the key is not found.
@@ -268,7 +280,7 @@ def entry() -> None:
   if legacy:
     print(f"error: {legacy}", file=sys.stderr, flush=True)
     sys.exit(2)
-  _exit_on_config_problems(_override_problems(sys.argv[1:]))
+  _exit_on_config_problems(_config_problems(sys.argv[1:]))
   flags.mark_flag_as_required("config")
   app.run(main)
 

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from clinvla_jax import api, console, losses, optim, perf, preemption, sharding, workdir_lock
-from clinvla_jax.checkpoint import Checkpointer, NoIntactCheckpointError, checkpoint_bytes  # noqa: F401  (re-exported)
+from clinvla_jax.checkpoint import Checkpointer, checkpoint_bytes
 from clinvla_jax.convert import pretrained
 from clinvla_jax.data import records, source
 from clinvla_jax.data.prefetch import DevicePrefetcher

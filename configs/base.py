@@ -17,7 +17,10 @@ import math
 
 import ml_collections
 
+from clinvla_jax import losses
+from clinvla_jax.evaluate import options
 from clinvla_jax.evaluate.options import evaluator_options
+from clinvla_jax.model import clinvla
 from clinvla_jax.model.clinvla import ClinVLAConfig
 
 
@@ -72,11 +75,11 @@ def get_config():
   config.loss.max_logit_scale = math.log(100.0)
   # global_type="sigmoid" only: the model then starts its logit scale here (t = 10) and adds a
   # learnable logit bias, SigLIP's initialisation.
-  config.loss.sigmoid_logit_scale_init = math.log(10.0)
-  config.loss.sigmoid_logit_bias_init = -10.0
+  config.loss.sigmoid_logit_scale_init = clinvla.SIGMOID_LOGIT_SCALE_INIT
+  config.loss.sigmoid_logit_bias_init = clinvla.SIGMOID_LOGIT_BIAS_INIT
   # Texts per word-region block of the GLoRIA loss when the batch is sharded over devices:
   # per-device memory is about (local batch) x chunk_size x regions x words floats.
-  config.loss.chunk_size = 8
+  config.loss.chunk_size = losses.DEFAULT_CHUNK_SIZE
 
   config.data = ml_collections.ConfigDict()
   config.data.mask_ratio = 0.75
@@ -87,9 +90,9 @@ def get_config():
   config.data.eval_split = ""  # "" = every split of config.data.eval
 
   # How studies are embedded: by every evaluator, --mode=embed and the search index.
-  config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 32  # global; rounded up to a multiple of the device count
-  config.eval.views = "frontal"  # "frontal": current frontal only (the protocols); "all": every view the model uses
+  # batch_size (global, rounded up to a multiple of the device count) and views ("frontal": the current frontal
+  # only, as the protocols score; "all": every view the model uses).
+  config.eval = ml_collections.ConfigDict(options.EMBEDDING_DEFAULTS)
 
   # Evaluators by name (--mode=eval runs every one with a path; training runs each every
   # `every_steps`).  Results are keyed "<name>/<task>/<metric>" (clinvla_jax/evaluate/run.py);

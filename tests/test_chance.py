@@ -219,7 +219,7 @@ def test_majority_baselines_hand_made():
 
 
 def test_label_zero_shot_majority_and_auc_chance():
-  from clinvla_jax.evaluate import run  # pylint: disable=g-import-not-at-top
+  from clinvla_jax.evaluate import labels as labels_lib  # pylint: disable=g-import-not-at-top
 
   names = ["A", "B", "C"]
   text = {n: row for n, row in zip(names, np.eye(3))}
@@ -228,7 +228,7 @@ def test_label_zero_shot_majority_and_auc_chance():
   # Images point at A, A, C, B, C: hits for rows 0, 1 and 4 (3 of the 4
   # labelled studies); the unlabelled row 3 does not count.
   images = np.eye(3)[[0, 0, 2, 1, 2]]
-  out = run.label_zero_shot(images, labels, names, text_fn, {"templates": ["{label}"]})
+  out = labels_lib.label_zero_shot(images, labels, names, text_fn, {"templates": ["{label}"]})
   assert out["zero_shot/ACC"] == pytest.approx(3 / 4)
   # B is positive in three of the four labelled studies, all hits.
   assert out["zero_shot/ACC_majority"] == pytest.approx(3 / 4)

@@ -16,7 +16,10 @@ from clinvla_jax.data import DEMO_DIR
 from clinvla_jax.data import schema
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
+from clinvla_jax import predict as predict_lib
 from clinvla_jax.evaluate import embed as embed_lib
+from clinvla_jax.evaluate import labels as labels_lib
+from clinvla_jax.evaluate import retrieval
 from clinvla_jax.evaluate import run_evaluators
 from clinvla_jax.evaluate import run as run_lib
 from clinvla_jax.evaluate.options import evaluator_options
@@ -89,7 +92,7 @@ def test_padded_last_batch_does_not_change_embeddings(model):
   cfg, variables = model
   # 36 studies: batch 5 pads 4 rows, batch 7 pads 6 (one device, so the
   # batch sizes are not rounded up to the device count).
-  mesh = embed_lib.data_mesh(jax.devices()[:1])
+  mesh = predict_lib.data_mesh(jax.devices()[:1])
   a = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=5, mesh=mesh)
   b = embed_lib.embed_dataset(cfg, variables, COVID, split="val", batch_size=7, mesh=mesh)
   assert len(a) == len(b) == NUM_VAL
@@ -119,14 +122,14 @@ def test_text_embed_fn_batches_any_count(model):
 def test_fit_token_length_keeps_the_separator():
   ids = np.array([[101, 5, 6, 7, 8, 102, 0, 0], [101, 5, 102, 0, 0, 0, 0, 0]])
   mask = (ids > 0).astype(np.int32)
-  short_ids, short_mask = embed_lib.fit_token_length(ids, mask, 4)
+  short_ids, short_mask = records.fit_token_length(ids, mask, 4)
   np.testing.assert_array_equal(short_ids, [[101, 5, 6, 102], [101, 5, 102, 0]])
   np.testing.assert_array_equal(short_mask, [[1, 1, 1, 1], [1, 1, 1, 0]])
 
 
 def test_usable_ks_skips_cutoffs_beyond_the_set():
-  assert run_lib.usable_ks((5, 10, 50), 13) == ((5, 10), (50,))
-  assert run_lib.usable_ks((5,), 5) == ((), (5,))
+  assert retrieval.usable_ks((5, 10, 50), 13) == ((5, 10), (50,))
+  assert retrieval.usable_ks((5,), 5) == ((), (5,))
 
 
 PROMPTS = ["There is pneumonia", "There is no pneumonia", "Clear lungs."]
@@ -144,9 +147,9 @@ def _evaluate(cfg, variables, mesh=None):
 def test_sharded_two_devices_match_one_device(model):
   """A 2-device data mesh gives the 1-device embeddings and scores."""
   cfg, variables = model
-  two = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:2]))
-  assert embed_lib.padded_batch_size(5, embed_lib.data_mesh(jax.devices()[:2])) == 6
-  one = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:1]))
+  two = _evaluate(cfg, variables, predict_lib.data_mesh(jax.devices()[:2]))
+  assert predict_lib.padded_batch_size(5, predict_lib.data_mesh(jax.devices()[:2])) == 6
+  one = _evaluate(cfg, variables, predict_lib.data_mesh(jax.devices()[:1]))
   for key in ("image", "text", "prompts"):
     np.testing.assert_allclose(two[key], one[key], atol=1e-5)
   assert two["scores"].keys() == one["scores"].keys()
@@ -157,11 +160,11 @@ def test_sharded_two_devices_match_one_device(model):
 def test_class_names_and_label_prompts():
   names = ("No Finding", "Cardiomegaly", "Edema", "COVID-19")
   labels = np.array([[np.nan, 1, 0, np.nan], [0, -1, 1, np.nan]])
-  got = run_lib.class_names_of(labels, names, ("Cardiomegaly", "Edema"))
+  got = labels_lib.class_names_of(labels, names, ("Cardiomegaly", "Edema"))
   assert list(got) == ["Cardiomegaly", "Edema"]
   with pytest.raises(ValueError):
-    run_lib.class_names_of(labels, names, ("No Finding", "COVID-19"))
-  prompts = run_lib.label_prompts(names)
+    labels_lib.class_names_of(labels, names, ("No Finding", "COVID-19"))
+  prompts = labels_lib.label_prompts(names)
   assert "Findings suggesting COVID-19 pneumonia." in prompts["COVID-19"]
   assert "Findings suggesting Edema." in prompts["Edema"]
   assert "The lungs are clear." in prompts["No Finding"]
@@ -183,7 +186,7 @@ def test_training_mesh_keeps_fsdp_shardings_and_matches_one_device(model):
   assert "fsdp" in str(kernel.sharding.spec)
   assert {s.data.shape[0] for s in kernel.addressable_shards} == {kernel.shape[0] // 4}
   sharded = _evaluate(cfg, variables)  # mesh=None: the training mesh of the config
-  one = _evaluate(cfg, variables, embed_lib.data_mesh(jax.devices()[:1]))
+  one = _evaluate(cfg, variables, predict_lib.data_mesh(jax.devices()[:1]))
   for key in ("image", "text", "prompts"):
     np.testing.assert_allclose(sharded[key], one[key], atol=1e-5)
 
@@ -206,4 +209,4 @@ def test_train_setup_predict_fn_embeds_like_a_fresh_one(model):
   np.testing.assert_allclose(ours.image, fresh.image, atol=1e-5)
   np.testing.assert_allclose(ours.text, fresh.text, atol=1e-5)
   with pytest.raises(ValueError, match="not both"):
-    embed_lib.embed_dataset(cfg, variables, COVID, split="val", predict_fn=predict, mesh=embed_lib.data_mesh())
+    embed_lib.embed_dataset(cfg, variables, COVID, split="val", predict_fn=predict, mesh=predict_lib.data_mesh())

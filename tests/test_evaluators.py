@@ -130,10 +130,10 @@ def test_scores_are_keyed_by_the_evaluator_name():
 
 
 def test_former_flags_get_a_message_naming_the_new_form():
-  msg = evaluators.legacy_flag_error(["--config=configs/demo.py", "--config.eval.every_steps=5"])
+  msg = options.legacy_flag_error(["--config=configs/demo.py", "--config.eval.every_steps=5"])
   assert msg == (
     "--config.eval.every_steps is no longer read; use config.evals.NAME.every_steps "
     "(each evaluator has its own cadence) (see configs/base.py)"
   )
-  assert "config.evals.rsna.path" in evaluators.legacy_flag_error(["--config.eval.rsna", "/data"])
-  assert evaluators.legacy_flag_error(["--config.eval.batch_size=8", "--config.evals.rsna.path=/r"]) is None
+  assert "config.evals.rsna.path" in options.legacy_flag_error(["--config.eval.rsna", "/data"])
+  assert options.legacy_flag_error(["--config.eval.batch_size=8", "--config.evals.rsna.path=/r"]) is None

@@ -383,7 +383,7 @@ def _free_port():
 
 def test_training_shortens_tokens_like_evaluation():
   from clinvla_jax import train
-  from clinvla_jax.evaluate.embed import fit_token_length
+  from clinvla_jax.data.records import fit_token_length
 
   ids = np.array([[101, 5, 6, 7, 8, 102, 0, 0], [101, 9, 102, 0, 0, 0, 0, 0]], np.int32)
   mask = (ids > 0).astype(np.int32)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from clinvla_jax import perf, sharding, train, weights, workdir_lock
+from clinvla_jax import checkpoint, perf, sharding, train, weights, workdir_lock
 from clinvla_jax.data import pipeline
 from clinvla_jax.data.prefetch import DevicePrefetcher
 from clinvla_jax.data.source import list_shards
@@ -191,7 +191,7 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path, tiny_run):
   for step in tiny_runs.saved_steps(work):
     tiny_runs.truncate_arrays(work / "checkpoints" / str(step))
   oldest, previous, latest = tiny_runs.KEPT_STEPS
-  with pytest.raises(train.NoIntactCheckpointError, match=f"step {latest}") as raised:
+  with pytest.raises(checkpoint.NoIntactCheckpointError, match=f"step {latest}") as raised:
     train.train_and_evaluate(tiny_runs.config(**{"train.num_steps": tiny_runs.NUM_STEPS + 2}), str(work))
   assert f"step {previous}" in str(raised.value) and f"step {oldest}" in str(raised.value)
   assert not (work / "checkpoints" / str(tiny_runs.NUM_STEPS + 2)).exists()

@@ -13,7 +13,7 @@ here, so the model runs once per dataset:
 The model runs through one `clinvla_jax.predict.PredictFn`: by default on the
 training mesh of ``config.mesh`` with the config's logical rules (an FSDP or
 tensor-sharded model stays sharded), or on a given ``mesh`` (a 1-D
-`data_mesh` replicates the variables), or a given ``predict_fn`` (training
+`predict.data_mesh` replicates the variables), or a given ``predict_fn`` (training
 hands its own, ``TrainSetup.predict_fn``).  Each batch is split over the batch
 axes, so the global batch is rounded up to a multiple of the mesh size.  The loader
 pads the last batch; padding rows (``example_valid`` False) are dropped after
@@ -47,13 +47,12 @@ from clinvla_jax.data import pipeline
 from clinvla_jax.data import records
 from clinvla_jax.data import source as source_lib
 from clinvla_jax.data import tokenizer as tokenizer_lib
-from clinvla_jax.data.records import fit_token_length  # noqa: F401  (part of this module's API)
-from clinvla_jax.evaluate import EmbeddingSet
-from clinvla_jax.predict import PredictFn, data_mesh, gather_host, padded_batch_size  # noqa: F401  (re-exported)
+from clinvla_jax.evaluate import options as options_lib
+from clinvla_jax.evaluate.scoring import EmbeddingSet
+from clinvla_jax.predict import PredictFn, gather_host
 
 VIEW_MODES = ("frontal", "all")
 FRONTAL_SLOT = 0
-DEFAULT_BATCH_SIZE = 32
 
 DataLike = str | os.PathLike[str] | Sequence[str] | source_lib.ArrayRecordSource
 
@@ -139,18 +138,18 @@ def eval_view_slots(config, view_slots: Optional[Sequence[int]] = None) -> Optio
   """
   if view_slots is not None:
     return tuple(int(s) for s in view_slots)
-  views = eval_setting(config, "views", "frontal")
+  views = eval_setting(config, "views")
   if views not in VIEW_MODES:
     raise ValueError(f"config.eval.views must be one of {VIEW_MODES}, got {views!r}")
   return (FRONTAL_SLOT,) if views == "frontal" else None
 
 
-def eval_setting(config, key: str, default: Any) -> Any:
-  """``config.eval.<key>`` (how studies are embedded: batch_size, views), else ``default``."""
+def eval_setting(config, key: str) -> Any:
+  """``config.eval.<key>`` (how studies are embedded: batch_size, views), else its default (`EMBEDDING_DEFAULTS`)."""
   sub = config.get("eval") if hasattr(config, "get") else None
   if sub is not None and key in sub:
     return sub[key]
-  return default
+  return options_lib.EMBEDDING_DEFAULTS[key]
 
 
 def load_frontal_image(paths: Sequence[str], record_index: int) -> np.ndarray:
@@ -224,7 +223,7 @@ def iterate_embeddings(
   predict = resolve_predict_fn(config, mesh, predict_fn)
   slots = eval_view_slots(config, view_slots)
   paths = resolve_paths(data, split)
-  global_batch = predict.padded_batch_size(batch_size or eval_setting(config, "batch_size", DEFAULT_BATCH_SIZE))
+  global_batch = predict.padded_batch_size(batch_size or eval_setting(config, "batch_size"))
   # The loader reads only the slots the encoder uses (frontal-only evaluation
   # skips three quarters of the pixels).
   loader = pipeline.make_eval_loader(list(paths), global_batch_size=global_batch, view_slots=slots)
@@ -368,7 +367,7 @@ def make_text_embed_fn(
   """
   predict = resolve_predict_fn(config, mesh, predict_fn)
   tokenizer = tokenizer or tokenizer_from_config(config)
-  size = predict.padded_batch_size(batch_size or eval_setting(config, "batch_size", DEFAULT_BATCH_SIZE))
+  size = predict.padded_batch_size(batch_size or eval_setting(config, "batch_size"))
   placed = predict.place(variables) if placed is None else placed
 
   def embed(texts: Sequence[str]) -> np.ndarray:

@@ -4,8 +4,8 @@
   result = evaluators["covid_cxr"].run(context)  # EvaluatorResult: scores, notes
 
 Each type (`EVALUATOR_TYPES`) embeds its data through the run's one
-`clinvla_jax.predict.PredictFn` and scores the embeddings with the numpy-level
-functions of `clinvla_jax.evaluate`.  Scores are keyed
+`clinvla_jax.predict.PredictFn` and scores the embeddings with its type's
+numpy-level scorer (`clinvla_jax.evaluate.scoring.EVALUATORS`).  Scores are keyed
 "<name>/<task>/<metric>"; the options and their defaults are in
 `clinvla_jax.evaluate.options`.  An evaluator whose ``path`` is empty is not
 built, so a config can list the protocols and a run enables one by giving
@@ -16,12 +16,9 @@ types also take the published list their papers score on
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
-import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from absl import logging
@@ -29,108 +26,22 @@ import numpy as np
 
 from clinvla_jax import api
 from clinvla_jax.data import source as source_lib
-from clinvla_jax.evaluate import EmbeddingSet
 from clinvla_jax.evaluate import embed as embed_lib
+from clinvla_jax.evaluate import labels as labels_lib
 from clinvla_jax.evaluate import lists as lists_lib
-from clinvla_jax.evaluate import metrics
 from clinvla_jax.evaluate import options as options_lib
-from clinvla_jax.evaluate.options import LEGACY_EVAL_KEYS, legacy_flag_error  # noqa: F401  (re-exported)
 from clinvla_jax.evaluate import report
 from clinvla_jax.evaluate import retrieval
-from clinvla_jax.evaluate import run_evaluators
+from clinvla_jax.evaluate import scoring
 from clinvla_jax.evaluate import zeroshot
+from clinvla_jax.evaluate.scoring import EmbeddingSet
 from clinvla_jax.predict import PredictFn
 
 TextEmbedFn = Callable[[Sequence[str]], np.ndarray]
 
-LABEL_PROMPTS = pathlib.Path(__file__).resolve().parent.parent / "assets" / "prompts" / "label_prompts.json"
-CHEXPERT_5X200_CLASSES = zeroshot.CHEXPERT_5X200_CLASSES
 
 # What ``config.eval`` still holds: how studies are embedded, for every evaluator and --mode=embed.
-EVAL_KEYS = ("batch_size", "views")
-
-
-# ---------------------------------------------------------------------------
-# Label zero-shot and the label helpers of the generic sets.
-# ---------------------------------------------------------------------------
-
-
-def load_label_prompts(path: Optional[str] = None) -> dict:
-  return json.loads(pathlib.Path(path or LABEL_PROMPTS).read_text(encoding="utf-8"))
-
-
-def label_prompts(label_names: Sequence[str], prompt_file: Optional[Mapping[str, Any]] = None) -> dict[str, list[str]]:
-  """{label: prompts} for named labels (see the prompt file's "about")."""
-  data = prompt_file or load_label_prompts()
-  explicit = data.get("prompts", {})
-  phrases = data.get("phrases", {})
-  out = {}
-  for name in label_names:
-    if name in explicit:
-      out[name] = list(explicit[name])
-    else:
-      phrase = phrases.get(name, name)
-      out[name] = [t.format(label=phrase) for t in data["templates"]]
-  return out
-
-
-def positive_labels(labels: np.ndarray) -> np.ndarray:
-  """bool [N, C]: value > 0 (uncertain -1, 0 and NaN are not positive)."""
-  with np.errstate(invalid="ignore"):
-    return np.nan_to_num(np.asarray(labels, np.float64), nan=0.0) > 0
-
-
-def label_zero_shot(
-  image_emb: np.ndarray,
-  labels: np.ndarray,
-  label_names: Sequence[str],
-  text_embed_fn: TextEmbedFn,
-  prompt_file: Optional[Mapping[str, Any]] = None,
-  *,
-  num_resamples: int = retrieval.BOOTSTRAP_RESAMPLES,
-  seed: int = retrieval.BOOTSTRAP_SEED,
-) -> dict[str, float]:
-  """Zero-shot over a dataset's own label names.
-
-  Returns:
-    {"zero_shot/ACC": top-1 hit rate over studies with a positive label,
-     "zero_shot/ACC_majority": the same hit rate for always predicting the
-     label most often positive among those studies,
-     "zero_shot/ACC_ci_low", "zero_shot/ACC_ci_high": 95 % bootstrap interval
-     over those studies (``num_resamples`` 0: none),
-     "zero_shot/AUC": mean one-vs-rest AUC over labels with both positive
-     and negative studies, "zero_shot/AUC_chance": 0.5}; a metric without
-    any eligible study is left out.
-  """
-  pos = positive_labels(labels)
-  if pos.shape[1] != len(label_names):
-    raise ValueError(f"{pos.shape[1]} label columns for {len(label_names)} names")
-  prompts = label_prompts(label_names, prompt_file)
-  class_emb = zeroshot.class_embeddings(prompts, text_embed_fn, label_names)
-  pred, cos = zeroshot.zero_shot_predict(image_emb, class_emb)
-  results = {}
-  labelled = pos.any(axis=1)
-  if labelled.any():
-    hit = pos[np.arange(len(pred)), pred]
-    results.update(
-      {f"zero_shot/{k}": v for k, v in metrics.summarize("ACC", hit[labelled], None, num_resamples, seed).items()}
-    )
-    results["zero_shot/ACC_majority"] = float(metrics.majority_label_hits(pos[labelled]).mean())
-  aucs = [metrics.roc_auc(pos[:, c], cos[:, c]) for c in range(pos.shape[1]) if 0 < pos[:, c].sum() < len(pos)]
-  if aucs:
-    results["zero_shot/AUC"] = float(np.mean(aucs))
-    results["zero_shot/AUC_chance"] = 0.5
-  return results
-
-
-def usable_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(kept, skipped) cut-offs: K must be below the set size.
-
-  Image->image search leaves the query out, so N - 1 items are rankable.
-  """
-  kept = tuple(int(k) for k in ks if 1 <= k <= num_items - 1)
-  skipped = tuple(int(k) for k in ks if k not in kept)
-  return kept, skipped
+EVAL_KEYS = tuple(options_lib.EMBEDDING_DEFAULTS)
 
 
 def texts_or_none(emb: embed_lib.DatasetEmbeddings) -> Optional[np.ndarray]:
@@ -142,26 +53,6 @@ def texts_or_none(emb: embed_lib.DatasetEmbeddings) -> Optional[np.ndarray]:
   if emb.text is None or not any(t.strip() for t in emb.texts):
     return None
   return emb.text
-
-
-def class_names_of(labels: np.ndarray, label_names: Sequence[str], classes: Sequence[str]) -> np.ndarray:
-  """[N] class of each row; exactly one of ``classes`` must be positive."""
-  cols = [list(label_names).index(c) for c in classes]
-  pos = positive_labels(labels)[:, cols]
-  bad = np.flatnonzero(pos.sum(axis=1) != 1)
-  if bad.size:
-    raise ValueError(f"{bad.size} rows do not have exactly one of {classes} positive (first: row {bad[0]})")
-  return np.asarray(classes)[pos.argmax(axis=1)]
-
-
-def read_temporal_labels(path: str) -> dict[str, dict[str, str]]:
-  """{finding: {study_id: label}} from a CSV with a study_id column."""
-  with open(path, newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
-  if not rows or "study_id" not in rows[0]:
-    raise ValueError(f"{path}: expected a study_id column")
-  findings = [c for c in rows[0] if c != "study_id"]
-  return {c: {r["study_id"]: r[c].strip() for r in rows if r[c].strip()} for c in findings}
 
 
 # ---------------------------------------------------------------------------
@@ -221,10 +112,9 @@ class Evaluator:
     return dataclasses.asdict(self.options)
 
   def score(self, inputs: Any, text_fn: TextEmbedFn, **overrides) -> dict[str, float]:
-    """The numpy-level scorer of this type (`run_evaluators`), keys under this evaluator's name."""
-    key = self.type_name
-    scores = run_evaluators([key], {key: inputs}, text_fn, {**self.scoring_config(), **overrides})
-    return {self.name + k[len(key) :]: v for k, v in scores.items()}
+    """This type's numpy-level scorer (`scoring.EVALUATORS`), keys under this evaluator's name."""
+    scores = scoring.EVALUATORS[self.type_name](inputs, text_fn, {**self.scoring_config(), **overrides})
+    return {f"{self.name}/{k}": v for k, v in scores.items()}
 
   def inputs(self, context: EvalContext) -> Any:
     raise NotImplementedError
@@ -241,9 +131,9 @@ class RetrievalEvaluator(Evaluator):
   def run(self, context: EvalContext) -> EvaluatorResult:
     opts = self.options
     emb = context.embed(opts.path, opts.split)
-    views = embed_lib.eval_setting(context.config, "views", "frontal")
+    views = embed_lib.eval_setting(context.config, "views")
     notes = [f"{self.name}: {len(emb)} studies ({opts.split or 'all shards'}), views: {views}."]
-    ks, skipped = usable_ks(opts.retrieval_ks, len(emb))
+    ks, skipped = retrieval.usable_ks(opts.retrieval_ks, len(emb))
     if skipped:
       note = f"{self.name}: P@{', P@'.join(map(str, skipped))} skipped: {len(emb)} studies leave fewer than K rankable items."
       logging.warning(note)
@@ -253,12 +143,12 @@ class RetrievalEvaluator(Evaluator):
     if ks:
       scores.update(self.score(generic, None, retrieval_ks=ks))
     if emb.label_names:
-      zero_shot = label_zero_shot(
+      zero_shot = labels_lib.label_zero_shot(
         emb.image,
         emb.labels,
         emb.label_names,
         context.text_fn,
-        load_label_prompts(opts.label_prompts or None),
+        labels_lib.load_label_prompts(opts.label_prompts or None),
         num_resamples=int(opts.bootstrap_resamples),
         seed=int(opts.bootstrap_seed),
       )
@@ -359,7 +249,7 @@ class Chexpert5x200Evaluator(ListedEvaluator):
       image=emb.image,
       text=texts_or_none(emb),
       ids=emb.ids,
-      labels=class_names_of(emb.labels, emb.label_names, CHEXPERT_5X200_CLASSES),
+      labels=labels_lib.class_names_of(emb.labels, emb.label_names, zeroshot.CHEXPERT_5X200_CLASSES),
     )
 
 
@@ -389,7 +279,7 @@ class RsnaEvaluator(ListedEvaluator):
   def pneumonia(emb: embed_lib.DatasetEmbeddings) -> np.ndarray:
     """int [N] 0/1: the Pneumonia column (the first when the records do not name theirs)."""
     col = list(emb.label_names).index("Pneumonia") if "Pneumonia" in emb.label_names else 0
-    return positive_labels(emb.labels)[:, col].astype(np.int64)
+    return labels_lib.positive_labels(emb.labels)[:, col].astype(np.int64)
 
   def list_labels(self, emb: embed_lib.DatasetEmbeddings) -> tuple[np.ndarray, tuple[str, ...]]:
     return self.pneumonia(emb)[:, None], ("Pneumonia",)
@@ -409,7 +299,7 @@ class MsCxrTEvaluator(Evaluator):
     emb = context.embed(self.options.path, self.options.split, with_text=False, view_slots=slots)
     row = {sid: i for i, sid in enumerate(emb.ids)}
     sets = {}
-    for finding, by_study in read_temporal_labels(self.options.labels).items():
+    for finding, by_study in labels_lib.read_temporal_labels(self.options.labels).items():
       found = [(row[s], lab) for s, lab in by_study.items() if s in row]
       if found:
         idx, labs = zip(*sorted(found))
@@ -421,7 +311,7 @@ EVALUATOR_TYPES: dict[str, type[Evaluator]] = {
   cls.type_name: cls
   for cls in (RetrievalEvaluator, Chexpert5x200Evaluator, Chexpert8x200Evaluator, RsnaEvaluator, MsCxrTEvaluator)
 }
-assert set(EVALUATOR_TYPES) == set(options_lib.OPTIONS_BY_TYPE)
+assert set(EVALUATOR_TYPES) == set(scoring.EVALUATORS)
 
 
 def check_no_legacy_keys(config) -> None:
@@ -430,8 +320,10 @@ def check_no_legacy_keys(config) -> None:
   if eval_block is None:
     return
   for key in eval_block:
-    if key in LEGACY_EVAL_KEYS:
-      raise ValueError(f"config.eval.{key} is no longer read; use {LEGACY_EVAL_KEYS[key]} (see configs/base.py)")
+    if key in options_lib.LEGACY_EVAL_KEYS:
+      raise ValueError(
+        f"config.eval.{key} is no longer read; use {options_lib.LEGACY_EVAL_KEYS[key]} (see configs/base.py)"
+      )
     if key not in EVAL_KEYS:
       raise ValueError(f"config.eval.{key} is not an evaluation setting; config.eval holds {', '.join(EVAL_KEYS)}")
 

@@ -259,6 +259,11 @@ def scoring_defaults() -> dict[str, Any]:
 
 
 # Keys of the former flat ``config.eval`` block, each with the form that replaced it.
+# ``config.eval``: how studies are embedded, by every evaluator, --mode=embed and the search index
+# (configs/base.py reads these).  ``batch_size`` is global, rounded up to a multiple of the device count;
+# ``views``: "frontal" (the current frontal only, as the protocols score) or "all" (every view the model uses).
+EMBEDDING_DEFAULTS = {"batch_size": 32, "views": "frontal"}
+
 LEGACY_EVAL_KEYS = {
   "datasets": 'config.evals.NAME = evaluator_options("retrieval", path=DIR, split="val")',
   "every_steps": "config.evals.NAME.every_steps (each evaluator has its own cadence)",

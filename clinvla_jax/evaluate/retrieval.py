@@ -382,3 +382,13 @@ def chexpert_8x200(
       )
     )
   return results
+
+
+def usable_ks(ks: Sequence[int], num_items: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(kept, skipped) cut-offs: K must be below the set size.
+
+  Image->image search leaves the query out, so N - 1 items are rankable.
+  """
+  kept = tuple(int(k) for k in ks if 1 <= k <= num_items - 1)
+  skipped = tuple(int(k) for k in ks if k not in kept)
+  return kept, skipped

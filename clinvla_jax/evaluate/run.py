@@ -83,20 +83,9 @@ import numpy as np
 
 from clinvla_jax.evaluate import embed as embed_lib
 from clinvla_jax.evaluate import evaluators as evaluators_lib
+from clinvla_jax.evaluate import labels as labels_lib
 from clinvla_jax.evaluate import report
 from clinvla_jax.evaluate import retrieval
-from clinvla_jax.evaluate.evaluators import (  # noqa: F401  (re-exported: the label helpers lived here)
-  CHEXPERT_5X200_CLASSES,
-  LABEL_PROMPTS,
-  build_evaluators,
-  class_names_of,
-  label_prompts,
-  label_zero_shot,
-  load_label_prompts,
-  positive_labels,
-  read_temporal_labels,
-  usable_ks,
-)
 
 TextEmbedFn = Callable[[Sequence[str]], np.ndarray]
 
@@ -139,7 +128,7 @@ def run_evaluation(
     results.json also holds each evaluator's set description
     ("<name>/selection", "<name>/list_sha256", ...), which is not a score.
   """
-  evaluators = build_evaluators(config, names)
+  evaluators = evaluators_lib.build_evaluators(config, names)
   if not evaluators:
     raise ValueError("config.evals names no evaluator with a path (see configs/base.py, block evals)")
   workdir = pathlib.Path(workdir)
@@ -169,7 +158,9 @@ def run_evaluation(
     logging.info("%s: %s", key, value)
   if figure_source is not None:
     shown, opts = figure_source
-    retrieval_examples_figure(shown, text_fn, workdir / FIGURE_PNG, load_label_prompts(opts.label_prompts or None))
+    retrieval_examples_figure(
+      shown, text_fn, workdir / FIGURE_PNG, labels_lib.load_label_prompts(opts.label_prompts or None)
+    )
   logging.info("Wrote %d results to %s", len(written), workdir)
   return scores
 
@@ -262,10 +253,10 @@ def retrieval_examples_figure(
   the query image's own report, the mean cosine of paired vs. unpaired
   image-report pairs, and the spread of the text query's scores.
   """
-  pos = positive_labels(emb.labels)
+  pos = labels_lib.positive_labels(emb.labels)
   label = int(np.argmax(pos.sum(axis=0)))
   name = emb.label_names[label]
-  query = label_prompts([name], prompt_file)[name][0]
+  query = labels_lib.label_prompts([name], prompt_file)[name][0]
   k = min(k, len(emb))
   text_scores = retrieval.cosine_similarity(text_fn([query]), emb.image)[0]
   image_hits = report.top_hits(text_scores, _LazyImages(emb), k, relevant=pos[:, label])

@@ -129,12 +129,17 @@ def matmul_ready_params(params, mcfg: ClinVLAConfig):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+# SigLIP's initialisation of the sigmoid global loss: logit scale log(10) (t = 10), logit bias -10.
+SIGMOID_LOGIT_SCALE_INIT = math.log(10.0)
+SIGMOID_LOGIT_BIAS_INIT = -10.0
+
+
 def _loss_parameter_fields(loss_cfg) -> dict:
   if loss_cfg is None or loss_cfg.get("global_type") != "sigmoid":
     return {}
   return {
-    "logit_scale_init": float(loss_cfg.get("sigmoid_logit_scale_init", math.log(10.0))),
-    "logit_bias_init": float(loss_cfg.get("sigmoid_logit_bias_init", -10.0)),
+    "logit_scale_init": float(loss_cfg.get("sigmoid_logit_scale_init", SIGMOID_LOGIT_SCALE_INIT)),
+    "logit_bias_init": float(loss_cfg.get("sigmoid_logit_bias_init", SIGMOID_LOGIT_BIAS_INIT)),
   }
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from clinvla_jax import checkpoint, perf, sharding, train, weights, workdir_lock
+from clinvla_jax import checkpoint, optim, perf, sharding, train, weights, workdir_lock
 from clinvla_jax.data import pipeline
 from clinvla_jax.data.prefetch import DevicePrefetcher
 from clinvla_jax.data.source import list_shards
@@ -204,6 +204,31 @@ def test_workdir_lock_names_its_holder_and_is_released(tmp_path):
     with pytest.raises(workdir_lock.WorkdirLockedError, match="in use by another trainer"):
       train.train_and_evaluate(tiny_runs.config(), str(tmp_path))
   workdir_lock.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_restored_evaluation_variables_equal_the_trainers_bit_for_bit(tiny_run):
+  # weights.restore_variables builds no trainer: its frozen backbone comes from initial_variables and its
+  # trainable tree from Checkpointer.restore_params.  Both must be what the trainer itself restores.
+  config = tiny_runs.config()
+  got, step = weights.restore_variables(config, str(tiny_run.workdir))
+  setup = train.TrainSetup(config)
+  ckpt = checkpoint.Checkpointer(str(tiny_run.workdir), async_save=False)
+  try:
+    state, _ = ckpt.restore(step, setup.abstract_state)
+  finally:
+    ckpt.close()
+  want = setup.variables(state)
+  got_leaves = jax.tree_util.tree_leaves_with_path(got)
+  assert [k for k, _ in got_leaves] == [k for k, _ in jax.tree_util.tree_leaves_with_path(want)]
+  for (path, a), b in zip(got_leaves, jax.tree_util.tree_leaves(want)):
+    assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  # The checkpoint's trainable part is the trained one, not the initialisation.
+  trainable, _ = optim.split_params(want["params"], list(config.optim.param_groups))
+  initial, _ = optim.split_params(setup.variables(setup.init_state())["params"], list(config.optim.param_groups))
+  assert any(
+    not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(initial))
+  )
 
 
 def test_evaluation_needs_no_lock(tmp_path, tiny_run):

@@ -1,6 +1,7 @@
 r"""Throughput of the input pipeline: studies per second delivered as batches.
 
-Measures ``make_train_loader`` (shuffled, 75 % masked) and optionally
+Measures ``make_train_loader`` (shuffled, 75 % masked; ``train_augment``: also
+ALTA's random affine and jitter, ``augment.AugmentSpec()``) and optionally
 ``make_eval_loader`` (fixed order, unmasked) with 0, 1, 2 Grain workers, on
 
   * a synthetic ArrayRecord file of ``--num_records`` studies (default 100k),
@@ -47,6 +48,7 @@ from absl import flags
 from array_record.python import array_record_module
 import numpy as np
 
+from clinvla_jax.data import augment
 from clinvla_jax.data import masking
 from clinvla_jax.data import pipeline
 from clinvla_jax.data import schema
@@ -68,7 +70,9 @@ _READ_THREADS = flags.DEFINE_integer("read_threads", 2, "Reader threads per proc
 _DATA = flags.DEFINE_string("data", None, "A converter output folder to measure.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size (one process).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts.")
-_MODES = flags.DEFINE_list("modes", ["train"], "Loaders to measure: train, eval.")
+_MODES = flags.DEFINE_list(
+  "modes", ["train", "train_augment"], "Loaders to measure: train, train_augment (ALTA's augmentation), eval."
+)
 _BATCHES = flags.DEFINE_integer("num_batches", 40, "Timed batches per setting.")
 _WARMUP = flags.DEFINE_integer("warmup_batches", 3, "Untimed batches after the first one.")
 _READ_PROBE = flags.DEFINE_integer("read_probe", 2000, "Random reads per source in the raw read comparison.")
@@ -284,8 +288,9 @@ def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
   disk = disk_bytes_per_study(src)
   for mode in _MODES.value:
     for workers in map(int, _WORKERS.value):
-      if mode == "train":
-        make = lambda w=workers: pipeline.make_train_loader(
+      if mode in ("train", "train_augment"):
+        spec = augment.AugmentSpec() if mode == "train_augment" else None
+        make = lambda w=workers, spec=spec: pipeline.make_train_loader(
           src,
           global_batch_size=batch,
           seed=0,
@@ -294,6 +299,7 @@ def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
           shard_index=0,
           shard_count=1,
           read_threads=threads,
+          augment=spec,
         )
       elif mode == "eval":
         make = lambda w=workers: pipeline.make_eval_loader(
@@ -318,7 +324,7 @@ def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
         "mode": mode,
         "workers": workers,
         "batch_size": batch,
-        "views": "all" if mode == "train" else _EVAL_VIEWS.value,
+        "views": _EVAL_VIEWS.value if mode == "eval" else "all",
         "disk_kib_per_study": disk / 1024,
         **result,
       }

@@ -191,6 +191,16 @@ def _get(config, field: str, default=_MISSING):
   return node
 
 
+def _augment_problems(augment_cfg) -> list:
+  from clinvla_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+  try:
+    augment.AugmentSpec.from_config(augment_cfg)
+  except (ValueError, TypeError) as e:
+    return [str(e)]
+  return []
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every rule a config must keep before a model is built; raises ConfigError listing each broken one."""
   from clinvla_jax.data import schema  # pylint: disable=g-import-not-at-top
@@ -209,6 +219,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if value is not _MISSING and value not in choices:
       problems.append(problem(field, value, f"must be one of {', '.join(choices)}"))
   problems.extend(_mesh_problems(_get(config, "mesh", None)))
+  problems.extend(_augment_problems(_get(config, "data.augment", None)))
   problems = [p for p in problems if p]
   if not problems:  # the rules between fields assume each field is in range
     problems = _cross_field_problems(config, schema.MAX_TEXT_LEN)

@@ -33,6 +33,7 @@ from clinvla_jax.checkpoint import Checkpointer, checkpoint_bytes
 from clinvla_jax.convert import pretrained
 from clinvla_jax.data import records, source
 from clinvla_jax.data.prefetch import DevicePrefetcher
+from clinvla_jax.data import augment as augment_lib
 from clinvla_jax.data.records import fit_token_length
 from clinvla_jax.model import flops as flops_lib
 from clinvla_jax.model import layers
@@ -507,6 +508,7 @@ def _train(config, workdir: str, custom_evaluation, host_batches) -> Dict[str, f
       seed=int(config.seed),
       mask_ratio=float(config.data.mask_ratio),
       worker_count=int(train.data_workers),
+      augment=augment_lib.AugmentSpec.from_config(config.data.get("augment")),
     )
     data_iter = loader.iterator()
   else:

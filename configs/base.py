@@ -18,6 +18,7 @@ import math
 import ml_collections
 
 from clinvla_jax import losses
+from clinvla_jax.data import augment
 from clinvla_jax.evaluate import options
 from clinvla_jax.evaluate.options import evaluator_options
 from clinvla_jax.model import clinvla
@@ -83,6 +84,10 @@ def get_config():
 
   config.data = ml_collections.ConfigDict()
   config.data.mask_ratio = 0.75
+  # Training views, before masking: random affine (rotation, x shear, shift, scale) and brightness/contrast
+  # jitter, ALTA's ranges (clinvla_jax/data/augment.py); enabled=False trains on the stored pixels.
+  # Evaluation and embedding never augment.
+  config.data.augment = ml_collections.ConfigDict(augment.config_defaults())
   config.data.max_text_len = 128
   config.data.train = ""  # a converter output folder (or shard files / glob); required to train
   config.data.train_split = "train"

@@ -84,10 +84,29 @@ def _check_non_negative(**values):
       raise ValueError(f"{name} must be non-negative, got {value}")
 
 
+def hash_keys(stream: int, *, seed: int, epoch, index, rows: int, cols: int) -> np.ndarray:
+  """uint64 [..., rows, cols] keys of records: a hash of (stream, seed, epoch, record index, row, column).
+
+  The one source of randomness of the pipeline: the masks (`patch_keys`, rows = views, columns = patches) and
+  the augmentation draws (``augment.draw``) differ only in their ``stream``.  ``epoch`` and ``index`` are ints or
+  int arrays (broadcast together); the result has their broadcast shape plus (rows, cols).
+  """
+  _check_non_negative(seed=seed, epoch=epoch, index=index)
+  epoch = np.asarray(epoch, np.int64).astype(np.uint64)
+  index = np.asarray(index, np.int64).astype(np.uint64)
+  with np.errstate(over="ignore"):
+    h = _mix(np.full((), stream, np.uint64) ^ np.uint64(seed))
+    h = _mix((h + epoch * _GOLDEN) ^ np.uint64(1))
+    h = _mix(h ^ (index * _GOLDEN))[..., None, None]
+    row = np.arange(1, rows + 1, dtype=np.uint64)[:, None]
+    col = np.arange(1, cols + 1, dtype=np.uint64)
+    return _mix(_mix(h ^ (row * _GOLDEN)) + col * _GOLDEN)
+
+
 def patch_keys(
   *, seed: int, epoch, index, num_views: int = schema.NUM_VIEWS, num_patches: int = schema.NUM_PATCHES
 ) -> np.ndarray:
-  """uint64 [..., num_views, num_patches] masking keys of records.
+  """uint64 [..., num_views, num_patches] masking keys of records (`hash_keys` of the mask stream).
 
   Args:
     seed: experiment seed.
@@ -100,16 +119,7 @@ def patch_keys(
     One key per (record, view, patch); shape ``broadcast(epoch, index).shape +
     (num_views, num_patches)``.
   """
-  _check_non_negative(seed=seed, epoch=epoch, index=index)
-  epoch = np.asarray(epoch, np.int64).astype(np.uint64)
-  index = np.asarray(index, np.int64).astype(np.uint64)
-  with np.errstate(over="ignore"):
-    h = _mix(np.full((), _MASK_STREAM, np.uint64) ^ np.uint64(seed))
-    h = _mix((h + epoch * _GOLDEN) ^ np.uint64(1))
-    h = _mix(h ^ (index * _GOLDEN))[..., None, None]
-    view = np.arange(1, num_views + 1, dtype=np.uint64)[:, None]
-    patch = np.arange(1, num_patches + 1, dtype=np.uint64)
-    return _mix(_mix(h ^ (view * _GOLDEN)) + patch * _GOLDEN)
+  return hash_keys(_MASK_STREAM, seed=seed, epoch=epoch, index=index, rows=num_views, cols=num_patches)
 
 
 def keep_indices_batch(

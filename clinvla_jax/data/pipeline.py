@@ -63,6 +63,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from clinvla_jax.data import augment as augment_lib
 from clinvla_jax.data import masking
 from clinvla_jax.data import schema
 from clinvla_jax.data import records
@@ -328,20 +329,41 @@ def _parse(data: bytes, slots: tuple[int, ...], num_labels: int) -> records.Batc
   return parts
 
 
+def _augmented_views(out, all_rows, row_start, present, patch_idx, params, matrices) -> None:
+  """Fills ``out`` [V, K, 256] with one study's augmented kept patches (zeros for missing views)."""
+  shown = np.flatnonzero(present)
+  out[~np.asarray(present, bool)] = 0
+  if shown.size:
+    starts = np.asarray(row_start, np.int32)[shown]
+    drawn = {n: v[shown] for n, v in params.items()}
+    out[shown] = augment_lib.augment_kept(all_rows, starts, patch_idx[shown], drawn, matrices[shown])
+
+
 class _MakeChunk(grain.transforms.Map):
   """A chunk of record bytes -> batch rows, all studies of the chunk at once.
 
   Masks for the whole chunk come from one vectorised draw
   (``masking.keep_indices_batch``); kept patches are copied straight out of the
-  record bytes into the output arrays.  Undecodable records are logged and
+  record bytes into the output arrays, or, with ``augment``, computed from them
+  through each view's drawn affine and jitter (``augment.augment_kept``).  Undecodable records are logged and
   counted; with ``drop_failed`` (training) they leave no row, otherwise they
   become padding rows: zero pixels, ids and masks, views invalid, labels NaN
   ("not mentioned"), patch indices the first K patches.
   """
 
-  def __init__(self, *, num_kept: int, seed: int, num_labels: int, view_slots: tuple[int, ...], drop_failed: bool):
+  def __init__(
+    self,
+    *,
+    num_kept: int,
+    seed: int,
+    num_labels: int,
+    view_slots: tuple[int, ...],
+    drop_failed: bool,
+    augment: augment_lib.AugmentSpec | None = None,
+  ):
     self._num_kept = num_kept
     self._seed = seed
+    self._augment = augment
     self._num_labels = num_labels
     self._slots = tuple(view_slots)
     self._drop_failed = drop_failed
@@ -381,6 +403,11 @@ class _MakeChunk(grain.transforms.Map):
       "record_index": record_index,
     }
     patches, valid = out["patches"], out["view_valid"]
+    drawn = matrices = None
+    if self._augment is not None:  # the whole chunk's draws at once, like its masks
+      drawn = augment_lib.draw(self._augment, seed=self._seed, epoch=epoch[rows], index=np.maximum(record_index, 0))
+      drawn = {name: values[:, list(self._slots)] for name, values in drawn.items()}
+      matrices = augment_lib.inverse_matrices(drawn)
     for j, r in enumerate(rows):
       if parsed[r] is None:
         patches[j] = 0
@@ -391,6 +418,10 @@ class _MakeChunk(grain.transforms.Map):
       out["labels"][j] = fields["labels"]
       present = [start >= 0 and bool(fields["view_valid"][slot]) for slot, start in zip(self._slots, row_start)]
       valid[j] = present
+      if drawn is not None:
+        params = {n: v[j] for n, v in drawn.items()}
+        _augmented_views(patches[j], all_rows, row_start, present, patch_idx[j], params, matrices[j])
+        continue
       if k < schema.NUM_PATCHES and all(present):
         # One gather serves every view: their rows lie in one array.
         flat = patch_idx[j] + np.asarray(row_start, np.int32)[:, None]
@@ -581,6 +612,7 @@ def make_train_loader(
   num_labels: int | None = None,
   read_threads: int = 2,
   read_buffer_size: int = 64,
+  augment: augment_lib.AugmentSpec | None = None,
 ) -> Loader:
   """Shuffled, masked, repeating training batches for this process.
 
@@ -602,6 +634,9 @@ def make_train_loader(
     read_threads: threads per process reading records.
     read_buffer_size: records per process read ahead (rounded up to whole
       batches).
+    augment: random affine and jitter of every view before masking
+      (``augment.AugmentSpec``, drawn from seed, epoch and record index like
+      the masks); None: the stored pixels.
 
   Returns:
     A ``Loader``; ``iter(loader)`` or ``loader.iterator(state)`` gives a
@@ -619,6 +654,7 @@ def make_train_loader(
     num_labels=infer_num_labels(src) if num_labels is None else num_labels,
     view_slots=tuple(range(schema.NUM_VIEWS)),
     drop_failed=True,
+    augment=augment,
   )
   # A finite stream ends on a partial chunk: its studies can still top up a
   # batch that lost undecodable ones.

@@ -234,6 +234,27 @@ def test_label_zero_shot_majority_and_auc_chance():
   assert out["zero_shot/ACC_majority"] == pytest.approx(3 / 4)
   assert out["zero_shot/AUC_chance"] == 0.5
   assert out["zero_shot/ACC_ci_low"] <= out["zero_shot/ACC"] <= out["zero_shot/ACC_ci_high"]
+  # Balanced: A's positives (rows 0, 1) all hit, B's (1, 2, 4) two of three, C's (4) its one.
+  assert out["zero_shot/BACC"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+  # A uniformly random label hits a study with k positives k/3 of the time; always B hits every B study.
+  assert out["zero_shot/BACC_chance"] == pytest.approx((1 / 2 + 5 / 9 + 2 / 3) / 3)
+  assert out["zero_shot/BACC_majority"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+  assert out["zero_shot/BACC_ci_low"] <= out["zero_shot/BACC"] <= out["zero_shot/BACC_ci_high"]
+
+
+def test_label_zero_shot_never_predicts_a_label_no_scored_study_has():
+  from clinvla_jax.evaluate import labels as labels_lib  # pylint: disable=g-import-not-at-top
+
+  names = ["A", "B", "absent"]
+  text = {n: row for n, row in zip(names, np.eye(3))}
+  text_fn = lambda prompts: np.stack([text[p] for p in prompts])
+  labels = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0]])
+  # Row 1 is closest to the label no study has, then to B.
+  images = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 1.0], [0.2, 0.1, 0.9]])
+  out = labels_lib.label_zero_shot(images, labels, names, text_fn, {"templates": ["{label}"]}, num_resamples=0)
+  assert out["zero_shot/ACC"] == pytest.approx(2 / 3)  # rows 0 and 1 hit; row 2 falls to A, a miss
+  assert out["zero_shot/BACC"] == pytest.approx((1 + 1 / 2) / 2)
+  assert out["zero_shot/BACC_chance"] == pytest.approx(1 / 2)  # two candidate labels, one positive each
 
 
 # --------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_run_evaluation_writes_results_table_and_figure(model, tmp_path):
 
   # P@50 does not fit 36 studies and must be skipped, not crash.
   expected = {f"covid_cxr/{d}/P@{k}" for d in ("image_to_text", "text_to_image", "image_to_image") for k in (5, 10)}
-  expected |= {"covid_cxr/zero_shot/ACC", "covid_cxr/zero_shot/AUC"}
+  expected |= {"covid_cxr/zero_shot/ACC", "covid_cxr/zero_shot/BACC", "covid_cxr/zero_shot/AUC"}
   assert expected <= set(results)
   # Beside each score: its chance level, bootstrap interval or majority baseline, and own-pair recall.
   assert all(k.endswith(("_chance", "_ci_low", "_ci_high", "_majority")) or "/R@" in k for k in set(results) - expected)

@@ -32,8 +32,11 @@ nothing, and by how much it could move on another draw of the queries:
 
   .../P@K_chance, .../R@K_chance   score of a uniformly random ranking
   .../P@K_ci_low, .../P@K_ci_high  95 % bootstrap interval over queries
-  (same for R@K and for zero-shot ACC)
+  (same for R@K and for zero-shot ACC and BACC)
   .../zero_shot/ACC_majority       always predicting the majority class
+  .../zero_shot/BACC_chance, .../zero_shot/BACC_majority
+                                   balanced accuracy (the mean hit rate over
+                                   labels) of a random label and of the majority
   rsna/zero_shot/F1_all_positive   always predicting pneumonia
   .../zero_shot/AUC_chance         0.5
 

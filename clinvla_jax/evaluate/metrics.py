@@ -403,6 +403,47 @@ def majority_label_hits(positive: np.ndarray) -> np.ndarray:
   return pos[:, int(np.argmax(pos.sum(axis=0)))]
 
 
+def balanced_hit_rate(hit: np.ndarray, positive: np.ndarray) -> float:
+  """Balanced accuracy of multi-label top-1 predictions: the mean over labels of the hit rate among their positives.
+
+  Args:
+    hit: float [N] per-study hit (1/0, or an expected hit rate for a baseline).
+    positive: bool [N, C]; labels without a positive study are left out.
+  """
+  pos = np.asarray(positive, bool)
+  hit = np.asarray(hit, np.float64)
+  counts = pos.sum(axis=0)
+  used = counts > 0
+  if not used.any():
+    raise ValueError("no label has a positive study")
+  return float(((hit[:, None] * pos).sum(axis=0)[used] / counts[used]).mean())
+
+
+def balanced_summary(
+  name: str,
+  hit: np.ndarray,
+  positive: np.ndarray,
+  baselines: dict[str, np.ndarray],
+  num_resamples: int = 1000,
+  seed: int = 0,
+) -> dict[str, float]:
+  """{name, name_<baseline> for each of ``baselines`` (per-study hits), name_ci_low/high} of `balanced_hit_rate`.
+
+  The interval resamples studies (``num_resamples`` 0: none); a resample is scored over the labels it holds.
+  """
+  out = {name: balanced_hit_rate(hit, positive)}
+  for suffix, baseline in baselines.items():
+    out[f"{name}_{suffix}"] = balanced_hit_rate(baseline, positive)
+  if num_resamples:
+    rng = np.random.default_rng(seed)
+    n = len(hit)
+    draws = [balanced_hit_rate(hit[i], positive[i]) for i in (rng.integers(0, n, n) for _ in range(num_resamples))]
+    tail = 2.5
+    low, high = np.percentile(draws, [tail, 100.0 - tail])
+    out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(low), float(high)
+  return out
+
+
 def macro_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
   """Mean over the classes present in ``y_true`` of per-class accuracy.
 

@@ -16,14 +16,20 @@ X-rays and their notes, measured on patients it never saw.
   without a finding label, used for training only) and 36 held-out val
   studies of 22 other patients.  The held-out metrics in results.json carry
   their chance level (`..._chance`) and a bootstrap interval.
+* Augmentation: `configs/base.py`'s, ALTA's random affine and jitter of the
+  training views (`config.data.augment`), chosen over none on a patient-level
+  tuning split of the training studies (benchmarks/demo_recipes.py,
+  benchmarks/RESULTS.md "demo recipes"); `--config.data.augment.enabled=False`
+  trains on the stored pixels.
 
 How long it takes: 200 training steps at batch 16 took 2 min 59 s on 2 CPU
 cores with AMX-BF16 under the default precision (`bf16_fp32_out`; 4 min 38 s
 with `--config.model.precision=float32`), plus about 16 s per held-out
 evaluation (every 100 steps, and once more by `./run.sh`): about 4 minutes
-for the whole `./run.sh`.
+for the whole `./run.sh`.  On a 2-core AVX2-only CPU (float32 policy) a step
+takes 2.6-3.4 s: about 11 minutes.
 
-Measured (seed 0, 36 held-out studies, default precision): global loss
+Measured without augmentation (seed 0, 36 held-out studies, default precision): global loss
 2.94 -> 1.25, local loss 12.1 -> 3.6; image->text P@5 0.561 (95 % bootstrap
 0.422-0.689) against chance 0.417; image->text R@5 0.222 against chance
 0.139; text->image R@5 0.250 against 0.139; zero-shot label AUC 0.639 against

@@ -329,14 +329,14 @@ def _parse(data: bytes, slots: tuple[int, ...], num_labels: int) -> records.Batc
   return parts
 
 
-def _augmented_views(out, all_rows, row_start, present, patch_idx, params, matrices) -> None:
-  """Fills ``out`` [V, K, 256] with one study's augmented kept patches (zeros for missing views)."""
+def _augmented_views(out, all_rows, row_start, present, patch_idx, drawn, matrices, row) -> None:
+  """Fills ``out`` [V, K, 256] with chunk row ``row``'s augmented kept patches (zeros for missing views)."""
   shown = np.flatnonzero(present)
   out[~np.asarray(present, bool)] = 0
   if shown.size:
     starts = np.asarray(row_start, np.int32)[shown]
-    drawn = {n: v[shown] for n, v in params.items()}
-    out[shown] = augment_lib.augment_kept(all_rows, starts, patch_idx[shown], drawn, matrices[shown])
+    params = {name: values[row, shown] for name, values in drawn.items()}
+    out[shown] = augment_lib.augment_kept(all_rows, starts, patch_idx[shown], params, matrices[row, shown])
 
 
 class _MakeChunk(grain.transforms.Map):
@@ -419,8 +419,7 @@ class _MakeChunk(grain.transforms.Map):
       present = [start >= 0 and bool(fields["view_valid"][slot]) for slot, start in zip(self._slots, row_start)]
       valid[j] = present
       if drawn is not None:
-        params = {n: v[j] for n, v in drawn.items()}
-        _augmented_views(patches[j], all_rows, row_start, present, patch_idx[j], params, matrices[j])
+        _augmented_views(patches[j], all_rows, row_start, present, patch_idx[j], drawn, matrices, j)
         continue
       if k < schema.NUM_PATCHES and all(present):
         # One gather serves every view: their rows lie in one array.

@@ -23,10 +23,12 @@ Two forms of the contrastive losses give the same numbers:
 * sharded - under a mesh whose batch axes hold more than one device (the
   ``jax.set_mesh`` context of the training step), a ``jax.shard_map`` over
   those axes.  Each device keeps its own images and receives the other
-  devices' texts one block at a time round a ring (``ppermute``), so it only
-  ever holds its own rows of the score matrix.  GLoRIA's word-region tensor is
-  built ``chunk_size`` texts at a time and recomputed in the backward pass, so
-  per-device memory grows linearly with the global batch, not quadratically.
+  devices' texts one block at a time round a ring (``ppermute``).  It holds
+  one [B/N, B/N] block of scores at a time: the log-sum-exps of its rows, and
+  those of the travelling columns, accumulate as the blocks pass, and each
+  step is recomputed in the backward pass.  GLoRIA's word-region tensor is
+  built ``chunk_size`` texts at a time, so per-device memory grows linearly
+  with the global batch, not quadratically.
 
 ``batch_axes`` on each contrastive loss overrides the choice: ``None`` reads
 the mesh, ``()`` forces the dense form, a tuple of mesh axis names forces the
@@ -93,72 +95,93 @@ def _axis_size(axes) -> int:
   return lax.psum(1, axes)
 
 
-def _ring_blocks(block_fn: Callable, stationary, travelling, axes) -> jax.Array:
-  """This device's rows of a global score matrix as ``[num_devices, b, b']`` blocks, in arrival order.
+def _ring_scan(step_fn: Callable, stationary, travelling, carry, axes):
+  """Runs ``step_fn`` once per device block round the ring: (travelling, carry) after the last step.
 
-  ``block_fn(stationary, block) -> [b, b']`` scores the local rows against one
-  device's columns.  The column inputs move one device on per step, so a
-  device holds one foreign block at a time; each block's scoring is
-  rematerialised, keeping only its ``[b, b']`` scores for the backward pass.
-  Block s holds the columns of device ``_arrival_sources(axes)[s]``; block 0
-  is the device's own (positives on its diagonal).
+  ``step_fn(s, stationary, travelling, carry) -> (travelling, carry)`` sees at
+  step ``s`` the columns of device ``me - s`` (step 0: the device's own, with
+  the positives on its diagonal).  ``travelling`` (the columns and whatever
+  accumulates per column) moves one device on after every step, so after the
+  last it is home again, carrying what every device added.  Each step is
+  rematerialised: the backward pass keeps only the carries, never a score block.
   """
   num = _axis_size(axes)
-  score = jax.checkpoint(block_fn)
   shift = [(i, (i + 1) % num) for i in range(num)]
+  body = jax.checkpoint(step_fn)
 
   # Every step, the device's own block included, runs in one loop body so XLA
-  # allocates its word-region buffers once; the price is a last transfer that
-  # only brings each block home.
-  def step(block, _):
-    return lax.ppermute(block, axes, shift), score(stationary, block)
+  # allocates its buffers once; the price is a last transfer that only brings
+  # each block home.
+  def step(state, s):
+    moving, carry = body(s, stationary, *state)
+    return (lax.ppermute(moving, axes, shift), carry), None
 
-  return lax.scan(step, travelling, None, length=num)[1]
+  start = jax.tree_util.tree_map(lambda x: _varying(x, axes), (travelling, carry))
+  return lax.scan(step, start, jnp.arange(num))[0]
 
 
-def _arrival_sources(axes) -> jax.Array:
-  """Device whose block arrives at step s, for every s: (me - s) mod num.
+def _varying(x, axes):
+  """``x`` typed as differing across ``axes``, as a scan carry that ``ppermute`` and per-device data feed must be."""
+  missing = tuple(a for a in axes if a not in jax.typeof(x).manual_axis_type.varying)
+  return lax.pcast(x, missing, to="varying") if missing else x
 
-  The map is its own inverse, so taking with it also turns per-device values
-  in device order into arrival order.
+
+def _empty_log_sum_exp(size: int):
+  return jnp.full((size,), _NEG, jnp.float32), jnp.zeros((size,), jnp.float32)
+
+
+def _add_to_log_sum_exp(acc, scores, mask, axis: int):
+  """Running (max, sum of exp(x - max)) of ``acc`` with the masked ``scores`` reduced over ``axis`` added.
+
+  The max is only a shift that keeps exp() in range; any shift gives the same
+  value and gradient, so it takes none.
   """
-  num = _axis_size(axes)
-  return (lax.axis_index(axes) - jnp.arange(num)) % num
+  top, total = acc
+  scores = jnp.where(mask, scores, _NEG)
+  new_top = jnp.maximum(top, lax.stop_gradient(jnp.max(scores, axis=axis)))
+  terms = jnp.where(mask, jnp.exp(scores - jnp.expand_dims(new_top, axis)), 0.0)
+  return new_top, total * jnp.exp(top - new_top) + jnp.sum(terms, axis=axis)
 
 
-def _in_arrival_order(per_example, axes) -> jax.Array:
-  """``[b]`` values of every device's examples, ``[num, b]`` in arrival order."""
-  everyone = lax.all_gather(per_example, axes)  # [num, b], device order
-  return jnp.take(everyone, _arrival_sources(axes), axis=0)
+def _log_sum_exp(acc):
+  top, total = acc
+  # An example with nothing to compare against (padding) gets a finite value
+  # and no gradient, rather than log(0).
+  return top + jnp.log(jnp.maximum(total, jnp.finfo(jnp.float32).tiny))
 
 
-def _log_psum_exp(x, axes):
-  """log(sum over devices of exp(x)), elementwise, without overflow."""
-  # Any shift is exact; the max only keeps exp() in range, so it needs no gradient.
-  shift = lax.pmax(lax.stop_gradient(x), axes)
-  return shift + jnp.log(lax.psum(jnp.exp(x - shift), axes))
+def _ring_cross_entropies(block_fn: Callable, stationary, travelling, valid, axes) -> Tuple[jax.Array, jax.Array]:
+  """(CE(S), CE(S^T)) over the global batch, S = this device's rows scored against every device's columns.
 
-
-def _sharded_cross_entropies(blocks, valid, axes) -> Tuple[jax.Array, jax.Array]:
-  """(CE(S), CE(S^T)) over the global batch from this device's ring blocks of S.
-
-  Each is the mean over valid examples of logsumexp over the valid examples of
-  the other side minus the positive score, as ``_masked_cross_entropy``.
+  ``block_fn(stationary, columns) -> [b, b']`` scores the local rows against
+  one device's columns.  Every row's log-sum-exp over the valid columns, and
+  every column's over the valid rows, is accumulated as the blocks go round
+  the ring (a column's part travels with it), so a device holds one
+  ``[b, b']`` block of S at a time.  Each CE is the mean over valid examples
+  of the log-sum-exp minus the positive score, as ``_masked_cross_entropy``.
   """
-  col_valid = _in_arrival_order(valid, axes)[:, None, :]  # [num, 1, b']
-  positive = jnp.diagonal(blocks[0])
+  size = valid.shape[0]
+
+  def step(s, stationary, moving, carry):
+    columns, column_valid, column_acc = moving
+    row_acc, positive = carry
+    scores = block_fn(stationary, columns)
+    row_acc = _add_to_log_sum_exp(row_acc, scores, column_valid[None, :], axis=1)
+    column_acc = _add_to_log_sum_exp(column_acc, scores, valid[:, None], axis=0)
+    positive = jnp.where(s == 0, jnp.diagonal(scores), positive)
+    return (columns, column_valid, column_acc), (row_acc, positive)
+
+  start = (travelling, valid, _empty_log_sum_exp(size))
+  moving, (row_acc, positive) = _ring_scan(
+    step, stationary, start, (_empty_log_sum_exp(size), jnp.zeros((size,), jnp.float32)), axes
+  )
   count = jnp.maximum(lax.psum(jnp.sum(valid), axes), 1)
-
-  row_lse = jax.nn.logsumexp(jnp.where(col_valid, blocks, _NEG), axis=(0, 2))
-  # Column log-sum-exps: each device contributes its rows, the devices' parts combine in log space.
-  col_lse_part = jax.nn.logsumexp(jnp.where(valid[None, :, None], blocks, _NEG), axis=1)  # [num, b']
-  col_lse_part = jnp.take(col_lse_part, _arrival_sources(axes), axis=0)  # device order
-  own_col_lse = _log_psum_exp(col_lse_part, axes)[lax.axis_index(axes)]
 
   def mean_over_valid(nll):
     return lax.psum(jnp.sum(jnp.where(valid, nll, 0.0)), axes) / count
 
-  return mean_over_valid(row_lse - positive), mean_over_valid(own_col_lse - positive)
+  # Home again, the travelling accumulator holds the log-sum-exps of this device's own columns.
+  return mean_over_valid(_log_sum_exp(row_acc) - positive), mean_over_valid(_log_sum_exp(moving[2]) - positive)
 
 
 def _chunked_columns(block_fn: Callable, stationary, columns, chunk_size: int) -> jax.Array:
@@ -222,8 +245,8 @@ def infonce_loss(
     return 0.5 * (_masked_cross_entropy(logits, valid) + _masked_cross_entropy(logits.T, valid)), scale
 
   def local(image, text, valid, scale):
-    blocks = scale * _ring_blocks(_dot_rows, image, text, axes)
-    image_to_text, text_to_image = _sharded_cross_entropies(blocks, valid, axes)
+    block = lambda image, text: scale * _dot_rows(image, text)  # noqa: E731
+    image_to_text, text_to_image = _ring_cross_entropies(block, image, text, valid, axes)
     return 0.5 * (image_to_text + text_to_image)
 
   return _over_batch(local, axes, (image_emb, text_emb, valid), (scale,)), scale
@@ -262,11 +285,15 @@ def sigmoid_loss(
     return -_sigmoid_log_likelihood(logits, jnp.eye(batch, dtype=bool), pair_valid) / count, scale
 
   def local(image, text, valid, scale, bias, count):
-    blocks = scale * _ring_blocks(_dot_rows, image, text, axes) + bias  # [num, b, b]
-    own_block = (jnp.arange(blocks.shape[0]) == 0)[:, None, None]
-    positive = own_block & jnp.eye(blocks.shape[1], dtype=bool)[None]
-    pair_valid = valid[None, :, None] & _in_arrival_order(valid, axes)[:, None, :]
-    log_likelihood = _sigmoid_log_likelihood(blocks, positive, pair_valid)
+    # One [b, b] block of logits at a time; only the sum of its log-likelihoods is kept.
+    def step(s, image, moving, total):
+      text, text_valid = moving
+      logits = scale * _dot_rows(image, text) + bias
+      positive = (s == 0) & jnp.eye(logits.shape[0], dtype=bool)  # the own block's diagonal
+      pair_valid = valid[:, None] & text_valid[None, :]
+      return moving, total + _sigmoid_log_likelihood(logits, positive, pair_valid)
+
+    _, log_likelihood = _ring_scan(step, image, (text, valid), jnp.zeros((), jnp.float32), axes)
     return -lax.psum(log_likelihood, axes) / count
 
   return _over_batch(local, axes, (image_emb, text_emb, valid), (scale, bias, count)), scale
@@ -361,8 +388,7 @@ def gloria_local_loss(
         lambda im, tx: gloria_local_scores(tx[0], tx[1], im[0], im[1], temperatures), images, texts, chunk_size
       )
 
-    blocks = _ring_blocks(block, (regions, region_mask), (words, word_mask), axes)
-    image_to_text, text_to_image = _sharded_cross_entropies(blocks, valid, axes)
+    image_to_text, text_to_image = _ring_cross_entropies(block, (regions, region_mask), (words, word_mask), valid, axes)
     return image_to_text + text_to_image
 
   return _over_batch(

@@ -195,6 +195,36 @@ def test_sharded_local_loss_needs_far_less_temporary_memory():
   assert sharded * 8 < dense, (sharded, dense)
 
 
+def _compiled_global_temp_bytes(name, batch, mesh, dim=16):
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(
+    shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
+  )
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  x = {"image": spec((batch, dim)), "text": spec((batch, dim)), "logit_scale": scalar, "logit_bias": scalar}
+
+  def fn(x, valid):
+    if name == "infonce":
+      return losses.infonce_loss(x["image"], x["text"], x["logit_scale"], valid)[0]
+    return losses.sigmoid_loss(x["image"], x["text"], x["logit_scale"], x["logit_bias"], valid)[0]
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(jax.value_and_grad(fn)).lower(x, spec((batch,), bool)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("name", ["infonce", "sigmoid"])
+def test_sharded_global_loss_never_holds_its_rows_of_the_score_matrix(name):
+  # The ring keeps one [B/N, B/N] block (with its masks, exponentials and cotangents, a few
+  # copies of 4 x B^2 / N^2 bytes) and per-example running sums.  A device's [B/N, B] rows of
+  # the logits, as a gather or a stack of the ring's blocks would keep them, are N times one
+  # block: a stack of them needed about 3 x their size here.
+  devices, batch = 8, 4096
+  rows_of_the_matrix = 4 * batch * batch // devices
+  temporaries = _compiled_global_temp_bytes(name, batch, _mesh((devices, 1, 1)))
+  assert temporaries < rows_of_the_matrix, (name, temporaries, rows_of_the_matrix)
+
+
 # ---------------------------------------------------------------------------
 # The sigmoid option in the model and the training rules.
 

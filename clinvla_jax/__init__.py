@@ -13,6 +13,7 @@ Public API::
     out = cv.encode_images(cfg, variables, images, view_valid)
     index = cv.Index.build(cfg, "archive/", "index/", checkpoint="runs/demo")
     hits = cv.Index.load("index/", cfg).search_text("small left pleural effusion", k=10)
+    art = cv.load_exported("artifact/")  # from --mode=export: embed_images / embed_text, no model code
 """
 
 from clinvla_jax import convert
@@ -32,6 +33,7 @@ __all__ = [
   "encode_text",
   "init_params",
   "load_config",
+  "load_exported",
   "patchify",
 ]
 
@@ -46,4 +48,8 @@ def __getattr__(name):
     from clinvla_jax.search.index import Index
 
     return Index
+  if name == "load_exported":
+    from clinvla_jax.export import load_exported
+
+    return load_exported
   raise AttributeError(f"module 'clinvla_jax' has no attribute {name!r}")

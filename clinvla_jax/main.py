@@ -6,6 +6,8 @@
   python -m clinvla_jax.main --config=configs/base.py --mode=summary
   python -m clinvla_jax.main --config=configs/demo.py --mode=index --checkpoint=runs/demo --input=DIR --output=INDEX
   python -m clinvla_jax.main --config=configs/demo.py --mode=search --index=INDEX --query="small left pleural effusion"
+  python -m clinvla_jax.main --config=configs/demo.py --mode=export --workdir=runs/demo --platforms=cpu,tpu --output=DIR
+    (then clinvla_jax.load_exported(DIR): embed_images / embed_text without the model code)
 
 ``--config`` is an ml_collections config file, loaded by
 `clinvla_jax.config.load_config` (the Python API's loader); any field can be
@@ -30,7 +32,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "eval", "embed", "summary", "index", "search")
+MODES = ("train", "eval", "embed", "summary", "index", "search", "export")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).", lock_config=True)
 
@@ -63,7 +65,12 @@ _CHECKPOINT = flags.DEFINE_string(
   "(default: --workdir's latest checkpoint; search: the index's own).",
 )
 _OUTPUT = flags.DEFINE_string(
-  "output", None, "embed: the .npz file to write; index: the index folder; search: a results .json file."
+  "output",
+  None,
+  "embed: the .npz file to write; index: the index folder; search: a results .json file; export: the artifact folder.",
+)
+_PLATFORMS = flags.DEFINE_list(
+  "platforms", ["cpu"], "export: the jax.export platforms to lower for (comma-separated: cpu, cuda, rocm, tpu)."
 )
 _INPUT = flags.DEFINE_string("input", None, "index: a converted dataset folder or a folder of study sub-folders.")
 _INDEX = flags.DEFINE_string("index", None, "search: the index folder (from --mode=index).")
@@ -187,6 +194,24 @@ def run_search(config) -> None:
     sys.exit(1)
 
 
+def run_export(config) -> None:
+  from clinvla_jax import export
+
+  if not _OUTPUT.value:
+    raise app.UsageError("--mode=export needs --output=ARTIFACT_DIR")
+  try:
+    platforms = export.check_platforms(_PLATFORMS.value)
+    export.check_destination(os.path.abspath(_OUTPUT.value))  # before the weights are loaded
+    manifest = export.export_embedders(
+      config, _variables_for_evaluation(config), _OUTPUT.value, platforms, source=_checkpoint_source()
+    )
+  except export.ExportedArtifactError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  size = sum(f["bytes"] for f in manifest["files"].values())
+  print(f"exported embedders for {','.join(platforms)} to {_OUTPUT.value} ({size / 1e6:.1f} MB)", flush=True)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -228,6 +253,8 @@ def _run_mode(config) -> None:
     run_index(config)
   elif _MODE.value == "search":
     run_search(config)
+  elif _MODE.value == "export":
+    run_export(config)
 
 
 def _config_path(argv):

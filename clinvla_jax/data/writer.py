@@ -3,7 +3,10 @@
 The dataset converters (``data_prep``) and the search index both end here:
 
 * splits the plan into ``--num_parts`` independent parts (study ``i`` goes to
-  part ``i % num_parts``, so parts can run on different machines);
+  part ``i % num_parts``, so parts can run on different machines); with
+  ``Options.whole_shards`` a part takes whole shards instead (shard ``k`` of the
+  one-part layout goes to part ``k % num_parts``), so the shards, manifest and
+  rejects do not depend on how many parts wrote them;
 * loads and resizes images (``--image_transform``, ``--dicom_scaling``: see
   ``clinvla_jax.data.images``) and tokenises text in a process pool, with a tqdm bar;
 * writes ArrayRecord shards of at most ``--shard_size`` records, per split, each
@@ -77,6 +80,8 @@ class Options:
   require_text: bool = True  # False for image-only evaluation sets (CheXpert, RSNA)
   tfds: bool = True  # also write the folder as a TFDS builder directory
   progress: bool = True
+  whole_shards: bool = False  # parts take whole shards of the one-part layout (see the module docstring)
+  combine: bool = True  # the part that finishes last writes manifest.json (else call `combine`)
 
   def check(self):
     if not 0 <= self.part < self.num_parts:
@@ -102,8 +107,11 @@ class Options:
   def content_key(self) -> dict[str, Any]:
     """Options that change the bytes written; parts must agree on them."""
     d = dataclasses.asdict(self)
-    for k in ("part", "resume", "workers", "progress"):
+    for k in ("part", "resume", "workers", "progress", "whole_shards", "combine"):
       d.pop(k)
+    if self.whole_shards:
+      # Whole-shard parts write what one part would, so parts of any count may resume each other's shards.
+      d["num_parts"] = 1
     return d
 
 
@@ -293,10 +301,29 @@ def assign_part(index: int, opts: Options) -> bool:
   return index % opts.num_parts == opts.part
 
 
-def _check_output(output: str, opts: Options, dataset: str):
+def _my_chunks(plan: Plan, opts: Options) -> list[tuple[str, int, list[Study]]]:
+  """The chunks (split, chunk index, studies) this part writes."""
+  if opts.whole_shards:
+    return [c for j, c in enumerate(_chunks(plan.studies, opts.shard_size)) if assign_part(j, opts)]
+  return _chunks([s for i, s in enumerate(plan.studies) if assign_part(i, opts)], opts.shard_size)
+
+
+def _chunk_path(output: str, opts: Options, split: str, k: int) -> str:
+  # Whole-shard parts name their shards as the one part of a one-part conversion would.
+  return os.path.join(output, shard_name(split, 0 if opts.whole_shards else opts.part, k))
+
+
+def _own_files(output: str, opts: Options, chunks) -> list[str]:
+  """What an earlier run of this part left: its shards, sidecars and temporaries."""
+  if not opts.whole_shards:
+    return glob.glob(os.path.join(output, f"*-p{opts.part:03d}-*.array_record*"))
+  # Every part's shards share one name pattern here: only this part's chunks are its own.
+  return [f for split, k, _ in chunks for f in glob.glob(glob.escape(_chunk_path(output, opts, split, k)) + "*")]
+
+
+def _check_output(output: str, opts: Options, dataset: str, mine: Sequence[str]):
   """Refuses to mix with an earlier conversion unless resuming a compatible one."""
   os.makedirs(output, exist_ok=True)
-  mine = glob.glob(os.path.join(output, f"*-p{opts.part:03d}-*.array_record*"))
   summary = os.path.join(output, part_summary_name(opts.part, opts.num_parts))
   others = glob.glob(os.path.join(output, "part-*-of-*.json"))
   manifest = os.path.join(output, "manifest.json")
@@ -326,20 +353,25 @@ def run(plan: Plan, output: str, opts: Options) -> dict[str, Any]:
     raise ConversionError(
       f"{plan.dataset}: plan accounts for {planned} of {plan.input_rows} input rows (converter bug)"
     )
-  _check_output(output, opts, plan.dataset)
+  chunks = _my_chunks(plan, opts)
+  _check_output(output, opts, plan.dataset, _own_files(output, opts, chunks))
   summary_path = os.path.join(output, part_summary_name(opts.part, opts.num_parts))
   if opts.resume and os.path.exists(summary_path):
     with open(summary_path) as f:
       summary = json.load(f)
-    _maybe_combine(output, opts.num_parts)
+    if opts.combine:
+      _maybe_combine(output, opts.num_parts)
     return summary
 
-  my_studies = [s for i, s in enumerate(plan.studies) if assign_part(i, opts)]
-  my_rejects = [r for i, r in enumerate(plan.rejects) if assign_part(i, opts)]
+  if opts.whole_shards:
+    my_rejects = list(plan.rejects) if opts.part == 0 else []  # listed once, first, as one part lists them
+  else:
+    my_rejects = [r for i, r in enumerate(plan.rejects) if assign_part(i, opts)]
   # Stale temporaries of this part come from an interrupted run: never reuse them.
-  for tmp in glob.glob(os.path.join(output, f"*-p{opts.part:03d}-*.tmp-*")):
-    os.remove(tmp)
-  todo, done_infos = _pending_chunks(_chunks(my_studies, opts.shard_size), output, opts)
+  for tmp in _own_files(output, opts, chunks):
+    if ".tmp-" in os.path.basename(tmp):
+      os.remove(tmp)
+  todo, done_infos = _pending_chunks(chunks, output, opts)
   total = sum(len(items) for _, _, items, _ in todo)
   pool = None
   if opts.workers > 0 and total > 0:
@@ -359,9 +391,10 @@ def run(plan: Plan, output: str, opts: Options) -> dict[str, Any]:
       pool.close()
       pool.join()
 
-  summary = _part_summary(plan, opts, done_infos, my_rejects)
+  summary = _part_summary(plan, opts, done_infos, my_rejects, sum(len(s.rows) for _, _, items in chunks for s in items))
   files.atomic_write_json(summary_path, summary)
-  _maybe_combine(output, opts.num_parts)
+  if opts.combine:
+    _maybe_combine(output, opts.num_parts)
   return summary
 
 
@@ -369,7 +402,7 @@ def _pending_chunks(chunks, output: str, opts: Options) -> tuple[list[tuple[str,
   """(chunks still to write with their shard paths, sidecars of the chunks an earlier run completed)."""
   todo, done_infos = [], []
   for split, k, items in chunks:
-    path = os.path.join(output, shard_name(split, opts.part, k))
+    path = _chunk_path(output, opts, split, k)
     side = path + ".json"
     if opts.resume and os.path.exists(path) and os.path.exists(side):
       with open(side) as f:
@@ -418,12 +451,18 @@ def _progress(total: int, desc: str, enabled: bool):
   return tqdm(total=total, desc=desc, unit="study", disable=not enabled, file=sys.stderr)
 
 
-def _part_summary(plan: Plan, opts: Options, infos: list[dict], plan_rejects: list[Reject]) -> dict:
+def _part_summary(plan: Plan, opts: Options, infos: list[dict], plan_rejects: list[Reject], my_rows: int) -> dict:
   infos = sorted(infos, key=lambda i: (i["split"], i["chunk"]))
   rejects = [dataclasses.asdict(r) for r in plan_rejects]
   for i in infos:
     rejects.extend(i["rejects"])
-  my_rows = sum(len(s.rows) for idx, s in enumerate(plan.studies) if assign_part(idx, opts))
+  whole = {}
+  if opts.whole_shards:
+    # What `combine` needs to list the rejects in the one-part order: the plan's, then chunk by chunk.
+    whole = {
+      "plan_rejects": [dataclasses.asdict(r) for r in plan_rejects],
+      "chunks": [{"split": i["split"], "chunk": i["chunk"], "rejects": i["rejects"]} for i in infos],
+    }
   return {
     "dataset": plan.dataset,
     "part": opts.part,
@@ -442,6 +481,7 @@ def _part_summary(plan: Plan, opts: Options, infos: list[dict], plan_rejects: li
     "view_counts": [sum(i["view_counts"][v] for i in infos) for v in range(schema.NUM_VIEWS)],
     "text_truncated": sum(i["text_truncated"] for i in infos),
     "rejects": rejects,
+    **whole,
     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
 
@@ -468,7 +508,12 @@ def combine(output: str, num_parts: Optional[int] = None) -> dict[str, Any]:
   if have != list(range(n)):
     raise ConversionError(f"{output}: parts {sorted(set(range(n)) - set(have))} of {n} are missing")
   first = parts[0]
-  rejects = [Reject(**r) for p in parts for r in p["rejects"]]
+  if all("chunks" in p for p in parts):
+    chunks = sorted((c for p in parts for c in p["chunks"]), key=lambda c: (c["split"], c["chunk"]))
+    listed = [r for p in parts for r in p["plan_rejects"]] + [r for c in chunks for r in c["rejects"]]
+  else:
+    listed = [r for p in parts for r in p["rejects"]]
+  rejects = [Reject(**r) for r in listed]
   shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["file"])
   split_names = sorted({s for p in parts for s in p["records"]})
   records_by_split = {s: sum(p["records"].get(s, 0) for p in parts) for s in split_names}

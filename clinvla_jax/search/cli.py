@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
+
+import jax
 
 from clinvla_jax.search import html as html_lib
 from clinvla_jax.search.index import Hit, Index, SearchIndexError
@@ -14,14 +17,40 @@ REPORT_COLUMN = 70
 
 
 def run_index(config, input_path: str, output: str, checkpoint: Optional[str]) -> Index:
-  index = Index.build(config, input_path, output, checkpoint=checkpoint)
+  try:
+    index = Index.build(config, input_path, output, checkpoint=checkpoint)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _leave_without_peers(e)
   counts = index.manifest["counts"]
+  segments = len(index.manifest["segments"])
   print(
     f"index {output}: {counts['studies']} studies ({counts['with_report']} with a report), "
-    f"{counts.get('rejects', 0)} rejects in {os.path.join(output, 'rejects.csv')}",
+    f"{counts.get('rejects', 0)} rejects in {os.path.join(output, 'rejects.csv')}; "
+    f"{segments} segments ({len(index.embedded_shards)} embedded by this run)",
     flush=True,
   )
   return index
+
+
+def _leave_without_peers(error: Exception) -> NoReturn:
+  """Exits at once when a collective failed in a multi-process run: another process is gone (killed, crashed).
+
+  A normal exit would wait in jax.distributed's shutdown barrier for the lost
+  process until the heartbeat timeout (100 s by default) and then abort.
+  Nothing is lost: process 0 commits each segment whole, and rerunning the
+  same commands resumes.
+  """
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  print(
+    f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed ({first}); another process "
+    "has probably stopped. Finished segments are kept: rerun the same commands on every process to resume.",
+    file=sys.stderr,
+    flush=True,
+  )
+  sys.stdout.flush()
+  os._exit(1)  # not sys.exit: that would run the shutdown barrier
 
 
 def read_queries(path: str) -> list[str]:

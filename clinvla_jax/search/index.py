@@ -27,8 +27,14 @@ ones.  Studies already indexed are skipped by study id.  An index refuses a
 config whose model differs (`config_hash`) or other weights (checkpoint step).
 
 Embedding runs through `clinvla_jax.predict.PredictFn` (the config's mesh and
-logical rules, the precision policy's fastest path); with several processes
-each reads its part of every shard and process 0 writes the index.
+logical rules, the precision policy's fastest path).  With several processes
+(``jax.distributed``; INDEX_DIR on storage they all see) every process plans
+the same work and checks that the others agree; the staging conversion gives
+each process whole shards in turn (the records are those one process would
+write), every pending shard is embedded by all processes, each its part of
+every batch, and process 0 gathers the rows and alone writes the index files.
+The index is the one a single process builds, and an interrupted run resumes
+with any number of processes.
 """
 
 from __future__ import annotations
@@ -303,6 +309,9 @@ class _Builder:
     self.predict = PredictFn.from_config(config)
     self.placed = self.predict.place(variables)
     self.known = _known_studies(self.directory, manifest["segments"])
+    self.embedded: list[str] = []  # the shards this run embedded
+    # Process 0 writes nothing before every process has read what an earlier run left.
+    _barrier("clinvla_index_opened")
 
   def _new_manifest(self, step, checkpoint) -> dict[str, Any]:
     precision = self.config.model.get("precision", "auto")
@@ -367,6 +376,7 @@ class _Builder:
     ids = sorted(s.study_id for s in folder_plan.plan.studies)
     rejected = sorted(r.row for r in folder_plan.plan.rejects)
     key = hashlib.sha256("\n".join([root, *ids, "--", *rejected]).encode()).hexdigest()[:16]
+    _agree(f"the studies of {root}", key)
     staged = os.path.join(STAGING, key)
     if not ids and (not rejected or any(i.get("staging") == staged for i in self.manifest["inputs"])):
       return  # nothing new
@@ -405,6 +415,8 @@ class _Builder:
       require_text=False,
       tfds=False,
       progress=self.options.get("progress", True) and self.is_writer,
+      whole_shards=True,  # the staged shards, hence the segments, do not depend on the process count
+      combine=False,  # process 0 does, below
     )
     try:
       writer.run(folder_plan.plan, out, opts)
@@ -426,6 +438,7 @@ class _Builder:
 
   def embed_pending(self) -> None:
     todo = self.pending()
+    _agree("the shards still to embed", [shard for _, shard in todo])
     if not todo:
       return
     total = 0
@@ -518,6 +531,7 @@ class _Builder:
       }
     )
     self._commit()
+    self.embedded.append(shard)
 
   @staticmethod
   def _path_of(inp, infos, sid: str, record: int, shard: str) -> str:
@@ -529,6 +543,18 @@ class _Builder:
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def _agree(what: str, value: Any) -> None:
+  """Every process computed the same ``value``: else each raises `SearchIndexError` (rather than deadlock later)."""
+  if jax.process_count() == 1:
+    return
+  digest = np.frombuffer(hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest(), np.uint32)
+  gathered = multihost_utils.process_allgather(digest)
+  if not (gathered == digest).all():
+    raise SearchIndexError(
+      f"the {jax.process_count()} processes disagree on {what}: each must see the same input and index folders"
+    )
 
 
 def _progress(total: int, enabled: bool):
@@ -553,6 +579,7 @@ class Index:
     self._segment_of = arrays["segment"]
     self._offsets = arrays["offset"]
     self.config = config
+    self.embedded_shards: tuple[str, ...] = ()  # set by `build`: the shards it embedded (the rest were indexed)
     self._variables = None
     self._query_fns: dict[str, Callable] = {}
 
@@ -597,8 +624,10 @@ class Index:
       builder.embed_pending()
     if not builder.manifest["segments"]:
       builder._commit()  # pylint: disable=protected-access
+    _barrier("clinvla_index_built")  # every process opens the manifest process 0 wrote last
     index = cls.load(output, config)
     index._variables = variables  # pylint: disable=protected-access
+    index.embedded_shards = tuple(builder.embedded)
     return index
 
   @classmethod

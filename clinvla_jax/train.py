@@ -502,13 +502,16 @@ def _train(config, workdir: str, custom_evaluation, host_batches) -> Dict[str, f
 
   train = config.train
   if host_batches is None:
+    augment = augment_lib.AugmentSpec.from_config(config.data.get("augment"))
+    logging.info("training views: %s", augment_lib.describe(augment))
+    say(f"training views: {augment_lib.describe(augment)}", flush=True)
     loader = pipeline.make_train_loader(
       _train_paths(config),
       global_batch_size=int(config.optim.batch_size),
       seed=int(config.seed),
       mask_ratio=float(config.data.mask_ratio),
       worker_count=int(train.data_workers),
-      augment=augment_lib.AugmentSpec.from_config(config.data.get("augment")),
+      augment=augment,
     )
     data_iter = loader.iterator()
   else:

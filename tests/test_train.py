@@ -212,6 +212,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_matches(tmp_path, tiny_ru
 
   out = _resume_in_process(work, capsys, **no_periodic)
   assert f"resumed from {work / 'checkpoints'}/{saved[0]}" in out
+  assert "training views: affine (rotation +-20 deg, x shear +-10 deg, shift +-0.1, scale 0.95-1.05)" in out
   _assert_losses_equal_the_reference(work, tiny_run.losses)
 
 

@@ -219,6 +219,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if value is not _MISSING and value not in choices:
       problems.append(problem(field, value, f"must be one of {', '.join(choices)}"))
   problems.extend(_mesh_problems(_get(config, "mesh", None)))
+  problems.extend(_text_bucket_problems(_get(config, "eval.text_buckets", None)))
   problems.extend(_augment_problems(_get(config, "data.augment", None)))
   problems = [p for p in problems if p]
   if not problems:  # the rules between fields assume each field is in range
@@ -239,6 +240,21 @@ def _mesh_problems(mesh) -> list:
   if list(mesh.values()).count(-1) > 1:
     problems.append(problem("mesh", dict(mesh), "at most one axis may be -1 (all remaining devices)"))
   return problems
+
+
+def _text_bucket_problems(buckets) -> list:
+  # Lengths at or above the text tower's input width are allowed and change nothing (those texts run at full
+  # length), so one setting serves every model.text.max_len.
+  if buckets is None:
+    return []
+  field = "eval.text_buckets"
+  if not isinstance(buckets, (tuple, list)):
+    return [problem(field, buckets, "must be a tuple of token lengths, e.g. (32, 64, 96), or () for none")]
+  if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+    return [problem(field, tuple(buckets), "must hold integers >= 1")]
+  if any(a >= b for a, b in zip(buckets, buckets[1:])):
+    return [problem(field, tuple(buckets), "must be increasing, each length once")]
+  return []
 
 
 def _cross_field_problems(config, record_text_len: int) -> list:

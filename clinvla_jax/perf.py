@@ -1,7 +1,9 @@
-"""Peak FLOP rates for MFU estimates."""
+"""Peak FLOP rates for MFU estimates, and seconds per stage of a pipeline (`StageTimes`)."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import time
 
@@ -63,3 +65,37 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   if device.platform == "cpu":
     return measured_matmul_flops()
   return 0.0
+
+
+class StageTimes:
+  """Seconds and calls per named stage, summed: ``with times.stage("decode"): ...``.
+
+  Code that can be timed takes an optional one and falls back to `NO_TIMES`,
+  whose stages are a shared no-op context, so an untimed run pays nothing.
+  """
+
+  def __init__(self):
+    self.seconds: dict[str, float] = collections.defaultdict(float)
+    self.calls: dict[str, int] = collections.defaultdict(int)
+
+  @contextlib.contextmanager
+  def stage(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] += time.perf_counter() - start
+      self.calls[name] += 1
+
+  def as_dict(self, digits: int = 3) -> dict[str, float]:
+    return {k: round(v, digits) for k, v in self.seconds.items()}
+
+
+class _NoTimes:
+  _NULL = contextlib.nullcontext()
+
+  def stage(self, name: str):  # pylint: disable=unused-argument
+    return self._NULL
+
+
+NO_TIMES = _NoTimes()

@@ -14,6 +14,17 @@ training's logical rules: an FSDP- or tensor-sharded model stays sharded.
 ``attention_mask``); the result holds every process's rows, in order, as
 host arrays.  The global batch must divide over the batch axes: round it with
 `PredictFn.padded_batch_size`.
+
+Texts run at the length they need (``config.eval.text_buckets``): a batch's
+rows are grouped by the shortest bucket that holds their tokens
+(`plan_text_groups`), each group embedded at its bucket's length, and the rows
+put back in order.  The text tower pools its [CLS] token and masks padding keys,
+so a row's embedding does not depend on how many padding tokens follow it: the
+groups give the full-length embeddings up to float rounding.  A group holds the
+batch, a half, a quarter or an eighth of it (`sub_batch_sizes`), so the text
+function compiles at most 4 x (buckets below the full length + 1) shapes per
+batch size.  With several processes every process gathers the batch's tokens
+(a few KiB) and plans the same groups; each feeds its share of every group.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import numpy as np
 from clinvla_jax import api
 from clinvla_jax import sharding
 from clinvla_jax.data.records import fit_token_length
+from clinvla_jax.evaluate import options as options_lib
 from clinvla_jax.model.clinvla import ClinVLA, ClinVLAConfig, matmul_ready_params
 
 DATA_AXIS = "data"
@@ -113,6 +125,82 @@ def _encoders(
   return in_context(image_jit), in_context(text_jit)
 
 
+# A text group holds the batch or one of its first SUB_BATCH_HALVINGS halvings: few shapes to compile, and
+# little padding (on the IU X-ray reports, 3 compute 6 % more tokens than groups of any row count would).
+SUB_BATCH_HALVINGS = 3
+
+
+def config_text_buckets(config) -> tuple[int, ...]:
+  """``config.eval.text_buckets``, else its default (`options.EMBEDDING_DEFAULTS`)."""
+  sub = config.get("eval") if hasattr(config, "get") else None
+  buckets = sub["text_buckets"] if sub is not None and "text_buckets" in sub else None
+  return tuple(int(b) for b in (options_lib.EMBEDDING_DEFAULTS["text_buckets"] if buckets is None else buckets))
+
+
+def text_widths(buckets: Sequence[int], width: int) -> tuple[int, ...]:
+  """The lengths texts of a ``width``-token batch run at: the buckets below ``width``, then ``width``."""
+  return tuple(sorted({int(b) for b in buckets if b < width})) + (int(width),)
+
+
+def sub_batch_sizes(batch: int, granule: int) -> tuple[int, ...]:
+  """Rows a text group may hold: ``batch`` and its halvings, each rounded up to a multiple of ``granule``."""
+  sizes = {-(-batch // 2**k) for k in range(SUB_BATCH_HALVINGS + 1)}
+  return tuple(sorted({max(1, -(-s // granule)) * granule for s in sizes}))
+
+
+def token_lengths(attention_mask: np.ndarray) -> np.ndarray:
+  """int [B]: tokens up to and including each row's last real one (0 for a row without any)."""
+  mask = np.asarray(attention_mask) > 0
+  last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+  return np.where(mask.any(axis=1), last, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextGroup:
+  """Rows of a batch embedded together: ``rows`` (batch indices), padded to ``size`` rows of ``width`` tokens."""
+
+  rows: np.ndarray
+  size: int
+  width: int
+
+
+def plan_text_groups(lengths: Sequence[int], widths: Sequence[int], sizes: Sequence[int]) -> list[TextGroup]:
+  """Groups of a batch's rows, each at one of ``widths`` with one of ``sizes`` rows, fewest padded tokens first.
+
+  The rows sorted longest first, each group is a run of them at the shortest
+  width that holds its first (longest) row; a dynamic programme over the runs
+  finds the fewest padded tokens (then the fewest groups): a few short rows
+  ride in a longer group's padding rather than cost a group of their own.  A
+  row without real tokens (a loader's padding row) counts as the shortest.
+
+  Args:
+    lengths: int [B] tokens each row needs (`token_lengths`), at most ``widths[-1]``.
+    widths: increasing lengths to run at (`text_widths`).
+    sizes: increasing row counts a group may have (`sub_batch_sizes`); the last is >= B.
+  """
+  lengths, widths, sizes = np.asarray(lengths), np.asarray(widths), np.asarray(sizes)
+  order = np.argsort(-lengths, kind="stable")
+  need = widths[np.minimum(np.searchsorted(widths, lengths[order]), len(widths) - 1)]
+  n = len(order)
+  # best[j]: (padded tokens, groups) of the first j rows; start[j]: where their last group begins.
+  best = np.zeros((n + 1, 2))
+  start = np.zeros(n + 1, np.int64)
+  for j in range(1, n + 1):
+    first = np.arange(j)
+    rows = sizes[np.minimum(np.searchsorted(sizes, j - first), len(sizes) - 1)]
+    cost = best[:j, 0] + rows * need[:j]
+    ties = np.flatnonzero(cost == cost.min())
+    i = int(ties[np.argmin(best[ties, 1])])
+    best[j], start[j] = (cost[i], best[i, 1] + 1), i
+  groups, j = [], n
+  while j > 0:
+    i = int(start[j])
+    size = int(sizes[min(np.searchsorted(sizes, j - i), len(sizes) - 1)])
+    groups.append(TextGroup(rows=order[i:j], size=size, width=int(need[i])))
+    j = i
+  return groups[::-1]
+
+
 def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
   """Smallest multiple of the mesh size that is >= batch_size."""
   n = mesh.size
@@ -140,12 +228,13 @@ class PredictFn:
   model_config: ClinVLAConfig
   mesh: Mesh
   rules: Optional[tuple] = None
+  text_buckets: tuple[int, ...] = options_lib.EMBEDDING_DEFAULTS["text_buckets"]
 
   @classmethod
   def from_config(cls, config, mesh: Optional[Mesh] = None) -> "PredictFn":
     """On ``mesh``, else the training mesh of ``config.mesh`` with the config's logical rules."""
     mesh = config_mesh(config, mesh)
-    return cls(api.model_config(config), mesh, config_rules(config, mesh))
+    return cls(api.model_config(config), mesh, config_rules(config, mesh), config_text_buckets(config))
 
   @property
   def proj_dim(self) -> int:
@@ -181,10 +270,34 @@ class PredictFn:
     return to_host(image_fn(placed, *rows))
 
   def texts(self, placed, input_ids, attention_mask) -> np.ndarray:
-    """float [B, P] unit rows from this process's tokens (cut to the text tower's length)."""
+    """float [B, P] unit rows from this process's tokens (cut to the text tower's length).
+
+    Grouped by length (``text_buckets``, module docstring); without buckets
+    every row runs at the full length.
+    """
     ids, mask = fit_token_length(np.asarray(input_ids), np.asarray(attention_mask), self.model_config.text.max_len)
     _, text_fn = self.encoders()
-    return to_host(text_fn(placed, self.global_rows(ids), self.global_rows(mask)))
+    if not self.text_buckets or not ids.size:
+      return to_host(text_fn(placed, self.global_rows(ids), self.global_rows(mask)))
+    # Every process plans from the whole batch, so all run the same groups in the same order.
+    ids, mask = gather_host(ids), gather_host(mask)
+    widths = text_widths(self.text_buckets, ids.shape[1])
+    groups = plan_text_groups(token_lengths(mask), widths, sub_batch_sizes(len(ids), self.mesh.size))
+    out = None
+    for group in groups:
+      emb = self._text_group(placed, text_fn, ids, mask, group)
+      out = np.empty((len(ids), emb.shape[1]), emb.dtype) if out is None else out
+      out[group.rows] = emb
+    return out
+
+  def _text_group(self, placed, text_fn, ids: np.ndarray, mask: np.ndarray, group: TextGroup) -> np.ndarray:
+    """The embeddings of ``group.rows`` of the global batch (its padding rows repeat its longest row)."""
+    rows = np.concatenate([group.rows, np.full(group.size - len(group.rows), group.rows[0])])
+    share = group.size // jax.process_count()
+    mine = rows[jax.process_index() * share :][:share]
+    width = group.width
+    emb = to_host(text_fn(placed, self.global_rows(ids[mine, :width]), self.global_rows(mask[mine, :width])))
+    return emb[: len(group.rows)]
 
   def __call__(
     self,

@@ -38,7 +38,7 @@ from clinvla_jax.data.records import fit_token_length
 from clinvla_jax.model import flops as flops_lib
 from clinvla_jax.model import layers
 from clinvla_jax.model.clinvla import matmul_ready_params
-from clinvla_jax.predict import PredictFn
+from clinvla_jax.predict import PredictFn, config_text_buckets
 
 MODEL_INPUTS = ("patches", "patch_idx", "view_valid", "input_ids", "attention_mask")
 
@@ -206,7 +206,7 @@ class TrainSetup:
   @functools.cached_property
   def predict_fn(self) -> PredictFn:
     """Embeddings on this run's mesh with its logical rules: variables sharded as in training."""
-    return PredictFn(self.model_config, self.mesh, self.rules)
+    return PredictFn(self.model_config, self.mesh, self.rules, config_text_buckets(self.config))
 
 
 def fit_text_length(batch, max_len: int):
@@ -547,8 +547,29 @@ def _train(config, workdir: str, custom_evaluation, host_batches) -> Dict[str, f
 
 
 def _placer(setup: TrainSetup):
-  max_len = setup.model_config.text.max_len
-  return lambda batch: sharding.global_batch(fit_text_length(batch, max_len), setup.mesh, MODEL_INPUTS)
+  max_len, table_rows = setup.model_config.text.max_len, setup.model_config.text.vocab_size
+
+  def place(batch):
+    check_token_ids(batch["input_ids"], table_rows)
+    return sharding.global_batch(fit_text_length(batch, max_len), setup.mesh, MODEL_INPUTS)
+
+  return place
+
+
+def check_token_ids(input_ids, table_rows: int) -> None:
+  """Raises when a batch holds token ids past the word table (their rows would be NaN, and so the loss).
+
+  Records are tokenized when converted (``data_prep``, the bundled uncased
+  vocabulary unless told otherwise): a text tower sized for another
+  vocabulary (configs/base.py: BioBERT's 28,996) cannot read them.
+  """
+  top = int(np.max(input_ids)) if np.size(input_ids) else 0
+  if top >= table_rows:
+    raise ValueError(
+      f"the training records hold token id {top}, but model.text.vocab_size = {table_rows}: they were tokenized "
+      "with a larger vocabulary than the text tower's. Convert them with the text weights' vocab.txt "
+      f"(data_prep --vocab), or set --config.model.text.vocab_size to that vocabulary's size."
+    )
 
 
 class _TrainLoop:

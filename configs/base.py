@@ -95,8 +95,9 @@ def get_config():
   config.data.eval_split = ""  # "" = every split of config.data.eval
 
   # How studies are embedded: by every evaluator, --mode=embed and the search index.
-  # batch_size (global, rounded up to a multiple of the device count) and views ("frontal": the current frontal
-  # only, as the protocols score; "all": every view the model uses).
+  # batch_size (global, rounded up to a multiple of the device count), views ("frontal": the current frontal
+  # only, as the protocols score; "all": every view the model uses) and text_buckets (the token lengths texts run
+  # at: each at the shortest bucket that holds it, longer ones at model.text.max_len; (): all at full length).
   config.eval = ml_collections.ConfigDict(options.EMBEDDING_DEFAULTS)
 
   # Evaluators by name (--mode=eval runs every one with a path; training runs each every

@@ -389,6 +389,31 @@ def test_scaling_runs_on_tiny(tmp_path):
 
 
 @pytest.mark.slow
+def test_search_benchmark_splits_indexing_into_stages_and_compares_text_buckets(tmp_path, shared_data):
+  out = tmp_path / "search.json"
+  reports = shared_data / "iu_xray" / "NLMCXR_reports.tgz"
+  _run(
+    [
+      "benchmarks/search.py",
+      "--rows=1000",
+      "--config=configs/tiny.py",
+      "--text_configs=configs/tiny.py",
+      "--text_reports=32",
+      "--text_repeats=1",
+      f"--iu_reports={reports}",
+      f"--out={out}",
+    ]
+  )
+  result = json.loads(out.read_text())
+  stages = {"decode", "embed_image", "embed_text", "read_headers", "write", "other"}
+  assert set(result["indexing"]["warm_stages_s"]) == stages
+  (text,) = result["text_buckets"]
+  assert text["reports"] == 32 and text["max_abs_diff"] < 1e-5
+  # The buckets compute fewer tokens than the full length on real reports.
+  assert text["bucketed"]["computed_tokens"] < text["full_length"]["computed_tokens"] == 32 * 128  # 2 batches of 16
+
+
+@pytest.mark.slow
 def test_loop_overhead_times_bare_and_loop_on_the_same_batches(tmp_path):
   out = tmp_path / "loop.json"
   _run(["benchmarks/loop_overhead.py", "--steps=12", "--log_every=3", "--repeats=1", f"--out={out}"])

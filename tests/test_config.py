@@ -95,6 +95,8 @@ BAD = [
   ({"model.text.layer_norm_eps": 0.0}, "model.text.layer_norm_eps = 0.0: must be > 0"),
   ({"model.image.pixel_std": 0.0}, "model.image.pixel_std = 0.0: must be > 0"),
   ({"model.local_temperatures": (4.0, 0.0, 10.0)}, "model.local_temperatures[1] = 0.0: must be > 0"),
+  ({"eval.text_buckets": (64, 32)}, "eval.text_buckets = (64, 32): must be increasing, each length once"),
+  ({"eval.text_buckets": (0, 64)}, "eval.text_buckets = (0, 64): must hold integers >= 1"),
   ({"mesh.fsdp": 0}, "mesh.fsdp = 0: must be an integer >= 1, or -1 (all remaining devices)"),
   ({"mesh.fsdp": -1}, "mesh = {'data': -1, 'fsdp': -1, 'tensor': 1}: at most one axis may be -1"),
   # Rules between fields.

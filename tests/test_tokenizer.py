@@ -96,3 +96,17 @@ def test_cased_vocab_inference(tmp_path):
 def test_missing_vocab():
   with pytest.raises(FileNotFoundError, match="vocabulary"):
     tokenizer_lib.Tokenizer("/nonexistent/vocab.txt")
+
+
+def test_config_tokenizer_refuses_a_vocabulary_larger_than_the_word_table():
+  from clinvla_jax.config import load_config
+  from clinvla_jax.evaluate import embed
+
+  # configs/base.py sizes its table for BioBERT's cased vocabulary; without those weights the bundled one is larger.
+  config = load_config("configs/base.py")
+  assert config.model.text.vocab_size == 28996 and not config.init.text_weights
+  with pytest.raises(ValueError, match=r"vocab.txt: 30522 tokens, but model.text.vocab_size = 28996") as err:
+    embed.tokenizer_from_config(config)
+  assert "--config.model.text.vocab_size=30522" in str(err.value)
+  config.model.text.vocab_size = 30522
+  assert embed.tokenizer_from_config(config).vocab_size == 30522

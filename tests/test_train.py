@@ -351,6 +351,26 @@ def test_nan_loss_stops_with_step_and_saves_nothing(tmp_path):
   assert not any((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
+@pytest.mark.slow
+def test_records_tokenized_past_the_word_table_stop_training_before_a_step(tmp_path):
+  from clinvla_jax import train
+
+  # The tiny records are tokenized with the bundled 30,522-token vocabulary: a table of 2,000 rows cannot read them.
+  config = tiny_runs.config(**{"model.text.vocab_size": 2000})
+  with pytest.raises(ValueError, match=r"token id \d+, but model.text.vocab_size = 2000"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not any((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
+def test_token_ids_are_checked_against_the_word_table():
+  from clinvla_jax import train
+
+  ids = np.array([[101, 2000, 102, 0]], np.int32)
+  train.check_token_ids(ids, 2001)
+  with pytest.raises(ValueError, match="token id 2000, but model.text.vocab_size = 2000"):
+    train.check_token_ids(ids, 2000)
+
+
 def test_adapter_only_checkpoint_holds_no_backbone(tmp_path, tiny_run):
   work = tiny_runs.copy_workdir(tiny_run.workdir, tmp_path / "run")
   assert (work / "checkpoints" / str(NUM_STEPS) / "state").is_dir()

@@ -18,7 +18,9 @@ hands its own, ``TrainSetup.predict_fn``).  Each batch is split over the batch
 axes, so the global batch is rounded up to a multiple of the mesh size.  The loader
 pads the last batch; padding rows (``example_valid`` False) are dropped after
 the forward pass.  Rows never interact inside the encoders, so the padding
-does not change the embeddings of real rows.
+does not change the embeddings of real rows.  Reports run at the length they
+need (``config.eval.text_buckets``, `clinvla_jax.predict`), which gives the
+full-length embeddings.
 
 Views (``config.eval.views``): "frontal" embeds the current frontal view only
 (record slot 0, all 196 patches), the single-image setting of the published
@@ -41,6 +43,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from clinvla_jax import api
+from clinvla_jax import perf
 from clinvla_jax import predict as predict_lib
 from clinvla_jax.convert import common as convert_common
 from clinvla_jax.data import pipeline
@@ -213,12 +216,15 @@ def iterate_embeddings(
   with_text: bool = True,
   predict_fn: Optional[PredictFn] = None,
   placed=None,
+  times: Optional[perf.StageTimes] = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Per batch: {"image", "text", "labels", "record_index"} of the real rows.
 
   The streaming form of `embed_dataset`, for sets too large to keep whole.
   ``placed``: variables already put in place by ``predict_fn.place`` (then
-  ``variables`` is not read).
+  ``variables`` is not read).  ``times``: adds the seconds of the stages
+  "decode" (the loader: read, decode, batch), "embed_image" and "embed_text"
+  (each through to the host arrays).
   """
   predict = resolve_predict_fn(config, mesh, predict_fn)
   slots = eval_view_slots(config, view_slots)
@@ -228,8 +234,18 @@ def iterate_embeddings(
   # skips three quarters of the pixels).
   loader = pipeline.make_eval_loader(list(paths), global_batch_size=global_batch, view_slots=slots)
   placed = predict.place(variables) if placed is None else placed
-  for batch in loader:
-    rows = predict(placed, batch, view_slots=slots, with_text=with_text)
+  times = times or perf.NO_TIMES
+  batches = iter(loader)
+  while True:
+    with times.stage("decode"):
+      batch = next(batches, None)
+    if batch is None:
+      return
+    with times.stage("embed_image"):
+      rows = {"image": predict.images(placed, batch["patches"], batch["patch_idx"], batch["view_valid"], slots)}
+    if with_text:
+      with times.stage("embed_text"):
+        rows["text"] = predict.texts(placed, batch["input_ids"], batch["attention_mask"])
     keep = gather_host(batch["example_valid"]).astype(bool)
     rows = {k: v[keep] for k, v in rows.items()}
     rows["labels"] = gather_host(batch["labels"])[keep]
@@ -332,11 +348,19 @@ def embed_dataset(
 
 
 def tokenizer_from_config(config) -> tokenizer_lib.Tokenizer:
-  """The tokenizer matching the text tower: vocab from ``config.init``.
+  """The tokenizer matching the text tower: vocab from ``config.init`` (`config_vocab_path`).
 
-  ``init.vocab`` if set, else ``vocab.txt`` beside ``init.text_weights``,
-  else the bundled vocabulary; length ``model.text.max_len``.
+  Length ``model.text.max_len``; raises when the vocabulary has more ids
+  than the tower's word table has rows.
   """
+  text = api.model_config(config).text
+  tokenizer = tokenizer_lib.Tokenizer(config_vocab_path(config), max_len=text.max_len)
+  check_vocab_fits(tokenizer.vocab_size, text.vocab_size, tokenizer.vocab_path)
+  return tokenizer
+
+
+def config_vocab_path(config) -> Optional[str]:
+  """``init.vocab`` if set, else ``vocab.txt`` beside ``init.text_weights``, else None (the bundled vocabulary)."""
   init = config.get("init") if hasattr(config, "get") else None
   vocab = (init.get("vocab") if init is not None else "") or ""
   weights = (init.get("text_weights") if init is not None else "") or ""
@@ -347,7 +371,21 @@ def tokenizer_from_config(config) -> tokenizer_lib.Tokenizer:
     folder = weights if os.path.isdir(weights) else os.path.dirname(weights)
     candidate = os.path.join(folder, "vocab.txt")
     vocab = candidate if os.path.isfile(candidate) else ""
-  return tokenizer_lib.Tokenizer(vocab or None, max_len=api.model_config(config).text.max_len)
+  return vocab or None
+
+
+def check_vocab_fits(tokenizer_vocab: int, table_rows: int, source: str) -> None:
+  """Raises when ``source``'s token ids can pass the text tower's word table.
+
+  An id past the table reads no row (a gather out of range gives NaN), so
+  every embedding of such a text would be NaN rather than an error.
+  """
+  if tokenizer_vocab > table_rows:
+    raise ValueError(
+      f"{source}: {tokenizer_vocab} tokens, but model.text.vocab_size = {table_rows}; the word table must hold "
+      "every id the vocabulary gives. Point init.text_weights (or init.vocab) at the weights' own vocab.txt, or "
+      f"set --config.model.text.vocab_size={tokenizer_vocab} for a randomly initialised text tower."
+    )
 
 
 def make_text_embed_fn(

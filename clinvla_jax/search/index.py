@@ -56,6 +56,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clinvla_jax import files
+from clinvla_jax import perf
 from clinvla_jax import weights
 from clinvla_jax.data import images as images_lib
 from clinvla_jax.data import schema
@@ -453,7 +454,9 @@ class _Builder:
       bar.close()
 
   def _embed_shard(self, inp: Mapping[str, Any], shard: str, bar) -> None:
-    headers = _record_headers(shard)
+    times = self.options.get("times") or perf.NO_TIMES
+    with times.stage("read_headers"):
+      headers = _record_headers(shard)
     infos = {}
     if inp["kind"] == "folder":
       with open(os.path.join(self.directory, inp["staging"], "studies.json"), encoding="utf-8") as f:
@@ -468,6 +471,7 @@ class _Builder:
         batch_size=self.options.get("batch_size"),
         predict_fn=self.predict,
         placed=self.placed,
+        times=times,
       )
       for rows in batches:
         parts.append(rows)
@@ -508,6 +512,11 @@ class _Builder:
       image.append(got[i][0])
       text.append(got[i][1])
       self.known[sid] = m
+    with times.stage("write"):
+      self._write_segment(shard, meta, image, text, rejects, already)
+    self.embedded.append(shard)
+
+  def _write_segment(self, shard: str, meta, image, text, rejects, already: int) -> None:
     k = len(self.manifest["segments"])
     name = os.path.join(SEGMENTS, f"seg-{k:06d}")
     if self.is_writer:
@@ -531,7 +540,6 @@ class _Builder:
       }
     )
     self._commit()
-    self.embedded.append(shard)
 
   @staticmethod
   def _path_of(inp, infos, sid: str, record: int, shard: str) -> str:
@@ -599,6 +607,7 @@ class Index:
     batch_size: Optional[int] = None,
     workers: Optional[int] = None,
     progress: bool = True,
+    times: Optional[perf.StageTimes] = None,
   ) -> "Index":
     """Indexes ``input`` (converted folder or folder of studies; several allowed) into ``output``.
 
@@ -606,6 +615,8 @@ class Index:
     resumes an interrupted build of the same input.  Weights: ``variables``
     (their ``checkpoint_step`` if known), else ``checkpoint``, else the
     initial weights.  ``split`` limits a converted folder to one split.
+    ``times``: adds the seconds of each stage of embedding the pending shards
+    (`embed.iterate_embeddings`' stages, "read_headers" and "write").
     """
     existing = read_manifest(os.path.abspath(output))
     if existing is not None:
@@ -615,7 +626,15 @@ class Index:
     if variables is None:
       variables, step = variables_for(config, checkpoint)
     builder = _Builder(
-      config, output, variables, step, checkpoint, batch_size=batch_size, workers=workers, progress=progress
+      config,
+      output,
+      variables,
+      step,
+      checkpoint,
+      batch_size=batch_size,
+      workers=workers,
+      progress=progress,
+      times=times,
     )
     # Finish what an interrupted run left first, so its studies count as known.
     builder.embed_pending()

@@ -338,8 +338,8 @@ def tiny_run(tmp_path_factory):
   return types.SimpleNamespace(workdir=workdir, losses=tiny_runs.losses_by_step(workdir), **out)
 
 
-# Steps of the shared demo training: a quarter of the demo's 200, enough for its model to find a
-# study by its own report at 5 x chance (measured; tests/test_search.py asserts 3 x).
+# Steps of the shared demo training: half the demo's 100, enough for its model to find a study by its
+# own report at 5 x chance (measured at the demo's former learning rate, 1e-4; tests/test_search.py asserts 3 x).
 DEMO_STEPS = 50
 
 

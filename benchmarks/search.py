@@ -175,7 +175,7 @@ def iu_report_tokens(config, path: str, limit: int) -> tuple[np.ndarray, np.ndar
   texts = [t for t in texts if t]  # the converter rejects empty reports
   if limit:
     texts = texts[:: max(1, len(texts) // limit)][:limit]
-  tok = tokenizer_lib.Tokenizer(embed.tokenizer_from_config(config).vocab_path, max_len=config.data.max_text_len)
+  tok = tokenizer_lib.Tokenizer(embed.config_vocab_path(config), max_len=config.data.max_text_len)
   enc = tok([text_lib.fit_text(t, tok) for t in texts])
   pad = ((0, 0), (0, schema.MAX_TEXT_LEN - enc["input_ids"].shape[1]))
   return np.pad(enc["input_ids"], pad, constant_values=tok.pad_id), np.pad(enc["attention_mask"], pad)

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from clinvla_jax import api
+from clinvla_jax import perf
 from clinvla_jax import sharding
 from clinvla_jax.data.records import fit_token_length
 from clinvla_jax.evaluate import options as options_lib
@@ -305,9 +306,16 @@ class PredictFn:
     batch: Mapping[str, np.ndarray],
     view_slots: Optional[Sequence[int]] = None,
     with_text: bool = True,
+    times: Optional[perf.StageTimes] = None,
   ) -> dict[str, np.ndarray]:
-    """{"image": [B, P]} (+ "text") of one batch, every process's rows."""
-    out = {"image": self.images(placed, batch["patches"], batch["patch_idx"], batch["view_valid"], view_slots)}
+    """{"image": [B, P]} (+ "text") of one batch, every process's rows.
+
+    ``times``: adds the seconds of "embed_image" and "embed_text" (each through to the host arrays).
+    """
+    times = times or perf.NO_TIMES
+    with times.stage("embed_image"):
+      out = {"image": self.images(placed, batch["patches"], batch["patch_idx"], batch["view_valid"], view_slots)}
     if with_text:
-      out["text"] = self.texts(placed, batch["input_ids"], batch["attention_mask"])
+      with times.stage("embed_text"):
+        out["text"] = self.texts(placed, batch["input_ids"], batch["attention_mask"])
     return out

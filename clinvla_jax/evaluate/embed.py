@@ -224,7 +224,7 @@ def iterate_embeddings(
   ``placed``: variables already put in place by ``predict_fn.place`` (then
   ``variables`` is not read).  ``times``: adds the seconds of the stages
   "decode" (the loader: read, decode, batch), "embed_image" and "embed_text"
-  (each through to the host arrays).
+  (`PredictFn.__call__`).
   """
   predict = resolve_predict_fn(config, mesh, predict_fn)
   slots = eval_view_slots(config, view_slots)
@@ -241,11 +241,7 @@ def iterate_embeddings(
       batch = next(batches, None)
     if batch is None:
       return
-    with times.stage("embed_image"):
-      rows = {"image": predict.images(placed, batch["patches"], batch["patch_idx"], batch["view_valid"], slots)}
-    if with_text:
-      with times.stage("embed_text"):
-        rows["text"] = predict.texts(placed, batch["input_ids"], batch["attention_mask"])
+    rows = predict(placed, batch, view_slots=slots, with_text=with_text, times=times)
     keep = gather_host(batch["example_valid"]).astype(bool)
     rows = {k: v[keep] for k, v in rows.items()}
     rows["labels"] = gather_host(batch["labels"])[keep]

@@ -1,7 +1,11 @@
 """Training augmentation (clinvla_jax.data.augment): torchvision's arithmetic, draws from the seed, the pipeline."""
 
 import dataclasses
+import os
+import pathlib
+import subprocess
 import sys
+import tempfile
 
 from absl import flags
 import ml_collections
@@ -21,6 +25,7 @@ from clinvla_jax.data import source as source_lib
 from configs import base
 
 DEMO = str(DEMO_DIR / "covid_cxr")
+REPO = pathlib.Path(__file__).resolve().parents[1]
 ALTA = augment.AugmentSpec()
 
 
@@ -197,3 +202,87 @@ def test_config_has_altas_ranges_and_refuses_bad_ones():
     bad.data.augment[field] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
       validate(bad)
+
+
+def check_compiled_equals_reference(demo_views):
+  """The pipeline's XLA kernel against `augment_kept`: real and random views, odd view and row counts, 300 draws."""
+  rng = np.random.default_rng(0)
+  real = np.concatenate([masking.patchify(v) for v in demo_views])  # 8 views' rows
+  noise = rng.integers(0, 256, (5 * schema.NUM_PATCHES, schema.PATCH_SIZE**2), dtype=np.uint8)
+  for rows, n, k in ((real, 300, 49), (noise, 37, 49), (real, 3, schema.NUM_PATCHES), (noise[:196], 1, 98)):
+    params = augment.draw(ALTA, seed=n, epoch=0, index=np.arange(n))
+    params = {name: values[:, 0] for name, values in params.items()}
+    starts = rng.integers(0, rows.shape[0] // schema.NUM_PATCHES, n).astype(np.int32) * schema.NUM_PATCHES
+    kept = np.stack([rng.permutation(schema.NUM_PATCHES)[:k] for _ in range(n)]).astype(np.int32)
+    want = augment.augment_kept(rows, starts, kept, params)
+    got = augment.augment_kept_compiled(rows, starts, kept, params)
+    assert got.shape == (n, k, schema.PATCH_SIZE**2) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+
+
+def check_compiled_rounds_twice():
+  """Grays where one rounding of (p - c) f + c (an FMA) truncates otherwise than PIL's two: the kernel keeps two."""
+  rng = np.random.default_rng(0)
+  p, c = rng.integers(0, 256, (2, 400_000)).astype(np.float32)
+  f = rng.uniform(0.8, 1.2, 400_000).astype(np.float32)
+  two_roundings = np.trunc(np.clip((p - c) * f + c, 0, 255))
+  one_rounding = np.trunc(np.clip(((p - c).astype(np.float64) * f + c).astype(np.float32), 0, 255))
+  mirror = 2 * c - p
+  traps = np.flatnonzero((two_roundings != one_rounding) & (mirror >= 0) & (mirror <= 255))[:8]
+  assert traps.size >= 2, "no trap found: search more values"
+  # One kept patch per view: gray p, its mirror 2c - p (so the mean is exactly c), the rest c; identity affine.
+  n = traps.size
+  pixels = np.repeat(c[traps, None], schema.PATCH_SIZE**2, axis=1)
+  pixels[:, 0], pixels[:, 1] = p[traps], 2 * c[traps] - p[traps]
+  rows = np.zeros((n * schema.NUM_PATCHES, schema.PATCH_SIZE**2), np.uint8)
+  rows[:: schema.NUM_PATCHES] = pixels
+  params = {name: np.zeros(n) for name in ("angle", "translate_x", "translate_y", "shear")}
+  params.update(scale=np.ones(n), brightness=np.ones(n), contrast=f[traps].astype(np.float64))
+  params["brightness_first"] = np.zeros(n, bool)  # contrast, then brightness 1 (exact)
+  starts = np.arange(n, dtype=np.int32) * schema.NUM_PATCHES
+  kept = np.zeros((n, 1), np.int32)
+  want = augment.augment_kept(rows, starts, kept, params)
+  np.testing.assert_array_equal(want[:, 0, 0], two_roundings[traps])  # the reference is PIL's arithmetic here
+  np.testing.assert_array_equal(augment.augment_kept_compiled(rows, starts, kept, params), want)
+
+
+def test_the_compiled_kernel_equals_the_numpy_reference_bitwise(demo_views):
+  check_compiled_equals_reference(demo_views)
+  check_compiled_rounds_twice()
+
+
+def test_the_fully_optimised_kernel_equals_the_numpy_reference_bitwise(demo_views):
+  """The same checks where XLA runs every optimisation, as training does (this suite turns LLVM's off).
+
+  Optimised, XLA fuses a multiply and the add after it into one FMA; the jitter must not let it (see
+  `augment._build_kernels`), and only an optimised compile can show that it does not.
+  """
+  views = os.path.join(tempfile.mkdtemp(), "views.npy")
+  np.save(views, demo_views)
+  code = (
+    "import sys, numpy as np; sys.path.insert(0, 'tests'); import test_augment as t; "
+    f"t.check_compiled_equals_reference(np.load({views!r})); t.check_compiled_rounds_twice(); print('ok')"
+  )
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="0", JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_augmented_batches_from_a_worker_process_equal_in_process_ones():
+  """A Grain worker runs the compiled kernel in its own process (on the CPU) and gives the same batches."""
+  in_process = _take(iter(_loader(ALTA)), 2)
+  from_worker = _take(iter(_loader(ALTA, worker_count=1)), 2)
+  for x, y in zip(in_process, from_worker):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_the_integer_mean_gray_equals_the_float32_one_for_every_sum():
+  """The compiled jitter's rounded mean, (2 s + n) // (2 n), against `jitter`'s float32 floor(s / n + 0.5)."""
+  for patches in (1, 49, 98, 196):
+    count = patches * schema.PATCH_SIZE**2
+    sums = np.arange(255 * count + 1, dtype=np.int64)
+    as_float32 = np.floor(sums.astype(np.float32) / count + 0.5)
+    assert as_float32.dtype == np.float32
+    np.testing.assert_array_equal((2 * sums + count) // (2 * count), as_float32)

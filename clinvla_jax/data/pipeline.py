@@ -144,6 +144,22 @@ def _exit_with_parent(poll_s: float = 0.5) -> None:
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _keep_jax_on_the_host() -> None:
+  """In a worker process: jax (the compiled augmentation) may use the host CPU only.
+
+  Left alone, a worker's first jax call would start every backend jax finds, and on a GPU machine each worker
+  would claim accelerator memory for a computation that runs on the CPU anyway.
+  """
+  if multiprocessing.parent_process() is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  try:
+    jax.config.update("jax_platforms", "cpu")
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    logging.warning("could not keep this worker's jax on the CPU: %s", e)
+
+
 def _shard_args(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None and shard_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -264,6 +280,7 @@ class _ChunkSource:
     # Unpickling is the first of our code a Grain worker runs (DataLoader takes no worker_init_fn).
     self.__dict__.update(state)
     _exit_with_parent()
+    _keep_jax_on_the_host()
 
   def __len__(self) -> int:
     # Grain takes keys modulo this length; make it larger than any key.
@@ -329,14 +346,35 @@ def _parse(data: bytes, slots: tuple[int, ...], num_labels: int) -> records.Batc
   return parts
 
 
-def _augmented_views(out, all_rows, row_start, present, patch_idx, drawn, matrices, row) -> None:
-  """Fills ``out`` [V, K, 256] with chunk row ``row``'s augmented kept patches (zeros for missing views)."""
-  shown = np.flatnonzero(present)
-  out[~np.asarray(present, bool)] = 0
-  if shown.size:
-    starts = np.asarray(row_start, np.int32)[shown]
-    params = {name: values[row, shown] for name, values in drawn.items()}
-    out[shown] = augment_lib.augment_kept(all_rows, starts, patch_idx[shown], params, matrices[row, shown])
+def _augment_chunk(patches, studies, patch_idx, drawn, matrices) -> None:
+  """Fills ``patches`` [n, V, K, 256] with the augmented kept patches of every present view of a chunk, at once.
+
+  ``studies``: (chunk row, BatchParts.rows, its view starts, present [V]) per decoded study.  One compiled call
+  serves the whole chunk (``augment.augment_kept_compiled``): per call its fixed cost is paid once, not per study.
+  Views not present are zeros.
+  """
+  patches[...] = 0
+  if not studies:
+    return
+  rows_of, starts, which = [], [], []
+  offset = 0
+  for row, all_rows, row_start, present in studies:
+    rows_of.append(all_rows)
+    for view, (start, shown) in enumerate(zip(row_start, present)):
+      if shown:
+        starts.append(offset + start)
+        which.append((row, view))
+    offset += all_rows.shape[0]
+  if not which:
+    return
+  # Concatenated straight into the kernel's padded row buffer, so the rows are copied once.
+  buffer = np.zeros((augment_lib.padded_rows(offset), schema.PATCH_SIZE**2), np.uint8)
+  np.concatenate(rows_of, out=buffer[:offset])
+  rows, views = np.asarray(which).T
+  params = {name: values[rows, views] for name, values in drawn.items()}
+  patches[rows, views] = augment_lib.augment_kept_compiled(
+    buffer, np.asarray(starts, np.int32), patch_idx[rows, views], params, matrices[rows, views]
+  )
 
 
 class _MakeChunk(grain.transforms.Map):
@@ -345,7 +383,7 @@ class _MakeChunk(grain.transforms.Map):
   Masks for the whole chunk come from one vectorised draw
   (``masking.keep_indices_batch``); kept patches are copied straight out of the
   record bytes into the output arrays, or, with ``augment``, computed from them
-  through each view's drawn affine and jitter (``augment.augment_kept``).  Undecodable records are logged and
+  through each view's drawn affine and jitter (``augment.augment_kept_compiled``, the whole chunk in one call).  Undecodable records are logged and
   counted; with ``drop_failed`` (training) they leave no row, otherwise they
   become padding rows: zero pixels, ids and masks, views invalid, labels NaN
   ("not mentioned"), patch indices the first K patches.
@@ -404,6 +442,7 @@ class _MakeChunk(grain.transforms.Map):
     }
     patches, valid = out["patches"], out["view_valid"]
     drawn = matrices = None
+    to_augment = []
     if self._augment is not None:  # the whole chunk's draws at once, like its masks
       drawn = augment_lib.draw(self._augment, seed=self._seed, epoch=epoch[rows], index=np.maximum(record_index, 0))
       drawn = {name: values[:, list(self._slots)] for name, values in drawn.items()}
@@ -419,7 +458,7 @@ class _MakeChunk(grain.transforms.Map):
       present = [start >= 0 and bool(fields["view_valid"][slot]) for slot, start in zip(self._slots, row_start)]
       valid[j] = present
       if drawn is not None:
-        _augmented_views(patches[j], all_rows, row_start, present, patch_idx[j], drawn, matrices, j)
+        to_augment.append((j, all_rows, row_start, present))
         continue
       if k < schema.NUM_PATCHES and all(present):
         # One gather serves every view: their rows lie in one array.
@@ -433,6 +472,8 @@ class _MakeChunk(grain.transforms.Map):
           patches[j, s] = all_rows[start : start + k]
         else:
           np.take(all_rows, patch_idx[j, s] + start, axis=0, out=patches[j, s])
+    if drawn is not None:
+      _augment_chunk(patches, to_augment, patch_idx, drawn, matrices)
     out[_SKIPPED_KEY] = np.array(skipped, np.int32)
     return out
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -63,6 +64,16 @@ RECIPES = {
   "short_lr3e-4": {**_SHORT, **OFF},  # configs/demo.py
   "augment_short_lr3e-4": {**_SHORT, **ON},
   "short_lr1e-3": {**_SHORT, **OFF, **_lr(1e-3)},
+  # Temperature: the logit scale is learnable but barely moves at these rates, so its start is the temperature.
+  "short_tau0.03": {**_SHORT, **OFF, "model.logit_scale_init": math.log(1 / 0.03)},
+  "short_tau0.2": {**_SHORT, **OFF, "model.logit_scale_init": math.log(1 / 0.2)},
+  # The local loss outweighs the global one about 2:1 at lambda = 0.8; retrieval ranks by the global embeddings.
+  "short_local0.2": {**_SHORT, **OFF, "loss.local_weight": 0.2},
+  # Training sees 25 % of the patches, evaluation all of them: a smaller gap for a ViT learnt from scratch.
+  "short_mask0.5": {**_SHORT, **OFF, "data.mask_ratio": 0.5},
+  "short_mask0": {**_SHORT, **OFF, "data.mask_ratio": 0.0},
+  "short_sigmoid": {**_SHORT, **OFF, "loss.global_type": "sigmoid"},  # SigLIP's pairwise loss
+  "short_batch32": {**_SHORT, **OFF, "optim.batch_size": 32},  # twice the negatives per step
 }
 METRICS = (
   "covid_cxr/image_to_text/P@5",

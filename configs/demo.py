@@ -18,22 +18,23 @@ X-rays and their notes, measured on patients it never saw.
   their chance level (`..._chance`) and a bootstrap interval.
 * Recipe: 100 steps at learning rate 3e-4 (warm-up 10), on the stored pixels
   (`config.data.augment.enabled=False`; `configs/base.py` augments).  Chosen
-  among five recipes over three seeds on the val split (benchmarks/demo_recipes.py,
-  benchmarks/RESULTS.md "demo recipes"): it scores as the 200-step recipe at
-  1e-4 within the seeds' spread, in half the steps; ALTA's augmentation put
-  text->image P@5 below chance at 200 steps.  The val split chose the recipe,
-  so its scores are a validation, not a test.
+  on the val split among the recipes of benchmarks/demo_recipes.py, three
+  seeds for the candidates (benchmarks/RESULTS.md "demo recipes"): ALTA's
+  augmentation, other temperatures, lambda 0.2, the sigmoid loss and batch 32
+  scored no better; masking half the patches scored within the seeds' spread.
+  The val split chose the recipe, so its scores are a validation, not a test.
 
-How long it takes: on a 2-core AVX2-only CPU (float32 policy) a step takes
-2.6-3.4 s; a recipe run of 100 steps with its three held-out evaluations took
-403-438 s (200 steps: about 11 minutes).  200 steps took 2 min 59 s on 2 CPU
-cores with AMX-BF16 under the default precision (`bf16_fp32_out`).
+How long it takes: the whole `./run.sh` (summary, 100 steps with two held-out
+evaluations, the final evaluation) took 3 min 41 s on 2 AMD EPYC cores with
+AVX-512 BF16 (precision "auto" = `bf16_fp32_out`, 1.1-1.4 s a step); on a
+2-core AVX2-only CPU (float32) a step takes 2.6-3.4 s and the whole about 7
+minutes.
 
-Measured (seed 0, 36 held-out studies): image->text P@5 0.561 (95 % bootstrap
-0.417-0.700) against chance 0.417; text->image P@5 0.411 against 0.417;
-image->text R@5 0.194 and text->image R@5 0.278 against chance 0.139;
-zero-shot label AUC 0.680 against 0.5.  Over three seeds text->image P@5 is
-0.467 +- 0.049: intervals are wide on 36 studies, read the chance columns.
+Measured (seed 0, 36 held-out studies, bf16): image->text P@5 0.567 (95 %
+bootstrap 0.422-0.700) against chance 0.417; text->image P@5 0.428 against
+0.417; image->text R@5 0.194 and text->image R@5 0.278 against chance 0.139;
+zero-shot label AUC 0.668 against 0.5.  Over three seeds text->image P@5 is
+0.476 +- 0.043: intervals are wide on 36 studies, read the chance columns.
 """
 
 import os

@@ -87,7 +87,7 @@ def row(name: str, results: dict, metrics) -> dict:
     if m not in results:
       continue
     out[m] = results[m]
-    for suffix in ("_chance", "_ci_low", "_ci_high"):
+    for suffix in ("_chance", "_majority", "_ci_low", "_ci_high"):
       if m + suffix in results:
         out[m + suffix] = results[m + suffix]
   return out

@@ -41,7 +41,25 @@ def test_chance_closed_form_hand_made():
   out = metrics.precision_at_k_summary(np.eye(4), labels, labels, ks=(1, 3), exclude_self=True, num_resamples=0)
   # The same chance for every K, and no interval keys without resamples.
   assert out["P@1_chance"] == out["P@3_chance"] == pytest.approx(0.5)
-  assert set(out) == {"P@1", "P@3", "P@1_chance", "P@3_chance"}
+  assert set(out) == {"P@1", "P@3", "P@1_chance", "P@3_chance", "P@1_majority", "P@3_majority"}
+  # The label prior ranks items 0, 1, 2 (each relevant to 2 other queries) before 3; each query skips itself.
+  # Query 0's list is 1 2 3, query 3's is 0 1 2: P@1 = 1, 1, 1, 0 and P@3 = 2/3, 2/3, 2/3, 0.
+  assert out["P@1_majority"] == pytest.approx(0.75) and out["P@3_majority"] == pytest.approx(0.5)
+
+
+def test_majority_precision_is_the_best_ranking_that_ignores_the_query():
+  """Against every fixed list of K items, on random multi-label relevance (no self exclusion)."""
+  import itertools
+
+  rng = np.random.default_rng(0)
+  for trial in range(20):
+    q_labels = (rng.random((7, 3)) < 0.4).astype(float)
+    g_labels = (rng.random((6, 3)) < 0.4).astype(float)
+    rel = metrics.relevance_matrix(q_labels, g_labels)
+    for k in (1, 2, 3):
+      best = max(rel[:, list(items)].mean() for items in itertools.combinations(range(6), k))
+      got = metrics.majority_precision_per_query(rel, (k,)).mean()
+      assert got == pytest.approx(best), (trial, k)
 
 
 def test_chance_multilabel_hand_made():

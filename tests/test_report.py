@@ -262,16 +262,19 @@ def test_console_table_fits_15_lines_with_interval_and_chance():
     for k in ("P@1", "P@5", "P@10", "R@1", "R@5", "R@10"):
       key = f"covid_cxr/{task}/{k}"
       results.update({key: 0.5, f"{key}_ci_low": 0.4, f"{key}_ci_high": 0.6, f"{key}_chance": 0.25})
+      if k.startswith("P@"):
+        results[f"{key}_majority"] = 0.55
   results.update(
     {"covid_cxr/zero_shot/AUC": 0.64, "covid_cxr/zero_shot/ACC": 0.2, "covid_cxr/zero_shot/ACC_majority": 0.61}
   )
   lines = report.console_table(results, ["/w/results.md", "/w/retrieval_examples.png"])
   assert len(lines) <= 15
-  assert lines[0].split() == ["metric", "value", "95", "%", "interval", "chance"]
+  assert lines[0].split() == ["metric", "value", "95", "%", "interval", "chance", "majority"]
   body = {line.split()[0]: line.split()[1:] for line in lines[2:-2]}
-  assert body["covid_cxr/zero_shot/AUC"] == ["0.640", report.MISSING, report.MISSING]
-  assert body["covid_cxr/zero_shot/ACC"] == ["0.200", report.MISSING, "0.610"]
-  assert body["covid_cxr/image_to_text/P@5"] == ["0.500", f"0.400{report.EN_DASH}0.600", "0.250"]
+  assert body["covid_cxr/zero_shot/AUC"] == ["0.640", report.MISSING, report.MISSING, report.MISSING]
+  assert body["covid_cxr/zero_shot/ACC"] == ["0.200", report.MISSING, report.MISSING, "0.610"]
+  assert body["covid_cxr/image_to_text/P@5"] == ["0.500", f"0.400{report.EN_DASH}0.600", "0.250", "0.550"]
+  assert body["covid_cxr/image_to_text/R@1"] == ["0.500", f"0.400{report.EN_DASH}0.600", "0.250", report.MISSING]
   # 14 scores, 11 rows: AUC, ACC, every @5 and @1, and one @10 (the others are left to results.md).
   assert len(body) == 11 and all(
     f"covid_cxr/{t}/{k}" in body for t in ("image_to_text", "text_to_image") for k in ("P@5", "R@1")

@@ -15,7 +15,7 @@ def loop_precision(sim, rel, k, exclude_self=False):
   return float(np.mean(out))
 
 
-COMPANIONS = ("_chance", "_ci_low", "_ci_high")
+COMPANIONS = ("_chance", "_majority", "_ci_low", "_ci_high")
 
 
 def scores_only(results):

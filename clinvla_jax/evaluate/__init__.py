@@ -31,6 +31,10 @@ Beside each score sit keys that tell whether it beats a model that learned
 nothing, and by how much it could move on another draw of the queries:
 
   .../P@K_chance, .../R@K_chance   score of a uniformly random ranking
+  .../P@K_majority                 score of one ranking for every query, the
+                                   label prior's (items of the commonest
+                                   findings first): the best that ignores the
+                                   query
   .../P@K_ci_low, .../P@K_ci_high  95 % bootstrap interval over queries
   (same for R@K and for zero-shot ACC and BACC)
   .../zero_shot/ACC_majority       always predicting the majority class

@@ -273,6 +273,21 @@ def summarize(
   return out
 
 
+def majority_precision_per_query(
+  relevant: np.ndarray, ks: Sequence[int], exclude_index: Optional[np.ndarray] = None
+) -> np.ndarray:
+  """float [Q, len(ks)]: P@K of every query when every query gets the same ranking, the label prior's.
+
+  The gallery is ranked once, by how many queries each item is relevant to (ties by gallery index), whatever the
+  query: the best ranking that ignores the query (the mean P@K of a fixed list is the mean of its items'
+  relevant-query fractions), as "always the majority class" is the best constant classifier.  A model that
+  learned only which findings are common scores this, not chance.
+  """
+  relevant = np.asarray(relevant, dtype=bool)
+  prior = relevant.sum(axis=0).astype(np.float64)
+  return precision_at_k_per_query(np.broadcast_to(prior, relevant.shape), relevant, ks, exclude_index)
+
+
 def precision_at_k_summary(
   similarity: np.ndarray,
   query_labels: np.ndarray,
@@ -289,12 +304,14 @@ def precision_at_k_summary(
 
   Returns:
     {"P@K": mean (as `precision_at_k`), "P@K_chance": mean of
-     `chance_precision_per_query`, "P@K_ci_low", "P@K_ci_high"} per K.
+     `chance_precision_per_query`, "P@K_majority": mean of
+     `majority_precision_per_query`, "P@K_ci_low", "P@K_ci_high"} per K.
   """
   relevant = relevance_matrix(query_labels, gallery_labels)
   exclude_index = _self_exclusion(relevant.shape, exclude_self)
   per_query = precision_at_k_per_query(similarity, relevant, ks, exclude_index)
   chance = float(chance_precision_per_query(relevant, exclude_index).mean())
+  majority = majority_precision_per_query(relevant, ks, exclude_index).mean(axis=0)
   low = high = None
   if num_resamples:
     low, high = bootstrap_ci(per_query, num_resamples, seed)
@@ -302,6 +319,7 @@ def precision_at_k_summary(
   for j, k in enumerate(ks):
     out[f"P@{k}"] = float(per_query[:, j].mean())
     out[f"P@{k}_chance"] = chance
+    out[f"P@{k}_majority"] = float(majority[j])
     if low is not None:
       out[f"P@{k}_ci_low"] = float(low[j])
       out[f"P@{k}_ci_high"] = float(high[j])

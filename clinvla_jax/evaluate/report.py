@@ -10,7 +10,7 @@ numbers in percent, as published, under the same keys as ``results.json``
 
 Scores come with companion keys named by a suffix of the metric (see
 `split_metric`): "_chance" (a uniformly random ranking, or 0.5 AUC),
-"_majority" (always the most frequent label), "_all_positive" (always
+"_majority" (always the most frequent label; for P@K one ranking, by the label prior, for every query), "_all_positive" (always
 positive), "_ci_low" / "_ci_high" (95 % bootstrap interval) and "_std" (over
 folds).  The paper tables show the base scores, with a line of chance levels
 and intervals under each; the other tables put all of one score in one cell,
@@ -271,7 +271,7 @@ def _our_context_lines(columns: Sequence[str], ours: Mapping[str, float]) -> lis
     lines += [
       "",
       "Chance level of our row on the same sets (random ranking; "
-      "majority: always the most frequent class; all-positive: "
+      "majority: always the most frequent class, or one ranking of the commonest findings for every query; all-positive: "
       "always positive): " + ", ".join(chance) + ".",
     ]
   if intervals:
@@ -594,7 +594,10 @@ _CONSOLE_PRIORITY = ("AUC", "ACC", "@5", "@1", "@10")
 
 
 def console_table(results: Mapping[str, float], paths: Sequence[str], max_lines: int = CONSOLE_MAX_LINES) -> list[str]:
-  """The end of ``--mode=eval`` on the console: metric, value, 95 % interval, chance; then where the rest is.
+  """The end of ``--mode=eval`` on the console: metric, value, 95 % interval, chance, majority; then the paths.
+
+  chance: a uniformly random ranking or label; majority: the most frequent label, or for P@K one ranking for every
+  query by the label prior.
 
   At most ``max_lines`` lines: when the base scores do not all fit, the summary ones (AUC, accuracy, @5, @1) are
   kept and a line says how many more results.md holds.
@@ -608,13 +611,18 @@ def console_table(results: Mapping[str, float], paths: Sequence[str], max_lines:
   else:
     shown = sorted(base)
   width = max([len(k) for k in shown] + [len("metric")])
-  lines = [f"{'metric':{width}s}  {'value':>6s}  {'95 % interval':>13s}  {'chance':>6s}", "-" * (width + 33)]
+  header = f"{'metric':{width}s}  {'value':>6s}  {'95 % interval':>13s}  {'chance':>6s}  {'majority':>8s}"
+  lines = [header, "-" * len(header)]
+
+  def baseline(key, suffix, cell_width):
+    value = results.get(f"{key}_{suffix}")
+    return f"{MISSING if value is None else f'{value:.3f}':>{cell_width}s}"
+
   for key in shown:
     low, high = results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
     interval = f"{low:.3f}{EN_DASH}{high:.3f}" if low is not None and high is not None else MISSING
-    chance = next((results[f"{key}_{s}"] for s in ("chance", "majority") if f"{key}_{s}" in results), None)
     lines.append(
-      f"{key:{width}s}  {results[key]:6.3f}  {interval:>13s}  {MISSING if chance is None else f'{chance:.3f}':>6s}"
+      f"{key:{width}s}  {results[key]:6.3f}  {interval:>13s}  {baseline(key, 'chance', 6)}  {baseline(key, 'majority', 8)}"
     )
   if len(shown) < len(base):
     lines.append(f"... {len(base) - len(shown)} more scores, and every interval and baseline, in results.md")

@@ -9,6 +9,8 @@ Result dictionaries hold fractions in [0, 1], keyed by direction and metric:
 
   "<direction>/P@<K>"          mean P@K, e.g. "image_to_text/P@5"
   "<direction>/P@<K>_chance"   expected P@K of a uniformly random ranking
+  "<direction>/P@<K>_majority" P@K of one ranking for every query, by the label
+                               prior (`metrics.majority_precision_per_query`)
   "<direction>/P@<K>_ci_low"   95 % percentile bootstrap interval over
   "<direction>/P@<K>_ci_high"  queries (1000 resamples, seed 0 by default)
 
@@ -73,7 +75,7 @@ def retrieval_precision(
   """P@K of one query set against one gallery, with chance and interval.
 
   Returns:
-    {"<prefix>P@K", "<prefix>P@K_chance", "<prefix>P@K_ci_low",
+    {"<prefix>P@K", "<prefix>P@K_chance", "<prefix>P@K_majority", "<prefix>P@K_ci_low",
      "<prefix>P@K_ci_high"} (see `metrics.precision_at_k_summary`;
     ``num_resamples`` 0 leaves out the interval).
   """

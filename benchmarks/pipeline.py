@@ -1,7 +1,9 @@
 r"""Throughput of the input pipeline: studies per second delivered as batches.
 
 Measures ``make_train_loader`` (shuffled, 75 % masked; ``train_augment``: also
-ALTA's random affine and jitter, ``augment.AugmentSpec()``) and optionally
+ALTA's random affine and jitter, ``augment.AugmentSpec()``, compiled on the host
+CPU; ``train_augment_numpy``: the same through the numpy reference, 0 workers
+only, and the ratio of the two) and optionally
 ``make_eval_loader`` (fixed order, unmasked) with 0, 1, 2 Grain workers, on
 
   * a synthetic ArrayRecord file of ``--num_records`` studies (default 100k),
@@ -35,6 +37,7 @@ keeps up.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -71,7 +74,10 @@ _DATA = flags.DEFINE_string("data", None, "A converter output folder to measure.
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size (one process).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker counts.")
 _MODES = flags.DEFINE_list(
-  "modes", ["train", "train_augment"], "Loaders to measure: train, train_augment (ALTA's augmentation), eval."
+  "modes",
+  ["train", "train_augment", "train_augment_numpy"],
+  "Loaders to measure: train, train_augment (ALTA's augmentation, compiled), train_augment_numpy (its numpy "
+  "reference, 0 workers only), eval.",
 )
 _BATCHES = flags.DEFINE_integer("num_batches", 40, "Timed batches per setting.")
 _WARMUP = flags.DEFINE_integer("warmup_batches", 3, "Untimed batches after the first one.")
@@ -288,8 +294,13 @@ def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
   disk = disk_bytes_per_study(src)
   for mode in _MODES.value:
     for workers in map(int, _WORKERS.value):
-      if mode in ("train", "train_augment"):
-        spec = augment.AugmentSpec() if mode == "train_augment" else None
+      reference = contextlib.nullcontext()
+      if mode == "train_augment_numpy":
+        if workers:
+          continue  # the switch holds in this process only
+        reference = augment.numpy_reference()
+      if mode in ("train", "train_augment", "train_augment_numpy"):
+        spec = augment.AugmentSpec() if mode.startswith("train_augment") else None
         make = lambda w=workers, spec=spec: pipeline.make_train_loader(
           src,
           global_batch_size=batch,
@@ -317,7 +328,8 @@ def run_dataset(name: str, src: source_lib.ArrayRecordSource) -> list[dict]:
       num_batches = _BATCHES.value
       if mode == "eval" and needed > len(src):
         num_batches = max(1, len(src) // batch - 1 - _WARMUP.value)
-      result = measure(make, batch_size=batch, num_batches=num_batches, warmup=_WARMUP.value)
+      with reference:
+        result = measure(make, batch_size=batch, num_batches=num_batches, warmup=_WARMUP.value)
       row = {
         "dataset": name,
         "num_records": len(src),
@@ -358,6 +370,21 @@ def _format_row(row: dict) -> str:
     value = row.get(col, "")
     cells.append(f"{value:.1f}" if isinstance(value, float) else str(value))
   return "| " + " | ".join(cells) + " |"
+
+
+def augment_ratios(rows: list[dict]) -> dict:
+  """{dataset: {studies_per_s, studies_per_cpu_s}}: train_augment over train_augment_numpy, 0 workers, this run."""
+  out = {}
+  for row in rows:
+    if row["mode"] != "train_augment" or row["workers"]:
+      continue
+    numpy_row = next(
+      (r for r in rows if r["dataset"] == row["dataset"] and r["mode"] == "train_augment_numpy" and not r["workers"]),
+      None,
+    )
+    if numpy_row:
+      out[row["dataset"]] = {k: row[k] / numpy_row[k] for k in ("studies_per_s", "studies_per_cpu_s")}
+  return out
 
 
 def main(argv):
@@ -423,6 +450,12 @@ def main(argv):
       f"random access + decode, µs/study: TFDS data source {t['tfds_read_decode_us']:.0f} "
       f"({t['tfds_disk_kib_per_study']:.1f} KiB/study), ours (read + parse) "
       f"{t['ours_read_parse_us']:.0f} ({t['ours_disk_kib_per_study']:.1f} KiB/study)"
+    )
+  results["augment_compiled_vs_numpy"] = augment_ratios(results["pipeline"])
+  for name, ratio in results["augment_compiled_vs_numpy"].items():
+    print(
+      f"{name}, 0 workers: compiled augmentation / numpy reference = {ratio['studies_per_s']:.2f}x studies/s, "
+      f"{ratio['studies_per_cpu_s']:.2f}x studies per CPU s"
     )
   for reads in results["reads"]:
     print(

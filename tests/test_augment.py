@@ -286,3 +286,18 @@ def test_the_integer_mean_gray_equals_the_float32_one_for_every_sum():
     as_float32 = np.floor(sums.astype(np.float32) / count + 0.5)
     assert as_float32.dtype == np.float32
     np.testing.assert_array_equal((2 * sums + count) // (2 * count), as_float32)
+
+
+def test_numpy_reference_switch_bypasses_the_compiled_kernels(monkeypatch, demo_views):
+  def refuse():
+    raise AssertionError("the compiled kernels were used inside numpy_reference()")
+
+  monkeypatch.setattr(augment, "_compiled_kernels", refuse)
+  rows = masking.patchify(demo_views[0])
+  params = {name: values[:3, 0] for name, values in augment.draw(ALTA, seed=1, epoch=0, index=np.arange(3)).items()}
+  kept = np.tile(np.arange(49, dtype=np.int32), (3, 1))
+  with augment.numpy_reference():
+    got = augment.augment_kept_compiled(rows, np.zeros(3, np.int32), kept, params)
+  np.testing.assert_array_equal(got, augment.augment_kept(rows, np.zeros(3, np.int32), kept, params))
+  with pytest.raises(AssertionError, match="compiled kernels were used"):
+    augment.augment_kept_compiled(rows, np.zeros(3, np.int32), kept, params)

@@ -468,3 +468,30 @@ def test_demo_recipes_are_whole_overrides_and_the_chosen_one_is_the_demo():
   assert {demo.optim.learning_rates[g] for g in demo_recipes.TRAINED_GROUPS} == {3e-4}
   assert built["augment"].data.augment.enabled and not demo.data.augment.enabled
   assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for c in built.values()}) == len(built)
+
+
+def test_pipeline_benchmark_times_compiled_and_numpy_augmentation_in_one_run(tmp_path):
+  out = tmp_path / "pipeline.json"
+  proc = _run(
+    [
+      "benchmarks/pipeline.py",
+      "--num_records=160",
+      "--distinct=4",
+      "--batch_size=8",
+      "--num_batches=2",
+      "--warmup_batches=1",
+      "--workers=0,1",
+      "--modes=train_augment,train_augment_numpy",
+      "--read_probe=20",
+      "--notfds",
+      f"--tmp_dir={tmp_path}",
+      f"--out={out}",
+    ]
+  )
+  result = json.loads(out.read_text())
+  rows = {(r["mode"], r["workers"]) for r in result["pipeline"]}
+  # The numpy switch holds in this process only: no row for it with a worker.
+  assert rows == {("train_augment", 0), ("train_augment", 1), ("train_augment_numpy", 0)}
+  ratio = result["augment_compiled_vs_numpy"]["synthetic"]
+  assert ratio["studies_per_s"] > 0 and ratio["studies_per_cpu_s"] > 0
+  assert "compiled augmentation / numpy reference" in proc.stdout

@@ -22,6 +22,7 @@ takes its current counterpart's draw, so the two studies of a pair are transform
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Optional
 
@@ -243,6 +244,23 @@ _MIN_ROWS = _MIN_VIEWS * schema.NUM_PATCHES
 _kernels = None  # (put on the host CPU, warp, jitter) once built; False: jax cannot run on the CPU here
 
 
+_reference_only = False  # set by `numpy_reference`
+
+
+@contextlib.contextmanager
+def numpy_reference():
+  """Within it, `augment_kept_compiled` computes with the numpy reference `augment_kept` (this process only).
+
+  For measuring the two on the same loader (benchmarks/pipeline.py, mode ``train_augment_numpy``).
+  """
+  global _reference_only
+  previous, _reference_only = _reference_only, True
+  try:
+    yield
+  finally:
+    _reference_only = previous
+
+
 def _bucket(size: int, smallest: int) -> int:
   return max(smallest, 1 << (max(size, 1) - 1).bit_length())
 
@@ -322,7 +340,7 @@ def augment_kept_compiled(
   The computation always runs on the CPU, whatever jax's default backend is; where jax has no CPU backend
   (``JAX_PLATFORMS`` without ``cpu``) it falls back to `augment_kept`.
   """
-  kernels = _compiled_kernels()
+  kernels = None if _reference_only else _compiled_kernels()
   if kernels is None:
     return augment_kept(rows, view_start, patch_idx, params, matrices)
   to_cpu, warp, jitter_views = kernels

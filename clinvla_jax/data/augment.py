@@ -242,8 +242,6 @@ def augment_kept(
 _MIN_VIEWS = 8
 _MIN_ROWS = _MIN_VIEWS * schema.NUM_PATCHES
 _kernels = None  # (put on the host CPU, warp, jitter) once built; False: jax cannot run on the CPU here
-
-
 _reference_only = False  # set by `numpy_reference`
 
 
@@ -333,7 +331,7 @@ def _build_kernels():
 def augment_kept_compiled(
   rows: np.ndarray, view_start: np.ndarray, patch_idx: np.ndarray, params: dict[str, np.ndarray], matrices=None
 ) -> np.ndarray:
-  """`augment_kept`, bit for bit, computed by XLA on the host CPU: about 5x faster on a chunk's views.
+  """`augment_kept`, bit for bit, computed by XLA on the host CPU: 2-3x faster on a chunk of 32 studies' views.
 
   Inputs are padded (views to a power of two >= 8, rows to a power of two >= 8 views' worth), so a stream of
   chunks compiles a few shapes.  ``rows`` whose length is already such a power of two are used without a copy.

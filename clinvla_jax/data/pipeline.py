@@ -383,9 +383,10 @@ class _MakeChunk(grain.transforms.Map):
   Masks for the whole chunk come from one vectorised draw
   (``masking.keep_indices_batch``); kept patches are copied straight out of the
   record bytes into the output arrays, or, with ``augment``, computed from them
-  through each view's drawn affine and jitter (``augment.augment_kept_compiled``, the whole chunk in one call).  Undecodable records are logged and
-  counted; with ``drop_failed`` (training) they leave no row, otherwise they
-  become padding rows: zero pixels, ids and masks, views invalid, labels NaN
+  through each view's drawn affine and jitter (``augment.augment_kept_compiled``,
+  the whole chunk in one call).  Undecodable records are logged and counted;
+  with ``drop_failed`` (training) they leave no row, otherwise they become
+  padding rows: zero pixels, ids and masks, views invalid, labels NaN
   ("not mentioned"), patch indices the first K patches.
   """
 

@@ -10,10 +10,11 @@ numbers in percent, as published, under the same keys as ``results.json``
 
 Scores come with companion keys named by a suffix of the metric (see
 `split_metric`): "_chance" (a uniformly random ranking, or 0.5 AUC),
-"_majority" (always the most frequent label; for P@K one ranking, by the label prior, for every query), "_all_positive" (always
-positive), "_ci_low" / "_ci_high" (95 % bootstrap interval) and "_std" (over
-folds).  The paper tables show the base scores, with a line of chance levels
-and intervals under each; the other tables put all of one score in one cell,
+"_majority" (always the most frequent label; for P@K one ranking, by the
+label prior, for every query), "_all_positive" (always positive), "_ci_low" /
+"_ci_high" (95 % bootstrap interval) and "_std" (over folds).  The paper
+tables show the base scores, with a line of chance levels and intervals under
+each; the other tables put all of one score in one cell,
 "47.2 [40.1–54.0] · chance 34.0".
 
 Figures: `retrieval_figure` (paper Figures 3 and 4, with a caption of the
@@ -271,7 +272,8 @@ def _our_context_lines(columns: Sequence[str], ours: Mapping[str, float]) -> lis
     lines += [
       "",
       "Chance level of our row on the same sets (random ranking; "
-      "majority: always the most frequent class, or one ranking of the commonest findings for every query; all-positive: "
+      "majority: always the most frequent class, or one ranking of the commonest findings for every query; "
+      "all-positive: "
       "always positive): " + ", ".join(chance) + ".",
     ]
   if intervals:
@@ -621,9 +623,8 @@ def console_table(results: Mapping[str, float], paths: Sequence[str], max_lines:
   for key in shown:
     low, high = results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
     interval = f"{low:.3f}{EN_DASH}{high:.3f}" if low is not None and high is not None else MISSING
-    lines.append(
-      f"{key:{width}s}  {results[key]:6.3f}  {interval:>13s}  {baseline(key, 'chance', 6)}  {baseline(key, 'majority', 8)}"
-    )
+    baselines = f"{baseline(key, 'chance', 6)}  {baseline(key, 'majority', 8)}"
+    lines.append(f"{key:{width}s}  {results[key]:6.3f}  {interval:>13s}  {baselines}")
   if len(shown) < len(base):
     lines.append(f"... {len(base) - len(shown)} more scores, and every interval and baseline, in results.md")
   lines.append("results: " + ", ".join(paths))

@@ -383,13 +383,17 @@ def test_learning_curves_with_eval_and_resumed_run(tmp_path):
   # Resumed from step 15: steps 16-20 are logged again, with other values,
   # and the last line was cut short by a crash.
   records += training_lines(range(16, 21), offset=5.0)
-  records.append({"step": 20, key: 0.3, f"{key}_chance": 0.34})
+  records.append({"step": 20, key: 0.3, f"{key}_chance": 0.34, f"{key}_majority": 0.61})
   log = write_jsonl(tmp_path / "metrics.jsonl", records, tail='{"step": 2')
   series = report.read_metrics_jsonl(log)
   assert series["loss_local"][18] == pytest.approx(1 / 18 + 5.0)
   assert series["loss_global"][18] == pytest.approx(1 / 18)
   assert series[key] == {10: 0.1, 20: 0.3}
   assert series[f"{key}_ci_low"][20] == pytest.approx(0.15)
+  # The reference lines come from the latest evaluation; a score logged without them gets none.
+  assert report.baseline_levels(series, key) == {"chance": 0.34, "majority": 0.61}
+  assert report.baseline_levels(series, "eval/covid_cxr/text_to_image/R@5") == {"chance": 0.38}
+  assert report.baseline_levels(series, "eval/covid_cxr/absent/P@5") == {}
   path = report.learning_curves_figure(log, tmp_path / "curves.png")
   data = path.read_bytes()
   assert data[:8] == PNG_MAGIC and len(data) > 10_000

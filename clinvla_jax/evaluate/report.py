@@ -522,9 +522,12 @@ def learning_curves_figure(
 
   (a) the training losses ("loss", "loss_global", "loss_local") per step;
   (b) the held-out scores in percent, each with its chance level as a dashed
-  line of the same colour and its bootstrap interval as a band, where the log
-  holds "<key>_chance" and "<key>_ci_low" / "<key>_ci_high".  A score that
-  rises away from its chance line is a model that learned.
+  line of the same colour, its label-prior level (P@K of one ranking for every
+  query, `metrics.majority_precision_per_query`) as a dotted one, and its
+  bootstrap interval as a band, where the log holds "<key>_chance",
+  "<key>_majority" and "<key>_ci_low" / "<key>_ci_high".  A score that rises
+  away from its chance line is a model that learned; one above the dotted line
+  reads the query beyond the label prior.
 
   Args:
     metrics_jsonl: the run's metrics.jsonl (see `read_metrics_jsonl`).
@@ -568,12 +571,9 @@ def learning_curves_figure(
       eval_ax.fill_between(
         both, [100.0 * low[s] for s in both], [100.0 * high[s] for s in both], color=colour, alpha=0.15, linewidth=0
       )
-    chance = series.get(f"{key}_chance")
-    if chance:
-      # The chance level depends on the held-out set alone; the latest
-      # evaluation's value stands for the run.
-      eval_ax.axhline(100.0 * chance[max(chance)], color=colour, linestyle="--", linewidth=1.0)
-  eval_ax.set_title("(b) held-out score (dashed: chance; band: 95 % CI)")
+    for name, level in baseline_levels(series, key).items():
+      eval_ax.axhline(100.0 * level, color=colour, linestyle=_BASELINE_STYLES[name], linewidth=1.0)
+  eval_ax.set_title("(b) held-out score (dashed: chance; dotted: label prior; band: 95 % CI)")
   eval_ax.set_xlabel("step")
   if keys:
     eval_ax.set_ylabel("%")
@@ -582,6 +582,23 @@ def learning_curves_figure(
     _say(eval_ax, "no evaluation yet")
   fig.tight_layout()
   return _save(fig, path, dpi)
+
+
+_BASELINE_STYLES = {"chance": "--", "majority": ":"}
+
+
+def baseline_levels(series: Mapping[str, Mapping[int, float]], key: str) -> dict[str, float]:
+  """The reference lines of one logged score: its chance level and its label-prior ("majority") level.
+
+  Both depend on the held-out set alone, so the latest evaluation's value
+  stands for the run; a level the log lacks is left out.
+  """
+  levels = {}
+  for name in _BASELINE_STYLES:
+    logged = series.get(f"{key}_{name}")
+    if logged:
+      levels[name] = logged[max(logged)]
+  return levels
 
 
 def _say(ax, text: str) -> None:

@@ -13,6 +13,10 @@ split exactly as `./run.sh` evaluates the demo:
   -local_loss           loss.use_local=False
   -global_loss          loss.use_global=False
 
+The switches concern the text tower's adapters among others, so they train in
+every variant (`adapters_trained`): `configs/demo.py` freezes the whole text
+tower, and that rule is dropped here, as `configs/base.py` has it.
+
 It prints and writes, for each variant, the held-out metric (default
 image->text P@5 of covid_cxr), its chance level and its 95 % bootstrap
 interval.  This is a measurement, not a test: on 36 held-out studies most
@@ -60,6 +64,18 @@ DEFAULT_METRICS = (
 
 def config_flags(overrides: dict) -> list:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+TEXT_FROZEN_RULE = (r"text_tower/.*", "frozen")
+
+
+def adapters_trained(config: str) -> dict:
+  """Overrides that let the text tower's adapters train: the config's rules without `TEXT_FROZEN_RULE`."""
+  from clinvla_jax.config import load_config  # pylint: disable=import-outside-toplevel
+
+  rules = tuple(tuple(rule) for rule in load_config(os.path.join(REPO, config)).optim.param_groups)
+  kept = tuple(rule for rule in rules if rule != TEXT_FROZEN_RULE)
+  return {} if kept == rules else {"optim.param_groups": kept}
 
 
 def run_variant(name: str, overrides: dict, config: str, workdir: str, steps: int | None, log_path: str) -> dict:
@@ -132,12 +148,14 @@ def main(argv=None):
   metrics = [m for m in args.metrics.split(",") if m]
   root = args.workdir or tempfile.mkdtemp(prefix="clinvla_ablations_")
   rows = []
+  base = adapters_trained(args.config)
   for name in names:
     workdir = os.path.join(root, name.lstrip("-") or "full")
     if os.path.isdir(workdir):
       shutil.rmtree(workdir)  # a stale checkpoint would be resumed instead of trained
     os.makedirs(workdir)
-    results = run_variant(name, VARIANTS[name], args.config, workdir, args.steps, os.path.join(workdir, "log.txt"))
+    overrides = {**base, **VARIANTS[name]}
+    results = run_variant(name, overrides, args.config, workdir, args.steps, os.path.join(workdir, "log.txt"))
     rows.append(row(name, results, metrics))
     print(json.dumps(rows[-1]), flush=True)
   print(markdown(rows, metrics))

@@ -1,7 +1,7 @@
 r"""Choosing the demo's recipe: trained from several seeds, scored on a patient-level split it never trained on.
 
 Two splits can score: a tuning split of the 85 *training* studies (which keeps the demo's val patients unseen by
-the choice, but holds only 18 studies), or the demo's val split (36 studies of 22 patients; a recipe chosen there
+the choice, but holds only 18 studies), or the demo's val split (36 studies of 21 patients; a recipe chosen there
 makes its val scores a validation, not a test).  The tuning split is made by
 
   python benchmarks/demo_recipes.py --make_tune_split=/tmp/demo_tune
@@ -11,13 +11,14 @@ copies the demo's training records into ``/tmp/demo_tune``: every patient whose 
 are not read.  Then
 
   python benchmarks/demo_recipes.py --data=/tmp/demo_tune --recipes=today,augment --seeds=0
-  python benchmarks/demo_recipes.py --recipes=today,augment,short_lr3e-4 --seeds=0,1,2   # the demo's val split
+  python benchmarks/demo_recipes.py --recipes=textfixed_200,short_lr3e-4 --seeds=0,1,2,3,4   # the demo's val split
 
 trains each recipe (overrides of configs/demo.py, `RECIPES`) from each seed, evaluates the ``val`` split of the
 data once after training, and prints one row per run and, over seeds, mean +- sd: image->text and text->image P@5
-and R@5, zero-shot AUC and balanced accuracy, each with its chance level and 95 % interval.  A 200-step run
-takes about 4 minutes on 2 cores with bf16 hardware (AMX), about 11 minutes in float32 on a 2-core AVX2 machine;
-the demo's 100 steps about 7.
+and R@5, zero-shot AUC and balanced accuracy, each with its chance level and 95 % interval.  On 2 AMD EPYC
+cores with AVX-512 BF16, a run of the demo's recipe (``textfixed_200``: 200 steps, the text tower frozen) takes
+about 3 minutes alone, 100 steps with the text adapters trained (``short_lr3e-4``) about 2.5; in float32 on a
+2-core AVX2 machine a 200-step run with the adapters trained took about 11 minutes.
 """
 
 from __future__ import annotations
@@ -52,16 +53,40 @@ def _lr(value: float) -> dict:
 
 
 # Overrides of configs/demo.py, each a whole recipe (the demo's own values are restated where a recipe keeps them).
-# The 200-step recipe at 1e-4 was the demo's until "short_lr3e-4" (the demo now) was chosen.
-_LONG = {**_lr(1e-4), "train.num_steps": 200, "optim.warmup_steps": 20, "evals.covid_cxr.every_steps": 100}
-_SHORT = {**_lr(3e-4), "train.num_steps": 100, "optim.warmup_steps": 10, "evals.covid_cxr.every_steps": 50}
+# "textfixed_200" is the demo now.  Before it "short_lr3e-4" was (the text tower's adapters trained), and before
+# that the 200-step recipe at 1e-4 ("today").
+_TEXT_FIXED_GROUPS = tuple(demo.get_config().optim.param_groups)  # the whole text tower frozen first
+_TEXT_TRAINED_GROUPS = tuple(rule for rule in _TEXT_FIXED_GROUPS if rule != (r"text_tower/.*", "frozen"))
+_TEXT_TRAINED = {"optim.param_groups": _TEXT_TRAINED_GROUPS, "train.checkpoint_every_steps": 50}
+_LONG = {
+  **_lr(1e-4),
+  **_TEXT_TRAINED,
+  "train.num_steps": 200,
+  "optim.warmup_steps": 20,
+  "evals.covid_cxr.every_steps": 100,
+}
+_SHORT = {
+  **_lr(3e-4),
+  **_TEXT_TRAINED,
+  "train.num_steps": 100,
+  "optim.warmup_steps": 10,
+  "evals.covid_cxr.every_steps": 50,
+}
+_TEXT_FIXED = {
+  **_lr(3e-4),
+  "optim.param_groups": _TEXT_FIXED_GROUPS,
+  "train.num_steps": 200,
+  "optim.warmup_steps": 20,
+  "train.checkpoint_every_steps": 100,
+  "evals.covid_cxr.every_steps": 100,
+}
 ON, OFF = {"data.augment.enabled": True}, {"data.augment.enabled": False}
 RECIPES = {
   "today": {**_LONG, **OFF},  # the demo before augmentation
   "augment": {**_LONG, **ON},  # ALTA's augmentation (configs/base.py's default)
   "augment_400": {**_LONG, **ON, "train.num_steps": 400},
   "augment_lr3e-4": {**_LONG, **ON, **_lr(3e-4)},
-  "short_lr3e-4": {**_SHORT, **OFF},  # configs/demo.py
+  "short_lr3e-4": {**_SHORT, **OFF},  # the demo before "textfixed_200"
   "augment_short_lr3e-4": {**_SHORT, **ON},
   "short_lr1e-3": {**_SHORT, **OFF, **_lr(1e-3)},
   # Temperature: the logit scale is learnable but barely moves at these rates, so its start is the temperature.
@@ -74,6 +99,18 @@ RECIPES = {
   "short_mask0": {**_SHORT, **OFF, "data.mask_ratio": 0.0},
   "short_sigmoid": {**_SHORT, **OFF, "loss.global_type": "sigmoid"},  # SigLIP's pairwise loss
   "short_batch32": {**_SHORT, **OFF, "optim.batch_size": 32},  # twice the negatives per step
+  # Fourth round.  Frozen MiniLM features already separate the findings (a linear probe: COVID-19 AUC 0.89 held
+  # out), so the text side only projects: the image tower aligns to a fixed target, and no gradient runs through
+  # the text tower, so a step costs less.
+  "short_textfixed": {**_SHORT, **OFF, "optim.param_groups": _TEXT_FIXED_GROUPS},
+  "short_textfixed_lr1e-3": {**_SHORT, **OFF, **_lr(1e-3), "optim.param_groups": _TEXT_FIXED_GROUPS},
+  "textfixed_200": {**_TEXT_FIXED, **OFF},  # configs/demo.py
+  "textfixed_300": {**_TEXT_FIXED, **OFF, "train.num_steps": 300, "optim.warmup_steps": 30},
+  # Training sees all four views, evaluation by default the current frontal only; protocols.md allows either.
+  "short_allviews": {**_SHORT, **OFF, "eval.views": "all"},
+  "short_wd0.1": {**_SHORT, **OFF, "optim.weight_decay": 0.1},  # ViTs from scratch usually train at 0.05-0.3
+  "short_img2": {**_SHORT, **OFF, "model.image.num_layers": 2},  # less to memorise 85 studies with
+  "short_imglr1e-4": {**_SHORT, **OFF, "optim.learning_rates.image_tower": 1e-4},
 }
 METRICS = (
   "covid_cxr/image_to_text/P@5",

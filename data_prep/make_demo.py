@@ -31,7 +31,7 @@ from data_prep import covid_cxr
 _REPO = Path(__file__).resolve().parents[1]
 # About a third of the patients are held out: the largest val split that still
 # leaves most of the few studies for training; both splits then hold COVID-19
-# and non-COVID findings (35 % gives 36 val studies from 22 patients, 6 findings).
+# and non-COVID findings (35 % gives 36 val studies from 21 patients, 6 findings).
 DEMO_VAL_PERCENT = 35.0
 DEFAULT_DATA = _REPO.parent / "shared" / "data"
 DEFAULT_OUT = _REPO / "clinvla_jax" / "assets" / "demo"

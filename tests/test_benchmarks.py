@@ -333,6 +333,20 @@ def test_training_step_and_benchmarks_import_without_grain():
 
 
 @pytest.mark.slow
+def test_ablations_train_the_text_adapters_the_demo_freezes():
+  from benchmarks import ablations
+  from clinvla_jax import optim
+  from clinvla_jax.config import load_config
+
+  adapter = "text_tower/layer_0/language_adapter/down/kernel"
+  demo_rules = load_config(os.path.join(REPO, "configs", "demo.py")).optim.param_groups
+  assert optim.group_of(adapter, demo_rules) == "frozen"
+  overrides = ablations.adapters_trained("configs/demo.py")
+  assert optim.group_of(adapter, overrides["optim.param_groups"]) == "language_adapters"
+  assert optim.group_of("image_tower/block_0/mlp/kernel", overrides["optim.param_groups"]) == "image_tower"
+  assert ablations.adapters_trained("configs/tiny.py") == {}  # nothing frozen there to undo
+
+
 def test_ablations_train_and_evaluate_each_variant_on_tiny(tmp_path):
   from benchmarks import ablations
 
@@ -460,8 +474,13 @@ def test_demo_recipes_are_whole_overrides_and_the_chosen_one_is_the_demo():
   demo_path = os.path.join(REPO, "configs", "demo.py")
   demo = load_config(demo_path)
   built = {name: load_config(demo_path, overrides) for name, overrides in demo_recipes.RECIPES.items()}
-  # configs/demo.py is the recipe the RESULTS table calls the demo; the former demo stays reproducible.
-  assert built["short_lr3e-4"].to_dict() == demo.to_dict()
+  # configs/demo.py is the recipe the RESULTS table calls the demo; the former demos stay reproducible.
+  assert built["textfixed_200"].to_dict() == demo.to_dict()
+  assert demo.optim.param_groups[0] == (r"text_tower/.*", "frozen")
+  former = built["short_lr3e-4"]
+  assert (former.train.num_steps, former.optim.warmup_steps) == (100, 10)
+  # The former demo trained the text tower's adapters: the one rule it lacks is the demo's first.
+  assert tuple(former.optim.param_groups) == tuple(demo.optim.param_groups)[1:]
   today = built["today"]
   assert (today.train.num_steps, today.optim.warmup_steps, today.data.augment.enabled) == (200, 20, False)
   assert {today.optim.learning_rates[g] for g in demo_recipes.TRAINED_GROUPS} == {1e-4}
@@ -495,3 +514,27 @@ def test_pipeline_benchmark_times_compiled_and_numpy_augmentation_in_one_run(tmp
   ratio = result["augment_compiled_vs_numpy"]["synthetic"]
   assert ratio["studies_per_s"] > 0 and ratio["studies_per_cpu_s"] > 0
   assert "compiled augmentation / numpy reference" in proc.stdout
+
+
+def test_demo_probe_scores_features_and_splits_p5_by_finding(tmp_path):
+  from benchmarks import demo_probe
+  from clinvla_jax.data import source as source_lib
+  from configs import demo
+
+  # Planted embeddings: every COVID-19 study at one point, every other at another (with a little noise), so a probe
+  # separates them perfectly and a COVID-19 query's five nearest studies are all COVID-19.
+  rng = np.random.default_rng(0)
+  target = list(source_lib.read_manifest(demo.DEMO_DATA)["label_names"]).index(demo_probe.TARGET)
+  for split in ("train", "val"):
+    labels = np.stack([s["labels"] for s in demo_probe.load_split(demo.DEMO_DATA, split)])
+    covid = demo_probe.positives(labels)[:, target]
+    points = np.where(covid[:, None], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]) + 0.01 * rng.normal(size=(len(covid), 3))
+    np.savez(tmp_path / f"emb_{split}.npz", image_global=points, text_global=points)
+  out = demo_probe.main(["--embeddings=" + str(tmp_path / "emb")])
+  assert out["auc"]["run image_global"] == [1.0, 1.0, 1.0]
+  # The bundled notes name their findings often enough for the frozen text tower; pooled pixels less so.
+  text_auc = min(out["auc"]["MiniLM frozen, cls"])
+  assert text_auc > 0.8 and max(out["auc"]["pixels 8x8"]) < text_auc
+  t2i = out["p5"]["text->image"]
+  assert t2i["COVID-19"] == 1.0
+  assert t2i["all"] == pytest.approx((22 * t2i["COVID-19"] + 14 * t2i["other"]) / 36)  # 22 of the 36 val studies

@@ -79,12 +79,17 @@ def test_path_rules_cover_every_parameter_and_fail_on_gaps():
     abstract = api.abstract_params(config, boxed=False)["params"]
     counts = optim.check_rules(abstract, config.optim.param_groups, config.optim.learning_rates)
     groups = {"frozen", "language_adapters", "task_adapters", "other_trainable"}
-    # The demo trains its randomly initialised image backbone in full.
-    assert set(counts) == (groups | {"image_tower"} if name == "demo" else groups)
+    # The demo trains its randomly initialised image backbone in full and freezes the whole text tower, adapters
+    # included, so its only trained text parameters are the projection heads ("other_trainable").
+    assert set(counts) == ({"frozen", "image_tower", "other_trainable"} if name == "demo" else groups)
     if name == "demo":
       image_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["image_tower"]))
       assert counts["image_tower"] == image_params
-      assert optim.group_of("text_tower/layer_0/intermediate/kernel", config.optim.param_groups) == "frozen"
+      text_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["text_tower"]))
+      assert counts["frozen"] == text_params
+      for path in ("text_tower/layer_0/intermediate/kernel", "text_tower/layer_0/task_adapter/up/kernel"):
+        assert optim.group_of(path, config.optim.param_groups) == "frozen"
+      assert optim.group_of("text_global_head/dense1/kernel", config.optim.param_groups) == "other_trainable"
   with pytest.raises(ValueError, match="matches no rule"):
     optim.check_rules(abstract, ((r".*adapter.*", "other_trainable"),), config.optim.learning_rates)
 

@@ -66,15 +66,13 @@ def config_flags(overrides: dict) -> list:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-TEXT_FROZEN_RULE = (r"text_tower/.*", "frozen")
-
-
 def adapters_trained(config: str) -> dict:
-  """Overrides that let the text tower's adapters train: the config's rules without `TEXT_FROZEN_RULE`."""
+  """Overrides that let the text tower's adapters train: the config's rules without `demo.TEXT_FROZEN_RULE`."""
   from clinvla_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  from configs import demo  # pylint: disable=import-outside-toplevel
 
   rules = tuple(tuple(rule) for rule in load_config(os.path.join(REPO, config)).optim.param_groups)
-  kept = tuple(rule for rule in rules if rule != TEXT_FROZEN_RULE)
+  kept = tuple(rule for rule in rules if rule != demo.TEXT_FROZEN_RULE)
   return {} if kept == rules else {"optim.param_groups": kept}
 
 

@@ -56,7 +56,7 @@ def _lr(value: float) -> dict:
 # "textfixed_200" is the demo now.  Before it "short_lr3e-4" was (the text tower's adapters trained), and before
 # that the 200-step recipe at 1e-4 ("today").
 _TEXT_FIXED_GROUPS = tuple(demo.get_config().optim.param_groups)  # the whole text tower frozen first
-_TEXT_TRAINED_GROUPS = tuple(rule for rule in _TEXT_FIXED_GROUPS if rule != (r"text_tower/.*", "frozen"))
+_TEXT_TRAINED_GROUPS = tuple(rule for rule in _TEXT_FIXED_GROUPS if rule != demo.TEXT_FROZEN_RULE)
 _TEXT_TRAINED = {"optim.param_groups": _TEXT_TRAINED_GROUPS, "train.checkpoint_every_steps": 50}
 _LONG = {
   **_lr(1e-4),

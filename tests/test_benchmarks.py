@@ -332,7 +332,6 @@ def test_training_step_and_benchmarks_import_without_grain():
   assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.slow
 def test_ablations_train_the_text_adapters_the_demo_freezes():
   from benchmarks import ablations
   from clinvla_jax import optim
@@ -347,6 +346,7 @@ def test_ablations_train_the_text_adapters_the_demo_freezes():
   assert ablations.adapters_trained("configs/tiny.py") == {}  # nothing frozen there to undo
 
 
+@pytest.mark.slow
 def test_ablations_train_and_evaluate_each_variant_on_tiny(tmp_path):
   from benchmarks import ablations
 
@@ -519,6 +519,7 @@ def test_pipeline_benchmark_times_compiled_and_numpy_augmentation_in_one_run(tmp
 def test_demo_probe_scores_features_and_splits_p5_by_finding(tmp_path):
   from benchmarks import demo_probe
   from clinvla_jax.data import source as source_lib
+  from clinvla_jax.evaluate.labels import positive_labels
   from configs import demo
 
   # Planted embeddings: every COVID-19 study at one point, every other at another (with a little noise), so a probe
@@ -527,7 +528,7 @@ def test_demo_probe_scores_features_and_splits_p5_by_finding(tmp_path):
   target = list(source_lib.read_manifest(demo.DEMO_DATA)["label_names"]).index(demo_probe.TARGET)
   for split in ("train", "val"):
     labels = np.stack([s["labels"] for s in demo_probe.load_split(demo.DEMO_DATA, split)])
-    covid = demo_probe.positives(labels)[:, target]
+    covid = positive_labels(labels)[:, target]
     points = np.where(covid[:, None], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]) + 0.01 * rng.normal(size=(len(covid), 3))
     np.savez(tmp_path / f"emb_{split}.npz", image_global=points, text_global=points)
   out = demo_probe.main(["--embeddings=" + str(tmp_path / "emb")])

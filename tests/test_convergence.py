@@ -70,7 +70,7 @@ def _config(minilm=True, **overrides):
     config.model.text.update({k: recipe.model.text[k] for k in ("num_layers", "hidden_size", "num_heads", "mlp_dim")})
   # The demo's path rules (the image tower trained in full) with the text adapters trained, as configs/base.py
   # trains them: the demo freezes its whole text tower, and these tests are about what the adapters learn too.
-  config.optim.param_groups = tuple(rule for rule in recipe.optim.param_groups if rule != (r"text_tower/.*", "frozen"))
+  config.optim.param_groups = tuple(rule for rule in recipe.optim.param_groups if rule != demo.TEXT_FROZEN_RULE)
   for group in ("image_tower", "language_adapters", "task_adapters", "other_trainable"):
     config.optim.learning_rates[group] = 1e-3
   return config
